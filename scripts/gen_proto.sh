@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Regenerate the Python code for containerd's Snapshots API from proto/.
+#
+#   scripts/gen_proto.sh [OUTDIR]     (default: src/stargz/service/proto)
+#
+# The generated code is committed; tests/snapshot/test_proto_current.py runs this script
+# into a temp dir and fails if the result differs from what is committed.
+# Needs grpcio-tools (the `test` extra). PYTHON selects the interpreter.
+set -euo pipefail
+
+top=$(cd "$(dirname "$0")/.." && pwd)
+out=${1:-$top/src/stargz/service/proto}
+py=${PYTHON:-python3}
+pkg=stargz.service.proto
+
+mkdir -p "$out"
+cd "$top/proto"
+"$py" -m grpc_tools.protoc -I . \
+  --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
+  containerd/types/mount.proto \
+  containerd/services/snapshots/v1/snapshots.proto
+
+# protoc writes absolute imports of the proto package ("from containerd.types import
+# mount_pb2"); make them imports inside our package.
+find "$out/containerd" -name '*.py' -o -name '*.pyi' | sort | while read -r f; do
+  sed -i -E "s/^from containerd\./from $pkg.containerd./; s/^import containerd\./import $pkg.containerd./" "$f"
+done
+
+for d in "$out" "$out/containerd" "$out/containerd/types" "$out/containerd/services" \
+  "$out/containerd/services/snapshots" "$out/containerd/services/snapshots/v1"; do
+  : >"$d/__init__.py"
+done
+"$py" -c 'import grpc_tools, importlib.metadata as m; print("grpcio-tools", m.version("grpcio-tools"))' \
+  >"$out/GENERATED_BY"

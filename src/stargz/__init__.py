@@ -1,0 +1,3 @@
+"""stargz: lazy-pulling eStargz snapshotter for containerd."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,508 @@
+"""Writer: tar (plain, gzip or zstd) -> eStargz (gzip) or zstd:chunked.
+
+The output is an ordinary tar.gz / tar.zst: a run of gzip members (zstd frames) that
+decompress, concatenated, to the input tar's entries plus the landmark and TOC entries.
+A new member starts (SPEC §1) at the payload of every non-empty regular file, at every
+chunk of ``chunk_size`` bytes, at the TOC and at the footer, so that each chunk can be
+fetched and decoded alone. A file's tar header, and its payload padding, sit in the
+member before/after the payload, exactly as Go's ``estargz.Writer`` lays them out.
+
+Entry order follows Go's ``estargz.Build``: the prioritized files (with their parent
+directories and hardlink targets) in the order given, then ``.prefetch.landmark``, then
+everything else in archive order; with no prioritized files, ``.no.prefetch.landmark``
+comes first. Members are compressed on a small thread pool (ISA-L / zstd release the
+GIL) and written in order, so a single large layer uses every core.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+import threading
+import zlib
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from stargz.errors import FormatError, InvalidArgument, UnsafePathError
+from stargz.estargz.footer import gzip_footer, skippable_frame, zstd_footer_frame
+from stargz.estargz.toc import (
+    LANDMARK_CONTENTS,
+    NO_PREFETCH_LANDMARK,
+    PREFETCH_LANDMARK,
+    TOC,
+    TOC_TAR_NAME,
+    TOCEntry,
+    clean_name,
+    dump_toc,
+)
+
+DEFAULT_CHUNK_SIZE = 4 << 20
+DEFAULT_GZIP_LEVEL = 9  # Go's default (gzip.BestCompression)
+DEFAULT_ZSTD_LEVEL = 3
+BLOCK = 512
+
+TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
+UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
+ZSTD_MANIFEST_CHECKSUM_ANNOTATION = "io.containers.zstd-chunked.manifest-checksum"
+ZSTD_MANIFEST_POSITION_ANNOTATION = "io.containers.zstd-chunked.manifest-position"
+
+_TYPES = {
+    tarfile.REGTYPE: "reg",
+    tarfile.AREGTYPE: "reg",
+    tarfile.CONTTYPE: "reg",
+    tarfile.LNKTYPE: "hardlink",
+    tarfile.SYMTYPE: "symlink",
+    tarfile.DIRTYPE: "dir",
+    tarfile.CHRTYPE: "char",
+    tarfile.BLKTYPE: "block",
+    tarfile.FIFOTYPE: "fifo",
+}
+
+
+@dataclass
+class BuildResult:
+    """What a registry manifest needs to know about the written layer."""
+
+    compression: str
+    blob_digest: str
+    blob_size: int
+    diff_id: str
+    toc_digest: str
+    uncompressed_size: int
+    annotations: dict[str, str] = field(default_factory=dict)
+    missed_prioritized: list[str] = field(default_factory=list)
+
+    @property
+    def media_type(self) -> str:
+        suffix = "zstd" if self.compression == "zstd" else "gzip"
+        return f"application/vnd.oci.image.layer.v1.tar+{suffix}"
+
+
+# --- compression ------------------------------------------------------------------------
+
+
+class _Codec:
+    """Compresses one member/frame from a list of byte strings; thread-safe."""
+
+    def __init__(self, compression: str, level: int) -> None:
+        self.compression = compression
+        self.level = level
+        self._local = threading.local()
+        if compression == "gzip":
+            if not 0 <= level <= 9:
+                raise InvalidArgument(f"gzip compression level must be 0-9, got {level}")
+        elif compression == "zstd":
+            import zstandard  # noqa: F401
+
+            if not 1 <= level <= 22:
+                raise InvalidArgument(f"zstd compression level must be 1-22, got {level}")
+        else:
+            raise InvalidArgument(f"unknown compression {compression!r} (gzip or zstd)")
+
+    def compress(self, parts: list[bytes]) -> bytes:
+        if self.compression == "zstd":
+            c = getattr(self._local, "zc", None)
+            if c is None:
+                import zstandard
+
+                c = self._local.zc = zstandard.ZstdCompressor(level=self.level)
+            return c.compress(b"".join(parts))
+        c = _gzip_compressobj(self.level)
+        out = [c.compress(p) for p in parts]
+        out.append(c.flush())
+        return b"".join(out)
+
+
+def _gzip_compressobj(level: int):
+    """ISA-L for its levels (0-3, ~10x zlib's speed), zlib for the denser levels 4-9."""
+    if level <= 3:
+        try:
+            from isal import isal_zlib
+
+            return isal_zlib.compressobj(level, isal_zlib.DEFLATED, 16 + isal_zlib.MAX_WBITS)
+        except ImportError:
+            pass
+    return zlib.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+
+
+# --- input ----------------------------------------------------------------------------
+
+
+def _open_tar(src: BinaryIO, tmpdir: str | None) -> tuple[BinaryIO, bool]:
+    """A seekable plain-tar file for ``src``; decompresses gzip/zstd into a temp file."""
+    head = src.read(4)
+    src.seek(0)
+    if head[:2] == b"\x1f\x8b":
+        from isal import igzip
+
+        dec: BinaryIO = igzip.IGzipFile(fileobj=src, mode="rb")  # type: ignore[assignment]
+    elif head == b"\x28\xb5\x2f\xfd":
+        import zstandard
+
+        dec = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)  # type: ignore[assignment]
+    else:
+        return src, False
+    tmp = tempfile.TemporaryFile(dir=tmpdir)
+    try:
+        shutil.copyfileobj(dec, tmp, 1 << 20)
+    except (OSError, EOFError, zlib.error) as e:
+        tmp.close()
+        raise FormatError(f"input layer does not decompress: {e}") from e
+    tmp.seek(0)
+    return tmp, True
+
+
+@dataclass
+class _Item:
+    info: tarfile.TarInfo
+    key: str  # cleaned name
+    payload: bytes | None = None  # for synthesized entries (landmarks)
+
+
+def _read_entries(tar: BinaryIO) -> OrderedDict[str, _Item]:
+    entries: OrderedDict[str, _Item] = OrderedDict()
+    try:
+        tf = tarfile.open(fileobj=tar, mode="r:", encoding="utf-8", errors="surrogateescape")
+        for info in tf:
+            if info.type not in _TYPES:
+                raise FormatError(f"unsupported input tar entry {info.name!r} (type {info.type!r})")
+            if info.issparse():
+                raise FormatError(f"sparse file {info.name!r} is not supported")
+            key = clean_name(info.name)
+            if key == TOC_TAR_NAME or key in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK):
+                continue  # a layer "stargzified" twice gets fresh ones
+            if info.type == tarfile.LNKTYPE:
+                clean_name(info.linkname)
+            entries.pop(key, None)  # a later entry replaces an earlier one
+            entries[key] = _Item(info, key)
+    except tarfile.TarError as e:
+        raise FormatError(f"input is not a valid tar stream: {e}") from e
+    return entries
+
+
+def _landmark(name: str) -> _Item:
+    info = tarfile.TarInfo(name)
+    info.size = len(LANDMARK_CONTENTS)
+    info.mode = 0
+    info.mtime = 0
+    return _Item(info, name, LANDMARK_CONTENTS)
+
+
+def _sort(
+    entries: OrderedDict[str, _Item], prioritized: list[str], allow_missing: bool
+) -> tuple[list[_Item], list[str]]:
+    """Prioritized files first (with parents and link targets), then the landmark."""
+    out: OrderedDict[str, _Item] = OrderedDict()
+    missed: list[str] = []
+
+    def move(name: str) -> None:
+        key = clean_name(name)
+        if key == "":
+            if "" in entries:
+                out[""] = entries.pop("")
+            return
+        if key not in entries and key not in out:
+            raise KeyError(name)
+        move(key.rpartition("/")[0])
+        item = entries.get(key)
+        if item is not None and item.info.type == tarfile.LNKTYPE:
+            move(item.info.linkname)
+        item = entries.pop(key, None)
+        if item is not None:
+            out[key] = item
+
+    for name in prioritized:
+        try:
+            move(name)
+        except KeyError:
+            if not allow_missing:
+                raise InvalidArgument(f"prioritized file {name!r} is not in the layer") from None
+            missed.append(name)
+    landmark = _landmark(PREFETCH_LANDMARK if prioritized else NO_PREFETCH_LANDMARK)
+    return [*out.values(), landmark, *entries.values()], missed
+
+
+# --- layout ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Member:
+    """One gzip member / zstd frame to be: uncompressed parts, and the TOC entries whose
+    ``offset`` is the compressed start of this member."""
+
+    parts: list[bytes] = field(default_factory=list)
+    size: int = 0
+    starts: list[TOCEntry] = field(default_factory=list)
+
+    def add(self, data: bytes) -> None:
+        if data:
+            self.parts.append(data)
+            self.size += len(data)
+
+
+class _Layout:
+    """Turns sorted tar entries into members, computing digests and TOC entries."""
+
+    def __init__(self, tar: BinaryIO, chunk_size: int) -> None:
+        self.tar = tar
+        self.chunk_size = chunk_size
+        self.toc = TOC()
+        self._names: dict[str, dict[int, str]] = {"u": {}, "g": {}}
+
+    def _name_if_changed(self, kind: str, ident: int, name: str) -> str:
+        # Go writes userName/groupName only where the name of an id changes.
+        if not name or self._names[kind].get(ident) == name:
+            return ""
+        self._names[kind][ident] = name
+        return name
+
+    def members(self, items: Iterable[_Item]) -> Iterator[_Member]:
+        cur = _Member()
+        for item in items:
+            info = item.info
+            etype = _TYPES[info.type]
+            name = info.name
+            if etype == "dir" and not name.endswith("/"):
+                name += "/"
+            xattrs = {
+                k[len("SCHILY.xattr.") :]: v.encode("utf-8", "surrogateescape")
+                for k, v in info.pax_headers.items()
+                if k.startswith("SCHILY.xattr.")
+            }
+            ent = TOCEntry(
+                name=name,
+                type=etype,
+                mode=info.mode,
+                uid=info.uid,
+                gid=info.gid,
+                user_name=self._name_if_changed("u", info.uid, info.uname),
+                group_name=self._name_if_changed("g", info.gid, info.gname),
+                modtime=_modtime(info.mtime),
+                xattrs=xattrs,
+            )
+            if etype in ("symlink", "hardlink"):
+                ent.link_name = info.linkname
+            elif etype in ("char", "block"):
+                ent.dev_major, ent.dev_minor = info.devmajor, info.devminor
+            elif etype == "reg":
+                ent.size = info.size
+            cur.add(_header(info))
+            if etype != "reg":
+                self.toc.entries.append(ent)
+                continue
+            file_hash = hashlib.sha256()
+            if info.size == 0:
+                ent.digest = "sha256:" + file_hash.hexdigest()
+                self.toc.entries.append(ent)
+                continue
+            reg_ent = ent
+            pieces = self._payload(item)
+            written = 0
+            while written < info.size:
+                yield cur
+                cur = _Member()
+                n = min(self.chunk_size, info.size - written)
+                if n == self.chunk_size:
+                    ent.chunk_size = n  # Go leaves it 0 only on a shorter last chunk
+                ent.chunk_offset = written
+                chunk_hash = hashlib.sha256()
+                got = 0
+                while got < n:
+                    piece = next(pieces, b"")
+                    if not piece:
+                        raise FormatError(f"input tar is truncated in {info.name!r}")
+                    if got + len(piece) > n:
+                        piece, rest = piece[: n - got], piece[n - got :]
+                        pieces = _prepend(rest, pieces)
+                    chunk_hash.update(piece)
+                    file_hash.update(piece)
+                    cur.add(piece)
+                    got += len(piece)
+                ent.chunk_digest = "sha256:" + chunk_hash.hexdigest()
+                cur.starts.append(ent)
+                self.toc.entries.append(ent)
+                written += n
+                ent = TOCEntry(name=name, type="chunk")
+            reg_ent.digest = "sha256:" + file_hash.hexdigest()
+            pad = -info.size % BLOCK
+            if pad:
+                cur.add(bytes(pad))
+        yield cur
+
+    def _payload(self, item: _Item) -> Iterator[bytes]:
+        if item.payload is not None:
+            yield item.payload
+            return
+        remaining = item.info.size
+        pos = item.info.offset_data
+        while remaining > 0:
+            self.tar.seek(pos)
+            piece = self.tar.read(min(remaining, 1 << 20))
+            if not piece:
+                return
+            pos += len(piece)
+            remaining -= len(piece)
+            yield piece
+
+
+def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
+    yield first
+    yield from rest
+
+
+def _modtime(mtime: float) -> str:
+    import datetime
+
+    t = int(round(mtime))
+    if t == 0:
+        return ""
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _header(info: tarfile.TarInfo) -> bytes:
+    try:
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    except ValueError as e:
+        raise FormatError(f"cannot write tar header for {info.name!r}: {e}") from e
+
+
+def _toc_tar(toc_json: bytes) -> bytes:
+    info = tarfile.TarInfo(TOC_TAR_NAME)
+    info.size = len(toc_json)
+    info.mode = 0
+    info.mtime = 0
+    info.uname = info.gname = ""
+    return (
+        info.tobuf(tarfile.USTAR_FORMAT)
+        + toc_json
+        + bytes(-len(toc_json) % BLOCK)
+        + bytes(2 * BLOCK)
+    )
+
+
+# --- build ---------------------------------------------------------------------------
+
+
+def build(
+    src: BinaryIO,
+    dst: BinaryIO,
+    *,
+    compression: str = "gzip",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    level: int | None = None,
+    prioritized_files: list[str] | None = None,
+    allow_missing_prioritized: bool = False,
+    workers: int | None = None,
+    tmpdir: str | None = None,
+) -> BuildResult:
+    """Convert the tar layer in ``src`` and write the blob to ``dst``.
+
+    ``prioritized_files`` lists layer paths in first-access order; they go first,
+    followed by ``.prefetch.landmark``. ``level`` defaults to 9 for gzip (as Go) and 3
+    for zstd.
+    """
+    if chunk_size <= 0:
+        raise InvalidArgument(f"chunk size must be positive, got {chunk_size}")
+    if level is None:
+        level = DEFAULT_ZSTD_LEVEL if compression == "zstd" else DEFAULT_GZIP_LEVEL
+    codec = _Codec(compression, level)
+    tar, owned = _open_tar(src, tmpdir)
+    try:
+        entries = _read_entries(tar)
+        items, missed = _sort(entries, list(prioritized_files or []), allow_missing_prioritized)
+        layout = _Layout(tar, chunk_size)
+        writer = _OrderedWriter(dst, codec, workers or os.cpu_count() or 1)
+        for member in layout.members(items):
+            writer.submit(member)
+        if compression == "zstd":
+            # zstd:chunked keeps the TOC out of the tar stream; end the archive here.
+            writer.submit(_Member(parts=[bytes(2 * BLOCK)], size=2 * BLOCK))
+        writer.drain()
+    finally:
+        if owned:
+            tar.close()
+
+    toc_json = dump_toc(layout.toc)
+    toc_digest = "sha256:" + hashlib.sha256(toc_json).hexdigest()
+    toc_offset = writer.offset
+    annotations = {TOC_DIGEST_ANNOTATION: toc_digest}
+    if compression == "zstd":
+        import zstandard
+
+        ctoc = zstandard.ZstdCompressor(level=level).compress(toc_json)
+        writer.write_raw(skippable_frame(ctoc))
+        writer.write_raw(zstd_footer_frame(toc_offset + 8, len(ctoc), len(toc_json)))
+        annotations[ZSTD_MANIFEST_CHECKSUM_ANNOTATION] = (
+            "sha256:" + hashlib.sha256(ctoc).hexdigest()
+        )
+        annotations[ZSTD_MANIFEST_POSITION_ANNOTATION] = (
+            f"{toc_offset + 8}:{len(ctoc)}:{len(toc_json)}:1"
+        )
+    else:
+        toc_tar = _toc_tar(toc_json)
+        writer.diff_hash.update(toc_tar)
+        writer.uncompressed += len(toc_tar)
+        writer.write_raw(codec.compress([toc_tar]))
+        writer.write_raw(gzip_footer(toc_offset))
+    annotations[UNCOMPRESSED_SIZE_ANNOTATION] = str(writer.uncompressed)
+    return BuildResult(
+        compression=compression,
+        blob_digest="sha256:" + writer.blob_hash.hexdigest(),
+        blob_size=writer.offset,
+        diff_id="sha256:" + writer.diff_hash.hexdigest(),
+        toc_digest=toc_digest,
+        uncompressed_size=writer.uncompressed,
+        annotations=annotations,
+        missed_prioritized=missed,
+    )
+
+
+class _OrderedWriter:
+    """Compresses members on a thread pool and writes them in order, fixing offsets."""
+
+    def __init__(self, dst: BinaryIO, codec: _Codec, workers: int) -> None:
+        self.dst = dst
+        self.codec = codec
+        self.pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
+        self.window = max(2, 2 * workers)
+        self.pending: deque[tuple[_Member, concurrent.futures.Future[bytes]]] = deque()
+        self.offset = 0
+        self.uncompressed = 0
+        self.diff_hash = hashlib.sha256()
+        self.blob_hash = hashlib.sha256()
+
+    def submit(self, member: _Member) -> None:
+        if not member.size and not member.starts:
+            return
+        for p in member.parts:
+            self.diff_hash.update(p)
+        self.uncompressed += member.size
+        self.pending.append((member, self.pool.submit(self.codec.compress, member.parts)))
+        while len(self.pending) > self.window:
+            self._write_one()
+
+    def _write_one(self) -> None:
+        member, fut = self.pending.popleft()
+        data = fut.result()
+        for ent in member.starts:
+            ent.offset = self.offset
+        self.write_raw(data)
+        member.parts.clear()
+
+    def drain(self) -> None:
+        try:
+            while self.pending:
+                self._write_one()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def write_raw(self, data: bytes) -> None:
+        self.dst.write(data)
+        self.blob_hash.update(data)
+        self.offset += len(data)
