@@ -33,14 +33,15 @@ COMPRESSIONS = ("gzip", "zstd")
 # chunk (tar padding and the headers of the entries that follow it).
 DEFAULT_MAX_TRAILING = 16 << 20
 
-# Below this many bytes, releasing and re-taking the GIL costs more than hashing.
-DEF NOGIL_HASH_MIN = 16384
-# Discard buffer for the bytes before inner_offset and after the chunk (exclusive mode).
-DEF SCRATCH = 65536
-# The sha256 of the chunk is updated after each slice of output of at most this size.
-DEF HASH_SLICE = 262144
-# isal's avail_in/avail_out are 32-bit: feed inputs and outputs in pieces of at most this.
-DEF MAX_PIECE = 1073741824
+cdef enum:
+    # Below this many bytes, releasing and re-taking the GIL costs more than hashing.
+    NOGIL_HASH_MIN = 16384
+    # Discard buffer for the bytes before inner_offset and after the chunk (exclusive mode).
+    SCRATCH = 65536
+    # The sha256 of the chunk is updated after each slice of output of at most this size.
+    HASH_SLICE = 262144
+    # isal's avail_in/avail_out are 32-bit: feed input in pieces of at most this.
+    MAX_PIECE = 1073741824
 
 cdef enum Status:
     ST_OK = 0
@@ -72,11 +73,11 @@ cdef inline bint _hash_update(evp.EVP_MD_CTX *md, const uint8_t *p, size_t n) no
 
 
 # ---------------------------------------------------------------------------------------
-# gzip: one member, ISA-L with crc_flag=ISAL_GZIP. Verified on isa-l 2.30: it parses the
-# gzip header itself (FEXTRA/FNAME/FCOMMENT/FHCRC are skipped; the eStargz footer member
-# with its 'SG' extra field inflates fine), stops at the end of the member with
-# block_state == ISAL_BLOCK_FINISH, and checks the trailer CRC32 (ISAL_INCORRECT_CHECKSUM)
-# but NOT the trailer ISIZE, which we check ourselves below.
+# gzip: one member, ISA-L with crc_flag=ISAL_GZIP. Checked on isa-l 2.30 (see the tests):
+# it parses the gzip header itself (FEXTRA/FNAME/FCOMMENT/FHCRC are skipped, so the eStargz
+# footer member with its 'SG' extra field inflates), stops at the end of the first member
+# with block_state == ISAL_BLOCK_FINISH, and checks both trailer fields, CRC32 and ISIZE
+# (ISAL_INCORRECT_CHECKSUM), when the member is inflated to its end.
 
 cdef inline void _isal_feed(isal.inflate_state *st, const uint8_t *src, size_t srclen,
                             size_t *fed) noexcept nogil:
@@ -100,8 +101,7 @@ cdef int _isal_run(isal.inflate_state *st, const uint8_t *src, size_t srclen, si
     -1 on error (res.status set).
     """
     cdef uint64_t got = 0
-    cdef uint32_t step
-    cdef uint32_t before
+    cdef uint32_t step, wrote, avail_in
     cdef uint8_t *dst
     cdef int ret
     while True:
@@ -118,36 +118,28 @@ cdef int _isal_run(isal.inflate_state *st, const uint8_t *src, size_t srclen, si
             step = <uint32_t>(want - got if want - got < SCRATCH else SCRATCH)
         st.next_out = dst
         st.avail_out = step
+        avail_in = st.avail_in
         ret = isal.isal_inflate(st)
         if ret < 0 or ret == isal.ISAL_NEED_DICT:
             res.status = ST_CORRUPT
             res.err = ret
             return -1
-        before = step - st.avail_out  # bytes written by this call
-        got += before
-        res.produced += before
-        if keep and not _hash_update(md, dst, before):
+        wrote = step - st.avail_out
+        got += wrote
+        res.produced += wrote
+        if keep and not _hash_update(md, dst, wrote):
             res.status = ST_HASH
             return -1
-        if before == 0 and st.block_state != isal.ISAL_BLOCK_FINISH:
-            # No output and not finished: isal wants more input. If there is none left
-            # (avail_in == 0 after _isal_feed), the member is cut short.
+        if wrote == 0 and st.block_state != isal.ISAL_BLOCK_FINISH:
+            # No output and not finished: isal wants more input. If there is none left,
+            # the member is cut short; if it took none of what it had, it is stuck.
             if st.avail_in == 0 and fed[0] >= srclen:
                 res.status = ST_TRUNCATED
                 return -1
-
-
-cdef bint _isize_ok(isal.inflate_state *st, const uint8_t *src, size_t fed,
-                    uint64_t produced) noexcept nogil:
-    # After ISAL_BLOCK_FINISH, next_in points just past the 8-byte trailer (isal returns
-    # the bits it read ahead); the last 4 bytes are ISIZE = output length mod 2^32.
-    cdef const uint8_t *end = st.next_in
-    cdef uint32_t isize
-    if end - src < 8:
-        return False
-    isize = (<uint32_t>end[-4] | (<uint32_t>end[-3] << 8) | (<uint32_t>end[-2] << 16)
-             | (<uint32_t>end[-1] << 24))
-    return isize == <uint32_t>(produced & 0xFFFFFFFF)
+            if st.avail_in == avail_in and avail_in > 0:
+                res.status = ST_CORRUPT
+                res.err = isal.ISAL_INVALID_BLOCK
+                return -1
 
 
 cdef void _decode_gzip(const uint8_t *src, size_t srclen, uint64_t inner, uint8_t *out,
@@ -157,7 +149,6 @@ cdef void _decode_gzip(const uint8_t *src, size_t srclen, uint64_t inner, uint8_
     cdef uint8_t *scratch = <uint8_t *>malloc(SCRATCH)
     cdef size_t fed = 0
     cdef int r
-    cdef uint64_t trailing_start
     if st == NULL or scratch == NULL:
         res.status = ST_NOMEM
         free(st)
@@ -182,18 +173,10 @@ cdef void _decode_gzip(const uint8_t *src, size_t srclen, uint64_t inner, uint8_
         if not exclusive:
             res.status = ST_OK
             return
-        trailing_start = res.produced
         r = _isal_run(st, src, srclen, &fed, scratch, max_trailing + 1, False, NULL, res)
         if r < 0:
             return
-        if r == 0:
-            res.status = ST_BOMB
-            return
-        if not _isize_ok(st, src, fed, res.produced):
-            res.status = ST_CORRUPT
-            res.err = isal.ISAL_INCORRECT_CHECKSUM
-            return
-        res.status = ST_OK
+        res.status = ST_BOMB if res.produced - (inner + size) > max_trailing else ST_OK
     finally:
         free(st)
         free(scratch)
@@ -233,12 +216,17 @@ cdef zstd.ZSTD_DCtx *_thread_dctx(bint *owned) noexcept nogil:
 
 
 cdef int _zstd_run(zstd.ZSTD_DCtx *d, zstd.ZSTD_inBuffer *inb, uint8_t *out, uint64_t want,
-                   bint keep, evp.EVP_MD_CTX *md, bint *ended, Result *res) noexcept nogil:
-    """Same contract as _isal_run; `ended` carries "the frame is complete" across calls."""
+                   bint keep, evp.EVP_MD_CTX *md, bint *ended, unsigned long long fcs,
+                   Result *res) noexcept nogil:
+    """Same contract as _isal_run; `ended` carries "the frame is complete" across calls.
+
+    `fcs` is the content size the frame header declares (or ZSTD_CONTENTSIZE_UNKNOWN). It
+    is checked here when the frame ends because libzstd checks it only on some paths (not
+    when streaming a frame whose last block is empty).
+    """
     cdef uint64_t got = 0
     cdef zstd.ZSTD_outBuffer ob
-    cdef size_t ret
-    cdef size_t step
+    cdef size_t ret, step, in_pos
     while True:
         if ended[0]:
             return 1
@@ -252,6 +240,7 @@ cdef int _zstd_run(zstd.ZSTD_DCtx *d, zstd.ZSTD_inBuffer *inb, uint8_t *out, uin
             step = <size_t>(want - got if want - got < SCRATCH else SCRATCH)
         ob.size = step
         ob.pos = 0
+        in_pos = inb.pos
         ret = zstd.ZSTD_decompressStream(d, &ob, inb)
         if zstd.ZSTD_isError(ret):
             res.status = ST_CORRUPT
@@ -264,9 +253,17 @@ cdef int _zstd_run(zstd.ZSTD_DCtx *d, zstd.ZSTD_inBuffer *inb, uint8_t *out, uin
             return -1
         if ret == 0:
             ended[0] = True
+            if fcs != zstd.ZSTD_CONTENTSIZE_UNKNOWN and fcs != res.produced:
+                res.status = ST_CORRUPT
+                res.err = -20  # ZSTD_error_corruption_detected: "Data corruption detected"
+                return -1
         elif ob.pos < ob.size and inb.pos >= inb.size:
             # Output room left, frame not done, input exhausted: the frame is cut short.
             res.status = ST_TRUNCATED
+            return -1
+        elif ob.pos == 0 and inb.pos == in_pos:
+            res.status = ST_CORRUPT  # no progress at all (libzstd guarantees some)
+            res.err = -1
             return -1
 
 
@@ -279,6 +276,9 @@ cdef void _decode_zstd(const uint8_t *src, size_t srclen, uint64_t inner, uint8_
     cdef uint8_t *scratch = <uint8_t *>malloc(SCRATCH)
     cdef zstd.ZSTD_inBuffer inb
     cdef int r
+    cdef unsigned long long fcs = zstd.ZSTD_getFrameContentSize(src, srclen)
+    if fcs == zstd.ZSTD_CONTENTSIZE_ERROR:  # not a frame, or header cut short
+        fcs = zstd.ZSTD_CONTENTSIZE_UNKNOWN  # (libzstd itself reports those)
     if d == NULL or scratch == NULL:
         res.status = ST_NOMEM
         if owned:
@@ -289,13 +289,13 @@ cdef void _decode_zstd(const uint8_t *src, size_t srclen, uint64_t inner, uint8_
     inb.size = srclen
     inb.pos = 0
     try:
-        r = _zstd_run(d, &inb, scratch, inner, False, NULL, &ended, res)
+        r = _zstd_run(d, &inb, scratch, inner, False, NULL, &ended, fcs, res)
         if r < 0:
             return
         if r == 1 and res.produced < inner + size:
             res.status = ST_SHORT
             return
-        r = _zstd_run(d, &inb, out, size, True, md, &ended, res)
+        r = _zstd_run(d, &inb, out, size, True, md, &ended, fcs, res)
         if r < 0:
             return
         if r == 1 and res.produced < inner + size:
@@ -304,10 +304,10 @@ cdef void _decode_zstd(const uint8_t *src, size_t srclen, uint64_t inner, uint8_
         if not exclusive:
             res.status = ST_OK
             return
-        r = _zstd_run(d, &inb, scratch, max_trailing + 1, False, NULL, &ended, res)
+        r = _zstd_run(d, &inb, scratch, max_trailing + 1, False, NULL, &ended, fcs, res)
         if r < 0:
             return
-        res.status = ST_BOMB if r == 0 else ST_OK
+        res.status = ST_BOMB if res.produced - (inner + size) > max_trailing else ST_OK
     finally:
         if owned:
             zstd.ZSTD_freeDCtx(d)
@@ -359,6 +359,7 @@ def decode_chunk(src, str compression, int64_t inner_offset, int64_t size, diges
     cdef Py_buffer view
     cdef Result res
     cdef bytes out
+    cdef uint8_t *dst
     cdef evp.EVP_MD_CTX *md = NULL
     cdef unsigned char got[32]
     cdef unsigned int mdlen = 0
@@ -386,17 +387,18 @@ def decode_chunk(src, str compression, int64_t inner_offset, int64_t size, diges
         if md == NULL or evp.EVP_DigestInit_ex(md, _SHA256, NULL) != 1:
             evp.EVP_MD_CTX_free(md)
             raise MemoryError("cannot allocate an OpenSSL digest context")
+    dst = <uint8_t *>PyBytes_AS_STRING(out)
     PyObject_GetBuffer(src, &view, PyBUF_SIMPLE)
     try:
         with nogil:
             if is_gzip:
                 _decode_gzip(<const uint8_t *>view.buf, <size_t>view.len,
-                             <uint64_t>inner_offset, <uint8_t *>PyBytes_AS_STRING(out),
-                             <uint64_t>size, exclusive, <uint64_t>max_trailing, md, &res)
+                             <uint64_t>inner_offset, dst, <uint64_t>size, exclusive,
+                             <uint64_t>max_trailing, md, &res)
             else:
                 _decode_zstd(<const uint8_t *>view.buf, <size_t>view.len,
-                             <uint64_t>inner_offset, <uint8_t *>PyBytes_AS_STRING(out),
-                             <uint64_t>size, exclusive, <uint64_t>max_trailing, md, &res)
+                             <uint64_t>inner_offset, dst, <uint64_t>size, exclusive,
+                             <uint64_t>max_trailing, md, &res)
             if res.status == ST_OK and md != NULL:
                 if evp.EVP_DigestFinal_ex(md, got, &mdlen) != 1 or mdlen != 32:
                     res.status = ST_HASH

@@ -62,3 +62,43 @@ class VerificationError(StargzError):
 
 class DigestMismatch(VerificationError):
     pass
+
+
+# --- registry errors (stargz.remote) ----------------------------------------------------
+
+
+class RegistryError(Unavailable):
+    """A registry, mirror or blob store could not serve a request (after retries).
+
+    ``status`` is the last HTTP status (None for a connection error or timeout) and
+    ``url`` the URL that failed.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, url: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.url = url
+
+
+class AuthError(RegistryError):
+    """The registry refused us (401/403) and the credentials we have cannot fix it."""
+
+
+class RegistryProtocolError(RegistryError):
+    """The server answered something we cannot parse (bad Content-Range, multipart...)."""
+
+
+class InvalidReference(InvalidArgument):
+    """An image reference that does not parse (``name[:tag][@digest]``)."""
+
+
+class ManifestNotFound(NotFound):
+    """The registry has no manifest for this tag/digest, or no entry for our platform."""
+
+
+class BlobNotFound(NotFound):
+    """The registry has no blob with this digest in this repository."""
+
+
+class RangeNotSatisfiable(InvalidArgument):
+    """A byte range lies outside the blob (HTTP 416, or refused before sending)."""

@@ -23,7 +23,12 @@ cdef extern from "zstd.h" nogil:
     ctypedef enum ZSTD_dParameter:
         ZSTD_d_windowLogMax
 
+    enum:
+        ZSTD_CONTENTSIZE_UNKNOWN
+        ZSTD_CONTENTSIZE_ERROR
+
     unsigned ZSTD_versionNumber()
+    unsigned long long ZSTD_getFrameContentSize(const void *src, size_t srcSize)
     ZSTD_DCtx *ZSTD_createDCtx()
     size_t ZSTD_freeDCtx(ZSTD_DCtx *dctx)
     size_t ZSTD_DCtx_reset(ZSTD_DCtx *dctx, ZSTD_ResetDirective reset)

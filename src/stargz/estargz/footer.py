@@ -65,7 +65,7 @@ def zstd_footer_frame(toc_offset: int, toc_compressed: int, toc_uncompressed: in
     payload = struct.pack(
         "<QQQQ", toc_offset, toc_compressed, toc_uncompressed, ZSTD_MANIFEST_TYPE_CRFS
     )
-    return SKIPPABLE_FRAME_MAGIC + struct.pack("<I", ZSTD_FOOTER_SIZE) + payload + ZSTD_CHUNKED_MAGIC
+    return skippable_frame(payload + ZSTD_CHUNKED_MAGIC)
 
 
 def skippable_frame(payload: bytes) -> bytes:
@@ -110,7 +110,9 @@ def _parse_legacy(tail: bytes) -> Footer:
 
 def _parse_zstd(tail: bytes) -> Footer:
     if len(tail) < ZSTD_FOOTER_FRAME_SIZE:
-        raise ValueError(f"zstd:chunked: blob shorter than the {ZSTD_FOOTER_FRAME_SIZE}-byte footer")
+        raise ValueError(
+            f"zstd:chunked: blob shorter than the {ZSTD_FOOTER_FRAME_SIZE}-byte footer"
+        )
     p = tail[-ZSTD_FOOTER_FRAME_SIZE:]
     if p[-8:] != ZSTD_CHUNKED_MAGIC:
         raise ValueError("zstd:chunked: invalid magic number")

@@ -49,6 +49,7 @@ DEFAULT_MAX_TOC_SIZE = 512 << 20  # uncompressed TOC JSON; ~5M entries
 DEFAULT_MAX_CHUNK_SIZE = 256 << 20  # largest chunk decoded in one piece
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
 _ZERO_DIGEST = bytes(32)
+_TRAILING_PER_ENTRY = 8 << 10  # generous tar header + PAX records of one entry
 
 S_IFMT_BY_TYPE = {
     "dir": 0o040000,
@@ -165,6 +166,8 @@ class Reader:
         # chunk rows, in TOC order, for the native ChunkTable
         c_file, c_off, c_comp, c_inner, c_size = (array("q") for _ in range(5))
         c_digest = bytearray()
+        # per row: entries listed after the chunk whose tar headers share its member
+        self._trailing = array("q")
         self.landmark: str | None = None
         payload_end = self.footer.toc_offset
         last_comp = (-1, 0)  # (offset, inner end) of the previous data entry
@@ -174,6 +177,8 @@ class Reader:
 
         for i, e in enumerate(self.toc.entries):
             where = f"TOC entry {i} ({e.name!r})"
+            if self._trailing and (e.type not in DATA_TYPES or (e.type == "reg" and e.size <= 0)):
+                self._trailing[-1] += 1
             if e.type == "chunk":
                 if current is None or (e.name and clean_name(e.name) != current.path):
                     raise TOCError(f"{where}: chunk does not follow its file")
@@ -212,20 +217,18 @@ class Reader:
                     raise TOCError(f"{where}: negative size {e.size}")
                 old = by_path.get(e.name)
                 if old is not None:  # a later entry replaces an earlier one, as tar does
-                    node = self.nodes[old]
-                    if node.type == "dir" and e.type == "dir":
-                        node.entry = e
+                    prev = self.nodes[old]
+                    if prev.type == "dir" and e.type == "dir":
+                        prev.entry = e
                         continue
-                    if node.type == "dir" or e.type == "dir":
-                        raise TOCError(f"{where}: replaces a {node.type} with a {e.type}")
-                    if node.type == "reg" and node.entry.size > 0:
-                        raise TOCError(f"{where}: a file with content is listed twice")
-                    node.entry = e
-                else:
-                    node = Node(len(self.nodes), e.name, e)
-                    self.nodes.append(node)
-                    by_path[e.name] = node.id
-                    parent.children[base] = node.id
+                    if prev.type == "dir" or e.type == "dir":
+                        raise TOCError(f"{where}: replaces a {prev.type} with a {e.type}")
+                # A replacement gets a fresh id (the old node becomes unreachable), so chunk
+                # rows stay sorted by file id.
+                node = Node(len(self.nodes), e.name, e)
+                self.nodes.append(node)
+                by_path[e.name] = node.id
+                parent.children[base] = node.id
                 if e.type == "dir":
                     node.nlink = 2
                     parent.nlink += 1
@@ -269,6 +272,7 @@ class Reader:
             c_comp.append(e.offset)
             c_inner.append(e.inner_offset)
             c_size.append(size)
+            self._trailing.append(0)
             expect_off = e.chunk_offset + size
         if current is not None and expect_off != current.entry.size:
             raise ChunkError(
@@ -358,14 +362,7 @@ class Reader:
 
     def chunk_rows(self, node_id: int, offset: int, size: int) -> range:
         """Rows of the chunk table covering [offset, offset+size) of a file."""
-        start, end = self.chunks.span(node_id)
-        if start == end or size <= 0:
-            return range(0)
-        first = self.chunks.find(node_id, offset)
-        if first < 0:
-            return range(0)
-        last = self.chunks.find(node_id, min(offset + size, self.nodes[node_id].entry.size) - 1)
-        return range(first, last + 1)
+        return range(*self.chunks.cover(node_id, offset, size))
 
     def chunk_span(self, row: int) -> tuple[int, int]:
         """Compressed [start, end) bytes that hold a chunk (its member, up to the next one)."""
@@ -376,7 +373,13 @@ class Reader:
         """Decode (and verify) one chunk from the bytes of its `chunk_span`."""
         _, _, inner, size, digest = self.chunks.row(row)
         want = digest if (self.verify and digest != _ZERO_DIGEST) else None
-        return codec.decode_chunk(compressed, self.compression, inner, size, want, False)
+        exclusive = not self.chunks.shares_member(row)
+        # The member also holds the tar headers of the entries listed after the chunk (up to
+        # the next file with content): allow for them, so that only a real bomb is refused.
+        trailing = codec.DEFAULT_MAX_TRAILING + self._trailing[row] * _TRAILING_PER_ENTRY
+        return codec.decode_chunk(
+            compressed, self.compression, inner, size, want, exclusive, max_trailing=trailing
+        )
 
     def read_chunk(self, row: int) -> bytes:
         start, end = self.chunk_span(row)
@@ -426,6 +429,8 @@ def _untar_gzip_toc(raw: bytes, max_size: int) -> bytes:
         raise TOCError(f"TOC tar stream is malformed: {e}") from e
     if len(out) != member.size:
         raise TOCError("TOC tar entry is truncated")
+    if len(out) > max_size:  # the inflate bound above leaves room for the tar framing
+        raise TOCError(f"TOC of {len(out)} bytes is larger than the limit of {max_size} bytes")
     return out
 
 

@@ -210,5 +210,7 @@ def clean_name(name: str) -> str:
         raise UnsafePathError(f"entry name {name!r} is absolute and would escape the layer")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise UnsafePathError(f"entry name {name!r} has a '..' component and could escape the layer")
+        raise UnsafePathError(
+            f"entry name {name!r} has a '..' component and could escape the layer"
+        )
     return "/".join(parts)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, then pytest with the native core, then the format and
+# native-twin tests again with the pure-Python backends (STARGZ_NO_EXTENSIONS=1).
+# Sets the machine up first (idempotent), so it works on a fresh Debian machine.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+bash ci/setup.sh
+PY=.venv/bin/python
+export PATH="$ROOT/.tools/bin:$ROOT/.venv/bin:$PATH"
+echo "== ruff"
+.venv/bin/ruff check src tests benchmarks
+.venv/bin/ruff format --check src tests benchmarks
+echo "== pytest (native backend)"
+"$PY" -m pytest -q -p no:cacheprovider "$@"
+echo "== pytest (pure-Python backend)"
+STARGZ_NO_EXTENSIONS=1 "$PY" -m pytest -q -p no:cacheprovider \
+  tests/test_native_codec.py tests/test_native_tocindex.py \
+  tests/test_estargz_fixtures.py tests/test_estargz_roundtrip.py tests/test_estargz_bad_input.py

@@ -1,0 +1,177 @@
+"""The ``stargz`` command: convert images, and extract or inspect eStargz blobs."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+
+from stargz.errors import StargzError
+from stargz.estargz import reader as esgz_reader
+from stargz.estargz import writer
+
+
+def _prioritized(path: str | None) -> list[str]:
+    if not path:
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from stargz.image.convert import ConvertOptions, convert
+
+    opts = ConvertOptions(
+        compression="zstd" if args.zstdchunked else "gzip",
+        chunk_size=args.chunk_size,
+        level=args.compression_level,
+        prioritized_files=_prioritized(args.prioritized_files),
+        workers=args.workers,
+    )
+    start = time.perf_counter()
+
+    def progress(s) -> None:
+        mbps = s.uncompressed_size / 1e6 / s.seconds if s.seconds else 0.0
+        print(
+            f"layer {s.src_digest[:19]} -> {s.dst_digest[:19]}  {s.src_size} -> {s.dst_size} B"
+            f"  {s.seconds:.2f}s  {mbps:.0f} MB/s",
+            file=sys.stderr,
+        )
+
+    desc, stats = convert(args.src, args.dst, opts, None if args.quiet else progress)
+    total = time.perf_counter() - start
+    print(desc["digest"])
+    if not args.quiet:
+        raw = sum(s.uncompressed_size for s in stats)
+        print(
+            f"converted {len(stats)} layer(s), {raw} B uncompressed in {total:.2f}s",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _open(args: argparse.Namespace) -> esgz_reader.Reader:
+    return esgz_reader.open_file(
+        args.blob, toc_digest=getattr(args, "toc_digest", None), verify=not args.no_verify
+    )
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from stargz.estargz.extract import extract
+
+    with _open(args) as r:
+        n = extract(r, args.dir)
+    print(f"extracted {n} entries into {args.dir}", file=sys.stderr)
+    return 0
+
+
+def cmd_get_toc_digest(args: argparse.Namespace) -> int:
+    with _open(args) as r:
+        if args.dump_toc:
+            from stargz.estargz.toc import dump_toc
+
+            sys.stdout.write(dump_toc(r.toc).decode())
+            sys.stdout.write("\n")
+        else:
+            print(r.toc_digest)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    with _open(args) as r:
+        types = collections.Counter(e.type for e in r.toc.entries)
+        info = {
+            "format": {"gzip": "estargz", "legacy": "stargz", "zstd": "zstd:chunked"}[
+                r.footer.kind
+            ],
+            "blob_size": r.blob_size,
+            "toc_digest": r.toc_digest,
+            "toc_offset": r.footer.toc_offset,
+            "entries": len(r.toc.entries),
+            "entry_types": dict(sorted(types.items())),
+            "chunks": len(r.chunks),
+            "files_size": sum(n.entry.size for n in r.nodes if n.type == "reg"),
+            "landmark": r.landmark,
+            "prefetch_size": r.prefetch_size,
+        }
+        if args.json:
+            info["files"] = [
+                {
+                    "path": path,
+                    "type": node.type,
+                    "mode": node.entry.mode,
+                    "size": node.entry.size,
+                    "chunks": len(r.chunk_rows(node.id, 0, node.entry.size))
+                    if node.type == "reg"
+                    else 0,
+                }
+                for path, node in r.walk()
+                if path
+            ]
+            json.dump(info, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            for k, v in info.items():
+                print(f"{k:14} {v}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stargz", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("convert", help="convert an image in an OCI layout to eStargz")
+    c.add_argument("src", metavar="SRC", help="oci:DIR:TAG")
+    c.add_argument("dst", metavar="DST", help="oci:DIR:TAG (new dir or new tag)")
+    c.add_argument("--zstdchunked", action="store_true", help="write zstd:chunked layers")
+    c.add_argument("--chunk-size", type=int, default=writer.DEFAULT_CHUNK_SIZE)
+    c.add_argument(
+        "--compression-level",
+        type=int,
+        default=None,
+        help="gzip 0-9 (default 1; 0-3 use ISA-L, Go uses 9) or zstd 1-22 (default 3)",
+    )
+    c.add_argument("--prioritized-files", metavar="FILE", help="file listing paths to put first")
+    c.add_argument("--workers", type=int, default=None, help="compression threads (default: cores)")
+    c.add_argument("-q", "--quiet", action="store_true")
+    c.set_defaults(func=cmd_convert)
+
+    for name, func, helptext in (
+        ("extract", cmd_extract, "materialize a layer through its TOC, verifying every chunk"),
+        ("get-toc-digest", cmd_get_toc_digest, "print the TOC digest of a blob"),
+        ("inspect", cmd_inspect, "show entries, chunks, sizes and the prefetch landmark"),
+    ):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("blob", metavar="BLOB")
+        if name == "extract":
+            s.add_argument("dir", metavar="DIR")
+        if name != "get-toc-digest":
+            s.add_argument("--toc-digest", metavar="D", help="verify the TOC against this digest")
+        else:
+            s.add_argument("--dump-toc", action="store_true", help="print the TOC JSON instead")
+        if name == "inspect":
+            s.add_argument("--json", action="store_true")
+        s.add_argument("--no-verify", action="store_true", help="allow blobs without chunk digests")
+        s.set_defaults(func=func)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except StargzError as e:
+        print(f"stargz: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        where = f": {e.filename!r}" if e.filename else ""
+        print(f"stargz: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Container images on disk: OCI image layouts and their conversion to eStargz."""
