@@ -22,7 +22,7 @@ def main(shared: str, go_verify: str) -> int:
             shutil.copytree(os.path.join(shared, "fixtures", image), src)
             for mode, opts in (
                 ("estargz", ConvertOptions()),
-                ("zstd:chunked", ConvertOptions(compression="zstd")),
+                ("zstdchunked", ConvertOptions(compression="zstd")),
             ):
                 t0 = time.perf_counter()
                 desc, stats = convert(f"oci:{src}:{tag}", f"oci:{src}:{mode}", opts)

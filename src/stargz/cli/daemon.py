@@ -1,0 +1,216 @@
+"""``containerd-stargz-grpc``: the snapshotter daemon containerd talks to as a proxy plugin.
+
+    containerd-stargz-grpc [--address SOCK] [--root DIR] [--config FILE] [--log-level L]
+
+Exit codes: 0 after a clean shutdown (SIGTERM or SIGINT), 1 when the daemon cannot start
+or fails, 2 for a bad command line or configuration (one line on stderr naming the key).
+
+Logs are JSON lines on stderr (``--log-format text`` gives ``key=value`` lines), with the
+fields of the Go daemon where it has them: ``time``, ``level``, ``msg``, plus structured
+fields such as ``key``, ``parent`` and ``remote-snapshot-prepared``.
+
+Under systemd (``Type=notify``), READY=1 is sent once the socket serves.
+
+Signals: SIGTERM and SIGINT both stop accepting calls, let in-flight calls finish, and
+exit 0. SIGINT additionally unmounts remote snapshots (the Go daemon's "cleanup" signal);
+SIGTERM leaves them for the next start. Snapshot data is never deleted on shutdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from stargz import __version__, config
+from stargz.errors import StargzError
+
+DEFAULT_ADDRESS = "/run/containerd-stargz-grpc/containerd-stargz-grpc.sock"
+DEFAULT_ROOT = "/var/lib/containerd-stargz-grpc"
+#: How long in-flight calls may run after a stop signal.
+SHUTDOWN_GRACE_SEC = 30.0
+
+PROG = "containerd-stargz-grpc"
+log = logging.getLogger("stargz.daemon")
+
+_LEVELS = {
+    "trace": logging.DEBUG,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "fatal": logging.CRITICAL,
+    "panic": logging.CRITICAL,
+}
+_RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+#: Keys the daemon validates but whose feature is not built yet; setting them is warned about.
+_NOT_YET = (
+    ("metrics_address", ""),
+    ("debug_address", ""),
+    ("ipfs", False),
+    ("fuse_manager.enable", False),
+    ("cri_keychain.enable_keychain", False),
+    ("kubeconfig_keychain.enable_keychain", False),
+)
+
+
+def _level_name(record: logging.LogRecord) -> str:
+    return "fatal" if record.levelno >= logging.CRITICAL else record.levelname.lower()
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    out = {k: v for k, v in record.__dict__.items() if k not in _RESERVED}
+    if record.exc_info and record.exc_info[1] is not None:
+        out.setdefault("error", record.exc_info[1])
+    return out
+
+
+def _value(v: Any) -> Any:
+    if v is None or isinstance(v, bool | int | float | str):
+        return v
+    if isinstance(v, list | tuple):
+        return [_value(x) for x in v]
+    return str(v)
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: time (RFC 3339, UTC), level, msg, then the fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        t = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        doc: dict[str, Any] = {
+            "time": t.isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            "level": _level_name(record),
+            "msg": record.getMessage(),
+        }
+        for k, v in _fields(record).items():
+            doc[k if k not in doc else f"fields.{k}"] = _value(v)
+        if record.exc_info and record.levelno >= logging.ERROR:
+            doc["stack"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """logrus-style ``time=... level=... msg="..." key=value`` lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        t = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        parts = [
+            f"time={t.isoformat(timespec='microseconds').replace('+00:00', 'Z')}",
+            f"level={_level_name(record)}",
+            f"msg={json.dumps(record.getMessage(), ensure_ascii=False)}",
+        ]
+        for k, v in _fields(record).items():
+            text = json.dumps(_value(v), ensure_ascii=False)
+            parts.append(f"{k}={text}")
+        return " ".join(parts)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(_LEVELS[level])
+    # grpc's own debug lines (one per call) drown ours; keep them at info and up.
+    logging.getLogger("grpc").setLevel(max(_LEVELS[level], logging.INFO))
+    logging.captureWarnings(True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, description="eStargz snapshotter daemon for containerd (proxy plugin)"
+    )
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help="unix socket to serve gRPC on")
+    p.add_argument("--root", default=DEFAULT_ROOT, help="directory for snapshots and metadata")
+    p.add_argument(
+        "--config",
+        default=config.DEFAULT_CONFIG_PATH,
+        help="TOML config file (a missing default file means defaults)",
+    )
+    p.add_argument("--log-level", default="info", choices=sorted(_LEVELS), type=str.lower)
+    p.add_argument("--log-format", default="json", choices=("json", "text"))
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def _warn_unbuilt(cfg: config.Config) -> None:
+    for dotted, default in _NOT_YET:
+        value: Any = cfg
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        if value != default:
+            log.warning("config key is accepted but not implemented yet", extra={"key": dotted})
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (``Type=notify`` units) about ``state``; a no-op outside systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]  # abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(state.encode(), path)
+    except OSError as e:
+        log.warning("cannot notify systemd", extra={"error": e})
+
+
+async def _serve(args: argparse.Namespace, cfg: config.Config) -> int:
+    from stargz.service.server import Server  # grpc is imported only when serving
+
+    loop = asyncio.get_running_loop()
+    stopped: asyncio.Future[signal.Signals] = loop.create_future()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(
+            sig, lambda s=sig: stopped.done() or stopped.set_result(signal.Signals(s))
+        )
+    server = await Server.start(
+        args.address,
+        args.root,
+        None,  # no lazy FileSystem yet: every layer is unpacked by containerd
+        allow_invalid_mounts_on_restart=cfg.snapshotter.allow_invalid_mounts_on_restart,
+    )
+    sd_notify("READY=1")
+    sig = await stopped
+    sd_notify("STOPPING=1")
+    log.info("shutting down", extra={"signal": sig.name})
+    await server.stop(SHUTDOWN_GRACE_SEC, unmount_remote=sig == signal.SIGINT)
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as e:
+        print(f"{PROG}: config: {e}", file=sys.stderr)
+        return 2
+    setup_logging(args.log_level, args.log_format)
+    _warn_unbuilt(cfg)
+    try:
+        import uvloop
+
+        return uvloop.run(_serve(args, cfg))
+    except (StargzError, OSError) as e:
+        log.error("daemon failed", extra={"error": e})
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Reusable end-to-end harness: real docker-registry, containerd 1.6 and our daemon.
+
+To use the pytest fixtures from another test directory, give that directory an
+``__init__.py`` (so ``tests/`` is on ``sys.path``) and, in its ``conftest.py``::
+
+    from harness.fixtures import containerd, e2e_host, registry, shared, stargz_daemon  # noqa: F401
+"""
+
+from .procs import (
+    Containerd,
+    HarnessError,
+    Registry,
+    StargzDaemon,
+    free_port,
+    make_tempdir,
+    mounted_image,
+    run,
+    shared_dir,
+    tree_listing,
+    unmount_under,
+)
+
+__all__ = [
+    "Containerd",
+    "HarnessError",
+    "Registry",
+    "StargzDaemon",
+    "free_port",
+    "make_tempdir",
+    "mounted_image",
+    "run",
+    "shared_dir",
+    "tree_listing",
+    "unmount_under",
+]

@@ -1,0 +1,124 @@
+"""Build small OCI image layouts for tests: a base image from a layout plus new layers.
+
+Only what tests need: gzip tar layers made from ``{path: bytes}`` dicts, a config with
+updated ``diff_ids``, a manifest, and an ``index.json`` entry per tag.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
+MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
+CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
+REF_NAME = "org.opencontainers.image.ref.name"
+
+
+def _put_blob(layout: Path, data: bytes) -> dict[str, object]:
+    digest = hashlib.sha256(data).hexdigest()
+    path = layout / "blobs" / "sha256" / digest
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_bytes(data)
+    return {"digest": f"sha256:{digest}", "size": len(data)}
+
+
+def _read_blob(layout: Path, digest: str) -> bytes:
+    return (layout / "blobs" / "sha256" / digest.split(":", 1)[1]).read_bytes()
+
+
+def tar_layer(files: Mapping[str, bytes], mode: int = 0o644) -> bytes:
+    """An uncompressed tar of regular files (parent dirs added), deterministic."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        dirs: set[str] = set()
+        for name in sorted(files):
+            parts = name.split("/")[:-1]
+            for i in range(1, len(parts) + 1):
+                d = "/".join(parts[:i])
+                if d not in dirs:
+                    dirs.add(d)
+                    ti = tarfile.TarInfo(d)
+                    ti.type, ti.mode = tarfile.DIRTYPE, 0o755
+                    tar.addfile(ti)
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode = len(files[name]), mode
+            tar.addfile(ti, io.BytesIO(files[name]))
+    return buf.getvalue()
+
+
+def find_manifest(layout: Path, tag: str) -> dict[str, object]:
+    index = json.loads((layout / "index.json").read_text())
+    for m in index["manifests"]:
+        if m.get("annotations", {}).get(REF_NAME) == tag:
+            return json.loads(_read_blob(layout, m["digest"]))
+    raise KeyError(f"{layout}: no tag {tag!r}")
+
+
+def build_image(
+    out: Path,
+    tag: str,
+    layers: Sequence[Mapping[str, bytes] | bytes],
+    *,
+    base: tuple[Path, str] | None = None,
+    level: int = 1,
+    cmd: Sequence[str] = ("/bin/sh",),
+) -> Path:
+    """Write (or add ``tag`` to) the OCI layout ``out``: ``base`` image's layers, then
+    ``layers`` (file dicts, or ready tar bytes), gzip ``level``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    layer_descs: list[dict[str, object]] = []
+    diff_ids: list[str] = []
+    config: dict[str, object] = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": list(cmd)},
+    }
+    if base is not None:
+        blayout, btag = base
+        bman = find_manifest(blayout, btag)
+        config = json.loads(_read_blob(blayout, bman["config"]["digest"]))  # type: ignore[index]
+        diff_ids = list(config["rootfs"]["diff_ids"])  # type: ignore[index]
+        for desc in bman["layers"]:  # type: ignore[attr-defined]
+            src = blayout / "blobs" / "sha256" / desc["digest"].split(":", 1)[1]
+            dst = out / "blobs" / "sha256" / src.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if not dst.exists():
+                shutil.copyfile(src, dst)
+            layer_descs.append({"mediaType": desc["mediaType"], **_desc(desc)})
+    for layer in layers:
+        raw = layer if isinstance(layer, bytes) else tar_layer(layer)
+        diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
+        blob = gzip.compress(raw, compresslevel=level, mtime=0)
+        layer_descs.append({"mediaType": LAYER_MEDIA_TYPE, **_put_blob(out, blob)})
+    config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
+    config.pop("history", None)
+    cdesc = _put_blob(out, json.dumps(config, sort_keys=True).encode())
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_MEDIA_TYPE,
+        "config": {"mediaType": CONFIG_MEDIA_TYPE, **cdesc},
+        "layers": layer_descs,
+    }
+    mdesc = _put_blob(out, json.dumps(manifest, sort_keys=True).encode())
+    index_path = out / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else {"schemaVersion": 2}
+    entries = [
+        m for m in index.get("manifests", []) if m.get("annotations", {}).get(REF_NAME) != tag
+    ]
+    entries.append({"mediaType": MANIFEST_MEDIA_TYPE, **mdesc, "annotations": {REF_NAME: tag}})
+    index["manifests"] = entries
+    index_path.write_text(json.dumps(index))
+    return out
+
+
+def _desc(desc: Mapping[str, object]) -> dict[str, object]:
+    return {"digest": desc["digest"], "size": desc["size"]}

@@ -1,0 +1,459 @@
+"""Real daemons for end-to-end tests: a docker-registry, containerd 1.6, and our snapshotter.
+
+Each runs in its own temporary directory, is ready only once it answers a real request
+(never a fixed sleep), fails fast with its log when the process dies while we wait, and is
+stopped by PID. Logs are kept in the instance directory and shown on failure.
+
+Use them through the pytest fixtures in :mod:`harness.fixtures`, or directly::
+
+    with Registry.start() as reg, StargzDaemon.start() as sd, Containerd.start(sd.address) as c:
+        reg.push_oci(shared_dir() / "fixtures/oci-busybox", "1", "busybox:1")
+        c.ctr("images", "pull", "--plain-http", "--snapshotter", "stargz", reg.ref("busybox:1"))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Self
+
+REPO = Path(__file__).resolve().parents[2]
+
+#: Short base dir: unix socket paths must stay under 108 bytes.
+TMP_BASE = os.environ.get("STARGZ_TEST_TMP", "/tmp")
+
+
+class HarnessError(AssertionError):
+    """A daemon did not start or stop as it should (an AssertionError: the test fails)."""
+
+
+def shared_dir() -> Path:
+    """The shared fixtures/tools directory: $STARGZ_SHARED, <repo>/../shared, /work/shared.
+
+    Raises (so the test fails, never skips) when none of them exists.
+    """
+    candidates = [os.environ.get("STARGZ_SHARED"), str(REPO.parent / "shared"), "/work/shared"]
+    for c in candidates:
+        if c and (Path(c) / "fixtures").is_dir():
+            return Path(c)
+    raise HarnessError(
+        "shared fixtures not found; looked in $STARGZ_SHARED, "
+        f"{REPO.parent / 'shared'} and /work/shared"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_tempdir(prefix: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=TMP_BASE))
+
+
+def unmount_under(path: Path) -> None:
+    """Lazily unmount everything mounted at or below ``path`` (deepest first)."""
+    prefix = os.path.join(os.path.realpath(path), "")
+    mps = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split(" ")[4].replace("\\040", " ")
+            if os.path.join(mp, "").startswith(prefix):
+                mps.append(mp)
+    for mp in sorted(set(mps), key=lambda p: -p.count("/")):
+        subprocess.run(["umount", "-l", mp], check=False, capture_output=True)
+
+
+def run(
+    argv: Sequence[str], *, check: bool = True, timeout: float = 300, **kw: Any
+) -> subprocess.CompletedProcess[str]:
+    """Run a command; on failure raise with its argv, exit code and output."""
+    p = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise HarnessError(
+            f"{' '.join(argv)} exited {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+        )
+    return p
+
+
+class Daemon:
+    """A child process with a log file, stopped by PID."""
+
+    name = "daemon"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.log_path = workdir / f"{self.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._final_log: str | None = None
+
+    def _spawn(self, argv: Sequence[str], **kw: Any) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                **kw,
+            )
+
+    def _answers(self) -> bool:
+        """Whether the daemon answers a real request (each daemon defines it)."""
+        raise NotImplementedError
+
+    def _launch(self, argv: Sequence[str], **kw: Any) -> None:
+        """Spawn and wait until it answers; on failure, stop it and clean up."""
+        try:
+            self._spawn(argv, **kw)
+            self.wait_ready(self._answers)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        """The process's output so far (kept after :meth:`close` deletes the work dir)."""
+        if self._final_log is not None:
+            return self._final_log
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_ready(self, probe: Callable[[], bool], timeout: float = 30) -> None:
+        """Poll ``probe`` until it returns True; fail at once if the process exits."""
+        deadline = time.monotonic() + timeout
+        last: BaseException | None = None
+        while time.monotonic() < deadline:
+            if not self.alive():
+                code = self.proc.returncode if self.proc else None
+                raise HarnessError(
+                    f"{self.name} exited ({code}) while starting; log:\n{self.log_text()[-4000:]}"
+                )
+            try:
+                if probe():
+                    return
+            except Exception as e:  # not ready yet
+                last = e
+            time.sleep(0.02)
+        raise HarnessError(
+            f"{self.name} not ready after {timeout}s (last error: {last!r}); "
+            f"log:\n{self.log_text()[-4000:]}"
+        )
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        """Signal the process, wait for it, SIGKILL if it does not exit in time."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        """Stop, unmount whatever is left under the work dir, delete it."""
+        try:
+            self.stop()
+        finally:
+            self._final_log = self.log_text()
+            unmount_under(self.workdir)
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Registry(Daemon):
+    """The CNCF distribution registry (Debian ``docker-registry``) on 127.0.0.1:<free port>."""
+
+    name = "registry"
+
+    @classmethod
+    def start(cls, workdir: Path | None = None) -> Registry:
+        self = cls(workdir or make_tempdir("sgz-reg-"))
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        storage = self.workdir / "storage"
+        storage.mkdir()
+        cfg = self.workdir / "config.yml"
+        cfg.write_text(
+            "version: 0.1\n"
+            "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n"
+            f"http:\n  addr: {self.host}\n"
+        )
+        self._launch([shutil.which("docker-registry") or "docker-registry", "serve", str(cfg)])
+        return self
+
+    def _answers(self) -> bool:
+        with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2) as r:
+            return r.status == 200
+
+    def ref(self, name: str) -> str:
+        return f"{self.host}/{name}"
+
+    def push_oci(self, layout: Path, tag: str, name: str) -> str:
+        """Copy ``layout:tag`` (an OCI image layout) to ``name`` in this registry."""
+        staged = layout
+        if layout.resolve().is_relative_to(shared_dir().resolve()):
+            # The shared fixtures are read-only inputs; skopeo may write (locks).
+            staged = self.workdir / "staged" / layout.name
+            if not staged.exists():
+                shutil.copytree(layout, staged)
+                for p in [staged, *staged.rglob("*")]:
+                    p.chmod(p.stat().st_mode | 0o200)
+        run(
+            [
+                "skopeo",
+                "--insecure-policy",
+                "copy",
+                "--quiet",
+                "--dest-tls-verify=false",
+                f"oci:{staged}:{tag}",
+                f"docker://{self.ref(name)}",
+            ]
+        )
+        return self.ref(name)
+
+
+class StargzDaemon(Daemon):
+    """Our ``containerd-stargz-grpc``, run from this checkout with the test's Python."""
+
+    name = "stargz"
+
+    @classmethod
+    def start(
+        cls,
+        workdir: Path | None = None,
+        *,
+        config_text: str = "",
+        log_level: str = "debug",
+        extra_args: Sequence[str] = (),
+        address: str | None = None,
+        root: str | None = None,
+    ) -> StargzDaemon:
+        """Start on ``<workdir>/run/stargz.sock`` and ``<workdir>/root`` unless given."""
+        self = cls(workdir or make_tempdir("sgz-d-"))
+        self.address = address or str(self.workdir / "run" / "stargz.sock")
+        self.root = root or str(self.workdir / "root")
+        self.config_path = self.workdir / "config.toml"
+        self.config_path.write_text(config_text)
+        self.log_level = log_level
+        self.extra_args = list(extra_args)
+        try:
+            self.restart()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def argv(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "stargz.cli.daemon",
+            "--address",
+            self.address,
+            "--root",
+            self.root,
+            "--config",
+            str(self.config_path),
+            "--log-level",
+            self.log_level,
+            *self.extra_args,
+        ]
+
+    def restart(self) -> None:
+        """(Re)start on the same root and socket, and wait until it answers List."""
+        if self.alive():
+            self.stop()
+        env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+        self._spawn(self.argv(), env=env)
+        self.wait_ready(self._answers)
+
+    def _answers(self) -> bool:
+        from stargz.service.proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+
+        with self.channel() as ch:
+            stub = self.stub(ch)
+            list(stub.List(pb.ListSnapshotsRequest(), timeout=2))
+        return True
+
+    def channel(self) -> Any:
+        import grpc
+
+        return grpc.insecure_channel(f"unix:{self.address}")
+
+    @staticmethod
+    def stub(channel: Any) -> Any:
+        from stargz.service.proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc
+
+        return snapshots_pb2_grpc.SnapshotsStub(channel)
+
+    def log_records(self) -> list[dict[str, Any]]:
+        """The daemon's JSON log lines (anything else in the log is ignored)."""
+        out = []
+        for line in self.log_text().splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(json.JSONDecodeError):
+                    out.append(json.loads(line))
+        return out
+
+    def snapshot_dirs(self) -> set[str]:
+        d = Path(self.root) / "snapshots"
+        return {p.name for p in d.iterdir()} if d.is_dir() else set()
+
+
+_MANUAL_GC = """
+[plugins."io.containerd.gc.v1.scheduler"]
+  deletion_threshold = 0
+  mutation_threshold = 1000000000
+  startup_delay = "1h"
+"""
+
+
+class Containerd(Daemon):
+    """containerd 1.6 with a temporary root/state/socket and ``[proxy_plugins.stargz]``.
+
+    Its garbage collector runs only when asked (``ctr images rm --sync``, ``ctr leases rm
+    --sync``), not on its own after N mutations: otherwise it collects, at a moment no test
+    controls, every snapshot made with ``ctr snapshots prepare/view`` (they hold no lease).
+    Pass ``gc_on_its_own=True`` for containerd's default scheduling.
+    """
+
+    name = "containerd"
+
+    @classmethod
+    def start(
+        cls, stargz_address: str, workdir: Path | None = None, *, gc_on_its_own: bool = False
+    ) -> Containerd:
+        self = cls(workdir or make_tempdir("sgz-c-"))
+        self.address = str(self.workdir / "containerd.sock")
+        root, state = self.workdir / "root", self.workdir / "state"
+        cfg = self.workdir / "config.toml"
+        cfg.write_text(
+            f"""version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = [
+  "io.containerd.grpc.v1.cri",
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+]
+
+[grpc]
+  address = "{self.address}"
+
+[ttrpc]
+  address = "{self.address}.ttrpc"
+
+[debug]
+  level = "info"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{root}/opt"
+{"" if gc_on_its_own else _MANUAL_GC}
+[proxy_plugins]
+  [proxy_plugins.stargz]
+    type = "snapshot"
+    address = "{stargz_address}"
+"""
+        )
+        self._launch(["containerd", "--config", str(cfg)])
+        return self
+
+    def _answers(self) -> bool:
+        return run(["ctr", "-a", self.address, "version"], check=False, timeout=5).returncode == 0
+
+    def ctr(
+        self, *args: str, ns: str = "default", check: bool = True, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        return run(["ctr", "-a", self.address, "-n", ns, *args], check=check, timeout=timeout)
+
+    def ctr_async(self, *args: str, ns: str = "default") -> subprocess.Popen[str]:
+        """Start ctr without waiting; stdout (pull progress, unbounded) is discarded."""
+        return subprocess.Popen(
+            ["ctr", "-a", self.address, "-n", ns, *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def kill_tasks(self) -> None:
+        """Kill and delete every task containerd still runs (before stopping it)."""
+        nss = self.ctr("namespaces", "ls", "-q", check=False).stdout.split()
+        for ns in nss:
+            for task in self.ctr("tasks", "ls", "-q", ns=ns, check=False).stdout.split():
+                self.ctr("tasks", "kill", "-s", "SIGKILL", task, ns=ns, check=False)
+                self.ctr("tasks", "delete", "-f", task, ns=ns, check=False)
+
+    def close(self) -> None:
+        if self.alive():
+            with contextlib.suppress(Exception):
+                self.kill_tasks()
+        super().close()
+
+
+@contextlib.contextmanager
+def mounted_image(c: Containerd, ref: str, ns: str, snapshotter: str = "stargz") -> Iterator[Path]:
+    """``ctr images mount`` ``ref`` read-only at a temp dir; unmounted (and its snapshot
+    removed) on exit."""
+    target = make_tempdir("sgz-mnt-")
+    c.ctr("images", "mount", "--snapshotter", snapshotter, ref, str(target), ns=ns)
+    try:
+        yield target
+    finally:
+        c.ctr("images", "unmount", "--rm", str(target), ns=ns, check=False)
+        unmount_under(target)
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def tree_listing(root: Path) -> dict[str, Any]:
+    """The canonical listing of ``root`` by the shared ``tools/tree_listing.py``."""
+    tool = shared_dir() / "tools" / "tree_listing.py"
+    out = run([sys.executable, str(tool), str(root)]).stdout
+    return json.loads(out)
+
+
+def http_get(url: str) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.read()
+    except urllib.error.HTTPError as e:
+        raise HarnessError(f"GET {url}: {e.code}") from e

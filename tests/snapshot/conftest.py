@@ -1,0 +1,259 @@
+"""Fixtures for the snapshot tests.
+
+``backend`` runs the snapshot-semantics suite twice: against an in-process
+:class:`~stargz.snapshot.Snapshotter`, and against the real ``containerd-stargz-grpc``
+process over its unix socket (errors mapped back from gRPC codes, as containerd does).
+Both raise :mod:`stargz.errors` classes, so one suite asserts the same behaviour for both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+from harness.procs import StargzDaemon
+
+from stargz import errors
+from stargz.service.proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from stargz.service.snapshots import info_from_pb, info_to_pb
+from stargz.snapshot import Info, Kind, Mount, Snapshotter, Usage
+
+T = TypeVar("T")
+
+_CODES = {
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+}
+
+
+@pytest.fixture
+def run() -> Iterator[Callable[[Coroutine[Any, Any, T]], T]]:
+    """Run a coroutine on this test's event loop."""
+    loop = asyncio.new_event_loop()
+    try:
+        yield loop.run_until_complete
+    finally:
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+
+
+class FakeFS:
+    """A FileSystem that records calls; set ``fail_mount``/``fail_check`` to refuse."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.labels: dict[str, Mapping[str, str]] = {}
+        self.fail_mount: Exception | None = None
+        self.fail_check: Exception | None = None
+        self.fail_unmount: Exception | None = None
+
+    async def mount(self, mountpoint: str, labels: Mapping[str, str]) -> None:
+        self.calls.append(("mount", mountpoint))
+        if self.fail_mount is not None:
+            raise self.fail_mount
+        self.labels[mountpoint] = dict(labels)
+        Path(mountpoint, "remote-layer-marker").write_text("lazy")
+
+    async def check(self, mountpoint: str, labels: Mapping[str, str]) -> None:
+        self.calls.append(("check", mountpoint))
+        if self.fail_check is not None:
+            raise self.fail_check
+
+    async def unmount(self, mountpoint: str) -> None:
+        self.calls.append(("unmount", mountpoint))
+        if self.fail_unmount is not None:
+            raise self.fail_unmount
+
+
+class LocalBackend:
+    """The Snapshotter in this process."""
+
+    name = "local"
+
+    def __init__(self, sn: Snapshotter, run: Callable[[Coroutine[Any, Any, Any]], Any]) -> None:
+        self.sn, self._run, self.root = sn, run, sn.root
+
+    def prepare(
+        self,
+        key: str,
+        parent: str = "",
+        labels: Mapping[str, str] | None = None,
+        ns: str | None = "t",
+    ) -> list[Mount]:
+        return self._run(self.sn.prepare(ns, key, parent, labels))
+
+    def view(
+        self,
+        key: str,
+        parent: str = "",
+        labels: Mapping[str, str] | None = None,
+        ns: str | None = "t",
+    ) -> list[Mount]:
+        return self._run(self.sn.view(ns, key, parent, labels))
+
+    def mounts(self, key: str, ns: str | None = "t") -> list[Mount]:
+        return self._run(self.sn.mounts(ns, key))
+
+    def commit(
+        self, name: str, key: str, labels: Mapping[str, str] | None = None, ns: str | None = "t"
+    ) -> None:
+        self._run(self.sn.commit(ns, name, key, labels))
+
+    def remove(self, key: str, ns: str | None = "t") -> None:
+        self._run(self.sn.remove(ns, key))
+
+    def stat(self, key: str, ns: str | None = "t") -> Info:
+        return self._run(self.sn.stat(ns, key))
+
+    def update(self, info: Info, paths: Sequence[str] = (), ns: str | None = "t") -> Info:
+        return self._run(self.sn.update(ns, info, paths))
+
+    def list(self, *filters: str, ns: str | None = "t") -> list[Info]:
+        return self._run(self.sn.walk(ns, filters))
+
+    def usage(self, key: str, ns: str | None = "t") -> Usage:
+        return self._run(self.sn.usage(ns, key))
+
+    def cleanup(self) -> None:
+        self._run(self.sn.cleanup())
+
+
+class RPCBackend:
+    """The daemon process, over gRPC. Each test gets its own default namespace."""
+
+    name = "rpc"
+    _ns_counter = itertools.count()
+
+    def __init__(self, daemon: StargzDaemon) -> None:
+        self.daemon = daemon
+        self.root = daemon.root
+        self.channel = daemon.channel()
+        self.stub = daemon.stub(self.channel)
+        self.default_ns = f"t{next(self._ns_counter)}"
+
+    def _md(self, ns: str | None) -> tuple[tuple[str, str], ...]:
+        ns = self.default_ns if ns == "t" else ns
+        return () if ns is None else (("containerd-namespace", ns),)
+
+    def _call(self, method: str, request: Any, ns: str | None) -> Any:
+        try:
+            return getattr(self.stub, method)(request, metadata=self._md(ns), timeout=30)
+        except grpc.RpcError as e:
+            cls = _CODES.get(e.code())
+            if cls is None:
+                raise
+            raise cls(e.details()) from None
+
+    @staticmethod
+    def _mounts(resp: Any) -> list[Mount]:
+        return [Mount(m.type, m.source, tuple(m.options), m.target) for m in resp.mounts]
+
+    @staticmethod
+    def _info(pbinfo: Any) -> Info:
+        return info_from_pb(pbinfo)
+
+    def prepare(
+        self,
+        key: str,
+        parent: str = "",
+        labels: Mapping[str, str] | None = None,
+        ns: str | None = "t",
+    ) -> list[Mount]:
+        req = pb.PrepareSnapshotRequest(key=key, parent=parent, labels=labels or {})
+        return self._mounts(self._call("Prepare", req, ns))
+
+    def view(
+        self,
+        key: str,
+        parent: str = "",
+        labels: Mapping[str, str] | None = None,
+        ns: str | None = "t",
+    ) -> list[Mount]:
+        req = pb.ViewSnapshotRequest(key=key, parent=parent, labels=labels or {})
+        return self._mounts(self._call("View", req, ns))
+
+    def mounts(self, key: str, ns: str | None = "t") -> list[Mount]:
+        return self._mounts(self._call("Mounts", pb.MountsRequest(key=key), ns))
+
+    def commit(
+        self, name: str, key: str, labels: Mapping[str, str] | None = None, ns: str | None = "t"
+    ) -> None:
+        self._call("Commit", pb.CommitSnapshotRequest(name=name, key=key, labels=labels or {}), ns)
+
+    def remove(self, key: str, ns: str | None = "t") -> None:
+        self._call("Remove", pb.RemoveSnapshotRequest(key=key), ns)
+
+    def stat(self, key: str, ns: str | None = "t") -> Info:
+        return self._info(self._call("Stat", pb.StatSnapshotRequest(key=key), ns).info)
+
+    def update(self, info: Info, paths: Sequence[str] = (), ns: str | None = "t") -> Info:
+        req = pb.UpdateSnapshotRequest(info=info_to_pb(info))
+        req.update_mask.paths.extend(paths)
+        return self._info(self._call("Update", req, ns).info)
+
+    def list(self, *filters: str, ns: str | None = "t") -> list[Info]:
+        req = pb.ListSnapshotsRequest(filters=list(filters))
+        try:
+            stream = list(self.stub.List(req, metadata=self._md(ns), timeout=30))
+        except grpc.RpcError as e:
+            cls = _CODES.get(e.code())
+            if cls is None:
+                raise
+            raise cls(e.details()) from None
+        return [self._info(i) for resp in stream for i in resp.info]
+
+    def usage(self, key: str, ns: str | None = "t") -> Usage:
+        r = self._call("Usage", pb.UsageRequest(key=key), ns)
+        return Usage(r.size, r.inodes)
+
+    def cleanup(self) -> None:
+        self._call("Cleanup", pb.CleanupRequest(), None)
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StargzDaemon]:
+    """One real daemon process per test module (tests separate by namespace)."""
+    d = StargzDaemon.start()
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+@pytest.fixture
+def local(tmp_path: Path, run: Callable[..., Any]) -> Iterator[LocalBackend]:
+    sn = run(Snapshotter.open(tmp_path / "root"))
+    try:
+        yield LocalBackend(sn, run)
+    finally:
+        run(sn.close())
+
+
+@pytest.fixture(params=["local", "rpc"])
+def backend(request: pytest.FixtureRequest) -> Iterator[LocalBackend | RPCBackend]:
+    if request.param == "local":
+        yield request.getfixturevalue("local")
+        return
+    b = RPCBackend(request.getfixturevalue("daemon"))
+    try:
+        yield b
+    finally:
+        b.channel.close()
+
+
+def upper(root: str, mount_source: str) -> str:
+    """The snapshot id from a bind mount source (``<root>/snapshots/<id>/fs``)."""
+    rel = os.path.relpath(mount_source, os.path.join(root, "snapshots"))
+    return rel.split(os.sep)[0]
+
+
+__all__ = ["FakeFS", "Kind", "LocalBackend", "RPCBackend", "upper"]

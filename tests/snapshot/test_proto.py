@@ -1,0 +1,111 @@
+"""The committed generated code is current, and the protos match containerd's wire facts."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from stargz.service.proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from stargz.service.proto.containerd.types import mount_pb2
+
+REPO = Path(__file__).resolve().parents[2]
+GENERATED = REPO / "src" / "stargz" / "service" / "proto"
+
+
+def test_regenerating_yields_the_committed_files(tmp_path):
+    out = tmp_path / "proto"
+    p = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gen_proto.sh"), str(out)],
+        env=dict(os.environ, PYTHONPATH=str(REPO / "src"), PYTHON=sys.executable),
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0, f"gen_proto.sh failed (needs grpcio-tools):\n{p.stderr}"
+    produced = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    committed = sorted(
+        p.relative_to(GENERATED)
+        for p in GENERATED.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    )
+    assert produced == committed
+    stale = [str(p) for p in produced if not filecmp.cmp(out / p, GENERATED / p, shallow=False)]
+    assert not stale, (
+        f"generated code differs from a fresh run of scripts/gen_proto.sh: {stale} "
+        f"(committed: {(GENERATED / 'GENERATED_BY').read_text().strip()}); "
+        "run the script and commit, or install that grpcio-tools version"
+    )
+
+
+def fields(message) -> dict[str, int]:
+    return {f.name: f.number for f in message.DESCRIPTOR.fields}
+
+
+def test_field_numbers_are_containerds():
+    s = {"snapshotter": 1, "key": 2}
+    assert fields(pb.PrepareSnapshotRequest) == {**s, "parent": 3, "labels": 4}
+    assert fields(pb.ViewSnapshotRequest) == {**s, "parent": 3, "labels": 4}
+    assert fields(pb.MountsRequest) == s
+    assert fields(pb.RemoveSnapshotRequest) == s
+    assert fields(pb.StatSnapshotRequest) == s
+    assert fields(pb.UsageRequest) == s
+    assert fields(pb.CommitSnapshotRequest) == {
+        "snapshotter": 1,
+        "name": 2,
+        "key": 3,
+        "labels": 4,
+        "parent": 5,
+    }
+    assert fields(pb.Info) == {
+        "name": 1,
+        "parent": 2,
+        "kind": 3,
+        "created_at": 4,
+        "updated_at": 5,
+        "labels": 6,
+    }
+    assert fields(pb.UpdateSnapshotRequest) == {"snapshotter": 1, "info": 2, "update_mask": 3}
+    assert fields(pb.ListSnapshotsRequest) == {"snapshotter": 1, "filters": 2}
+    assert fields(pb.ListSnapshotsResponse) == {"info": 1}
+    assert fields(pb.UsageResponse) == {"size": 1, "inodes": 2}
+    assert fields(pb.CleanupRequest) == {"snapshotter": 1}
+    for resp in (pb.PrepareSnapshotResponse, pb.ViewSnapshotResponse, pb.MountsResponse):
+        assert fields(resp) == {"mounts": 1}
+    assert fields(pb.StatSnapshotResponse) == fields(pb.UpdateSnapshotResponse) == {"info": 1}
+    assert fields(mount_pb2.Mount) == {"type": 1, "source": 2, "target": 3, "options": 4}
+    assert {v.name: v.number for v in pb.Kind.DESCRIPTOR.values} == {
+        "UNKNOWN": 0,
+        "VIEW": 1,
+        "ACTIVE": 2,
+        "COMMITTED": 3,
+    }
+
+
+def test_names_are_containerds():
+    assert pb.DESCRIPTOR.package == "containerd.services.snapshots.v1"
+    assert mount_pb2.DESCRIPTOR.package == "containerd.types"
+    service = pb.DESCRIPTOR.services_by_name["Snapshots"]
+    assert service.full_name == "containerd.services.snapshots.v1.Snapshots"
+    methods = {m.name: (m.input_type.name, m.output_type.full_name) for m in service.methods}
+    assert methods == {
+        "Prepare": ("PrepareSnapshotRequest", pb.PrepareSnapshotResponse.DESCRIPTOR.full_name),
+        "View": ("ViewSnapshotRequest", pb.ViewSnapshotResponse.DESCRIPTOR.full_name),
+        "Mounts": ("MountsRequest", pb.MountsResponse.DESCRIPTOR.full_name),
+        "Commit": ("CommitSnapshotRequest", "google.protobuf.Empty"),
+        "Remove": ("RemoveSnapshotRequest", "google.protobuf.Empty"),
+        "Stat": ("StatSnapshotRequest", pb.StatSnapshotResponse.DESCRIPTOR.full_name),
+        "Update": ("UpdateSnapshotRequest", pb.UpdateSnapshotResponse.DESCRIPTOR.full_name),
+        "List": ("ListSnapshotsRequest", pb.ListSnapshotsResponse.DESCRIPTOR.full_name),
+        "Usage": ("UsageRequest", pb.UsageResponse.DESCRIPTOR.full_name),
+        "Cleanup": ("CleanupRequest", "google.protobuf.Empty"),
+    }
+    assert service.methods_by_name["List"].server_streaming
+    assert (
+        fields(pb.Info)["kind"] == 3
+        and pb.Info.DESCRIPTOR.fields_by_name["created_at"].message_type.full_name
+        == "google.protobuf.Timestamp"
+    )
+    mask = pb.UpdateSnapshotRequest.DESCRIPTOR.fields_by_name["update_mask"]
+    assert mask.message_type.full_name == "google.protobuf.FieldMask"
