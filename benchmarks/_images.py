@@ -16,7 +16,7 @@ import tarfile
 from stargz.image.layout import MT_OCI_CONFIG, MT_OCI_MANIFEST, Layout
 
 
-def _tar_gz_layer(roots: list[str], level: int = 6) -> bytes:
+def _tar_gz_layer(roots: list[str], level: int = 6) -> tuple[bytes, bytes]:
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
         for root in roots:
@@ -69,3 +69,32 @@ if __name__ == "__main__":
     import sys
 
     print(json.dumps(make_layout(sys.argv[1], sys.argv[2], [sys.argv[3:]])))
+
+
+def extend_image(path: str, tag: str, new_tag: str, roots: list[str]) -> dict:
+    """Tag ``new_tag`` = image ``tag`` plus one gzip layer holding the trees ``roots``."""
+    layout = Layout(path)
+    desc = layout.resolve(tag)
+    manifest = layout.read_json(desc["digest"])
+    config = layout.read_json(manifest["config"]["digest"])
+    raw, blob = _tar_gz_layer(roots)
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    tmp = layout.new_blob()
+    tmp.write(blob)
+    layout.commit_blob(tmp, digest)
+    config["rootfs"]["diff_ids"].append("sha256:" + hashlib.sha256(raw).hexdigest())
+    cdigest, csize = layout.put_json(config)
+    manifest = dict(manifest)
+    manifest["mediaType"] = MT_OCI_MANIFEST
+    manifest["config"] = {"mediaType": MT_OCI_CONFIG, "digest": cdigest, "size": csize}
+    manifest["layers"] = [
+        *manifest["layers"],
+        {
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": digest,
+            "size": len(blob),
+        },
+    ]
+    mdigest, msize = layout.put_json(manifest)
+    layout.tag({"mediaType": MT_OCI_MANIFEST, "digest": mdigest, "size": msize}, new_tag)
+    return {"uncompressed": len(raw), "compressed": len(blob)}

@@ -12,4 +12,5 @@ for d in "$SHARED" "$ROOT/../shared" /work/shared; do
   if [ -n "$d" ] && [ -d "$d/fixtures" ]; then SHARED=$d; break; fi
 done
 [ -d "$SHARED/fixtures" ] || { echo "demo: fixtures not found (set STARGZ_SHARED)" >&2; exit 1; }
-exec "$ROOT/.venv/bin/python" "$ROOT/ci/demo.py" "$SHARED" "$ROOT/.tools/bin/esgz-verify"
+export STARGZ_SHARED="$SHARED"
+exec "$ROOT/.venv/bin/python" "$ROOT/ci/demo.py" "$ROOT/.tools/bin/esgz-verify"

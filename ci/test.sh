@@ -9,8 +9,8 @@ bash ci/setup.sh
 PY=.venv/bin/python
 export PATH="$ROOT/.tools/bin:$ROOT/.venv/bin:$PATH"
 echo "== ruff"
-.venv/bin/ruff check src tests benchmarks
-.venv/bin/ruff format --check src tests benchmarks
+.venv/bin/ruff check src tests benchmarks ci
+.venv/bin/ruff format --check src tests benchmarks ci
 echo "== pytest (native backend)"
 "$PY" -m pytest -q -p no:cacheprovider "$@"
 echo "== pytest (pure-Python backend)"

@@ -73,6 +73,9 @@ class DirectoryCacheConfig:
     sync_add: bool = False
     direct: bool = True
     fadv_dontneed: bool = False
+    # ours (upstream has no size bound on its disk cache): bytes, 0 = unbounded
+    max_size_bytes: int = _nonneg(10 << 30)
+    max_memory_bytes: int = _nonneg(64 << 20)
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,10 @@ class FuseConfig:
     passthrough: bool = False
     merge_buffer_size: int = _nonneg(419430400)
     merge_worker_count: int = _nonneg(10)
+    # ours: the FUSE bdi read-ahead after mounting (0 = kernel default) and pushing
+    # prefetched data into the page cache with notify_store
+    read_ahead_kb: int = _nonneg(1024)
+    notify_store: bool = True
 
 
 @dataclass(frozen=True)

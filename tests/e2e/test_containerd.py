@@ -78,7 +78,7 @@ def test_rpull_asks_for_remote_snapshots_and_falls_back(
     registry, containerd, stargz_daemon, shared
 ):
     """``ctr-remote i rpull`` (Go) sends the remote-snapshot labels; with no lazy
-    filesystem yet the daemon answers with normal mounts and containerd unpacks."""
+    filesystem (--no-lazy) the daemon answers with normal mounts and containerd unpacks."""
     ref = registry.push_oci(shared / "fixtures" / "oci-corners", "esgz", "corners:esgz")
     run(
         [

@@ -55,7 +55,8 @@ def _show_log(d: Daemon, lines: int = 60) -> None:
 
 @pytest.fixture
 def stargz_daemon(e2e_host: None) -> Iterator[StargzDaemon]:
-    d = StargzDaemon.start()
+    # The snapshotter on its own (issue 3): containerd unpacks every layer.
+    d = StargzDaemon.start(extra_args=["--no-lazy"])
     try:
         yield d
     finally:

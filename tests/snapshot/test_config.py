@@ -47,11 +47,15 @@ SPEC_DEFAULTS = {
     "directory_cache.sync_add": False,
     "directory_cache.direct": True,
     "directory_cache.fadv_dontneed": False,
+    "directory_cache.max_size_bytes": 10 << 30,  # ours, not upstream
+    "directory_cache.max_memory_bytes": 64 << 20,  # ours, not upstream
     "fuse.attr_timeout": 1,
     "fuse.entry_timeout": 1,
     "fuse.passthrough": False,
     "fuse.merge_buffer_size": 419430400,
     "fuse.merge_worker_count": 10,
+    "fuse.read_ahead_kb": 1024,  # ours, not upstream
+    "fuse.notify_store": True,  # ours, not upstream
     "kubeconfig_keychain.enable_keychain": False,
     "kubeconfig_keychain.kubeconfig_path": "",
     "cri_keychain.enable_keychain": False,

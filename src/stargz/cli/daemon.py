@@ -143,6 +143,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", default="info", choices=sorted(_LEVELS), type=str.lower)
     p.add_argument("--log-format", default="json", choices=("json", "text"))
+    p.add_argument(
+        "--no-lazy",
+        action="store_true",
+        help="never mount layers from the registry; containerd unpacks every layer",
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -179,19 +184,43 @@ async def _serve(args: argparse.Namespace, cfg: config.Config) -> int:
         loop.add_signal_handler(
             sig, lambda s=sig: stopped.done() or stopped.set_result(signal.Signals(s))
         )
-    server = await Server.start(
-        args.address,
-        args.root,
-        None,  # no lazy FileSystem yet: every layer is unpacked by containerd
-        allow_invalid_mounts_on_restart=cfg.snapshotter.allow_invalid_mounts_on_restart,
-    )
-    sd_notify("READY=1")
-    sig = await stopped
-    sd_notify("STOPPING=1")
-    log.info("shutting down", extra={"signal": sig.name})
-    await server.stop(SHUTDOWN_GRACE_SEC, unmount_remote=sig == signal.SIGINT)
+    fs = await _start_filesystem(args, cfg)
+    sig: signal.Signals | None = None
+    try:
+        server = await Server.start(
+            args.address,
+            args.root,
+            fs,
+            allow_invalid_mounts_on_restart=cfg.snapshotter.allow_invalid_mounts_on_restart,
+        )
+        sd_notify("READY=1")
+        sig = await stopped
+        sd_notify("STOPPING=1")
+        log.info("shutting down", extra={"signal": sig.name})
+        await server.stop(SHUTDOWN_GRACE_SEC, unmount_remote=sig == signal.SIGINT)
+    finally:
+        if fs is not None:
+            # The FUSE mount ends with this process either way; SIGINT also unbinds the
+            # snapshot mounts (Go's "graceful cleanup"), other signals leave them for the
+            # restart to replace.
+            await fs.close(unmount=sig == signal.SIGINT)
     log.info("stopped")
     return 0
+
+
+async def _start_filesystem(args: argparse.Namespace, cfg: config.Config):
+    """The lazy FUSE filesystem, or None (every layer is then unpacked by containerd)."""
+    if args.no_lazy:
+        log.info("lazy pulling disabled by --no-lazy")
+        return None
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        log.warning("lazy pulling disabled: /dev/fuse is not usable", extra={"path": "/dev/fuse"})
+        return None
+    from stargz.fs.filesystem import StargzFileSystem
+
+    fs = StargzFileSystem.from_config(args.root, cfg)
+    await fs.start()
+    return fs
 
 
 def main(argv: list[str] | None = None) -> int:

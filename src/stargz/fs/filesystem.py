@@ -1,0 +1,488 @@
+"""`StargzFileSystem`: the `stargz.snapshot.FileSystem` the snapshotter mounts layers with.
+
+One FUSE mount per daemon, at ``<root>/fuse``, served by pyfuse3 on the daemon's event
+loop (asyncio or uvloop). Each mounted layer is a subtree ``<root>/fuse/<digest hex>/``,
+bind-mounted (read-only) onto the snapshot directory containerd uses as an overlayfs
+lower dir. A layer mounted at several snapshot directories is opened once.
+
+``mount``: labels -> `LayerSpec` -> `LayerSource.resolve` (30 s) -> `Layer.open` (footer,
+TOC, verified against the label's TOC digest) -> subtree -> bind mount -> prefetch and
+background fetch start. ``check``: a connectivity check while the layer is not fully
+fetched (re-resolving once from the labels on failure), then a bounded wait for the
+prefetch. ``unmount``: unbind, and drop the layer when no snapshot uses it any more.
+
+pyfuse3 keeps its session in module globals, so a process has at most one started
+instance at a time; `close` ends it and a new instance may start (daemon restart in one
+process, as the tests do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyfuse3
+import pyfuse3.asyncio
+
+from stargz.errors import (
+    DigestMismatch,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from stargz.fs import mounts
+from stargz.fs.cache import DiskCache, MemoryLRU
+from stargz.fs.layer import Layer
+from stargz.fs.metrics import FsMetrics
+from stargz.fs.ops import Operations
+from stargz.fs.options import FsOptions
+from stargz.fs.scheduler import Scheduler
+from stargz.fs.source import LayerSource, LayerSpec, layer_spec
+from stargz.fs.tree import Tree
+
+log = logging.getLogger("stargz.fs")
+
+FUSE_OPTIONS = ("fsname=stargz", "subtype=stargz", "allow_other", "ro")
+
+_started: StargzFileSystem | None = None
+
+
+@dataclass(eq=False)
+class _LayerRef:
+    layer: Layer
+    name: bytes
+    spec: LayerSpec
+    mountpoints: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class _MountRecord:
+    digest: str
+    labels: Mapping[str, str]
+
+
+class StargzFileSystem:
+    """Lazily pulled eStargz layers, served through one FUSE mount under ``root``.
+
+    ``root`` holds ``fuse/`` (the FUSE mount point) and ``cache/`` (the chunk cache; it
+    survives restarts). ``source`` resolves layers (see `stargz.fs.source`).
+    """
+
+    def __init__(self, root: str, source: LayerSource, options: FsOptions | None = None) -> None:
+        self.root = os.path.abspath(root)
+        self.source = source
+        self.options = options or FsOptions()
+        self.fuse_dir = os.path.join(self.root, "fuse")
+        self.cache_dir = os.path.join(self.root, "cache")
+        self.metrics = FsMetrics()
+        self.memory = MemoryLRU(self.options.memory_cache_bytes)
+        self.disk = DiskCache(
+            self.cache_dir,
+            self.options.disk_cache_max_bytes,
+            self.options.max_cache_fds,
+            self.metrics,
+        )
+        self.ops = Operations(self.options, self.metrics)
+        self._layers: dict[str, _LayerRef] = {}
+        self._inflight: dict[str, asyncio.Future[bytes]] = {}
+        self._mounts: dict[str, _MountRecord] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._scheduler: Scheduler | None = None
+        self._main: asyncio.Task[None] | None = None
+        self._start_lock: asyncio.Lock | None = None
+        self._started = False
+        self._closed = False
+        self.fuse_dev: int | None = None
+        self.read_ahead_kb: tuple[int | None, int] | None = None
+        #: Close ``source`` in `close` (set by `from_config`, which made it).
+        self.owns_source = False
+
+    @classmethod
+    def from_config(
+        cls, root: str, cfg: Any, source: LayerSource | None = None
+    ) -> StargzFileSystem:
+        """The daemon's filesystem: options from ``cfg`` (a `stargz.config.Config`), layers
+        from the registry (`stargz.fs.registry.RegistryLayerSource`) unless ``source``."""
+        owns = source is None
+        if source is None:
+            from stargz.fs.registry import RegistryLayerSource
+
+            source = RegistryLayerSource.from_config(cfg)
+        fs = cls(root, source, FsOptions.from_config(cfg))
+        fs.owns_source = owns
+        return fs
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the disk cache index and mount the FUSE root (idempotent)."""
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self._started:
+                return
+            if self._closed:
+                raise FailedPrecondition("this filesystem was closed")
+            global _started
+            if _started is not None:
+                raise FailedPrecondition(
+                    "another StargzFileSystem is running in this process (pyfuse3 has one session)"
+                )
+            loop = asyncio.get_running_loop()
+            o = self.options
+            self._executor = ThreadPoolExecutor(
+                max_workers=max(1, o.decode_threads), thread_name_prefix="stargz-fs"
+            )
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stargz-cache")
+            self._scheduler = Scheduler(
+                o.max_concurrency, o.background_silence_sec, o.background_read_silence_sec
+            )
+            # a daemon that died leaves a dead FUSE mount ("transport endpoint is not connected")
+            await loop.run_in_executor(None, _detach_all, self.fuse_dir)
+            await loop.run_in_executor(None, lambda: os.makedirs(self.fuse_dir, exist_ok=True))
+            await loop.run_in_executor(self._executor, self.disk.load)
+            pyfuse3.asyncio.enable()
+            pyfuse3.init(self.ops, self.fuse_dir, set(FUSE_OPTIONS))
+            _started = self
+            self._main = loop.create_task(self._serve(), name="stargz-fuse")
+            self._started = True
+            try:
+                self.fuse_dev = await loop.run_in_executor(None, mounts.device_of, self.fuse_dir)
+                if o.read_ahead_kb:
+                    old = mounts.set_read_ahead_kb(self.fuse_dev, o.read_ahead_kb)
+                    self.read_ahead_kb = (old, o.read_ahead_kb)
+            except Exception:
+                await self.close()
+                raise
+            log.info(
+                "FUSE mounted",
+                extra={"mountpoint": self.fuse_dir, "cached_chunks": len(self.disk)},
+            )
+
+    async def _serve(self) -> None:
+        try:
+            await pyfuse3.main()
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            log.critical("the FUSE main loop stopped with an error", exc_info=True)
+            raise
+
+    async def close(self, *, unmount: bool = True) -> None:
+        """Stop serving. With ``unmount``, unbind every snapshot mount first."""
+        global _started
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        if unmount:
+            for mp in list(self._mounts):
+                try:
+                    await loop.run_in_executor(None, mounts.unmount_robust, mp)
+                except OSError as e:
+                    log.warning("cannot unmount %s: %s", mp, e)
+            self._mounts.clear()
+        for ref in list(self._layers.values()):
+            await ref.layer.close()
+        self._layers.clear()
+        if self._started:
+            pyfuse3.terminate()
+            if self._main is not None:
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._main), 10)
+                except (TimeoutError, Exception):
+                    self._main.cancel()
+            try:
+                pyfuse3.close(unmount=True)
+            except Exception as e:  # pragma: no cover - unmount raced with someone else
+                log.warning("pyfuse3.close failed: %s", e)
+            await loop.run_in_executor(None, _detach_all, self.fuse_dir)
+            _started = None
+        self.disk.close()
+        for ex in (self._executor, self._writer):
+            if ex is not None:
+                await loop.run_in_executor(None, ex.shutdown)
+        if self.owns_source:
+            closer = getattr(self.source, "close", None)
+            if closer is not None:
+                res = closer()
+                if asyncio.iscoroutine(res):
+                    await res
+
+    # --- FileSystem protocol -----------------------------------------------------------------
+
+    def _spec(self, labels: Mapping[str, str]) -> LayerSpec:
+        return layer_spec(
+            labels,
+            disable_verification=self.options.disable_verification,
+            allow_no_verification=self.options.allow_no_verification,
+        )
+
+    async def mount(self, mountpoint: str, labels: Mapping[str, str]) -> None:
+        """Make the layer named by ``labels`` appear (read-only) at ``mountpoint``."""
+        t0 = time.monotonic()
+        mp = _norm(mountpoint)
+        try:
+            spec = self._spec(labels)
+            if mp in self._mounts:
+                raise FailedPrecondition(f"{mountpoint} is already a stargz mount")
+            await self.start()
+            assert self._scheduler is not None
+            async with self._scheduler.prioritized():
+                ref = await self._acquire(spec, labels)
+                try:
+                    src = os.path.join(self.fuse_dir, ref.name.decode())
+                    await asyncio.get_running_loop().run_in_executor(None, _bind, src, mp)
+                except BaseException:
+                    await self._release(ref)
+                    raise
+                ref.mountpoints.add(mp)
+                self._mounts[mp] = _MountRecord(spec.digest, dict(labels))
+            if self.options.wait_prefetch_on_mount:
+                await self._wait_prefetch(ref.layer)
+        except BaseException:
+            self.metrics.mount_failures += 1
+            raise
+        self.metrics.mounts += 1
+        log.info(
+            "layer mounted",
+            extra={
+                "mountpoint": mp,
+                "layer": spec.digest,
+                "ref": spec.ref,
+                "seconds": round(time.monotonic() - t0, 4),
+            },
+        )
+
+    async def _acquire(self, spec: LayerSpec, labels: Mapping[str, str]) -> _LayerRef:
+        lock = self._locks.setdefault(spec.digest, asyncio.Lock())
+        async with lock:
+            ref = self._layers.get(spec.digest)
+            if ref is not None:
+                if spec.toc_digest is not None and spec.toc_digest != ref.layer.reader.toc_digest:
+                    raise DigestMismatch(
+                        f"TOC digest mismatch for {spec.digest}: the label says "
+                        f"{spec.toc_digest}, the mounted layer has {ref.layer.reader.toc_digest}"
+                    )
+                return ref
+            o = self.options
+            try:
+                blob = await asyncio.wait_for(
+                    self.source.resolve(spec.ref, spec.digest, labels), o.resolve_timeout_sec
+                )
+            except TimeoutError:
+                raise Unavailable(
+                    f"resolving {spec.ref} {spec.digest} took more than {o.resolve_timeout_sec} s"
+                ) from None
+            assert self._executor is not None and self._scheduler is not None
+            layer: Layer | None = None
+            try:
+                layer = await Layer.open(
+                    spec.digest,
+                    blob,
+                    toc_digest=spec.toc_digest,
+                    verify=not o.disable_verification and spec.toc_digest is not None,
+                    options=o,
+                    memory=self.memory,
+                    disk=self.disk,
+                    executor=self._executor,
+                    scheduler=self._scheduler,
+                    inflight=self._inflight,
+                    writer=self._writer,
+                )
+                tree = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, Tree, layer.reader, o.opaque_xattr
+                )
+            except BaseException:
+                if layer is not None:
+                    await layer.close()
+                    blob = None
+                closer = getattr(blob, "close", None)
+                if closer is not None:
+                    res = closer()
+                    if asyncio.iscoroutine(res):
+                        await res
+                raise
+            name = spec.digest.partition(":")[2].encode()
+            self.ops.add(name, layer, tree)
+            ref = _LayerRef(layer, name, spec)
+            self._layers[spec.digest] = ref
+            layer.start_prefetch(self._prefetch_size(layer, spec))
+            if not o.no_background_fetch:
+                layer.start_background_fetch()
+            return ref
+
+    def _prefetch_size(self, layer: Layer, spec: LayerSpec) -> int:
+        if self.options.noprefetch:
+            return 0
+        landmark = layer.reader.prefetch_size
+        if landmark is not None:
+            return landmark
+        if spec.prefetch_size is not None:
+            return spec.prefetch_size
+        return self.options.prefetch_size
+
+    async def _release(self, ref: _LayerRef, mp: str | None = None) -> None:
+        if mp is not None:
+            ref.mountpoints.discard(mp)
+        if ref.mountpoints:
+            return
+        self._layers.pop(ref.layer.digest, None)
+        self.ops.remove(ref.name)
+        if self._started and not self._closed:
+            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, ref.name, ignore_enoent=True)
+        await ref.layer.close()
+
+    async def _wait_prefetch(self, layer: Layer) -> None:
+        o = self.options
+        if o.noprefetch or layer.prefetch_done.is_set():
+            return
+        if o.prefetch_async_size and layer.prefetch_size > o.prefetch_async_size:
+            return
+        try:
+            await asyncio.wait_for(
+                asyncio.shield(layer.prefetch_done.wait()), o.prefetch_timeout_sec
+            )
+        except TimeoutError:
+            log.warning(
+                "prefetch did not finish in time; going on without it",
+                extra={"layer": layer.digest, "timeout": o.prefetch_timeout_sec},
+            )
+
+    async def check(self, mountpoint: str, labels: Mapping[str, str]) -> None:
+        """Raise Unavailable if the layer at ``mountpoint`` can no longer serve reads."""
+        self.metrics.checks += 1
+        mp = _norm(mountpoint)
+        rec = self._mounts.get(mp)
+        ref = self._layers.get(rec.digest) if rec is not None else None
+        if ref is None:
+            self.metrics.check_failures += 1
+            raise Unavailable(f"{mountpoint} is not a mounted stargz layer")
+        layer = ref.layer
+        assert self._scheduler is not None
+        try:
+            async with self._scheduler.prioritized():
+                if not layer.fully_fetched and (
+                    time.monotonic() - layer.last_check >= self.options.valid_interval
+                ):
+                    await self._check_blob(ref, labels or rec.labels)
+                await self._wait_prefetch(layer)
+        except BaseException:
+            self.metrics.check_failures += 1
+            raise
+
+    async def _check_blob(self, ref: _LayerRef, labels: Mapping[str, str]) -> None:
+        layer = ref.layer
+        try:
+            await layer.blob.check()
+        except Exception as first:
+            log.info(
+                "layer connectivity check failed; re-resolving",
+                extra={"layer": layer.digest, "error": str(first)},
+            )
+            forget = getattr(self.source, "forget", None)
+            if forget is not None:
+                forget(ref.spec.ref, ref.spec.digest)
+            try:
+                blob = await asyncio.wait_for(
+                    self.source.resolve(ref.spec.ref, ref.spec.digest, labels),
+                    self.options.resolve_timeout_sec,
+                )
+                await blob.check()
+            except Exception as e:
+                raise Unavailable(f"layer {layer.digest} is unreachable: {e}") from e
+            if blob.size != layer.size:
+                raise Unavailable(
+                    f"layer {layer.digest} re-resolved to a blob of {blob.size} bytes, "
+                    f"not {layer.size}"
+                ) from None
+            old, layer.blob = layer.blob, blob
+            closer = getattr(old, "close", None)
+            if closer is not None:
+                res = closer()
+                if asyncio.iscoroutine(res):
+                    await res
+        layer.last_check = time.monotonic()
+
+    async def unmount(self, mountpoint: str) -> None:
+        """Unbind ``mountpoint``; tolerate one that is not mounted."""
+        mp = _norm(mountpoint)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, mounts.unmount_robust, mp)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOENT):
+                raise
+        rec = self._mounts.pop(mp, None)
+        if rec is None:
+            return
+        self.metrics.unmounts += 1
+        ref = self._layers.get(rec.digest)
+        if ref is not None:
+            await self._release(ref, mp)
+
+    # --- introspection -----------------------------------------------------------------------
+
+    def layer(self, digest_or_mountpoint: str) -> Layer:
+        """The open layer with this digest, or mounted at this path."""
+        ref = self._layers.get(digest_or_mountpoint)
+        if ref is None:
+            rec = self._mounts.get(_norm(digest_or_mountpoint))
+            ref = self._layers.get(rec.digest) if rec is not None else None
+        if ref is None:
+            raise NotFound(f"no mounted layer {digest_or_mountpoint!r}")
+        return ref.layer
+
+    def subtree(self, digest: str) -> str:
+        """The layer's directory inside the FUSE mount."""
+        ref = self._layers.get(digest)
+        if ref is None:
+            raise NotFound(f"no mounted layer {digest!r}")
+        return os.path.join(self.fuse_dir, ref.name.decode())
+
+    @property
+    def mountpoints(self) -> dict[str, str]:
+        """Snapshot mount point -> layer digest."""
+        return {mp: rec.digest for mp, rec in self._mounts.items()}
+
+    def layer_metrics(self) -> dict[str, dict[str, Any]]:
+        return {d: r.layer.metrics.as_dict() for d, r in self._layers.items()}
+
+
+def _norm(path: str) -> str:
+    """An absolute, normalized path, computed without touching the filesystem.
+
+    Never ``os.path.realpath`` here: it stats each component, and a stat of a path inside
+    our own mount, made on the thread that serves FUSE, waits for itself forever.
+    """
+    return os.path.normpath(os.path.abspath(path))
+
+
+def _bind(src: str, mp: str) -> None:
+    # a bind left by a daemon that died is dead ("transport endpoint is not connected"):
+    # take it off before mounting again
+    _detach_all(mp)
+    mounts.bind_mount(src, mp)
+
+
+def _detach_all(path: str) -> None:
+    """Lazily unmount whatever is mounted at ``path`` (repeatedly: mounts can stack)."""
+    for _ in range(8):
+        try:
+            if not mounts.unmount(path, mounts.MNT_DETACH):
+                return
+        except OSError:
+            return
+
+
+__all__ = ["InvalidArgument", "StargzFileSystem"]

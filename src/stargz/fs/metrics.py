@@ -1,0 +1,70 @@
+"""Plain counters for the filesystem; the service exports them to Prometheus later.
+
+Names follow the Go snapshotter's operation types where one exists (SPEC §5):
+``on_demand_remote_registry_fetch_count``, ``on_demand_bytes_fetched``,
+``on_demand_bytes_served``, ``prefetch_download``... so the exporter can map them 1:1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class LayerMetrics:
+    """Counters of one mounted layer (one blob digest). Monotonic while the layer lives."""
+
+    #: Range requests sent to the blob source, and the compressed bytes they returned.
+    fetch_requests: int = 0
+    fetched_bytes: int = 0
+    #: Fetches caused by a read that missed every cache (Go: on_demand_remote_registry_fetch_count).
+    on_demand_fetches: int = 0
+    on_demand_bytes_fetched: int = 0
+    prefetch_bytes: int = 0
+    background_bytes: int = 0
+    #: Chunk lookups of the read path, by where the data came from.
+    memory_hits: int = 0
+    disk_hits: int = 0
+    inflight_hits: int = 0
+    cache_misses: int = 0
+    #: Chunks whose bytes did not match their chunkDigest (or failed to decode): never served.
+    verification_failures: int = 0
+    #: Cache files that were dropped because they did not hold what their name promises.
+    disk_cache_rejects: int = 0
+    #: read() calls answered and bytes returned (Go: on_demand_read_access_count/bytes_served).
+    reads: int = 0
+    bytes_served: int = 0
+    read_errors: int = 0
+    #: Pages pushed into the kernel page cache with notify_store (bytes).
+    notify_store_bytes: int = 0
+    #: Seconds: open (tail + TOC) and prefetch duration; 0 until known.
+    open_seconds: float = 0.0
+    prefetch_seconds: float = 0.0
+
+    @property
+    def cache_hits(self) -> int:
+        return self.memory_hits + self.disk_hits + self.inflight_hits
+
+    def as_dict(self) -> dict[str, float]:
+        d = asdict(self)
+        d["cache_hits"] = self.cache_hits
+        return d
+
+
+@dataclass
+class FsMetrics:
+    """Counters of the whole filesystem (all layers)."""
+
+    #: FUSE handler calls that raised something other than FUSEError (answered EIO).
+    handler_errors: int = 0
+    mounts: int = 0
+    mount_failures: int = 0
+    unmounts: int = 0
+    checks: int = 0
+    check_failures: int = 0
+    #: Chunk files evicted from the disk cache to stay under its byte bound.
+    disk_evictions: int = 0
+    disk_evicted_bytes: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)

@@ -1,0 +1,383 @@
+"""pyfuse3 request handlers: one FUSE mount whose root holds one directory per layer.
+
+Inode numbers are computed, never allocated: ``(slot << 32) | local`` where ``slot`` is
+the mounted layer's number (never reused while the process lives, so a stale kernel
+inode can't reach another layer) and ``local`` is 1 for the hidden state directory,
+2 for its JSON file, and ``node id + 3`` for the layer's TOC nodes (the layer root is
+node 0). The FUSE root is inode 1 (slot 0). So every handler finds its layer with one
+dict lookup and its node by arithmetic, and ``forget`` has nothing to do.
+
+Only ``pyfuse3.FUSEError`` may leave a handler (anything else would stop pyfuse3's main
+loop and the whole mount with it): other exceptions are logged, counted in
+``FsMetrics.handler_errors`` and answered with EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import os
+import stat
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from stargz.errors import StargzError, VerificationError
+from stargz.fs.layer import Layer, LayerClosed
+from stargz.fs.metrics import FsMetrics
+from stargz.fs.options import FsOptions
+from stargz.fs.tree import BLOCK_SIZE, Tree
+
+log = logging.getLogger("stargz.fs")
+
+ROOT_INODE = pyfuse3.ROOT_INODE
+SLOT_SHIFT = 32
+LOCAL_MASK = (1 << SLOT_SHIFT) - 1
+STATE_DIR = 1
+STATE_FILE = 2
+NODE_BASE = 3
+STATE_DIR_NAME = b".stargz-snapshotter"
+#: Bytes of in-memory chunks pushed into the page cache when a file is first opened.
+NOTIFY_STORE_LIMIT = 8 << 20
+
+T = TypeVar("T")
+
+
+def ino_of(slot: int, node_id: int) -> int:
+    return (slot << SLOT_SHIFT) | (node_id + NODE_BASE)
+
+
+@dataclass(eq=False)
+class Mounted:
+    """One layer subtree of the FUSE root."""
+
+    slot: int
+    name: bytes
+    layer: Layer
+    tree: Tree
+    attrs: dict[int, pyfuse3.EntryAttributes] = field(default_factory=dict)
+    pushed: set[int] = field(default_factory=set)
+    accessed: set[int] = field(default_factory=set)
+
+    @property
+    def state_name(self) -> bytes:
+        return self.layer.digest.encode() + b".json"
+
+    def state_json(self) -> bytes:
+        return json.dumps(self.layer.state()).encode() + b"\n"
+
+
+def _guard(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., Coroutine[Any, Any, T]]:
+    @functools.wraps(fn)
+    async def wrapper(self: Operations, *args: Any) -> T:
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            self.metrics.handler_errors += 1
+            log.exception("FUSE %s%r failed", fn.__name__, args[:2])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, options: FsOptions, metrics: FsMetrics) -> None:
+        super().__init__()
+        self.options = options
+        self.metrics = metrics
+        self.slots: dict[int, Mounted] = {}
+        self.names: dict[bytes, int] = {}
+        self._next_slot = 1
+        self._root_attr = self._dir_attr(ROOT_INODE, 0o755)
+
+    # --- the layer table (called by the FileSystem) ---------------------------------------
+
+    def add(self, name: bytes, layer: Layer, tree: Tree | None = None) -> Mounted:
+        slot = self._next_slot
+        self._next_slot += 1
+        if tree is None:
+            tree = Tree(layer.reader, self.options.opaque_xattr)
+        m = Mounted(slot, name, layer, tree)
+        self.slots[slot] = m
+        self.names[name] = slot
+        return m
+
+    def remove(self, name: bytes) -> Mounted | None:
+        slot = self.names.pop(name, None)
+        if slot is None:
+            return None
+        return self.slots.pop(slot, None)
+
+    # --- attributes ------------------------------------------------------------------------
+
+    def _dir_attr(
+        self, ino: int, perm: int, timeout: float | None = None
+    ) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.st_mode = stat.S_IFDIR | perm
+        a.st_nlink = 2
+        a.st_blksize = BLOCK_SIZE
+        t = self.options.attr_timeout if timeout is None else timeout
+        a.attr_timeout = t
+        a.entry_timeout = self.options.entry_timeout if timeout is None else timeout
+        return a
+
+    def _attr(self, m: Mounted, local: int) -> pyfuse3.EntryAttributes:
+        a = m.attrs.get(local)
+        if a is not None:
+            return a
+        ino = (m.slot << SLOT_SHIFT) | local
+        if local == STATE_DIR:
+            return self._dir_attr(ino, 0o500, 0)
+        if local == STATE_FILE:
+            a = pyfuse3.EntryAttributes()
+            a.st_ino = ino
+            a.st_mode = stat.S_IFREG | 0o400
+            a.st_nlink = 1
+            a.st_size = len(m.state_json())
+            a.st_blksize = BLOCK_SIZE
+            a.st_blocks = (a.st_size + 511) // 512
+            a.attr_timeout = a.entry_timeout = 0
+            return a
+        node = local - NODE_BASE
+        if not 0 <= node < len(m.tree.nodes):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        m.tree.fill_attr(a, node, m.layer.mtime_ns(node))
+        a.attr_timeout = self.options.attr_timeout
+        a.entry_timeout = self.options.entry_timeout
+        m.attrs[local] = a
+        return a
+
+    def _split(self, inode: int) -> tuple[Mounted, int]:
+        m = self.slots.get(inode >> SLOT_SHIFT)
+        if m is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return m, inode & LOCAL_MASK
+
+    def _negative(self) -> pyfuse3.EntryAttributes:
+        # st_ino 0: the kernel caches "no such entry" for entry_timeout (overlayfs looks up
+        # every path in every lower layer, so negative answers are a hot path too)
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = 0
+        a.entry_timeout = self.options.entry_timeout
+        return a
+
+    # --- handlers --------------------------------------------------------------------------
+
+    @_guard
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: Any = None
+    ) -> pyfuse3.EntryAttributes:
+        if parent_inode == ROOT_INODE:
+            slot = self.names.get(name)
+            if slot is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._attr(self.slots[slot], NODE_BASE)
+        m, local = self._split(parent_inode)
+        if local == STATE_DIR:
+            if name == m.state_name:
+                return self._attr(m, STATE_FILE)
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        node = local - NODE_BASE
+        if node == 0 and name == STATE_DIR_NAME:
+            return self._attr(m, STATE_DIR)
+        if not (0 <= node < len(m.tree.nodes)) or not m.tree.is_dir(node):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        child = m.tree.lookup(node, name)
+        if child < 0:
+            return self._negative()
+        return self._attr(m, child + NODE_BASE)
+
+    @_guard
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if inode == ROOT_INODE:
+            return self._root_attr
+        m, local = self._split(inode)
+        return self._attr(m, local)
+
+    @_guard
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        m, local = self._split(inode)
+        if local < NODE_BASE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        target = m.tree.readlink(local - NODE_BASE)
+        if target is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return target
+
+    @_guard
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        if inode == ROOT_INODE:
+            return inode
+        m, local = self._split(inode)
+        if local == STATE_DIR or (local >= NODE_BASE and m.tree.is_dir(local - NODE_BASE)):
+            return inode
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
+
+    def _small_dir(self, inode: int) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+        """Entries of the FUSE root or a state directory (a handful)."""
+        if inode == ROOT_INODE:
+            out = [(b".", self._root_attr), (b"..", self._root_attr)]
+            for name, slot in list(self.names.items()):
+                m = self.slots.get(slot)
+                if m is not None:
+                    out.append((name, self._attr(m, NODE_BASE)))
+            return out
+        m, _ = self._split(inode)
+        return [
+            (b".", self._attr(m, STATE_DIR)),
+            (b"..", self._attr(m, NODE_BASE)),
+            (m.state_name, self._attr(m, STATE_FILE)),
+        ]
+
+    @_guard
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        # ids: 0 ".", 1 "..", 2 + i the i-th visible entry; each call continues at start_id
+        if fh == ROOT_INODE or fh & LOCAL_MASK == STATE_DIR:
+            entries = self._small_dir(fh)
+            for i in range(start_id, len(entries)):
+                name, attr = entries[i]
+                if not pyfuse3.readdir_reply(token, name, attr, i + 1):
+                    return
+            return
+        m, local = self._split(fh)
+        node = local - NODE_BASE
+        if start_id == 0:
+            if not pyfuse3.readdir_reply(token, b".", self._attr(m, local), 1):
+                return
+            start_id = 1
+        if start_id == 1:
+            parent = (
+                self._root_attr
+                if node == 0
+                else self._attr(m, m.tree.parent.get(node, 0) + NODE_BASE)
+            )
+            if not pyfuse3.readdir_reply(token, b"..", parent, 2):
+                return
+            start_id = 2
+        listing = m.tree.listing(node)
+        for i in range(start_id - 2, len(listing)):
+            name, child = listing[i]
+            if not pyfuse3.readdir_reply(token, name, self._attr(m, child + NODE_BASE), i + 3):
+                return
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @_guard
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        m, local = self._split(inode)
+        if local == STATE_FILE:
+            return pyfuse3.FileInfo(fh=inode, direct_io=True, keep_cache=False)
+        node = local - NODE_BASE
+        if local < NODE_BASE or not m.tree.is_reg(node):
+            raise pyfuse3.FUSEError(errno.EISDIR if local == STATE_DIR else errno.EINVAL)
+        if node not in m.accessed:
+            m.accessed.add(node)
+            if self.options.log_file_access:
+                log.info(
+                    "file access",
+                    extra={"layer": m.layer.digest, "path": m.tree.nodes[node].path},
+                )
+        if self.options.notify_store and node not in m.pushed and not flags & os.O_DIRECT:
+            m.pushed.add(node)
+            self._push(m, inode, node)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    def _push(self, m: Mounted, inode: int, node: int) -> None:
+        """Hand the file's already-cached chunks to the kernel page cache (notify_store)."""
+        for off, data in m.layer.cached_chunks(node, NOTIFY_STORE_LIMIT):
+            try:
+                pyfuse3.notify_store(inode, off, data)
+            except OSError as e:
+                log.debug("notify_store of %s failed: %s", m.tree.nodes[node].path, e)
+                return
+            m.layer.metrics.notify_store_bytes += len(data)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        m = self.slots.get(fh >> SLOT_SHIFT)
+        if m is None:
+            raise pyfuse3.FUSEError(errno.EIO)
+        local = fh & LOCAL_MASK
+        try:
+            if local == STATE_FILE:
+                return m.state_json()[off : off + size]
+            return await m.layer.read(local - NODE_BASE, off, size)
+        except pyfuse3.FUSEError:
+            raise
+        except (VerificationError, LayerClosed) as e:
+            m.layer.metrics.read_errors += 1
+            log.debug("read of %s failed: %s", m.tree.nodes[local - NODE_BASE].path, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except (StargzError, OSError, TimeoutError) as e:
+            m.layer.metrics.read_errors += 1
+            log.warning(
+                "read failed",
+                extra={
+                    "layer": m.layer.digest,
+                    "path": m.tree.nodes[local - NODE_BASE].path,
+                    "error": str(e),
+                },
+            )
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            m.layer.metrics.read_errors += 1
+            self.metrics.handler_errors += 1
+            log.exception("FUSE read failed")
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def release(self, fh: int) -> None:
+        return None
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    async def forget(self, inode_list: Any) -> None:
+        return None
+
+    @_guard
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = BLOCK_SIZE
+        s.f_frsize = BLOCK_SIZE
+        s.f_blocks = s.f_bfree = s.f_bavail = 0
+        s.f_files = s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    def _xattrs(self, inode: int) -> dict[bytes, bytes]:
+        if inode == ROOT_INODE:
+            return {}
+        m, local = self._split(inode)
+        if local < NODE_BASE:
+            return {}
+        return m.tree.xattrs(local - NODE_BASE)
+
+    @_guard
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        value = self._xattrs(inode).get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return value
+
+    @_guard
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return list(self._xattrs(inode))
+
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        return True

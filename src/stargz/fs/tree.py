@@ -1,0 +1,135 @@
+"""The POSIX view of one layer, as overlayfs wants to see a lower directory.
+
+What the tar/TOC says and what the mount shows differ in a few places (Go
+``fs/layer/node.go``):
+
+- ``.wh.<name>`` (a tar whiteout) shows as a character device 0/0 named ``<name>``, the
+  overlayfs whiteout; a real ``<name>`` in the same directory wins.
+- ``.wh..wh..opq`` is hidden and marks its directory opaque: the directory answers the
+  xattr ``trusted.overlay.opaque`` (``user.overlay.opaque`` in userxattr mode) with ``y``.
+- No other ``.wh.*`` name can be looked up or listed; the prefetch landmarks are hidden at
+  the layer root.
+- Attributes: mtime from the TOC ``modtime`` (atime and ctime the same), st_blocks in 512-byte
+  units of the size, st_blksize 4096, symlink size = length of the target, nlink from the
+  TOC (hardlinks share one node, so one inode).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Any
+
+from stargz.estargz.toc import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+BLOCK_SIZE = 4096
+_HIDDEN_AT_ROOT = {PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK}
+
+
+def _enc(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
+
+
+class Tree:
+    """Directory listings, lookups and attributes of one `stargz.estargz.Reader`'s nodes."""
+
+    def __init__(self, reader: Any, opaque_xattr: str = "trusted") -> None:
+        self.reader = reader
+        self.nodes = reader.nodes
+        self.opaque_name = _enc(f"{opaque_xattr}.overlay.opaque")
+        self.parent: dict[int, int] = {0: 0}
+        self.whiteouts: set[int] = set()
+        self.opaque: set[int] = set()
+        for node in self.nodes:
+            if node.type != "dir":
+                continue
+            for name, child in node.children.items():
+                if self.nodes[child].type == "dir":
+                    self.parent[child] = node.id
+                if name.startswith(WHITEOUT_PREFIX):
+                    if name == OPAQUE_MARKER:
+                        self.opaque.add(node.id)
+                    else:
+                        self.whiteouts.add(child)
+        self._listings: dict[int, list[tuple[bytes, int]]] = {}
+
+    def listing(self, dir_id: int) -> list[tuple[bytes, int]]:
+        """Visible ``(name, node id)`` entries of a directory, sorted by name (cached)."""
+        got = self._listings.get(dir_id)
+        if got is not None:
+            return got
+        children = self.nodes[dir_id].children
+        out: dict[str, int] = {}
+        for name, child in children.items():
+            if name.startswith(WHITEOUT_PREFIX):
+                if name == OPAQUE_MARKER:
+                    continue
+                target = name[len(WHITEOUT_PREFIX) :]
+                if target and target not in children:
+                    out[target] = child
+                continue
+            if dir_id == 0 and name in _HIDDEN_AT_ROOT:
+                continue
+            out[name] = child
+        got = sorted((_enc(n), c) for n, c in out.items())
+        self._listings[dir_id] = got
+        return got
+
+    def lookup(self, dir_id: int, name: bytes) -> int:
+        """Node id of ``name`` in ``dir_id`` as the mount shows it, or -1."""
+        text = name.decode("utf-8", "surrogateescape")
+        if text.startswith(WHITEOUT_PREFIX) or (dir_id == 0 and text in _HIDDEN_AT_ROOT):
+            return -1
+        child = self.reader.child(dir_id, text)
+        if child >= 0:
+            return child
+        return self.reader.child(dir_id, WHITEOUT_PREFIX + text)
+
+    def is_dir(self, node_id: int) -> bool:
+        return self.nodes[node_id].type == "dir"
+
+    def is_reg(self, node_id: int) -> bool:
+        return node_id not in self.whiteouts and self.nodes[node_id].type == "reg"
+
+    def fill_attr(self, attr: Any, node_id: int, mtime_ns: int) -> None:
+        """Set the stat fields of a pyfuse3 EntryAttributes (not st_ino/timeouts)."""
+        node = self.nodes[node_id]
+        e = node.entry
+        if node_id in self.whiteouts:
+            attr.st_mode = stat.S_IFCHR
+            attr.st_nlink = 1
+            attr.st_uid = attr.st_gid = 0
+            attr.st_rdev = 0
+            attr.st_size = 0
+        else:
+            attr.st_mode = node.st_mode
+            attr.st_nlink = node.nlink or 1
+            attr.st_uid = e.uid
+            attr.st_gid = e.gid
+            if e.type in ("char", "block"):
+                attr.st_rdev = os.makedev(e.dev_major, e.dev_minor)
+            else:
+                attr.st_rdev = 0
+            if e.type == "reg":
+                attr.st_size = e.size
+            elif e.type == "symlink":
+                attr.st_size = len(_enc(e.link_name))
+            else:
+                attr.st_size = 0
+        attr.st_blksize = BLOCK_SIZE
+        attr.st_blocks = (attr.st_size + 511) // 512
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime_ns
+
+    def xattrs(self, node_id: int) -> dict[bytes, bytes]:
+        if node_id in self.whiteouts:
+            return {}
+        out = {_enc(k): v for k, v in self.nodes[node_id].entry.xattrs.items()}
+        if node_id in self.opaque:
+            out[self.opaque_name] = b"y"
+        return out
+
+    def readlink(self, node_id: int) -> bytes | None:
+        e = self.nodes[node_id].entry
+        return _enc(e.link_name) if e.type == "symlink" else None

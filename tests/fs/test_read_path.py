@@ -1,0 +1,270 @@
+"""The read path through a real FUSE mount: what a read costs, caching, verification.
+
+Counters on the local blob source play the registry's access log: a cache hit must not
+reach it, and a small read must fetch a small part of the blob.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import time
+
+import pytest
+
+from stargz.errors import Unavailable
+from stargz.fs import LocalLayerSource
+
+
+def _read(path, *, direct: bool = False) -> bytes:
+    flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+    fd = os.open(path, flags)
+    try:
+        out = []
+        while True:
+            b = os.read(fd, 1 << 20)
+            if not b:
+                return b"".join(out)
+            out.append(b)
+    finally:
+        os.close(fd)
+
+
+def _drop_page_cache(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _content(layout_layer, path: str) -> bytes:
+    from stargz.estargz import open_file
+
+    with open_file(str(layout_layer.path)) as r:
+        node = r.lookup(path)
+        return r.read(node.id, 0, node.entry.size)
+
+
+def test_small_read_fetches_little_and_second_read_hits_cache(fs_env, corners, corners_source):
+    fs = fs_env.start(corners_source)
+    layer = corners.layers("esgz")[0]
+    mp = fs_env.mount(layer)
+    after_mount = corners_source.bytes_by_digest[layer.digest]
+    assert after_mount <= 64 << 10  # footer + TOC only
+
+    want = _content(layer, "data/xattr-file")
+    assert (mp / "data/xattr-file").read_bytes() == want
+    fetched = corners_source.bytes_by_digest[layer.digest]
+    m = fs.layer(layer.digest).metrics
+    assert m.on_demand_fetches == 1 and m.cache_misses >= 1
+    # one widened range (chunk_size = 50000) plus the tail: a few percent of 5.4 MB
+    assert fetched < 0.05 * layer.size, (fetched, layer.size)
+
+    requests = corners_source.requests
+    _drop_page_cache(mp / "data/xattr-file")
+    assert (mp / "data/xattr-file").read_bytes() == want
+    assert _read(mp / "data/xattr-file", direct=True) == want
+    assert corners_source.requests == requests
+    assert m.memory_hits >= 2
+
+    # a file in a neighbouring member came with the widened range: no fetch either
+    state = (mp / ".stargz-snapshotter" / f"{layer.digest}.json").read_text()
+    assert '"fetchedSize"' in state
+
+
+def test_disk_cache_survives_restart(fs_env, corners, corners_source):
+    layer = corners.layers("esgz-64k")[0]
+    fs = fs_env.start(corners_source)
+    mp = fs_env.mount(layer)
+    want = _content(layer, "data/text.txt")
+    assert _read(mp / "data/text.txt") == want
+    first = fs.layer(layer.digest).metrics
+    assert first.on_demand_fetches >= 1
+    before = (corners_source.requests, corners_source.bytes_read)
+
+    # the daemon stops without unmounting (SIGTERM / crash): the bind stays, dead
+    fs_env.close_fs(unmount=False)
+    from stargz.fs import mounts
+
+    assert mounts.is_mountpoint(str(mp))
+    with pytest.raises(OSError) as e:
+        _read(mp / "data/noise.bin")
+    assert e.value.errno == errno.ENOTCONN
+    # a new daemon mounts the layer again at the same place, from its disk cache
+    fs = fs_env.start(corners_source)
+    fs_env.mount(layer, mp)
+    assert _read(mp / "data/text.txt") == want
+    m = fs.layer(layer.digest).metrics
+    # neither the TOC nor any chunk was fetched again
+    assert (corners_source.requests, corners_source.bytes_read) == before
+    assert m.on_demand_fetches == 0 and m.disk_hits >= 1
+    assert m.disk_cache_rejects == 0
+    # something never read is still fetched on demand
+    assert len(_read(mp / "data/noise.bin")) == os.stat(mp / "data/noise.bin").st_size
+    assert corners_source.bytes_read > before[1]
+
+
+def test_equal_chunks_are_fetched_once(fs_env, corners, corners_source):
+    """A small file is one chunk with the same digest in every tag: fetched once."""
+    fs_env.start(corners_source)
+    a = corners.layers("esgz")[0]
+    b = corners.layers("zstdchunked")[0]
+    ma = fs_env.mount(a)
+    want = _content(a, "bin/setuid-tool")
+    assert (ma / "bin/setuid-tool").read_bytes() == want
+    mb = fs_env.mount(b)
+    tail_only = corners_source.bytes_by_digest[b.digest]
+    assert (mb / "bin/setuid-tool").read_bytes() == want
+    assert corners_source.bytes_by_digest[b.digest] == tail_only
+
+
+def test_corrupt_chunk_gives_eio_and_the_fs_keeps_serving(fs_env, corners, tmp_path):
+    from stargz.estargz import open_file
+
+    layer = corners.layers("esgz")[0]
+    bad = tmp_path / "bad-blob"
+    shutil.copyfile(layer.path, bad)
+    with open_file(str(bad)) as r:
+        node = r.lookup("data/noise.bin")
+        row = r.chunk_rows(node.id, 0, 1)[0]
+        start, end = r.chunk_span(row)
+    with open(bad, "r+b") as f:
+        f.seek((start + end) // 2)
+        byte = f.read(1)
+        f.seek((start + end) // 2)
+        f.write(bytes([byte[0] ^ 0x55]))
+    source = LocalLayerSource(blobs={layer.digest: bad})
+    fs = fs_env.start(source)
+    mp = fs_env.mount(layer)
+
+    with pytest.raises(OSError) as e:
+        _read(mp / "data/noise.bin")
+    assert e.value.errno == errno.EIO
+    m = fs.layer(layer.digest).metrics
+    # (the kernel retries a failed readahead with a single-page read: 1 or 2 attempts)
+    failures = m.verification_failures
+    assert failures >= 1 and m.read_errors >= 1
+    key = fs.layer(layer.digest).keys[row]
+    assert key not in fs.disk and key not in fs.memory
+
+    # other files are fine, and the filesystem still answers
+    assert (mp / "data/text.txt").read_bytes() == _content(layer, "data/text.txt")
+    assert os.listdir(mp / "data")
+
+    # the bad chunk was not cached: the next read fetches it again (and fails again)
+    requests = source.requests
+    with pytest.raises(OSError) as e:
+        _read(mp / "data/noise.bin", direct=True)
+    assert e.value.errno == errno.EIO
+    assert source.requests > requests
+    assert m.verification_failures > failures
+    assert fs.metrics.handler_errors == 0
+
+
+def test_prefetch_landmark_and_notify_store(fs_env, busybox):
+    layer = next(x for x in busybox.layers("opt"))
+    source = LocalLayerSource(layouts=[busybox.root])
+    fs = fs_env.start(source)
+    mp = fs_env.mount(layer)
+    fs_env.run(fs.check(str(mp), {}))  # waits for the prefetch
+    lay = fs.layer(layer.digest)
+    assert lay.prefetch_done.is_set()
+    assert lay.prefetch_size == lay.reader.prefetch_size > 0
+    assert lay.metrics.prefetch_bytes >= lay.prefetch_size * 0.9
+    requests = source.requests
+    data = (mp / "bin/busybox").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == lay.reader.lookup("bin/busybox").entry.digest[7:]
+    assert source.requests == requests
+    assert lay.metrics.on_demand_fetches == 0
+    # the prefetched file was handed to the page cache when it was opened
+    assert lay.metrics.notify_store_bytes >= len(data)
+
+
+def test_landmark_beats_label_and_noprefetch_disables(fs_env, corners, busybox):
+    layer = corners.layers("esgz")[0]
+    fs = fs_env.start(LocalLayerSource(layouts=[corners.root]))
+    # the layer's .no.prefetch.landmark wins over the label
+    mp = fs_env.mount(layer, **{"containerd.io/snapshot/remote/stargz.prefetch": "1000000"})
+    fs_env.run(fs.check(str(mp), {}))
+    assert fs.layer(layer.digest).prefetch_size == 0
+    assert fs.layer(layer.digest).metrics.prefetch_bytes == 0
+    # noprefetch: even a .prefetch.landmark is ignored
+    opt = busybox.layers("opt")[0]
+    fs = fs_env.start(LocalLayerSource(layouts=[busybox.root]), noprefetch=True)
+    mp = fs_env.mount(opt)
+    fs_env.run(fs.check(str(mp), {}))
+    assert fs.layer(opt.digest).prefetch_size == 0
+    assert fs.layer(opt.digest).metrics.prefetch_bytes == 0
+
+
+def test_background_fetch_then_registry_gone(fs_env, corners, corners_source):
+    layer = corners.layers("esgz-64k")[0]
+    fs = fs_env.start(
+        corners_source, no_background_fetch=False, background_silence_sec=0.0, max_concurrency=1
+    )
+    mp = fs_env.mount(layer)
+    lay = fs.layer(layer.digest)
+    deadline = time.monotonic() + 30
+    while not lay.fully_fetched:
+        assert time.monotonic() < deadline, lay.state()
+        time.sleep(0.05)
+    state = (mp / ".stargz-snapshotter" / f"{layer.digest}.json").read_text()
+    assert '"fetchedPercent": 100.0' in state
+    assert lay.metrics.background_bytes > 0.9 * layer.size - (64 << 10)
+
+    corners_source.fail_reads = Unavailable("registry stopped")
+    fs_env.run(fs.check(str(mp), {}))  # fully fetched: no connectivity check needed
+    from stargz.estargz import open_file
+
+    with open_file(str(layer.path)) as r:
+        for path, node in r.walk():
+            if node.type == "reg" and not path.endswith("landmark"):
+                got = hashlib.sha256(_read(mp / path)).hexdigest()
+                assert got == hashlib.sha256(r.read(node.id, 0, node.entry.size)).hexdigest()
+    assert lay.metrics.read_errors == 0
+
+
+def test_check_detects_unreachable_layer(fs_env, corners, corners_source):
+    layer = corners.layers("esgz")[0]
+    fs = fs_env.start(corners_source, valid_interval=0)
+    mp = fs_env.mount(layer)
+    fs_env.run(fs.check(str(mp), {}))
+    corners_source.fail_reads = Unavailable("registry stopped")
+    with pytest.raises(Unavailable):
+        fs_env.run(fs.check(str(mp), {}))
+    corners_source.fail_reads = None
+    resolves = corners_source.resolves
+    fs_env.run(fs.check(str(mp), {}))
+    assert corners_source.resolves == resolves  # the old blob works again
+    with pytest.raises(Unavailable):
+        fs_env.run(fs.check(str(fs_env.mountpoint()), {}))
+
+
+def test_handler_exception_becomes_eio(fs_env, corners, corners_source):
+    layer = corners.layers("esgz")[0]
+    fs = fs_env.start(corners_source)
+    mp = fs_env.mount(layer)
+    m = fs.ops.slots[next(iter(fs.ops.slots))]
+
+    def boom(node_id):
+        raise RuntimeError("injected")
+
+    m.tree.readlink = boom
+    link = next(p for p, n in m.tree.reader.walk() if n.type == "symlink")
+    with pytest.raises(OSError) as e:
+        os.readlink(mp / link)
+    assert e.value.errno == errno.EIO
+    assert fs.metrics.handler_errors == 1
+    assert (mp / "data/xattr-file").read_bytes()  # still serving
+
+
+def test_uvloop(uvloop_env, corners, corners_source):
+    fs = uvloop_env.start(corners_source)
+    l1, l2 = corners.layers("zstdchunked")
+    m1, m2 = uvloop_env.mount(l1), uvloop_env.mount(l2)
+    assert (m1 / "data/text.txt").read_bytes() == _content(l1, "data/text.txt")
+    assert "to-delete" in os.listdir(m2 / "etc")
+    assert type(fs.layer(l1.digest)._loop).__module__.startswith("uvloop")

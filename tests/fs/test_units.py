@@ -1,0 +1,139 @@
+"""Pieces of the filesystem that need no mount: labels, caches, scheduler, options."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+from stargz.errors import InvalidArgument
+from stargz.fs import FsOptions, layer_spec
+from stargz.fs.cache import DiskCache, MemoryLRU
+from stargz.fs.scheduler import Scheduler
+from stargz.fs.source import (
+    CRI_IMAGE_LAYERS_LABEL,
+    CRI_IMAGE_REF_LABEL,
+    CRI_LAYER_DIGEST_LABEL,
+    PREFETCH_SIZE_LABEL,
+    SKIP_VERIFY_LABEL,
+    STARGZ_DIGEST_LABEL,
+    STARGZ_REFERENCE_LABEL,
+    TOC_DIGEST_LABEL,
+)
+
+D1 = "sha256:" + "1" * 64
+D2 = "sha256:" + "2" * 64
+TOC = "sha256:" + "a" * 64
+
+
+def test_labels_cri_first_then_stargz():
+    both = {
+        CRI_IMAGE_REF_LABEL: "reg/cri:1",
+        CRI_LAYER_DIGEST_LABEL: D1,
+        CRI_IMAGE_LAYERS_LABEL: f"{D1},{D2}",
+        STARGZ_REFERENCE_LABEL: "reg/sgz:1",
+        STARGZ_DIGEST_LABEL: D2,
+        TOC_DIGEST_LABEL: TOC,
+        PREFETCH_SIZE_LABEL: "10485760",
+    }
+    spec = layer_spec(both)
+    assert (spec.ref, spec.digest, spec.toc_digest) == ("reg/cri:1", D1, TOC)
+    assert spec.prefetch_size == 10 << 20 and spec.neighbours == (D2,)
+    only_stargz = {k: v for k, v in both.items() if not k.startswith("containerd.io/snapshot/cri")}
+    spec = layer_spec(only_stargz)
+    assert (spec.ref, spec.digest) == ("reg/sgz:1", D2)
+
+
+def test_labels_verification_rules():
+    base = {STARGZ_REFERENCE_LABEL: "r/x:1", STARGZ_DIGEST_LABEL: D1}
+    with pytest.raises(InvalidArgument, match="digest of TOC JSON must be passed"):
+        layer_spec(base)
+    with pytest.raises(InvalidArgument, match="digest of TOC JSON must be passed"):
+        layer_spec({**base, SKIP_VERIFY_LABEL: "true"})  # not allowed by config
+    assert layer_spec({**base, SKIP_VERIFY_LABEL: "true"}, allow_no_verification=True).skip_verify
+    assert layer_spec(base, disable_verification=True).toc_digest is None
+    with pytest.raises(InvalidArgument, match="no layer source"):
+        layer_spec({TOC_DIGEST_LABEL: TOC})
+    with pytest.raises(InvalidArgument, match="not a sha256"):
+        layer_spec({**base, STARGZ_DIGEST_LABEL: "sha256:xyz", TOC_DIGEST_LABEL: TOC})
+    with pytest.raises(InvalidArgument, match="not an integer"):
+        layer_spec({**base, TOC_DIGEST_LABEL: TOC, PREFETCH_SIZE_LABEL: "lots"})
+
+
+def test_memory_lru_is_bounded_in_bytes():
+    lru = MemoryLRU(100)
+    lru.put("a", b"x" * 40)
+    lru.put("b", b"y" * 40)
+    assert lru.get("a") is not None  # a is now the most recent
+    lru.put("c", b"z" * 40)
+    assert "b" not in lru and "a" in lru and "c" in lru
+    assert lru.bytes == 80
+    lru.put("big", b"w" * 101)  # larger than the bound: not kept
+    assert "big" not in lru and lru.bytes == 80
+
+
+def test_disk_cache_bound_restart_and_tmp_cleanup(tmp_path):
+    root = str(tmp_path / "cache")
+    dc = DiskCache(root, max_bytes=250)
+    dc.load()
+    for i, key in enumerate(["aa" + "0" * 62, "bb" + "0" * 62, "cc" + "0" * 62]):
+        size = dc.write_file(key, bytes([i]) * 100)
+        dc.commit(key, size)
+        os.utime(dc.path(key), ns=(i * 10**9, i * 10**9))
+    # 300 bytes > 250: the least recently used chunk went
+    assert "aa" + "0" * 62 not in dc and len(dc) == 2 and dc.bytes == 200
+    assert not os.path.exists(dc.path("aa" + "0" * 62))
+    assert dc.metrics.disk_evictions == 1
+    assert dc.pread("bb" + "0" * 62, 10, 5) == b"\x01" * 5
+    # a crash mid-write leaves a temp file: the next start removes it
+    with open(os.path.join(root, "tmp", "half-written"), "wb") as f:
+        f.write(b"partial")
+    dc.close()
+    again = DiskCache(root, max_bytes=250)
+    again.load()
+    assert len(again) == 2 and again.bytes == 200
+    assert os.listdir(os.path.join(root, "tmp")) == []
+    # chunks found at start are not trusted until re-hashed by the layer
+    assert not again.is_verified("bb" + "0" * 62)
+    # blob tails round-trip and reject a size mismatch
+    again.write_tail("sha256:" + "f" * 64, 90, 100, b"t" * 10)
+    assert again.read_tail("sha256:" + "f" * 64, 100) == (90, b"t" * 10)
+    assert again.read_tail("sha256:" + "f" * 64, 101) is None
+    again.close()
+
+
+def test_scheduler_background_waits_for_quiet():
+    async def main():
+        s = Scheduler(1, silence=0.2, read_silence=0.05)
+        order = []
+
+        async def background():
+            async with s.background():
+                order.append(("bg", time.monotonic()))
+
+        async with s.prioritized():
+            task = asyncio.create_task(background())
+            await asyncio.sleep(0.1)
+            assert not order  # paused while a prioritized task runs
+            t_end = time.monotonic()
+        await task
+        assert order and order[0][1] - t_end >= 0.19  # and for the quiet period after
+
+    asyncio.run(main())
+
+
+def test_options_from_config():
+    from stargz import config
+
+    cfg = config.loads(
+        "noprefetch = true\nprefetch_timeout_sec = 3\n"
+        "[blob]\nchunk_size = 1000\ncheck_always = true\n"
+        "[fuse]\nattr_timeout = 5\n[directory_cache]\nmax_cache_fds = 3\n"
+    )
+    o = FsOptions.from_config(cfg)
+    assert o.noprefetch and o.prefetch_timeout_sec == 3 and o.chunk_size == 1000
+    assert o.valid_interval == 0 and o.attr_timeout == 5 and o.max_cache_fds == 3
+    assert FsOptions.from_config(None) == FsOptions()
+    assert FsOptions.from_config(cfg, noprefetch=False).noprefetch is False
