@@ -85,6 +85,8 @@ def test_mount_failure_falls_back_to_a_normal_snapshot(sn, run, fakefs, caplog):
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "not an eStargz layer" in str(warnings[0].error)
+    assert warnings[0].reason == "RuntimeError"
+    assert sn.fallbacks == {"RuntimeError": 1}
     assert prepared(caplog) == ["false"]
     # containerd then unpacks and commits as usual
     Path(m.source, "file").write_text("unpacked")

@@ -25,6 +25,7 @@ the FUSE and gRPC work that shares it — never waits for the disk.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import tempfile
@@ -85,6 +86,9 @@ class Snapshotter:
         self.fs = fs
         self.async_remove = async_remove
         self.allow_invalid_mounts_on_restart = allow_invalid_mounts_on_restart
+        #: Layers unpacked normally because the FileSystem refused them, by reason (the
+        #: exception's class name, e.g. FooterError, DigestMismatch, RegistryError).
+        self.fallbacks: collections.Counter[str] = collections.Counter()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="stargz-snapshot-db")
         self._store: MetaStore | None = None
         self._index_off = False
@@ -354,9 +358,11 @@ class Snapshotter:
         try:
             await self.fs.mount(mountpoint, labels)
         except Exception as e:  # any refusal means: unpack normally
+            reason = type(e).__name__
+            self.fallbacks[reason] += 1
             log.warning(
                 "failed to prepare remote snapshot",
-                extra={**fields, REMOTE_SNAPSHOT_LOG_KEY: "false", "error": e},
+                extra={**fields, REMOTE_SNAPSHOT_LOG_KEY: "false", "reason": reason, "error": e},
             )
             return False
         return True
