@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from stargz import mountinfo
 from stargz.fs import FsOptions, LocalLayerSource, StargzFileSystem, mounts
 from stargz.fs.source import (
     CRI_IMAGE_REF_LABEL,
@@ -149,13 +150,8 @@ class FsEnv:
 
 def _mounts_under(path: str) -> list[str]:
     prefix = os.path.join(os.path.realpath(path), "")
-    found = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            mp = mounts._unescape(line.split(" ", 5)[4])
-            if os.path.join(mp, "").startswith(prefix):
-                found.append(mp)
-    return sorted(set(found), key=lambda p: -p.count("/"))
+    found = {mp for mp in mountinfo.mount_points() if os.path.join(mp, "").startswith(prefix)}
+    return sorted(found, key=lambda p: -p.count("/"))
 
 
 def labels_for(layer: Any, *, cri: bool = False, toc: bool = True, **extra: str) -> dict[str, str]:

@@ -26,6 +26,9 @@ from stargz.snapshot import Info, Kind, Mount, Snapshotter, Usage
 
 T = TypeVar("T")
 
+#: These tests cover the snapshotter itself (issue 3): containerd unpacks every layer.
+NO_LAZY = ["--no-lazy"]
+
 _CODES = {
     grpc.StatusCode.NOT_FOUND: errors.NotFound,
     grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
@@ -222,7 +225,7 @@ class RPCBackend:
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StargzDaemon]:
     """One real daemon process per test module (tests separate by namespace)."""
-    d = StargzDaemon.start()
+    d = StargzDaemon.start(extra_args=NO_LAZY)
     try:
         yield d
     finally:

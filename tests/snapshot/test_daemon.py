@@ -19,6 +19,8 @@ from harness.procs import REPO, StargzDaemon, make_tempdir
 
 from stargz.service.proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 
+from .conftest import NO_LAZY
+
 
 def daemon_cmd(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -69,7 +71,7 @@ def test_version():
 
 
 def test_socket_and_directory_permissions():
-    d = StargzDaemon.start()
+    d = StargzDaemon.start(extra_args=NO_LAZY)
     try:
         sock = Path(d.address)
         assert stat.S_ISSOCK(sock.stat().st_mode)
@@ -83,7 +85,7 @@ def test_an_existing_socket_directory_keeps_its_mode(workdir):
     shared_run = workdir / "run"
     shared_run.mkdir(mode=0o755)
     shared_run.chmod(0o755)
-    d = StargzDaemon.start(workdir, address=str(shared_run / "s.sock"))
+    d = StargzDaemon.start(workdir, address=str(shared_run / "s.sock"), extra_args=NO_LAZY)
     try:
         assert stat.S_IMODE(shared_run.stat().st_mode) == 0o755
         assert stat.S_IMODE(os.stat(d.address).st_mode) == 0o600
@@ -92,7 +94,7 @@ def test_an_existing_socket_directory_keeps_its_mode(workdir):
 
 
 def test_logs_are_json_lines_with_structured_fields():
-    d = StargzDaemon.start()
+    d = StargzDaemon.start(extra_args=NO_LAZY)
     try:
         with d.channel() as ch:
             d.stub(ch).Prepare(
@@ -111,14 +113,14 @@ def test_logs_are_json_lines_with_structured_fields():
 
 
 def test_text_log_format():
-    d = StargzDaemon.start(extra_args=["--log-format", "text"])
+    d = StargzDaemon.start(extra_args=["--log-format", "text", *NO_LAZY])
     d.close()
     assert 'level=info msg="serving"' in d.log_text()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_stop_signal_finishes_in_flight_calls_and_exits_0(sig):
-    d = StargzDaemon.start()
+    d = StargzDaemon.start(extra_args=NO_LAZY)
     try:
         # An orphan tree big enough that Cleanup (removing it) takes a while; hard links,
         # because creating new inodes is slow on some disks.
@@ -160,7 +162,7 @@ def test_stop_signal_finishes_in_flight_calls_and_exits_0(sig):
 
 
 def test_state_survives_a_restart():
-    d = StargzDaemon.start()
+    d = StargzDaemon.start(extra_args=NO_LAZY)
     md = (("containerd-namespace", "r"),)
     try:
         with d.channel() as ch:
@@ -176,7 +178,7 @@ def test_state_survives_a_restart():
 
 
 def test_stale_socket_is_replaced_but_a_live_one_is_not_taken():
-    d = StargzDaemon.start()
+    d = StargzDaemon.start(extra_args=NO_LAZY)
     try:
         d.kill9()  # leaves the socket file behind
         assert Path(d.address).exists()

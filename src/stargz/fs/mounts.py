@@ -11,6 +11,8 @@ import ctypes
 import errno
 import os
 
+from stargz import mountinfo
+
 MS_RDONLY = 0x1
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
@@ -71,25 +73,7 @@ def unmount_robust(target: str) -> bool:
 
 def is_mountpoint(path: str) -> bool:
     """Whether ``path`` (absolute, normalized) is in this process's mount table."""
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            mp = line.split(" ", 5)[4]
-            if _unescape(mp) == path:
-                return True
-    return False
-
-
-def _unescape(field: str) -> str:
-    out, i = [], 0
-    while i < len(field):
-        code = field[i + 1 : i + 4]
-        if field[i] == "\\" and len(code) == 3 and code.isdigit():
-            out.append(chr(int(code, 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
+    return path in mountinfo.mount_points()
 
 
 def device_of(path: str) -> int:

@@ -11,6 +11,8 @@ import os
 import shutil
 import sys
 
+from stargz import mountinfo
+
 from .types import Usage
 
 MNT_FORCE = 1
@@ -41,30 +43,11 @@ def disk_usage(root: str) -> Usage:
     return Usage(size=size, inodes=len(seen))
 
 
-def _unescape_mountinfo(field: str) -> str:
-    # The kernel escapes space, tab, newline and backslash as \ooo in /proc/*/mountinfo.
-    out, i = [], 0
-    while i < len(field):
-        code = field[i + 1 : i + 4]
-        if field[i] == "\\" and len(code) == 3 and code.isdigit():
-            out.append(chr(int(code, 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def mountpoints_under(path: str) -> list[str]:
     """Mount points at or below ``path``, deepest first (the order to unmount them in)."""
     prefix = os.path.join(os.path.realpath(path), "")
-    found = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            mp = _unescape_mountinfo(line.split(" ", 5)[4])
-            if os.path.join(mp, "").startswith(prefix):
-                found.append(mp)
-    return sorted(set(found), key=lambda p: (-p.count("/"), p))
+    found = {mp for mp in mountinfo.mount_points() if os.path.join(mp, "").startswith(prefix)}
+    return sorted(found, key=lambda p: (-p.count("/"), p))
 
 
 def unmount(path: str, flags: int = 0) -> None:
