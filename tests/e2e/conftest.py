@@ -4,4 +4,12 @@ The fixtures come from the shared harness (``tests/harness``); see its docstring
 them elsewhere.
 """
 
-from harness.fixtures import containerd, e2e_host, registry, shared, stargz_daemon  # noqa: F401
+from harness.fixtures import (  # noqa: F401
+    containerd,
+    e2e_host,
+    lazy_stack,
+    logged_registry,
+    registry,
+    shared,
+    stargz_daemon,
+)

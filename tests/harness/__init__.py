@@ -7,13 +7,17 @@ To use the pytest fixtures from another test directory, give that directory an
 """
 
 from .procs import (
+    BlobRequest,
     Containerd,
     HarnessError,
+    MountEntry,
     Registry,
     StargzDaemon,
     free_port,
+    image_chain_id,
     make_tempdir,
     mounted_image,
+    mounts_under,
     run,
     shared_dir,
     tree_listing,
@@ -21,13 +25,17 @@ from .procs import (
 )
 
 __all__ = [
+    "BlobRequest",
     "Containerd",
     "HarnessError",
+    "MountEntry",
     "Registry",
     "StargzDaemon",
     "free_port",
+    "image_chain_id",
     "make_tempdir",
     "mounted_image",
+    "mounts_under",
     "run",
     "shared_dir",
     "tree_listing",

@@ -6,13 +6,19 @@
 - ``registry`` (session): one docker-registry for the whole run.
 - ``stargz_daemon`` (function): our daemon on a fresh root, at debug log level.
 - ``containerd`` (function): containerd 1.6 whose ``stargz`` proxy plugin is that daemon.
+- ``logged_registry`` (function): a docker-registry of the test's own, with its access log
+  on (``Registry.blob_requests``: what it served), which the test may stop.
+- ``lazy_stack`` (function): ``lazy_stack(config_text)`` starts our daemon with lazy pulling
+  on (no ``--no-lazy``) and that TOML config, plus a containerd using it; returns
+  ``(daemon, containerd)``. Both are stopped by PID at teardown.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -72,3 +78,36 @@ def containerd(stargz_daemon: StargzDaemon) -> Iterator[Containerd]:
     finally:
         c.close()
         _show_log(c, 30)
+
+
+@pytest.fixture
+def logged_registry(e2e_host: None) -> Iterator[Registry]:
+    reg = Registry.start(access_log=True)
+    try:
+        yield reg
+    finally:
+        reg.close()
+
+
+LazyStack = Callable[..., tuple[StargzDaemon, Containerd]]
+
+
+@pytest.fixture
+def lazy_stack(e2e_host: None) -> Iterator[LazyStack]:
+    # Lazy pulling (issue 4): our daemon mounts eStargz layers from the registry via FUSE.
+    started: list[Daemon] = []
+
+    def start(config_text: str = "") -> tuple[StargzDaemon, Containerd]:
+        sd = StargzDaemon.start(config_text=config_text)
+        started.append(sd)
+        c = Containerd.start(sd.address)
+        started.append(c)
+        return sd, c
+
+    try:
+        yield start
+    finally:
+        with contextlib.ExitStack() as stack:
+            for d in started:  # containerd (pushed last) stops first
+                stack.callback(_show_log, d)
+                stack.callback(d.close)

@@ -122,3 +122,71 @@ def build_image(
 
 def _desc(desc: Mapping[str, object]) -> dict[str, object]:
     return {"digest": desc["digest"], "size": desc["size"]}
+
+
+def _copy_blob(src: Path, dst: Path, digest: str) -> None:
+    s = src / "blobs" / "sha256" / digest.split(":", 1)[1]
+    d = dst / "blobs" / "sha256" / s.name
+    d.parent.mkdir(parents=True, exist_ok=True)
+    if not d.exists():
+        shutil.copyfile(s, d)
+
+
+def _tag_manifest(out: Path, tag: str, manifest: Mapping[str, object]) -> None:
+    mdesc = _put_blob(out, json.dumps(manifest, sort_keys=True).encode())
+    index_path = out / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else {"schemaVersion": 2}
+    entries = [
+        m for m in index.get("manifests", []) if m.get("annotations", {}).get(REF_NAME) != tag
+    ]
+    entries.append({"mediaType": MANIFEST_MEDIA_TYPE, **mdesc, "annotations": {REF_NAME: tag}})
+    index["manifests"] = entries
+    index_path.write_text(json.dumps(index))
+
+
+def stack_images(out: Path, tag: str, parts: Sequence[tuple[Path, str]]) -> Path:
+    """Write ``out:tag``: the layers of each ``(layout, tag)`` in ``parts``, bottom first,
+    descriptors kept as they are (media types and annotations such as the TOC digest), so
+    ready-made eStargz layers can be stacked. The config is the first image's, with every
+    part's ``diff_ids``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    layers: list[object] = []
+    diff_ids: list[str] = []
+    config: dict[str, object] | None = None
+    for layout, ptag in parts:
+        man = find_manifest(layout, ptag)
+        cfg = json.loads(_read_blob(layout, man["config"]["digest"]))  # type: ignore[index]
+        config = config or cfg
+        diff_ids += cfg["rootfs"]["diff_ids"]
+        for desc in man["layers"]:  # type: ignore[attr-defined]
+            _copy_blob(layout, out, desc["digest"])
+            layers.append(desc)
+    assert config is not None
+    config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
+    config.pop("history", None)
+    cdesc = _put_blob(out, json.dumps(config, sort_keys=True).encode())
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_MEDIA_TYPE,
+        "config": {"mediaType": CONFIG_MEDIA_TYPE, **cdesc},
+        "layers": layers,
+    }
+    _tag_manifest(out, tag, manifest)
+    return out
+
+
+def replace_layer(layout: Path, tag: str, digest: str, blob: bytes, new_tag: str) -> str:
+    """Tag ``new_tag`` in ``layout``: image ``tag`` with layer ``digest``'s blob replaced by
+    ``blob`` (descriptor digest and size updated, annotations and diff_ids kept: a registry
+    accepts it, and only a reader that checks the blob's content notices). Returns the new
+    layer digest."""
+    man = find_manifest(layout, tag)
+    new = _put_blob(layout, blob)
+    layers = []
+    for desc in man["layers"]:  # type: ignore[attr-defined]
+        layers.append({**desc, **new} if desc["digest"] == digest else desc)
+    if layers == man["layers"]:
+        raise KeyError(f"{layout}:{tag} has no layer {digest}")
+    _tag_manifest(layout, new_tag, {**man, "layers": layers})
+    return str(new["digest"])

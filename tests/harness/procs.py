@@ -14,8 +14,11 @@ Use them through the pytest fixtures in :mod:`harness.fixtures`, or directly::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -197,22 +200,42 @@ class Daemon:
         self.close()
 
 
+#: One request in the registry's access log (gorilla's combined log format).
+_ACCESS_LINE = re.compile(
+    r'^\S+ \S+ \S+ \[[^\]]*\] "(?P<method>GET|HEAD) /v2/\S+/blobs/(?P<digest>sha256:[0-9a-f]{64})'
+    r' HTTP/[0-9.]+" (?P<status>\d{3}) (?P<size>\d+|-)',
+    re.MULTILINE,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlobRequest:
+    method: str
+    digest: str
+    status: int
+    size: int
+
+
 class Registry(Daemon):
     """The CNCF distribution registry (Debian ``docker-registry``) on 127.0.0.1:<free port>."""
 
     name = "registry"
 
     @classmethod
-    def start(cls, workdir: Path | None = None) -> Registry:
+    def start(cls, workdir: Path | None = None, *, access_log: bool = False) -> Registry:
+        """Start on a free port. With ``access_log``, the registry logs one line per request
+        (combined log format, with the response's byte count): see :meth:`blob_requests`."""
         self = cls(workdir or make_tempdir("sgz-reg-"))
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
+        self.access_log = access_log
         storage = self.workdir / "storage"
         storage.mkdir()
         cfg = self.workdir / "config.yml"
         cfg.write_text(
             "version: 0.1\n"
-            "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
+            "log:\n  level: warn\n  accesslog:\n"
+            f"    disabled: {'false' if access_log else 'true'}\n"
             f"storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n"
             f"http:\n  addr: {self.host}\n"
         )
@@ -225,6 +248,24 @@ class Registry(Daemon):
 
     def ref(self, name: str) -> str:
         return f"{self.host}/{name}"
+
+    def blob_requests(self, digest: str | None = None) -> list[BlobRequest]:
+        """Every ``GET``/``HEAD`` of a blob the registry has answered so far (of ``digest``
+        only, if given), from its access log: the server-side record of what was fetched.
+
+        Needs ``start(access_log=True)``. A line is written when its response is complete.
+        """
+        assert self.access_log, "start the registry with access_log=True"
+        out = []
+        for m in _ACCESS_LINE.finditer(self.log_text()):
+            if digest is None or m["digest"] == digest:
+                size = 0 if m["size"] == "-" else int(m["size"])
+                out.append(BlobRequest(m["method"], m["digest"], int(m["status"]), size))
+        return out
+
+    def blob_bytes(self, digest: str) -> int:
+        """Body bytes the registry has sent for blob ``digest`` so far."""
+        return sum(r.size for r in self.blob_requests(digest) if r.method == "GET")
 
     def push_oci(self, layout: Path, tag: str, name: str) -> str:
         """Copy ``layout:tag`` (an OCI image layout) to ``name`` in this registry."""
@@ -430,18 +471,85 @@ disabled_plugins = [
         super().close()
 
 
+def image_chain_id(c: Containerd, ref: str, ns: str, platform: str = "linux/amd64") -> str:
+    """The chain ID of image ``ref``'s rootfs (its top snapshot), from containerd's content
+    store: manifest (via the index for ``platform``) -> config -> ``rootfs.diff_ids``."""
+    rows = [r.split() for r in c.ctr("images", "ls", ns=ns).stdout.splitlines()[1:]]
+    found = [r for r in rows if r and r[0] == ref]
+    if not found:
+        raise HarnessError(f"no image {ref} in namespace {ns}")
+    mtype, digest = found[0][1], found[0][2]
+    doc = json.loads(c.ctr("content", "get", digest, ns=ns).stdout)
+    if "manifests" in doc or mtype.endswith(("image.index.v1+json", "manifest.list.v2+json")):
+        osname, arch = platform.split("/")[:2]
+        for m in doc["manifests"]:
+            p = m.get("platform", {})
+            if p.get("os") == osname and p.get("architecture") == arch:
+                doc = json.loads(c.ctr("content", "get", m["digest"], ns=ns).stdout)
+                break
+        else:
+            raise HarnessError(f"{ref}: no manifest for {platform}")
+    config = json.loads(c.ctr("content", "get", doc["config"]["digest"], ns=ns).stdout)
+    chain = ""
+    for diff_id in config["rootfs"]["diff_ids"]:
+        chain = (
+            diff_id
+            if not chain
+            else "sha256:" + hashlib.sha256(f"{chain} {diff_id}".encode()).hexdigest()
+        )
+    return chain
+
+
 @contextlib.contextmanager
 def mounted_image(c: Containerd, ref: str, ns: str, snapshotter: str = "stargz") -> Iterator[Path]:
-    """``ctr images mount`` ``ref`` read-only at a temp dir; unmounted (and its snapshot
-    removed) on exit."""
+    """Image ``ref``'s rootfs from ``snapshotter``, mounted read-only at a temp dir; unmounted
+    (and its view snapshot removed) on exit.
+
+    A view of the image's top snapshot, mounted as the snapshotter says. Not ``ctr images
+    mount``: ctr 1.6 reads its ``--snapshotter`` flag as a global one, which never is set,
+    so it always mounts (and, when needed, unpacks) with overlayfs.
+    """
     target = make_tempdir("sgz-mnt-")
-    c.ctr("images", "mount", "--snapshotter", snapshotter, ref, str(target), ns=ns)
+    key = f"view-{target.name}"
     try:
+        chain = image_chain_id(c, ref, ns)
+        out = c.ctr(
+            "snapshots", "--snapshotter", snapshotter, "view", "--mounts", key, chain, ns=ns
+        )
+        for m in json.loads(out.stdout):
+            opts = ",".join(m.get("Options") or [])
+            argv = ["mount"] if m["Type"] == "bind" else ["mount", "-t", m["Type"]]
+            run([*argv, *(["-o", opts] if opts else []), m["Source"], str(target)])
         yield target
     finally:
-        c.ctr("images", "unmount", "--rm", str(target), ns=ns, check=False)
         unmount_under(target)
+        c.ctr("snapshots", "--snapshotter", snapshotter, "rm", key, ns=ns, check=False)
         shutil.rmtree(target, ignore_errors=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo."""
+
+    mount_id: int
+    fstype: str
+    #: The directory of the mounted filesystem that appears at the mount point ("/" unless
+    #: a bind mount of a subtree).
+    root: str
+
+
+def mounts_under(path: str | os.PathLike[str]) -> dict[str, MountEntry]:
+    """Mount point -> :class:`MountEntry` of every mount at or below ``path``."""
+    prefix = os.path.join(os.path.realpath(path), "")
+    out = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split(" ")
+            mp = fields[4].replace("\\040", " ")
+            if os.path.join(mp, "").startswith(prefix):
+                fstype = fields[fields.index("-") + 1]
+                out[mp] = MountEntry(int(fields[0]), fstype, fields[3].replace("\\040", " "))
+    return out
 
 
 def tree_listing(root: Path) -> dict[str, Any]:
