@@ -10,24 +10,16 @@ extension is not built or is disabled) so tests and benchmarks can run both.
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 from stargz.estargz import _tocindex_py as python
+from stargz.estargz._backend import select
 
-native: ModuleType | None = None
+_impl: ModuleType
+native: ModuleType | None
 #: Why the native module is not in use (None when it is).
-native_error: str | None = None
-
-if os.environ.get("STARGZ_NO_EXTENSIONS") == "1":
-    native_error = "disabled by STARGZ_NO_EXTENSIONS=1"
-else:
-    try:
-        from stargz.estargz import _tocindex as native
-    except ImportError as e:  # not built: fall back to the twin
-        native_error = f"{type(e).__name__}: {e}"
-
-_impl: ModuleType = native if native is not None else python
+native_error: str | None
+_impl, native, native_error = select("stargz.estargz._tocindex", python)
 backend: str = "native" if native is not None else "python"
 
 ChunkTable = _impl.ChunkTable
