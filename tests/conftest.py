@@ -45,6 +45,32 @@ _TAR_TYPES = {
 }
 
 
+# --- native / pure-Python twins (STYLE item 8) ----------------------------------------------
+
+NO_EXTENSIONS = os.environ.get("STARGZ_NO_EXTENSIONS") == "1"
+
+
+def backend_of(selector: Any, name: str) -> Any:
+    """The ``name`` ("native" or "python") module behind a selector (codec, tocindex).
+
+    A missing native build fails the test; ``STARGZ_NO_EXTENSIONS=1`` skips native cases.
+    """
+    if name == "python":
+        return selector.python
+    if NO_EXTENSIONS:
+        pytest.skip("STARGZ_NO_EXTENSIONS=1: the native backend is disabled on purpose")
+    if selector.native is None:
+        pytest.fail(f"native module is not built: {selector.native_error}", pytrace=False)
+    return selector.native
+
+
+def backends_of(selector: Any) -> list[Any]:
+    """Every backend there should be: [native, python], or [python] with the twin forced."""
+    if NO_EXTENSIONS:
+        return [selector.python]
+    return [backend_of(selector, "native"), selector.python]
+
+
 # --- where shared/ is ----------------------------------------------------------------
 
 

@@ -24,24 +24,18 @@ from types import ModuleType
 
 import pytest
 import zstandard
+from conftest import NO_EXTENSIONS, backend_of, backends_of
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from stargz.errors import ChunkError, DecompressionBombError, DigestMismatch
 from stargz.estargz import codec
 
-NO_EXTENSIONS = os.environ.get("STARGZ_NO_EXTENSIONS") == "1"
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _backend(name: str) -> ModuleType:
-    if name == "python":
-        return codec.python
-    if NO_EXTENSIONS:
-        pytest.skip("STARGZ_NO_EXTENSIONS=1: the native backend is disabled on purpose")
-    if codec.native is None:
-        pytest.fail(f"native codec is not built: {codec.native_error}", pytrace=False)
-    return codec.native
+    return backend_of(codec, name)
 
 
 @pytest.fixture(params=["native", "python"])
@@ -51,10 +45,7 @@ def impl(request) -> ModuleType:
 
 @pytest.fixture(scope="module")
 def both() -> list[ModuleType]:
-    """Every backend there should be: [native, python], or [python] with the twin forced."""
-    if NO_EXTENSIONS:
-        return [codec.python]
-    return [_backend("native"), codec.python]
+    return backends_of(codec)
 
 
 def test_selector() -> None:

@@ -17,23 +17,16 @@ from types import ModuleType
 
 import pytest
 import zstandard
+from conftest import NO_EXTENSIONS, backend_of, backends_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stargz.errors import ChunkError, TOCError, UnsafePathError
 from stargz.estargz import tocindex
 
-NO_EXTENSIONS = os.environ.get("STARGZ_NO_EXTENSIONS") == "1"
-
 
 def _backend(name: str) -> ModuleType:
-    if name == "python":
-        return tocindex.python
-    if NO_EXTENSIONS:
-        pytest.skip("STARGZ_NO_EXTENSIONS=1: the native backend is disabled on purpose")
-    if tocindex.native is None:
-        pytest.fail(f"native tocindex is not built: {tocindex.native_error}", pytrace=False)
-    return tocindex.native
+    return backend_of(tocindex, name)
 
 
 @pytest.fixture(params=["native", "python"])
@@ -43,9 +36,7 @@ def impl(request) -> ModuleType:
 
 @pytest.fixture(scope="module")
 def both() -> list[ModuleType]:
-    if NO_EXTENSIONS:
-        return [tocindex.python]
-    return [_backend("native"), tocindex.python]
+    return backends_of(tocindex)
 
 
 def test_selector() -> None:
