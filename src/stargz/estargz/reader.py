@@ -81,10 +81,16 @@ class Node:
         return S_IFMT_BY_TYPE[self.entry.type] | (self.entry.mode & 0o7777)
 
 
-def _parse_digest(value: str, what: str) -> bytes:
-    if not _DIGEST_RE.match(value):
-        raise TOCError(f"{what}: {value!r} is not a sha256 digest")
-    return bytes.fromhex(value[7:])
+def _parse_digest(value: str, i: int, e: TOCEntry, key: str) -> bytes:
+    """The 32 raw bytes of ``sha256:<64 lowercase hex>`` (entry ``i``'s ``key``)."""
+    if len(value) == 71 and value.startswith("sha256:") and _DIGEST_RE.match(value):
+        return bytes.fromhex(value[7:])
+    raise TOCError(f"{_where(i, e)} {key}: {value!r} is not a sha256 digest")
+
+
+def _where(i: int, e: TOCEntry) -> str:
+    # Built only when an error is raised: formatting it for every entry is measurable.
+    return f"TOC entry {i} ({e.name!r})"
 
 
 class Reader:
@@ -176,12 +182,11 @@ class Reader:
         pending_links: list[tuple[str, TOCEntry]] = []
 
         for i, e in enumerate(self.toc.entries):
-            where = f"TOC entry {i} ({e.name!r})"
             if self._trailing and (e.type not in DATA_TYPES or (e.type == "reg" and e.size <= 0)):
                 self._trailing[-1] += 1
             if e.type == "chunk":
                 if current is None or (e.name and clean_name(e.name) != current.path):
-                    raise TOCError(f"{where}: chunk does not follow its file")
+                    raise TOCError(f"{_where(i, e)}: chunk does not follow its file")
             else:
                 if current is not None and expect_off != current.entry.size:
                     raise ChunkError(
@@ -195,7 +200,7 @@ class Reader:
                     expect_off = 0
                 if e.chunk_offset != expect_off:
                     raise ChunkError(
-                        f"{where}: chunk offset {e.chunk_offset} leaves a gap or overlaps "
+                        f"{_where(i, e)}: chunk offset {e.chunk_offset} leaves a gap or overlaps "
                         f"(expected {expect_off})"
                     )
             if e.type == "chunk":
@@ -204,17 +209,17 @@ class Reader:
             elif e.name == "":
                 # the layer's own root directory ("./")
                 if e.type != "dir":
-                    raise TOCError(f"{where}: the layer root must be a directory")
+                    raise TOCError(f"{_where(i, e)}: the layer root must be a directory")
                 self.nodes[0].entry = e
                 continue
             else:
-                parent = self._dir_for(e.name.rpartition("/")[0], by_path, where)
+                parent = self._dir_for(e.name.rpartition("/")[0], by_path, i, e)
                 base = e.name.rpartition("/")[2]
                 if e.type == "hardlink":
                     pending_links.append((base, e))
                     continue
                 if e.type == "reg" and e.size < 0:
-                    raise TOCError(f"{where}: negative size {e.size}")
+                    raise TOCError(f"{_where(i, e)}: negative size {e.size}")
                 old = by_path.get(e.name)
                 if old is not None:  # a later entry replaces an earlier one, as tar does
                     prev = self.nodes[old]
@@ -222,7 +227,7 @@ class Reader:
                         prev.entry = e
                         continue
                     if prev.type == "dir" or e.type == "dir":
-                        raise TOCError(f"{where}: replaces a {prev.type} with a {e.type}")
+                        raise TOCError(f"{_where(i, e)}: replaces a {prev.type} with a {e.type}")
                 # A replacement gets a fresh id (the old node becomes unreachable), so chunk
                 # rows stay sorted by file id.
                 node = Node(len(self.nodes), e.name, e)
@@ -236,35 +241,37 @@ class Reader:
                     self.landmark = e.name
                 if e.type == "reg" and e.size > 0:
                     current = node
-                if e.type == "reg" and e.digest:
-                    _parse_digest(e.digest, where + " digest")
+                if e.type == "reg" and e.digest and e.digest != e.chunk_digest:
+                    _parse_digest(e.digest, i, e, "digest")  # (else checked as chunkDigest)
             if e.type not in DATA_TYPES or (e.type == "reg" and e.size == 0):
                 continue
             # a chunk of `node`'s content
             size = e.chunk_size or (node.entry.size - e.chunk_offset)
             if size <= 0 or e.chunk_offset + size > node.entry.size:
                 raise ChunkError(
-                    f"{where}: chunk [{e.chunk_offset}, +{size}) is outside the file "
+                    f"{_where(i, e)}: chunk [{e.chunk_offset}, +{size}) is outside the file "
                     f"of {node.entry.size} bytes"
                 )
             if size > self.max_chunk_size:
                 raise ChunkError(
-                    f"{where}: chunk of {size} bytes exceeds the limit of {self.max_chunk_size}"
+                    f"{_where(i, e)}: chunk of {size} bytes exceeds the limit of "
+                    f"{self.max_chunk_size}"
                 )
             if not (0 <= e.offset < payload_end) or e.inner_offset < 0:
                 raise ChunkError(
-                    f"{where}: offset {e.offset} is outside the blob payload [0, {payload_end})"
+                    f"{_where(i, e)}: offset {e.offset} is outside the blob payload "
+                    f"[0, {payload_end})"
                 )
             if (e.offset, e.inner_offset) < last_comp:
                 raise ChunkError(
-                    f"{where}: compressed offset {e.offset}+{e.inner_offset} overlaps the "
+                    f"{_where(i, e)}: compressed offset {e.offset}+{e.inner_offset} overlaps the "
                     f"previous chunk (which ends at {last_comp[0]}+{last_comp[1]})"
                 )
             last_comp = (e.offset, e.inner_offset + size)
             if e.chunk_digest:
-                c_digest += _parse_digest(e.chunk_digest, where + " chunkDigest")
+                c_digest += _parse_digest(e.chunk_digest, i, e, "chunkDigest")
             elif self.verify:
-                raise VerificationError(f"{where}: no chunkDigest, cannot verify content")
+                raise VerificationError(f"{_where(i, e)}: no chunkDigest, cannot verify content")
             else:
                 c_digest += _ZERO_DIGEST
             c_file.append(node.id)
@@ -295,15 +302,15 @@ class Reader:
                 self._dirent_target.append(child)
         self.names = NameTable(parents, names)
 
-    def _dir_for(self, path: str, by_path: dict[str, int], where: str) -> Node:
+    def _dir_for(self, path: str, by_path: dict[str, int], i: int, e: TOCEntry) -> Node:
         """The directory node at ``path``, creating implicit parents as Go does."""
         nid = by_path.get(path)
         if nid is not None:
             node = self.nodes[nid]
             if node.type != "dir":
-                raise TOCError(f"{where}: parent {path!r} is a {node.type}, not a directory")
+                raise TOCError(f"{_where(i, e)}: parent {path!r} is a {node.type}, not a directory")
             return node
-        parent = self._dir_for(path.rpartition("/")[0], by_path, where)
+        parent = self._dir_for(path.rpartition("/")[0], by_path, i, e)
         node = Node(len(self.nodes), path, TOCEntry(name=path, type="dir", mode=0o755), nlink=2)
         self.nodes.append(node)
         by_path[path] = node.id

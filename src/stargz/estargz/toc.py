@@ -70,7 +70,14 @@ _STR_KEYS = frozenset(
     {"name", "type", "modtime", "linkName", "userName", "groupName", "digest", "chunkDigest"}
 )
 _KEY_TO_ATTR = dict(_FIELDS)
+_KEY_TYPES: dict[str, type] = {
+    **dict.fromkeys(_INT_KEYS, int),
+    **dict.fromkeys(_STR_KEYS, str),
+    "xattrs": dict,
+}
+_TYPE_NAMES = {int: "a 64-bit integer", str: "a string", dict: "an object"}
 _INT64_MAX = (1 << 63) - 1
+_INT64_MIN = -(1 << 63)
 
 
 @dataclass(slots=True)
@@ -117,24 +124,22 @@ class TOC:
 
 
 def _entry_from_obj(i: int, obj: Any) -> TOCEntry:
-    if not isinstance(obj, dict):
+    # Hot when opening a layer (once per entry): one dict lookup and one type check per key.
+    if type(obj) is not dict:
         raise TOCError(f"TOC entry {i} is not a JSON object")
     kwargs: dict[str, Any] = {}
     for key, value in obj.items():
         attr = _KEY_TO_ATTR.get(key)
-        if attr is None:
+        if attr is None or value is None:
             continue  # unknown keys (e.g. NumLink) are ignored, as Go does
-        if value is None:
-            continue
-        if key in _INT_KEYS:
-            if type(value) is not int or not (-_INT64_MAX - 1 <= value <= _INT64_MAX):
-                raise TOCError(f"TOC entry {i}: {key!r} must be a 64-bit integer, got {value!r}")
-        elif key in _STR_KEYS:
-            if not isinstance(value, str):
-                raise TOCError(f"TOC entry {i}: {key!r} must be a string, got {value!r}")
-        elif key == "xattrs":
-            value = _decode_xattrs(i, value)
+        want = _KEY_TYPES[key]
+        if type(value) is not want:
+            raise TOCError(f"TOC entry {i}: {key!r} must be {_TYPE_NAMES[want]}, got {value!r}")
+        if want is int and not (_INT64_MIN <= value <= _INT64_MAX):
+            raise TOCError(f"TOC entry {i}: {key!r} must be a 64-bit integer, got {value!r}")
         kwargs[attr] = value
+    if "xattrs" in kwargs:
+        kwargs["xattrs"] = _decode_xattrs(i, kwargs["xattrs"])
     if "name" not in kwargs:
         raise TOCError(f"TOC entry {i} has no name")
     etype = kwargs.get("type")
@@ -208,6 +213,8 @@ def clean_name(name: str) -> str:
         raise UnsafePathError(f"entry name {name!r} contains a NUL byte")
     if name.startswith("/"):
         raise UnsafePathError(f"entry name {name!r} is absolute and would escape the layer")
+    if "//" not in name and "/." not in name and not name.startswith("."):
+        return name.rstrip("/")  # no empty, "." or ".." component: already clean
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise UnsafePathError(
