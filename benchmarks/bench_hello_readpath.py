@@ -1,0 +1,246 @@
+"""Read path side by side on the HelloBench python image: ours vs Go vs overlayfs.
+
+Run after bench_hellobench.py has built the images (/var/cache/stargz-bench/oci/python).
+One registry on 127.0.0.1 behind ../shared/tools/netem for the first-byte part only.
+For each contender (its own fresh daemon + containerd; overlayfs = ``ctr i pull``):
+
+1. first byte of never-read files: prefetch and background fetch off, emulated network on;
+   open + read(1) of N files picked at random (16 KiB-4 MiB), p50/p99;
+2. full fetch: read every regular file once (through the network), then network off;
+3. sequential: page cache dropped, every regular file read with 1 MiB reads: MB/s;
+4. 4 KiB random preads on the 8 largest files, page cache dropped first: buffered and
+   O_DIRECT p50/p99 (O_DIRECT may be refused by a FUSE mount: recorded as an error);
+5. daemon RSS after mount and after the full fetch, CPU seconds for the full fetch.
+
+    .venv/bin/python benchmarks/bench_hello_readpath.py [--trials 3] [--net 5:200mbit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import mmap
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_hellobench as hb  # noqa: E402
+from harness.procs import Containerd, Registry, StargzDaemon, make_tempdir, mounted_image, run  # noqa: E402
+
+NO_FETCH_OURS = "noprefetch = true\nno_background_fetch = true\n"
+NO_FETCH_GO = "noprefetch = true\nno_background_fetch = true\n"
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def regular_files(root: Path) -> list[tuple[str, int]]:
+    out = []
+    for dp, _dns, fns in os.walk(root):
+        for fn in fns:
+            p = os.path.join(dp, fn)
+            st = os.lstat(p)
+            if (st.st_mode & 0o170000) == 0o100000:
+                out.append((p, st.st_size))
+    return sorted(out)
+
+
+def read_all(files: list[tuple[str, int]]) -> int:
+    n = 0
+    for p, _ in files:
+        with open(p, "rb", buffering=0) as f:
+            while chunk := f.read(1 << 20):
+                n += len(chunk)
+    return n
+
+
+def q(xs: list[float], p: float) -> float:
+    return hb.pct(xs, p)
+
+
+def rand_reads(paths: list[tuple[str, int]], n: int, direct: bool, rng: random.Random) -> dict:
+    flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+    buf = mmap.mmap(-1, 4096)
+    lat = []
+    fds = []
+    try:
+        for p, _ in paths:
+            fds.append(os.open(p, flags))
+        for _ in range(n):
+            i = rng.randrange(len(paths))
+            off = rng.randrange(max(1, paths[i][1] // 4096)) * 4096
+            t0 = time.perf_counter()
+            os.preadv(fds[i], [buf], off)
+            lat.append(time.perf_counter() - t0)
+    except OSError as e:
+        return {"error": repr(e)}
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return {"n": n, "p50_us": q(lat, 0.5) * 1e6, "p99_us": q(lat, 0.99) * 1e6}
+
+
+def one(
+    contender: str, reg: Registry, refs: dict, delay: float, rate: str, go_bin: str, seed: int
+) -> dict:
+    rng = random.Random(seed)
+    snap = None
+    dummy = make_tempdir("sgz-dummy-")
+    res: dict = {"contender": contender}
+    try:
+        if contender == "ours":
+            snap = StargzDaemon.start(
+                make_tempdir("sgz-rp-"), config_text=NO_FETCH_OURS, log_level="info"
+            )
+        elif contender == "go":
+            snap = hb.GoDaemon.start(go_bin, reg.host, extra_toml=NO_FETCH_GO)
+        cd = Containerd.start(snap.address if snap else str(dummy / "none.sock"))
+        try:
+            ref = refs[contender]
+            a = ["-a", cd.address, "-n", "rp"]
+            hb.netem("on", reg.port, delay, rate)
+            try:
+                if contender == "overlayfs":
+                    run(["ctr", *a, "i", "pull", "--plain-http", ref], timeout=1800)
+                else:
+                    run(["ctr-remote", *a, "i", "rpull", "--plain-http", ref], timeout=1800)
+                with mounted_image(
+                    cd, ref, "rp", "overlayfs" if contender == "overlayfs" else "stargz"
+                ) as root:
+                    files = regular_files(root)
+                    if snap:
+                        res["rss_after_mount_bytes"] = hb.proc_usage(snap.pid).get("rss_bytes")
+                    cands = [f for f in files if 16384 <= f[1] <= 4 << 20]
+                    pick = rng.sample(cands, min(30, len(cands)))
+                    fb = []
+                    for p, _ in pick:
+                        t0 = time.perf_counter()
+                        with open(p, "rb", buffering=0) as f:
+                            f.read(1)
+                        fb.append(time.perf_counter() - t0)
+                    res["first_byte_ms"] = {
+                        "n": len(fb),
+                        "p50": q(fb, 0.5) * 1e3,
+                        "p99": q(fb, 0.99) * 1e3,
+                    }
+                    u0 = hb.proc_usage(snap.pid) if snap else {}
+                    t0 = time.perf_counter()
+                    nbytes = read_all(files)
+                    res["full_fetch"] = {"bytes": nbytes, "s": time.perf_counter() - t0}
+                    if snap:
+                        u1 = hb.proc_usage(snap.pid)
+                        res["full_fetch"]["daemon_cpu_s"] = u1["cpu_s"] - u0["cpu_s"]
+                        res["rss_after_full_fetch_bytes"] = u1["rss_bytes"]
+                    hb.netem("off", reg.port)
+                    drop_caches()
+                    t0 = time.perf_counter()
+                    nbytes = read_all(files)
+                    dt = time.perf_counter() - t0
+                    res["sequential"] = {"bytes": nbytes, "s": dt, "MB_s": nbytes / dt / 1e6}
+                    big = sorted(files, key=lambda f: -f[1])[:8]
+                    drop_caches()
+                    res["rand4k_buffered"] = rand_reads(big, 2000, False, rng)
+                    drop_caches()
+                    res["rand4k_direct"] = rand_reads(big, 2000, True, rng)
+                    res["files"] = len(files)
+            finally:
+                hb.netem("off", reg.port)
+        finally:
+            cd.close()
+    finally:
+        if snap:
+            snap.close()
+        import shutil
+
+        shutil.rmtree(dummy, ignore_errors=True)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--image", default="python")
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--net", default="5:200mbit")
+    ap.add_argument("--go-bin", default="/tmp/peer/bin/containerd-stargz-grpc")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    delay, rate = args.net.split(":")
+    now = _dt.datetime.now(_dt.UTC)
+    out = Path(args.out or hb.RESULTS / f"hellobench-readpath-{now:%Y%m%d-%H%M}.json")
+    d = hb.CACHE / "oci" / args.image
+    doc: dict = {
+        "benchmark": "hellobench-readpath",
+        "date": now.isoformat(timespec="seconds"),
+        "machine": hb.machine(),
+        "image": args.image,
+        "network_for_first_byte": {"one_way_delay_ms": float(delay), "rate": rate},
+        "notes": [
+            "prefetch and background fetch off in both daemons",
+            "eStargz forms: ours = stargz convert (noopt), Go = ctr-remote convert (noopt)",
+        ],
+        "trials": [],
+    }
+    rng = random.Random(int(now.timestamp()))
+    with Registry.start(make_tempdir("sgz-rpreg-"), access_log=True) as reg:
+        refs = {
+            "ours": reg.push_oci(d, "ours-noopt", f"rp-{args.image}:ours-noopt"),
+            "go": reg.push_oci(d, "go-noopt", f"rp-{args.image}:go-noopt"),
+            "overlayfs": reg.push_oci(d, "orig", f"rp-{args.image}:orig"),
+        }
+        for r in range(args.trials):
+            order = ["ours", "go", "overlayfs"]
+            rng.shuffle(order)
+            for c in order:
+                try:
+                    t = one(c, reg, refs, float(delay), rate, args.go_bin, seed=r)
+                except Exception as e:
+                    t = {"contender": c, "error": repr(e)[-2000:]}
+                t["round"] = r
+                doc["trials"].append(t)
+                hb.log(json.dumps(t)[:600])
+                out.write_text(json.dumps(doc, indent=1) + "\n")
+    summ: dict = {}
+    for c in ("ours", "go", "overlayfs"):
+        ts = [t for t in doc["trials"] if t["contender"] == c and "error" not in t]
+        if not ts:
+            continue
+
+        def med(f, ts=ts):
+            xs = [f(t) for t in ts]
+            xs = [x for x in xs if x is not None]
+            return statistics.median(xs) if xs else None
+
+        summ[c] = {
+            "n": len(ts),
+            "first_byte_p50_ms": med(lambda t: t["first_byte_ms"]["p50"]),
+            "first_byte_p99_ms": med(lambda t: t["first_byte_ms"]["p99"]),
+            "sequential_MB_s": med(lambda t: t["sequential"]["MB_s"]),
+            "rand4k_buffered_p50_us": med(lambda t: t["rand4k_buffered"].get("p50_us")),
+            "rand4k_buffered_p99_us": med(lambda t: t["rand4k_buffered"].get("p99_us")),
+            "rand4k_direct_p50_us": med(lambda t: t["rand4k_direct"].get("p50_us")),
+            "rand4k_direct_p99_us": med(lambda t: t["rand4k_direct"].get("p99_us")),
+            "full_fetch_s": med(lambda t: t["full_fetch"]["s"]),
+            "full_fetch_daemon_cpu_s": med(lambda t: t["full_fetch"].get("daemon_cpu_s")),
+            "rss_after_mount_MB": med(
+                lambda t: (t.get("rss_after_mount_bytes") or 0) / 1e6 or None
+            ),
+            "rss_after_full_fetch_MB": med(
+                lambda t: (t.get("rss_after_full_fetch_bytes") or 0) / 1e6 or None
+            ),
+        }
+    doc["summary"] = summ
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(json.dumps(summ, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
