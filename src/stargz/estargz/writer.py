@@ -17,6 +17,7 @@ GIL) and written in order, so a single large layer uses every core.
 from __future__ import annotations
 
 import concurrent.futures
+import datetime
 import hashlib
 import os
 import shutil
@@ -362,8 +363,6 @@ def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
 
 
 def _modtime(mtime: float) -> str:
-    import datetime
-
     t = int(round(mtime))
     if t == 0:
         return ""
