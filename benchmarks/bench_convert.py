@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,13 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+)
 from _images import existing, make_layout  # noqa: E402
+from harness.procs import Containerd, run  # noqa: E402
+
+NS = "bench"
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TREES = existing(["/usr/lib/python3.11", "/usr/lib/x86_64-linux-gnu/perl", "/usr/share/perl"])
@@ -33,51 +38,6 @@ TREES = existing(["/usr/lib/python3.11", "/usr/lib/x86_64-linux-gnu/perl", "/usr
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
-
-
-class Containerd:
-    def __init__(self, base: str) -> None:
-        self.base = base
-        self.sock = os.path.join(base, "containerd.sock")
-        os.makedirs(base, exist_ok=True)
-        cfg = os.path.join(base, "config.toml")
-        with open(cfg, "w") as f:
-            f.write(
-                "version = 2\n"
-                f'root = "{base}/root"\nstate = "{base}/state"\n'
-                f'[grpc]\n  address = "{self.sock}"\n'
-                '[plugins."io.containerd.internal.v1.opt"]\n'
-                f'  path = "{base}/opt"\n'
-            )
-        self.log = open(os.path.join(base, "containerd.log"), "w")
-        self.proc = subprocess.Popen(
-            ["containerd", "--config", cfg], stdout=self.log, stderr=subprocess.STDOUT
-        )
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"containerd exited; see {base}/containerd.log")
-            if self.ctr("version", check=False).returncode == 0:
-                return
-            time.sleep(0.1)
-        raise RuntimeError("containerd did not answer within 30 s")
-
-    def ctr(self, *args: str, tool: str = "ctr", check: bool = True):
-        return subprocess.run(
-            [tool, "-a", self.sock, "-n", "bench", *args],
-            capture_output=True,
-            text=True,
-            check=check,
-        )
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 def main() -> int:
@@ -97,10 +57,14 @@ def main() -> int:
         sizes = make_layout(layout, "orig", [[t] for t in TREES])
         archive = os.path.join(base, "image.tar")
         subprocess.run(["tar", "-C", layout, "-cf", archive, "."], check=True)
-        cd = Containerd(os.path.join(base, "cd"))
-        cd.ctr("i", "import", "--base-name", "bench/img", "--digests", archive)
+        # Go's converter works on containerd's content store; no snapshotter is involved,
+        # so the proxy plugin address is never dialled.
+        cd = Containerd.start(os.path.join(base, "unused-stargz.sock"))
+        cd.ctr("i", "import", "--base-name", "bench/img", "--digests", archive, ns=NS)
         src_ref = next(
-            line.split()[0] for line in cd.ctr("i", "ls", "-q").stdout.splitlines() if line.strip()
+            line.split()[0]
+            for line in cd.ctr("i", "ls", "-q", ns=NS).stdout.splitlines()
+            if line.strip()
         )
         results: dict[str, dict] = {}
         plan = [("go", lvl) for lvl in go_levels] + [("ours", lvl) for lvl in our_levels]
@@ -110,20 +74,27 @@ def main() -> int:
                 if who == "go":
                     dst = f"bench/out:go{lvl}-{trial}"
                     t0 = time.perf_counter()
-                    cd.ctr(
-                        "i",
-                        "convert",
-                        "--oci",
-                        "--estargz",
-                        "--estargz-compression-level",
-                        str(lvl),
-                        src_ref,
-                        dst,
-                        tool="ctr-remote",
+                    run(
+                        [
+                            "ctr-remote",
+                            "-a",
+                            cd.address,
+                            "-n",
+                            NS,
+                            "i",
+                            "convert",
+                            "--oci",
+                            "--estargz",
+                            "--estargz-compression-level",
+                            str(lvl),
+                            src_ref,
+                            dst,
+                        ],
+                        timeout=3600,
                     )
                     secs = time.perf_counter() - t0
                     size = _go_image_layers_size(cd, dst)
-                    cd.ctr("i", "rm", "--sync", dst, check=False)
+                    cd.ctr("i", "rm", "--sync", dst, check=False, ns=NS)
                 else:
                     flags = [] if lvl == "default" else ["--compression-level", lvl]
                     t0 = time.perf_counter()
@@ -184,7 +155,7 @@ def main() -> int:
         return 0
     finally:
         if cd is not None:
-            cd.stop()
+            cd.close()
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -197,7 +168,7 @@ def _layout_layers_size(layout: str, tag: str) -> int:
 
 
 def _go_image_layers_size(cd: Containerd, ref: str) -> int:
-    target = cd.ctr("i", "ls").stdout.splitlines()
+    target = cd.ctr("i", "ls", ns=NS).stdout.splitlines()
     digest = None
     for line in target:
         parts = line.split()
@@ -205,7 +176,7 @@ def _go_image_layers_size(cd: Containerd, ref: str) -> int:
             digest = parts[2]
     if digest is None:
         raise RuntimeError(f"image {ref} not found after convert")
-    man = json.loads(cd.ctr("content", "get", digest).stdout)
+    man = json.loads(cd.ctr("content", "get", digest, ns=NS).stdout)
     return sum(x["size"] for x in man["layers"])
 
 

@@ -422,3 +422,17 @@ def esgz_verify(shared_dir: Path, tmp_path_factory) -> Path:
             pytrace=False,
         )
     return out
+
+
+def make_tar(*members: tuple[str, bytes | None, dict]) -> bytes:
+    """A PAX tar of (name, content or None, TarInfo attributes) members."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data, attrs in members:
+            info = tarfile.TarInfo(name)
+            for k, v in attrs.items():
+                setattr(info, k, v)
+            if data is not None:
+                info.size = len(data)
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()

@@ -23,6 +23,7 @@ import zlib
 
 import pytest
 import zstandard
+from conftest import make_tar
 
 from stargz.errors import (
     ChunkError,
@@ -47,19 +48,6 @@ pytestmark = pytest.mark.timeout(60)
 
 
 # --- making and re-making blobs ------------------------------------------------------------
-
-
-def make_tar(*members: tuple[str, bytes | None, dict]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data, attrs in members:
-            info = tarfile.TarInfo(name)
-            for k, v in attrs.items():
-                setattr(info, k, v)
-            if data is not None:
-                info.size = len(data)
-            tf.addfile(info, io.BytesIO(data) if data is not None else None)
-    return buf.getvalue()
 
 
 SMALL = b"hello, world\n"

@@ -16,6 +16,7 @@ import random
 import tarfile
 
 import pytest
+from conftest import make_tar
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -37,19 +38,6 @@ def _content(rng: random.Random, size: int) -> bytes:
         return rng.randbytes(size)  # incompressible
     word = rng.randbytes(rng.randint(1, 40))
     return (word * (size // len(word) + 1))[:size]
-
-
-def _tar(*members: tuple[str, bytes | None, dict]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data, attrs in members:
-            info = tarfile.TarInfo(name)
-            for k, v in attrs.items():
-                setattr(info, k, v)
-            if data is not None:
-                info.size = len(data)
-            tf.addfile(info, io.BytesIO(data) if data is not None else None)
-    return buf.getvalue()
 
 
 @st.composite
@@ -214,7 +202,7 @@ def _check(trees, tar: bytes, kw: dict, seed: int) -> None:
 @given(layer=layers())
 @example(
     layer=(
-        _tar(("a/b", b"0123456789", {})),
+        make_tar(("a/b", b"0123456789", {})),
         {"compression": "zstd", "chunk_size": 5, "level": 3, "prioritized_files": ["a/b"]},
         0,
     )
@@ -237,7 +225,7 @@ def test_chunk_size_edges(trees, compression, chunk):
             if size >= 0:
                 members.append((f"k{k}{d:+d}", rng.randbytes(size), {}))
     members.append(("hl", None, {"type": tarfile.LNKTYPE, "linkname": "k2+0"}))
-    tar = _tar(*members)
+    tar = make_tar(*members)
     kw = {"compression": compression, "chunk_size": chunk, "level": 1, "prioritized_files": []}
     _check(trees, tar, kw, 0)
 
@@ -245,7 +233,7 @@ def test_chunk_size_edges(trees, compression, chunk):
 @pytest.mark.timeout(60)
 def test_dir_listed_after_its_children_and_root_entry(trees):
     """'./' root entry, a dir entry after its files, hardlink chains, deep implied dirs."""
-    tar = _tar(
+    tar = make_tar(
         ("./", None, {"type": tarfile.DIRTYPE, "mode": 0o700, "mtime": 5}),
         ("./x/y/z/file", b"hello", {"mode": 0o640, "uid": 7}),
         ("./x/y", None, {"type": tarfile.DIRTYPE, "mode": 0o711, "uid": 3, "gid": 4}),
