@@ -545,3 +545,14 @@ def test_bomb_is_fast_in_process(impl) -> None:
     with pytest.raises(DecompressionBombError):
         impl.decode_chunk(src, "gzip", 0, 1, None, True, max_trailing=1 << 20)
     assert time.perf_counter() - t < 10
+
+
+def test_reserved_gzip_flag_bits_are_refused(both) -> None:
+    """RFC 1952: reserved FLG bits must be zero (ISA-L ignores them; both backends refuse),
+    even when the window asked for is empty. Found by hypothesis."""
+    c = zlib.compressobj(1, zlib.DEFLATED, 31)
+    member = bytearray(c.compress(b"\x00\x01\x02" * 4) + c.flush())
+    member[3] |= 0x20
+    for impl in both:
+        with pytest.raises(ChunkError):
+            impl.decode_chunk(bytes(member), "gzip", 0, 0, None, True)

@@ -157,6 +157,13 @@ cdef void _decode_gzip(const uint8_t *src, size_t srclen, uint64_t inner, uint8_
     isal.isal_inflate_init(st)
     st.crc_flag = isal.ISAL_GZIP
     st.avail_in = 0
+    if srclen >= 4 and (src[3] & 0xE0) != 0:
+        # RFC 1952 reserved FLG bits must be zero; ISA-L ignores them, zlib refuses them.
+        res.status = ST_CORRUPT
+        res.err = isal.ISAL_INVALID_BLOCK
+        free(st)
+        free(scratch)
+        return
     try:
         r = _isal_run(st, src, srclen, &fed, scratch, inner, False, NULL, res)
         if r < 0:
