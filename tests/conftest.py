@@ -45,6 +45,15 @@ _TAR_TYPES = {
 }
 
 
+# --- hypothesis: random locally, a fixed seed in CI (ci/test.sh sets the profile) ----------
+
+from hypothesis import settings as _hyp_settings  # noqa: E402
+
+_hyp_settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("STARGZ_HYPOTHESIS_PROFILE"):
+    _hyp_settings.load_profile(os.environ["STARGZ_HYPOTHESIS_PROFILE"])
+
+
 # --- native / pure-Python twins (STYLE item 8) ----------------------------------------------
 
 NO_EXTENSIONS = os.environ.get("STARGZ_NO_EXTENSIONS") == "1"
