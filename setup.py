@@ -21,6 +21,7 @@ if os.environ.get("STARGZ_NO_EXTENSIONS") != "1":
                 libraries=["isal", "zstd", "crypto"],
             ),
             Extension("stargz.estargz._tocindex", ["src/_native/_tocindex.pyx"]),
+            Extension("stargz.estargz._tocbuild", ["src/_native/_tocbuild.pyx"]),
         ],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
         include_path=["src/_native/includes"],

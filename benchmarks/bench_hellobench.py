@@ -341,6 +341,19 @@ def registry_bytes(reg: Registry) -> int:
     return sum(r.size for r in reg.blob_requests() if r.method == "GET")
 
 
+def mount_phases(log_text: str) -> list[dict]:
+    """Our daemon's "layer mounted" lines: where each mount's seconds went."""
+    out = []
+    for line in log_text.splitlines():
+        if '"layer mounted"' in line:
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            out.append({k: v for k, v in doc.items() if k.endswith("seconds")})
+    return out
+
+
 def trial(img: str, mode: str, ref: str, reg: Registry, go_bin: str) -> dict:
     cmd, ready = WORKLOADS[img]
     snap: Daemon | None = None
@@ -405,6 +418,8 @@ def trial(img: str, mode: str, ref: str, reg: Registry, go_bin: str) -> dict:
             p.kill()
         run(["ctr", *a, "t", "rm", "-f", cid], check=False)
         run(["ctr", *a, "c", "rm", cid], check=False)
+        if isinstance(snap, StargzDaemon):
+            res["mounts"] = mount_phases(snap.log_text())
         res.update(
             pull_s=t1 - t0,
             create_s=t2 - t1,

@@ -367,25 +367,26 @@ def trees():
 
 
 def swap_backend(mp: pytest.MonkeyPatch, name: str):
-    """Put one backend ("native" or "python") of codec + tocindex under the reader.
+    """Put one backend ("native" or "python") of codec + tocindex + tocbuild under the reader.
 
     The reader calls ``codec.decode_chunk`` through the module and binds ``ChunkTable`` and
     ``NameTable`` at import, so those are what is patched; tests should check (isinstance on
     ``Reader.chunks``) that the swap took. Returns the tocindex module in use.
     """
-    from stargz.estargz import codec, reader, tocindex
+    from stargz.estargz import codec, reader, tocbuild, tocindex
 
     if name == "native":
-        if codec.native is None or tocindex.native is None:
+        if codec.native is None or tocindex.native is None or tocbuild.native is None:
             pytest.fail(
                 f"native backend not built (codec: {codec.native_error}; "
-                f"tocindex: {tocindex.native_error}); run `pip install -e .` or "
-                "`python setup.py build_ext --inplace`",
+                f"tocindex: {tocindex.native_error}; tocbuild: {tocbuild.native_error}); "
+                "run `pip install -e .` or `python setup.py build_ext --inplace`",
                 pytrace=False,
             )
-        c, t = codec.native, tocindex.native
+        c, t, b = codec.native, tocindex.native, tocbuild.native
     else:
-        c, t = codec.python, tocindex.python
+        c, t, b = codec.python, tocindex.python, tocbuild.python
+    mp.setattr(tocbuild, "build", b.build)
     mp.setattr(codec, "decode_chunk", c.decode_chunk)
     mp.setattr(codec, "sha256", c.sha256)
     mp.setattr(reader, "ChunkTable", t.ChunkTable)

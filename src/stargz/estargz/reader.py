@@ -15,30 +15,22 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import re
 import tarfile
 import zlib
-from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
-from stargz.errors import (
-    ChunkError,
-    DigestMismatch,
-    TOCError,
-    VerificationError,
-)
-from stargz.estargz import codec
+from stargz.errors import ChunkError, DigestMismatch, TOCError
+from stargz.estargz import codec, tocbuild
 from stargz.estargz.footer import MAX_FOOTER_SIZE, Footer, parse_footer
+from stargz.estargz.node import S_IFMT_BY_TYPE, Node
 from stargz.estargz.toc import (
-    DATA_TYPES,
     NO_PREFETCH_LANDMARK,
     PREFETCH_LANDMARK,
     TOC,
     TOC_TAR_NAME,
-    TOCEntry,
     clean_name,
-    parse_toc,
+    entry_from_obj,
+    load_toc_doc,
 )
 from stargz.estargz.tocindex import ChunkTable, NameTable
 
@@ -47,50 +39,10 @@ ReadAt = Callable[[int, int], bytes]
 DEFAULT_TAIL_SIZE = 64 << 10  # one read usually brings the footer and the whole TOC
 DEFAULT_MAX_TOC_SIZE = 512 << 20  # uncompressed TOC JSON; ~5M entries
 DEFAULT_MAX_CHUNK_SIZE = 256 << 20  # largest chunk decoded in one piece
-_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
 _ZERO_DIGEST = bytes(32)
 _TRAILING_PER_ENTRY = 8 << 10  # generous tar header + PAX records of one entry
 
-S_IFMT_BY_TYPE = {
-    "dir": 0o040000,
-    "reg": 0o100000,
-    "symlink": 0o120000,
-    "char": 0o020000,
-    "block": 0o060000,
-    "fifo": 0o010000,
-}
-
-
-@dataclass(slots=True)
-class Node:
-    """One inode of the layer. Hardlinks share the Node of their target."""
-
-    id: int
-    path: str  # the first (canonical) path; "" for the root
-    entry: TOCEntry
-    nlink: int = 1
-    children: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def type(self) -> str:
-        return self.entry.type
-
-    @property
-    def st_mode(self) -> int:
-        """Tar mode bits plus the file-type bits of stat(2)."""
-        return S_IFMT_BY_TYPE[self.entry.type] | (self.entry.mode & 0o7777)
-
-
-def _parse_digest(value: str, i: int, e: TOCEntry, key: str) -> bytes:
-    """The 32 raw bytes of ``sha256:<64 lowercase hex>`` (entry ``i``'s ``key``)."""
-    if len(value) == 71 and value.startswith("sha256:") and _DIGEST_RE.match(value):
-        return bytes.fromhex(value[7:])
-    raise TOCError(f"{_where(i, e)} {key}: {value!r} is not a sha256 digest")
-
-
-def _where(i: int, e: TOCEntry) -> str:
-    # Built only when an error is raised: formatting it for every entry is measurable.
-    return f"TOC entry {i} ({e.name!r})"
+__all__ = ["S_IFMT_BY_TYPE", "Node", "Reader", "open_file"]
 
 
 class Reader:
@@ -107,11 +59,14 @@ class Reader:
         max_toc_size: int = DEFAULT_MAX_TOC_SIZE,
         max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE,
         on_close: Callable[[], None] | None = None,
+        keep_toc: bool = True,
     ) -> None:
         """Open a blob. ``toc_digest`` ("sha256:...") is checked against the TOC JSON.
 
         With ``verify`` (the default) every regular file must carry chunk digests, and
-        every chunk is checked on read.
+        every chunk is checked on read. Without ``keep_toc`` the parsed TOC is dropped
+        once indexed (the mount needs only the nodes and the chunk table), and `toc`
+        is not available.
         """
         self._read_at = read_at
         self._on_close = on_close
@@ -131,8 +86,11 @@ class Reader:
                 f"TOC digest mismatch: the layer annotation says {toc_digest}, "
                 f"the TOC hashes to {self.toc_digest}"
             )
-        self.toc: TOC = parse_toc(toc_json)
+        self._toc_version, self._entries = load_toc_doc(toc_json)
+        self._toc: TOC | None = None
         self._build()
+        if not keep_toc:
+            self._entries = None
 
     def close(self) -> None:
         if self._on_close is not None:
@@ -165,174 +123,50 @@ class Reader:
         return _untar_gzip_toc(raw, max_toc_size)
 
     def _build(self) -> None:
-        """Clean names, link the inode tree, check chunks, build the native indexes."""
-        root = TOCEntry(name="", type="dir", mode=0o755)
-        self.nodes: list[Node] = [Node(0, "", root, nlink=2)]
-        by_path: dict[str, int] = {"": 0}
-        # chunk rows, in TOC order, for the native ChunkTable
-        c_file, c_off, c_comp, c_inner, c_size = (array("q") for _ in range(5))
-        c_digest = bytearray()
-        # per row: entries listed after the chunk whose tar headers share its member
-        self._trailing = array("q")
-        self.landmark: str | None = None
-        payload_end = self.footer.toc_offset
-        last_comp = (-1, 0)  # (offset, inner end) of the previous data entry
-        current: Node | None = None  # the file whose chunks are being listed
-        expect_off = 0
-        pending_links: list[tuple[str, TOCEntry]] = []
+        """Check and index the entries (native builder when built), then the name index."""
+        built = tocbuild.build(
+            self._entries,
+            payload_end=self.footer.toc_offset,
+            verify=self.verify,
+            max_chunk_size=self.max_chunk_size,
+        )
+        self.nodes: list[Node] = built.nodes
+        self.by_path: dict[str, int] = built.by_path
+        self.landmark: str | None = built.landmark
+        self._trailing = built.trailing
+        self.chunks = ChunkTable(
+            built.chunk_file,
+            built.chunk_off,
+            built.chunk_comp,
+            built.chunk_inner,
+            built.chunk_size,
+            built.chunk_digests,
+        )
+        #: The chunk columns and digests as built (row order), for per-layer indexes.
+        self.chunk_off, self.chunk_comp = built.chunk_off, built.chunk_comp
+        self.chunk_size, self.chunk_digests = built.chunk_size, built.chunk_digests
+        #: Directory entries: (parent id, UTF-8 name, target id) rows.
+        self.dirents = (built.dirent_parent, built.dirent_name, built.dirent_target)
+        self._dirent_target = built.dirent_target
+        self.names = NameTable(built.dirent_parent, built.dirent_name)
 
-        for i, e in enumerate(self.toc.entries):
-            if self._trailing and (e.type not in DATA_TYPES or (e.type == "reg" and e.size <= 0)):
-                self._trailing[-1] += 1
-            if e.type == "chunk":
-                if current is None or (e.name and clean_name(e.name) != current.path):
-                    raise TOCError(f"{_where(i, e)}: chunk does not follow its file")
-            else:
-                if current is not None and expect_off != current.entry.size:
-                    raise ChunkError(
-                        f"file {current.path!r}: chunks cover {expect_off} of "
-                        f"{current.entry.size} bytes"
-                    )
-                current = None
-                e.name = clean_name(e.name)
-            if e.type in DATA_TYPES and (e.type == "chunk" or e.size > 0):
-                if e.type == "reg":
-                    expect_off = 0
-                if e.chunk_offset != expect_off:
-                    raise ChunkError(
-                        f"{_where(i, e)}: chunk offset {e.chunk_offset} leaves a gap or overlaps "
-                        f"(expected {expect_off})"
-                    )
-            if e.type == "chunk":
-                assert current is not None
-                node = current
-            elif e.name == "":
-                # the layer's own root directory ("./")
-                if e.type != "dir":
-                    raise TOCError(f"{_where(i, e)}: the layer root must be a directory")
-                self.nodes[0].entry = e
-                continue
-            else:
-                parent = self._dir_for(e.name.rpartition("/")[0], by_path, i, e)
-                base = e.name.rpartition("/")[2]
-                if e.type == "hardlink":
-                    pending_links.append((base, e))
-                    continue
-                if e.type == "reg" and e.size < 0:
-                    raise TOCError(f"{_where(i, e)}: negative size {e.size}")
-                old = by_path.get(e.name)
-                if old is not None:  # a later entry replaces an earlier one, as tar does
-                    prev = self.nodes[old]
-                    if prev.type == "dir" and e.type == "dir":
-                        prev.entry = e
-                        continue
-                    if prev.type == "dir" or e.type == "dir":
-                        raise TOCError(f"{_where(i, e)}: replaces a {prev.type} with a {e.type}")
-                # A replacement gets a fresh id (the old node becomes unreachable), so chunk
-                # rows stay sorted by file id.
-                node = Node(len(self.nodes), e.name, e)
-                self.nodes.append(node)
-                by_path[e.name] = node.id
-                parent.children[base] = node.id
-                if e.type == "dir":
-                    node.nlink = 2
-                    parent.nlink += 1
-                if e.name in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK):
-                    self.landmark = e.name
-                if e.type == "reg" and e.size > 0:
-                    current = node
-                if e.type == "reg" and e.digest and e.digest != e.chunk_digest:
-                    _parse_digest(e.digest, i, e, "digest")  # (else checked as chunkDigest)
-            if e.type not in DATA_TYPES or (e.type == "reg" and e.size == 0):
-                continue
-            # a chunk of `node`'s content
-            size = e.chunk_size or (node.entry.size - e.chunk_offset)
-            if size <= 0 or e.chunk_offset + size > node.entry.size:
-                raise ChunkError(
-                    f"{_where(i, e)}: chunk [{e.chunk_offset}, +{size}) is outside the file "
-                    f"of {node.entry.size} bytes"
-                )
-            if size > self.max_chunk_size:
-                raise ChunkError(
-                    f"{_where(i, e)}: chunk of {size} bytes exceeds the limit of "
-                    f"{self.max_chunk_size}"
-                )
-            if not (0 <= e.offset < payload_end) or e.inner_offset < 0:
-                raise ChunkError(
-                    f"{_where(i, e)}: offset {e.offset} is outside the blob payload "
-                    f"[0, {payload_end})"
-                )
-            if (e.offset, e.inner_offset) < last_comp:
-                raise ChunkError(
-                    f"{_where(i, e)}: compressed offset {e.offset}+{e.inner_offset} overlaps the "
-                    f"previous chunk (which ends at {last_comp[0]}+{last_comp[1]})"
-                )
-            last_comp = (e.offset, e.inner_offset + size)
-            if e.chunk_digest:
-                c_digest += _parse_digest(e.chunk_digest, i, e, "chunkDigest")
-            elif self.verify:
-                raise VerificationError(f"{_where(i, e)}: no chunkDigest, cannot verify content")
-            else:
-                c_digest += _ZERO_DIGEST
-            c_file.append(node.id)
-            c_off.append(e.chunk_offset)
-            c_comp.append(e.offset)
-            c_inner.append(e.inner_offset)
-            c_size.append(size)
-            self._trailing.append(0)
-            expect_off = e.chunk_offset + size
-        if current is not None and expect_off != current.entry.size:
-            raise ChunkError(
-                f"file {current.path!r}: chunks cover {expect_off} of {current.entry.size} bytes"
-            )
+    @property
+    def toc(self) -> TOC:
+        """The whole TOC as `TOCEntry` objects (names of non-chunk entries cleaned).
 
-        for base, e in pending_links:
-            self._link(base, e, by_path)
-        self.by_path = by_path
-        self.chunks = ChunkTable(c_file, c_off, c_comp, c_inner, c_size, bytes(c_digest))
-        parents = array("q")
-        names: list[bytes] = []
-        self._dirent_target = array("q")
-        for node in self.nodes:
-            if node.type != "dir":
-                continue
-            for name, child in node.children.items():
-                parents.append(node.id)
-                names.append(name.encode("utf-8", "surrogateescape"))
-                self._dirent_target.append(child)
-        self.names = NameTable(parents, names)
-
-    def _dir_for(self, path: str, by_path: dict[str, int], i: int, e: TOCEntry) -> Node:
-        """The directory node at ``path``, creating implicit parents as Go does."""
-        nid = by_path.get(path)
-        if nid is not None:
-            node = self.nodes[nid]
-            if node.type != "dir":
-                raise TOCError(f"{_where(i, e)}: parent {path!r} is a {node.type}, not a directory")
-            return node
-        parent = self._dir_for(path.rpartition("/")[0], by_path, i, e)
-        node = Node(len(self.nodes), path, TOCEntry(name=path, type="dir", mode=0o755), nlink=2)
-        self.nodes.append(node)
-        by_path[path] = node.id
-        parent.children[path.rpartition("/")[2]] = node.id
-        parent.nlink += 1
-        return node
-
-    def _link(self, base: str, e: TOCEntry, by_path: dict[str, int]) -> None:
-        where = f"hardlink {e.name!r}"
-        target = clean_name(e.link_name)
-        tid = by_path.get(target)
-        if tid is None:
-            raise TOCError(f"{where}: target {e.link_name!r} is not in the layer")
-        node = self.nodes[tid]
-        if node.type == "dir":
-            raise TOCError(f"{where}: target {e.link_name!r} is a directory")
-        parent = self.nodes[by_path[e.name.rpartition("/")[0]]]
-        if base in parent.children:
-            raise TOCError(f"{where}: the name is already taken")
-        parent.children[base] = tid
-        by_path[e.name] = tid
-        node.nlink += 1
+        Made on first use: the mount itself never needs it.
+        """
+        if self._toc is None:
+            if self._entries is None:
+                raise TOCError("the TOC was not kept (the reader was opened with keep_toc=False)")
+            entries = []
+            for i, obj in enumerate(self._entries):
+                e = entry_from_obj(i, obj)
+                if e.type != "chunk":
+                    e.name = clean_name(e.name)
+                entries.append(e)
+            self._toc = TOC(version=self._toc_version, entries=entries)
+        return self._toc
 
     # --- lookups ----------------------------------------------------------------------
 
@@ -397,7 +231,7 @@ class Reader:
         node = self.nodes[node_id]
         if node.type != "reg":
             raise TOCError(f"{node.path!r} is a {node.type}, not a regular file")
-        size = min(size, node.entry.size - offset)
+        size = min(size, node.size - offset)
         if size <= 0:
             return b""
         parts = []

@@ -123,8 +123,8 @@ class TOC:
     entries: list[TOCEntry] = field(default_factory=list)
 
 
-def _entry_from_obj(i: int, obj: Any) -> TOCEntry:
-    # Hot when opening a layer (once per entry): one dict lookup and one type check per key.
+def entry_from_obj(i: int, obj: Any) -> TOCEntry:
+    """Entry ``i`` from its JSON object, type-checked key by key (TOCError names the key)."""
     if type(obj) is not dict:
         raise TOCError(f"TOC entry {i} is not a JSON object")
     kwargs: dict[str, Any] = {}
@@ -139,7 +139,7 @@ def _entry_from_obj(i: int, obj: Any) -> TOCEntry:
             raise TOCError(f"TOC entry {i}: {key!r} must be a 64-bit integer, got {value!r}")
         kwargs[attr] = value
     if "xattrs" in kwargs:
-        kwargs["xattrs"] = _decode_xattrs(i, kwargs["xattrs"])
+        kwargs["xattrs"] = decode_xattrs(i, kwargs["xattrs"])
     if "name" not in kwargs:
         raise TOCError(f"TOC entry {i} has no name")
     etype = kwargs.get("type")
@@ -148,7 +148,8 @@ def _entry_from_obj(i: int, obj: Any) -> TOCEntry:
     return TOCEntry(**kwargs)
 
 
-def _decode_xattrs(i: int, value: Any) -> dict[str, bytes]:
+def decode_xattrs(i: int, value: Any) -> dict[str, bytes]:
+    """Entry ``i``'s ``xattrs`` object: name -> value bytes (base64 in the JSON)."""
     if not isinstance(value, dict):
         raise TOCError(f"TOC entry {i}: 'xattrs' must be an object")
     out = {}
@@ -164,6 +165,12 @@ def _decode_xattrs(i: int, value: Any) -> dict[str, bytes]:
 
 def parse_toc(data: bytes) -> TOC:
     """Parse TOC JSON bytes. Raises TOCError naming what is wrong."""
+    version, entries = load_toc_doc(data)
+    return TOC(version=version, entries=[entry_from_obj(i, e) for i, e in enumerate(entries)])
+
+
+def load_toc_doc(data: bytes) -> tuple[int, list[Any]]:
+    """``(version, entries)`` of TOC JSON bytes; the entries are still JSON objects."""
     try:
         doc = json.loads(data)
     except (UnicodeDecodeError, ValueError) as e:
@@ -182,7 +189,7 @@ def parse_toc(data: bytes) -> TOC:
         entries = []
     if not isinstance(entries, list):
         raise TOCError("TOC 'entries' must be an array")
-    return TOC(version=version, entries=[_entry_from_obj(i, e) for i, e in enumerate(entries)])
+    return version, entries
 
 
 def dump_toc(toc: TOC) -> bytes:

@@ -261,6 +261,15 @@ class StargzFileSystem:
                 "layer": spec.digest,
                 "ref": spec.ref,
                 "seconds": round(time.monotonic() - t0, 4),
+                **{
+                    k: round(getattr(ref.layer.metrics, k), 4)
+                    for k in (
+                        "resolve_seconds",
+                        "open_fetch_seconds",
+                        "open_parse_seconds",
+                        "tree_seconds",
+                    )
+                },
             },
         )
 
@@ -276,6 +285,7 @@ class StargzFileSystem:
                     )
                 return ref
             o = self.options
+            t0 = time.monotonic()
             try:
                 blob = await asyncio.wait_for(
                     self.source.resolve(spec.ref, spec.digest, labels), o.resolve_timeout_sec
@@ -285,6 +295,7 @@ class StargzFileSystem:
                     f"resolving {spec.ref} {spec.digest} took more than {o.resolve_timeout_sec} s"
                 ) from None
             assert self._executor is not None and self._scheduler is not None
+            t_resolved = time.monotonic()
             layer: Layer | None = None
             try:
                 layer = await Layer.open(
@@ -302,6 +313,10 @@ class StargzFileSystem:
                 )
                 tree = await asyncio.get_running_loop().run_in_executor(
                     self._executor, Tree, layer.reader, o.opaque_xattr
+                )
+                layer.metrics.resolve_seconds = t_resolved - t0
+                layer.metrics.tree_seconds = (
+                    time.monotonic() - t_resolved - layer.metrics.open_seconds
                 )
             except BaseException:
                 if layer is not None:

@@ -92,16 +92,28 @@ async def fetch_tail(blob: Blob, digest: str, disk: DiskCache | None, loop_execu
     """``(start, bytes[start:size], fetched)``: the blob from the TOC's start to its end.
 
     ``fetched`` is how many bytes came from the blob (0 when the disk cache had them).
+    The blob's last bytes that its opening already fetched (``take_tail()``, see
+    :class:`~stargz.fs.source.Blob`) are used instead of asking for them again.
     """
     loop = asyncio.get_running_loop()
     size = blob.size
+    take = getattr(blob, "take_tail", None)
+    probed = take() if take is not None else None
     if disk is not None:
         cached = await loop.run_in_executor(loop_executor, disk.read_tail, digest, size)
         if cached is not None:
             return cached[0], cached[1], 0
-    tail_len = min(size, TAIL_FETCH_SIZE)
-    start = size - tail_len
-    (tail,) = await blob.read_ranges([(start, tail_len)])
+    # a probed tail must end the blob and hold a whole footer (51 bytes at most)
+    if (
+        probed is not None
+        and probed[0] + len(probed[1]) == size
+        and (probed[0] == 0 or len(probed[1]) >= 64)
+    ):
+        start, tail = probed
+    else:
+        tail_len = min(size, TAIL_FETCH_SIZE)
+        start = size - tail_len
+        (tail,) = await blob.read_ranges([(start, tail_len)])
     footer = parse_footer(tail, size)
     if footer.toc_offset < start:
         (head,) = await blob.read_ranges([(footer.toc_offset, start - footer.toc_offset)])
@@ -116,23 +128,15 @@ class ChunkIndex:
     """
 
     def __init__(self, reader: Reader, digest: str) -> None:
-        chunks = reader.chunks
-        n = len(chunks)
-        verified = reader.verify
+        coff, comp, size = reader.chunk_off, reader.chunk_comp, reader.chunk_size
+        n = len(comp)
         hexdigest = digest.partition(":")[2]
-        coff = array("q", bytes(8 * n))
-        comp = array("q", bytes(8 * n))
-        size = array("q", bytes(8 * n))
+        hexes = reader.chunk_digests.hex()
+        zero = "0" * 64
         keys: list[str] = []
         for r in range(n):
-            o, c, _, s, d = chunks.row(r)
-            coff[r] = o
-            comp[r] = c
-            size[r] = s
-            if verified and d != _ZERO_DIGEST:
-                keys.append(d.hex())
-            else:
-                keys.append(f"u-{hexdigest}-{r}")
+            d = hexes[64 * r : 64 * r + 64]
+            keys.append(d if reader.verify and d != zero else f"u-{hexdigest}-{r}")
         order = sorted(range(n), key=comp.__getitem__)
         m_start = array("q")
         m_first = array("q")  # index into m_rows of each member's first row
@@ -233,6 +237,7 @@ class Layer:
         t0 = time.monotonic()
         loop = asyncio.get_running_loop()
         start, data, fetched = await fetch_tail(blob, digest, disk, executor)
+        t_fetched = time.monotonic()
         size = blob.size
 
         def build(start: int, data: bytes) -> Reader:
@@ -244,7 +249,12 @@ class Layer:
                 return data[off - start : off - start + n]
 
             return Reader(
-                read_at, size, toc_digest=toc_digest, verify=verify, tail_size=size - start
+                read_at,
+                size,
+                toc_digest=toc_digest,
+                verify=verify,
+                tail_size=size - start,
+                keep_toc=False,
             )
 
         try:
@@ -279,6 +289,8 @@ class Layer:
             layer.metrics.fetch_requests += 1
             layer.metrics.fetched_bytes += fetched
         layer.metrics.open_seconds = time.monotonic() - t0
+        layer.metrics.open_fetch_seconds = t_fetched - t0
+        layer.metrics.open_parse_seconds = layer.metrics.open_seconds - (t_fetched - t0)
         return layer
 
     # --- accounting ----------------------------------------------------------------------
@@ -328,7 +340,7 @@ class Layer:
     # --- reading -------------------------------------------------------------------------
 
     def file_size(self, node_id: int) -> int:
-        return self.reader.nodes[node_id].entry.size
+        return self.reader.nodes[node_id].size
 
     def _lookup(self, row: int, key: str, count: bool) -> Any:
         """bytes (memory), a future (in flight), None (verified on disk) or _MISSING."""
@@ -367,7 +379,7 @@ class Layer:
         """
         if self.closed:
             raise LayerClosed(f"layer {self.digest} is unmounted")
-        fsize = self.reader.nodes[node_id].entry.size
+        fsize = self.reader.nodes[node_id].size
         if off >= fsize or size <= 0:
             return b""
         if off + size > fsize:

@@ -39,6 +39,12 @@ class LayerMetrics:
     notify_store_bytes: int = 0
     #: Seconds: open (tail + TOC) and prefetch duration; 0 until known.
     open_seconds: float = 0.0
+    #: Of open_seconds: waiting for the tail/TOC bytes, and building the reader + index.
+    open_fetch_seconds: float = 0.0
+    #: Resolving the blob (registry lookups) before the open, and building the FUSE tree.
+    resolve_seconds: float = 0.0
+    tree_seconds: float = 0.0
+    open_parse_seconds: float = 0.0
     prefetch_seconds: float = 0.0
 
     @property

@@ -45,6 +45,11 @@ class Blob(Protocol):
       exactly ``length`` long (raise rather than return short data). One call may become
       one multi-range HTTP request; callers pass ranges sorted and non-overlapping.
     - ``check()``: raise if the blob cannot be reached any more (connectivity check).
+
+    Optional (looked up with ``getattr``, so not a member here): ``take_tail()`` returns
+    ``(offset, bytes)``, the blob's last bytes that resolving it already fetched (the
+    registry blob's probe asks for them), handed over once; None when there are none.
+    Opening a layer uses them instead of asking for its footer again.
     """
 
     @property

@@ -42,17 +42,16 @@ class Tree:
         self.parent: dict[int, int] = {0: 0}
         self.whiteouts: set[int] = set()
         self.opaque: set[int] = set()
-        for node in self.nodes:
-            if node.type != "dir":
-                continue
-            for name, child in node.children.items():
-                if self.nodes[child].type == "dir":
-                    self.parent[child] = node.id
-                if name.startswith(WHITEOUT_PREFIX):
-                    if name == OPAQUE_MARKER:
-                        self.opaque.add(node.id)
-                    else:
-                        self.whiteouts.add(child)
+        nodes = self.nodes
+        wh, opq = _enc(WHITEOUT_PREFIX), _enc(OPAQUE_MARKER)
+        for parent, name, child in zip(*reader.dirents, strict=True):
+            if nodes[child].type == "dir":
+                self.parent[child] = parent
+            if name[:4] == wh:
+                if name == opq:
+                    self.opaque.add(parent)
+                else:
+                    self.whiteouts.add(child)
         self._listings: dict[int, list[tuple[bytes, int]]] = {}
 
     def listing(self, dir_id: int) -> list[tuple[bytes, int]]:

@@ -15,9 +15,12 @@
   single-range mode for the client's lifetime and the read is retried with single-range
   requests (nearby ranges, up to ``chunk_size`` apart, share one request). A ``200``
   body is read only as far as needed; the connection is then dropped.
-- A registry that redirects blob GETs to storage is asked once (``Range: bytes=0-0``
-  probe, as Go does); the storage URL is reused for ``redirect_ttl`` seconds, and
-  refreshed early when storage answers 401/403 (expired signature).
+- A registry that redirects blob GETs to storage is asked once (a probe GET, as Go
+  does); the storage URL is reused for ``redirect_ttl`` seconds, and refreshed early
+  when storage answers 401/403 (expired signature). The probe of :meth:`open` asks for
+  the blob's last ``tail_probe_size`` bytes (``Range: bytes=-N``) and keeps them for
+  :meth:`BlobReader.take_tail` (an eStargz footer, often the whole TOC); later probes
+  ask ``bytes=0-0``.
 - When the current host fails for good (after the client's retries), a mirror's blob
   moves to the next host: the next mirror, finally the registry.
 - Each read has a deadline of ``fetching_timeout_sec`` over all its requests.
@@ -109,6 +112,7 @@ class BlobReader:
         self._loc_expires = 0.0
         self._lock = asyncio.Lock()
         self._last_check_ok: float | None = None
+        self._tail: tuple[int, bytes] | None = None
 
     def __repr__(self) -> str:
         where = self._loc.host.netloc if self._loc else "unopened"
@@ -140,18 +144,29 @@ class BlobReader:
         return self._loc
 
     async def open(self) -> None:
-        """Find the first host (mirrors first) that serves the blob."""
-        await self._locate_from(0)
+        """Find the first host (mirrors first) that serves the blob; keep its last
+        ``client.tail_probe_size`` bytes if that host sent them with the probe."""
+        await self._locate_from(0, tail=self.client.tail_probe_size)
 
-    async def _locate_from(self, start: int) -> BlobLocation:
+    def take_tail(self) -> tuple[int, bytes] | None:
+        """``(offset, bytes)``: the blob's last bytes as fetched by :meth:`open`'s probe,
+        handed over once (the reader forgets them); None if there are none (any more)."""
+        tail, self._tail = self._tail, None
+        return tail
+
+    async def _locate_from(self, start: int, *, tail: int = 0) -> BlobLocation:
         size = self._loc.size if self._loc is not None else self._expected_size
 
-        async def probe(i: int, _host: object) -> BlobLocation:
-            return await self.client.locate_blob(
-                self.ref, self.digest, host_index=i, size=size, stats=(self.stats,)
+        async def probe(i: int, _host: object) -> tuple[BlobLocation, bytes | None]:
+            return await self.client.probe_blob(
+                self.ref, self.digest, host_index=i, size=size, stats=(self.stats,), tail=tail
             )
 
-        loc = await self.client.over_hosts(self.ref, f"blob {self.digest}", probe, start=start)
+        loc, data = await self.client.over_hosts(
+            self.ref, f"blob {self.digest}", probe, start=start
+        )
+        if data is not None:
+            self._tail = (loc.size - len(data), data)
         self._loc = loc
         self._loc_expires = (
             time.monotonic() + self.client.redirect_ttl if loc.redirected else float("inf")

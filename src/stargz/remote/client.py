@@ -76,6 +76,13 @@ USER_AGENT = "stargz-snapshotter-py/0.1"
 MAX_REDIRECTS = 10
 MAX_MANIFEST_SIZE = 4 << 20
 MAX_TOKEN_RESPONSE = 1 << 20
+#: Bytes of a blob's end that :meth:`RegistryClient.open_blob`'s probe asks for
+#: (``Range: bytes=-N``), so that an eStargz footer (and a small TOC) come with the probe
+#: instead of in a request of their own. Sized so that the answer (body + ~1 KiB of
+#: headers) fits in a fresh TCP connection's first flight (10 segments of 1448 bytes):
+#: the probe then costs no more round trips than ``bytes=0-0``. Measured in
+#: benchmarks/bench_layer_open.py.
+TAIL_PROBE_SIZE = 12 << 10
 _REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 _FINAL_CLIENT_ERRORS = (aiohttp.InvalidURL, aiohttp.ClientSSLError)
 
@@ -208,6 +215,7 @@ class RegistryClient:
         redirect_ttl: float = 300.0,
         trust_env: bool = False,
         session: aiohttp.ClientSession | None = None,
+        tail_probe_size: int = TAIL_PROBE_SIZE,
     ) -> None:
         """``keychain`` defaults to the docker config file; pass None for anonymous only.
 
@@ -215,6 +223,8 @@ class RegistryClient:
         reused before the registry is asked again. ``trust_env``: honour
         ``HTTP(S)_PROXY``/``NO_PROXY`` (and aiohttp's netrc lookup). ``session``: an
         existing aiohttp session to use (not closed by :meth:`close`).
+        ``tail_probe_size``: how many of a blob's last bytes :meth:`open_blob` fetches with
+        its probe and keeps (:meth:`BlobReader.take_tail`); 0 probes ``bytes=0-0`` only.
         """
         self.resolver_options = resolver or ResolverOptions()
         self.blob_options = blob or BlobOptions()
@@ -223,6 +233,9 @@ class RegistryClient:
         self.max_connections = max_connections
         self.redirect_ttl = redirect_ttl
         self.trust_env = trust_env
+        if tail_probe_size < 0:
+            raise InvalidArgument(f"tail_probe_size {tail_probe_size} is negative")
+        self.tail_probe_size = tail_probe_size
         self._session = session
         self._own_session = session is None
         self.authorizer = Authorizer(self.keychain, self._fetch_token)
@@ -582,29 +595,69 @@ class RegistryClient:
     ) -> BlobLocation:
         """Probe one host for a blob with ``GET Range: bytes=0-0`` (Go's redirect probe):
         tells whether it redirects (and where), and the blob's size."""
+        loc, _ = await self.probe_blob(
+            ref, digest, host_index=host_index, size=size, stats=stats, tail=0
+        )
+        return loc
+
+    async def probe_blob(
+        self,
+        ref: Reference,
+        digest: str,
+        *,
+        host_index: int,
+        size: int | None = None,
+        stats: Sequence[FetchStats] = (),
+        tail: int = 0,
+    ) -> tuple[BlobLocation, bytes | None]:
+        """:meth:`locate_blob` that also brings the blob's last ``tail`` bytes.
+
+        With ``tail`` > 0 the probe is ``GET Range: bytes=-<tail>`` (a suffix range) and
+        returns ``(location, the blob's last min(tail, size) bytes)``; the bytes are None
+        when the server did not send them: it ignored the range (``200``: the body is
+        read only when it is at most ``tail`` bytes, else the connection is dropped) or
+        answered a range that is not the blob's end. An empty blob is answered ``416``
+        (``bytes */0``) or, by Go's ``http.ServeContent``, ``206 bytes 0--1/0``.
+        """
         host = self.hosts(ref)[host_index]
         url = host.url(f"{ref.repository}/blobs/{digest}")
+        what = f"blob {ref.locator}@{digest}"
 
-        async def consume(ex: Exchange) -> BlobLocation:
+        async def consume(ex: Exchange) -> tuple[BlobLocation, bytes | None]:
             got: int | None
+            data: bytes | None = None
             if ex.status == 206:
-                got = parse_content_range(ex.resp.headers.get("Content-Range"))[2]
+                value = ex.resp.headers.get("Content-Range")
+                try:
+                    start, end, got = parse_content_range(value)
+                except RegistryProtocolError:
+                    if not tail or _total_of_empty(value) != 0:
+                        raise
+                    start, end, got = 0, 0, 0  # Go's answer to bytes=-N on an empty blob
+                n = end - start
+                if tail and end == got and n <= tail and ex.resp.content_length == n:
+                    data = await ex.read(n)  # the blob's last n bytes
+                # else the body is not read (past a byte, the connection is dropped)
             elif ex.status == 200:
-                got = ex.resp.content_length  # the body is not read: the connection is dropped
+                got = ex.resp.content_length
+                if tail and got is not None and got <= tail:
+                    data = await ex.read(got)  # the whole blob, and the connection is kept
+                # else the body is not read: the connection is dropped
             elif ex.status == 416:  # an empty blob has no byte 0
                 got = _total_of_416(ex.resp.headers.get("Content-Range"))
+                if tail and got == 0:
+                    data = b""
             else:
-                raise await ex.error(f"blob {ref.locator}@{digest} on {host.netloc}", BlobNotFound)
+                raise await ex.error(f"{what} on {host.netloc}", BlobNotFound)
             if got is None:
                 got = size
             if got is None:
-                raise RegistryError(f"blob {ref.locator}@{digest}: the server gives no size")
+                raise RegistryError(f"{what}: the server gives no size")
             if size is not None and got != size:
                 raise RegistryError(
-                    f"blob {ref.locator}@{digest} on {host.netloc}: "
-                    f"size {got}, the descriptor says {size}"
+                    f"{what} on {host.netloc}: size {got}, the descriptor says {size}"
                 )
-            return BlobLocation(host_index, host, ex.url, ex.redirected, got)
+            return BlobLocation(host_index, host, ex.url, ex.redirected, got), data
 
         return await self.request(
             "GET",
@@ -612,7 +665,7 @@ class RegistryClient:
             consume=consume,
             host=host,
             scope=pull_scope(ref),
-            headers={"Range": "bytes=0-0"},
+            headers={"Range": f"bytes=-{tail}" if tail else "bytes=0-0"},
             stats=stats,
         )
 
@@ -631,6 +684,15 @@ class RegistryClient:
     async def open_layer(self, ref: Reference | str, layer: Descriptor) -> BlobReader:
         """:meth:`open_blob` for a layer descriptor (its size is checked against the host)."""
         return await self.open_blob(ref, layer.digest, size=layer.size)
+
+
+def _total_of_empty(value: str | None) -> int | None:
+    """The total of a ``bytes <a>-<b>/<total>`` that does not parse as a range."""
+    if value and value.strip().startswith("bytes "):
+        total = value.strip().rpartition("/")[2]
+        if total.isdigit():
+            return int(total)
+    return None
 
 
 def _total_of_416(value: str | None) -> int | None:

@@ -1,0 +1,272 @@
+"""Pure-Python TOC builder: the reference for the native ``stargz.estargz._tocbuild``.
+
+``build(entries, ...)`` takes the TOC's ``entries`` array as ``json.loads`` returns it and
+does, in one pass, what opening a layer needs: type-check every entry (the same checks and
+messages as `stargz.estargz.toc.entry_from_obj`), clean and check names, link the inode
+tree (implicit parents, replacements, hardlinks), and check every chunk (coverage, order,
+bounds, digests). It returns an `OpenedTOC`. Both backends must return equal results and
+raise the same errors with the same messages (``tests/test_native_tocbuild.py``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from stargz.errors import ChunkError, TOCError, VerificationError
+from stargz.estargz.node import Node, OpenedTOC
+from stargz.estargz.toc import (
+    _INT64_MAX,
+    _INT64_MIN,
+    _KEY_TYPES,
+    _TYPE_NAMES,
+    ENTRY_TYPES,
+    NO_PREFETCH_LANDMARK,
+    PREFETCH_LANDMARK,
+    clean_name,
+    decode_xattrs,
+)
+
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
+ZERO_DIGEST = bytes(32)
+
+
+def _where(i: int, name: str) -> str:
+    # Built only when an error is raised: formatting it for every entry is measurable.
+    return f"TOC entry {i} ({name!r})"
+
+
+def parse_digest(value: str, i: int, name: str, key: str) -> bytes:
+    """The 32 raw bytes of ``sha256:<64 lowercase hex>`` (entry ``i``'s ``key``)."""
+    if len(value) == 71 and value.startswith("sha256:") and _DIGEST_RE.match(value):
+        return bytes.fromhex(value[7:])
+    raise TOCError(f"{_where(i, name)} {key}: {value!r} is not a sha256 digest")
+
+
+def check_entry(i: int, obj: Any) -> None:
+    """The checks of `entry_from_obj`, without building the entry."""
+    if type(obj) is not dict:
+        raise TOCError(f"TOC entry {i} is not a JSON object")
+    for key, value in obj.items():
+        want = _KEY_TYPES.get(key)
+        if want is None or value is None:
+            continue  # unknown keys (e.g. NumLink) are ignored, as Go does
+        if type(value) is not want:
+            raise TOCError(f"TOC entry {i}: {key!r} must be {_TYPE_NAMES[want]}, got {value!r}")
+        if want is int and not (_INT64_MIN <= value <= _INT64_MAX):
+            raise TOCError(f"TOC entry {i}: {key!r} must be a 64-bit integer, got {value!r}")
+    xattrs = obj.get("xattrs")
+    if xattrs is not None:
+        decode_xattrs(i, xattrs)
+    name = obj.get("name")
+    if name is None:
+        raise TOCError(f"TOC entry {i} has no name")
+    etype = obj.get("type")
+    if etype not in ENTRY_TYPES:
+        raise TOCError(f"TOC entry {i} ({name!r}) has unknown type {etype!r}")
+
+
+def attrs_of(obj: dict, strings: dict[str, str]) -> tuple:
+    """The node's ``ATTR_KEYS`` values; equal strings (modtimes, owners) share one object."""
+    modtime = obj.get("modtime")
+    if modtime is not None:
+        modtime = strings.setdefault(modtime, modtime)
+    user, group = obj.get("userName"), obj.get("groupName")
+    if user is not None:
+        user = strings.setdefault(user, user)
+    if group is not None:
+        group = strings.setdefault(group, group)
+    return (
+        modtime,
+        obj.get("linkName"),
+        obj.get("uid"),
+        obj.get("gid"),
+        user,
+        group,
+        obj.get("offset"),
+        obj.get("devMajor"),
+        obj.get("devMinor"),
+        obj.get("xattrs"),
+    )
+
+
+def _get(obj: dict, key: str, default: Any) -> Any:
+    value = obj.get(key)
+    return default if value is None else value
+
+
+def build(entries: list[Any], *, payload_end: int, verify: bool, max_chunk_size: int) -> OpenedTOC:
+    """Check and index a TOC's entries (see the module docstring)."""
+    root = Node(0, "", "dir", 0o755, 0, None)
+    nodes: list[Node] = [root]
+    by_path: dict[str, int] = {"": 0}
+    out = OpenedTOC(nodes, by_path, None)
+    c_file, c_off, c_comp, c_inner, c_size = (
+        out.chunk_file,
+        out.chunk_off,
+        out.chunk_comp,
+        out.chunk_inner,
+        out.chunk_size,
+    )
+    c_digest = bytearray()
+    trailing = out.trailing
+    last_comp = (-1, 0)  # (offset, inner end) of the previous data entry
+    current: Node | None = None  # the file whose chunks are being listed
+    expect_off = 0
+    pending_links: list[tuple[int, str, str, str]] = []  # (i, name, base, link target)
+    strings: dict[str, str] = {}
+
+    def dir_for(path: str, i: int, name: str) -> Node:
+        """The directory node at ``path``, creating implicit parents as Go does."""
+        missing = []
+        nid = by_path.get(path)
+        while nid is None:  # (a loop, not recursion: a path may have 100k components)
+            missing.append(path)
+            path = path.rpartition("/")[0]
+            nid = by_path.get(path)
+        node = nodes[nid]
+        if node.type != "dir":
+            raise TOCError(f"{_where(i, name)}: parent {path!r} is a {node.type}, not a directory")
+        for sub in reversed(missing):
+            child = Node(len(nodes), sub, "dir", 0o755, 0, None)
+            nodes.append(child)
+            by_path[sub] = child.id
+            node.children[sub.rpartition("/")[2]] = child.id
+            node.nlink += 1
+            node = child
+        return node
+
+    for i, obj in enumerate(entries):
+        check_entry(i, obj)
+        name: str = obj["name"]
+        etype: str = obj["type"]
+        size: int = _get(obj, "size", 0)
+        chunk_offset: int = _get(obj, "chunkOffset", 0)
+        is_data = etype == "reg" or etype == "chunk"
+        if trailing and (not is_data or (etype == "reg" and size <= 0)):
+            trailing[-1] += 1
+        if etype == "chunk":
+            if current is None or (name and clean_name(name) != current.path):
+                raise TOCError(f"{_where(i, name)}: chunk does not follow its file")
+        else:
+            if current is not None and expect_off != current.size:
+                raise ChunkError(
+                    f"file {current.path!r}: chunks cover {expect_off} of {current.size} bytes"
+                )
+            current = None
+            name = clean_name(name)
+        if is_data and (etype == "chunk" or size > 0):
+            if etype == "reg":
+                expect_off = 0
+            if chunk_offset != expect_off:
+                raise ChunkError(
+                    f"{_where(i, name)}: chunk offset {chunk_offset} leaves a gap or overlaps "
+                    f"(expected {expect_off})"
+                )
+        if etype == "chunk":
+            assert current is not None
+            node = current
+        elif name == "":
+            # the layer's own root directory ("./")
+            if etype != "dir":
+                raise TOCError(f"{_where(i, name)}: the layer root must be a directory")
+            root.mode, root.size, root.attrs = _get(obj, "mode", 0), size, attrs_of(obj, strings)
+            continue
+        else:
+            head, _, base = name.rpartition("/")
+            parent = dir_for(head, i, name)
+            if etype == "hardlink":
+                pending_links.append((i, name, base, _get(obj, "linkName", "")))
+                continue
+            if etype == "reg" and size < 0:
+                raise TOCError(f"{_where(i, name)}: negative size {size}")
+            old = by_path.get(name)
+            if old is not None:  # a later entry replaces an earlier one, as tar does
+                prev = nodes[old]
+                if prev.type == "dir" and etype == "dir":
+                    prev.mode, prev.size = _get(obj, "mode", 0), size
+                    prev.attrs = attrs_of(obj, strings)
+                    continue
+                if prev.type == "dir" or etype == "dir":
+                    raise TOCError(f"{_where(i, name)}: replaces a {prev.type} with a {etype}")
+            # A replacement gets a fresh id (the old node becomes unreachable), so chunk
+            # rows stay sorted by file id.
+            node = Node(len(nodes), name, etype, _get(obj, "mode", 0), size, attrs_of(obj, strings))
+            nodes.append(node)
+            by_path[name] = node.id
+            parent.children[base] = node.id
+            if etype == "dir":
+                parent.nlink += 1
+            if name == PREFETCH_LANDMARK or name == NO_PREFETCH_LANDMARK:
+                out.landmark = name
+            if etype == "reg" and size > 0:
+                current = node
+            digest = obj.get("digest")
+            if etype == "reg" and digest and digest != obj.get("chunkDigest"):
+                parse_digest(digest, i, name, "digest")  # (else checked as chunkDigest)
+        if not is_data or (etype == "reg" and size == 0):
+            continue
+        # a chunk of `node`'s content
+        csize = _get(obj, "chunkSize", 0) or (node.size - chunk_offset)
+        if csize <= 0 or chunk_offset + csize > node.size:
+            raise ChunkError(
+                f"{_where(i, name)}: chunk [{chunk_offset}, +{csize}) is outside the file "
+                f"of {node.size} bytes"
+            )
+        if csize > max_chunk_size:
+            raise ChunkError(
+                f"{_where(i, name)}: chunk of {csize} bytes exceeds the limit of {max_chunk_size}"
+            )
+        offset = _get(obj, "offset", 0)
+        inner = _get(obj, "innerOffset", 0)
+        if not (0 <= offset < payload_end) or inner < 0:
+            raise ChunkError(
+                f"{_where(i, name)}: offset {offset} is outside the blob payload [0, {payload_end})"
+            )
+        if (offset, inner) < last_comp:
+            raise ChunkError(
+                f"{_where(i, name)}: compressed offset {offset}+{inner} overlaps the "
+                f"previous chunk (which ends at {last_comp[0]}+{last_comp[1]})"
+            )
+        last_comp = (offset, inner + csize)
+        chunk_digest = obj.get("chunkDigest")
+        if chunk_digest:
+            c_digest += parse_digest(chunk_digest, i, name, "chunkDigest")
+        elif verify:
+            raise VerificationError(f"{_where(i, name)}: no chunkDigest, cannot verify content")
+        else:
+            c_digest += ZERO_DIGEST
+        c_file.append(node.id)
+        c_off.append(chunk_offset)
+        c_comp.append(offset)
+        c_inner.append(inner)
+        c_size.append(csize)
+        trailing.append(0)
+        expect_off = chunk_offset + csize
+    if current is not None and expect_off != current.size:
+        raise ChunkError(
+            f"file {current.path!r}: chunks cover {expect_off} of {current.size} bytes"
+        )
+
+    for _i, name, base, link_name in pending_links:
+        _link(nodes, by_path, name, base, link_name)
+    out.chunk_digests = bytes(c_digest)
+    out.dirents_from_nodes()
+    return out
+
+
+def _link(nodes: list[Node], by_path: dict[str, int], name: str, base: str, link_name: str) -> None:
+    where = f"hardlink {name!r}"
+    target = clean_name(link_name)
+    tid = by_path.get(target)
+    if tid is None:
+        raise TOCError(f"{where}: target {link_name!r} is not in the layer")
+    node = nodes[tid]
+    if node.type == "dir":
+        raise TOCError(f"{where}: target {link_name!r} is a directory")
+    parent = nodes[by_path[name.rpartition("/")[0]]]
+    if base in parent.children:
+        raise TOCError(f"{where}: the name is already taken")
+    parent.children[base] = tid
+    by_path[name] = tid
+    node.nlink += 1
