@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import stat
+import subprocess
 
 import pytest
 
@@ -194,3 +195,23 @@ def _labels(layer):
     from .conftest import labels_for
 
     return labels_for(layer)
+
+
+def test_mode_bits_are_enforced_for_other_users(fs_env, corners, corners_source):
+    """The mount is allow_other: a host user must not read what the layer's modes forbid."""
+    fs_env.start(corners_source)
+    m1 = fs_env.mount(corners.layers("esgz")[0])
+    secret, public = m1 / "data/noise.bin", m1 / "data/text.txt"
+    for d in m1.parents:  # the test's temporary dirs are 0700: let uid 1000 walk to m1
+        if d == fs_env.base.parent:
+            break
+        os.chmod(d, 0o755)
+    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600 and os.stat(secret).st_uid == 0
+    # uid 1000 owns data/ (0750) and data/text.txt (0644); noise.bin is root's, 0600
+    user = ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "cat"]
+    denied = subprocess.run([*user, str(secret)], capture_output=True, text=True)
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr
+    allowed = subprocess.run([*user, str(public)], capture_output=True)
+    assert allowed.returncode == 0 and allowed.stdout == public.read_bytes()
+    # root still reads everything (overlayfs reads lower layers with the mounter's creds)
+    assert len(secret.read_bytes()) == os.stat(secret).st_size

@@ -50,7 +50,10 @@ from stargz.fs.tree import Tree
 
 log = logging.getLogger("stargz.fs")
 
-FUSE_OPTIONS = ("fsname=stargz", "subtype=stargz", "allow_other", "ro")
+#: ``default_permissions``: the kernel checks mode bits itself, so a user of the host who
+#: can reach the mount (``allow_other``) reads only what the layer's modes allow, and no
+#: ACCESS requests reach the daemon.
+FUSE_OPTIONS = ("fsname=stargz", "subtype=stargz", "allow_other", "ro", "default_permissions")
 
 _started: StargzFileSystem | None = None
 
@@ -387,8 +390,10 @@ class StargzFileSystem:
         assert self._scheduler is not None
         try:
             async with self._scheduler.prioritized():
-                if not layer.fully_fetched and (
+                # (the clock first: fully_fetched walks every member of the layer)
+                if (
                     time.monotonic() - layer.last_check >= self.options.valid_interval
+                    and not layer.fully_fetched
                 ):
                     await self._check_blob(ref, labels or rec.labels)
                 await self._wait_prefetch(layer)
