@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-MODES = ["legacy", "ours-noopt", "ours-opt", "go-noopt", "go-opt"]
+MODES = ["legacy", "ours-noopt", "ours-opt", "go-noopt", "go-opt", "ours-opt9", "ours-on-go-opt"]
 
 
 def table(doc: dict) -> str:
@@ -45,12 +45,16 @@ def table(doc: dict) -> str:
                 for m in MODES
                 if f"{net}/{img}/{m}" in s
             }
-            o, g, lg = tot.get("ours-opt"), tot.get("go-opt"), tot.get("legacy")
-            if o and g and lg:
-                lines.append(
-                    f"| {img} | ratios | | | | | ours-opt/go-opt **{o / g:.2f}**, "
-                    f"ours-opt/legacy **{o / lg:.2f}** | | |"
-                )
+            g, lg = tot.get("go-opt"), tot.get("legacy")
+            ratios = [
+                f"{m}/go-opt **{tot[m] / g:.2f}**"
+                for m in ("ours-opt", "ours-opt9", "ours-on-go-opt")
+                if m in tot and g
+            ]
+            if "ours-opt" in tot and lg:
+                ratios.append(f"ours-opt/legacy **{tot['ours-opt'] / lg:.2f}**")
+            if ratios:
+                lines.append(f"| {img} | ratios | | | | | {', '.join(ratios)} | | |")
     return "\n".join(lines)
 
 
