@@ -12,6 +12,7 @@ outside the layer.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import os
@@ -124,12 +125,21 @@ class Reader:
 
     def _build(self) -> None:
         """Check and index the entries (native builder when built), then the name index."""
-        built = tocbuild.build(
-            self._entries,
-            payload_end=self.footer.toc_offset,
-            verify=self.verify,
-            max_chunk_size=self.max_chunk_size,
-        )
+        # The build makes a Node and a tuple per entry: with the cyclic GC on, its
+        # collections walk them again and again (100k entries: 590 -> 390 ms without).
+        # Nothing it makes is cyclic, so pausing the collector frees nothing late.
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            built = tocbuild.build(
+                self._entries,
+                payload_end=self.footer.toc_offset,
+                verify=self.verify,
+                max_chunk_size=self.max_chunk_size,
+            )
+        finally:
+            if paused:
+                gc.enable()
         self.nodes: list[Node] = built.nodes
         self.by_path: dict[str, int] = built.by_path
         self.landmark: str | None = built.landmark

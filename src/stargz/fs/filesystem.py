@@ -40,7 +40,7 @@ from stargz.errors import (
     NotFound,
     Unavailable,
 )
-from stargz.fs import mounts
+from stargz.fs import memory, mounts
 from stargz.fs.cache import DiskCache, MemoryLRU
 from stargz.fs.layer import Layer
 from stargz.fs.metrics import FsMetrics
@@ -335,6 +335,8 @@ class StargzFileSystem:
                     if asyncio.iscoroutine(res):
                         await res
                 raise
+            # the parsed TOC is garbage now: give its pages back (off the mount's path)
+            asyncio.get_running_loop().run_in_executor(self._executor, memory.trim)
             name = spec.digest.partition(":")[2].encode()
             self.ops.add(name, layer, tree)
             ref = _LayerRef(layer, name, spec)

@@ -41,6 +41,7 @@ from stargz.errors import ChunkError, DigestMismatch, StargzError, Unavailable, 
 from stargz.estargz import codec
 from stargz.estargz.footer import parse_footer
 from stargz.estargz.reader import Reader
+from stargz.fs import memory
 from stargz.fs.cache import DiskCache, MemoryLRU
 from stargz.fs.metrics import LayerMetrics
 from stargz.fs.options import FsOptions
@@ -60,6 +61,10 @@ INLINE_PREAD_MAX = 1 << 20
 #: (23 MB prefetch, 10 ms RTT, 200 Mbit/s): create 1.15 -> 1.05 s.
 PREFETCH_PIECE = 2 << 20
 PREFETCH_PARALLEL = 4
+#: Decoded bytes of this layer that may wait for the cache writer before background fetch
+#: pauses. Without it the download outran the (single, niced) writer thread: 470 MB RSS
+#: while background-fetching a 144 MB layer on loopback (benchmarks/bench_daemon_cost.py).
+WRITE_BACKLOG_MAX = 16 << 20
 #: Compressed bytes decoded per worker-thread job (bigger fetches are split across threads).
 DECODE_BATCH_BYTES = 1 << 20
 #: On-demand fetches up to this many compressed bytes are decoded on the event loop.
@@ -211,6 +216,11 @@ class Layer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._complete_gen = -1  # disk cache generation at which all chunks were there
         self._loop = asyncio.get_running_loop()
+        #: Decoded bytes handed to the cache writer and not written yet; background fetch
+        #: waits for `_backlog_ok` (backlog <= WRITE_BACKLOG_MAX) before each request.
+        self._backlog = 0
+        self._backlog_ok = asyncio.Event()
+        self._backlog_ok.set()
         self.row_coff, self.row_comp = index.row_coff, index.row_comp
         self.row_size, self.keys = index.row_size, index.keys
         self.row_member, self.m_start, self.m_end = index.row_member, index.m_start, index.m_end
@@ -726,6 +736,7 @@ class Layer:
                 # shielded, and its result committed to the index by a callback
                 wfut = self._loop.run_in_executor(self.writer, self._write, ok)
                 wfut.add_done_callback(self._commit_written)
+                self._add_backlog(sum(len(d) for _, d in ok), wfut)
                 try:
                     await asyncio.shield(wfut)
                 except asyncio.CancelledError:
@@ -742,6 +753,18 @@ class Layer:
         finally:
             if demand:
                 self.scheduler.end(read=True)
+
+    def _add_backlog(self, nbytes: int, wfut: asyncio.Future[Any]) -> None:
+        self._backlog += nbytes
+        if self._backlog > WRITE_BACKLOG_MAX:
+            self._backlog_ok.clear()
+
+        def done(_: asyncio.Future[Any]) -> None:
+            self._backlog -= nbytes
+            if self._backlog <= WRITE_BACKLOG_MAX:
+                self._backlog_ok.set()
+
+        wfut.add_done_callback(done)
 
     def _commit_written(self, fut: asyncio.Future[list[tuple[str, int]]]) -> None:
         if fut.cancelled() or fut.exception() is not None:
@@ -851,6 +874,7 @@ class Layer:
                     m += 1
                 if not batch:
                     continue
+                await self._backlog_ok.wait()
                 async with self.scheduler.background():
                     if self.closed:
                         return
@@ -878,6 +902,8 @@ class Layer:
                 await asyncio.sleep(0.01)
             if not self.closed and self.fully_fetched:
                 log.info("layer fully fetched", extra={"layer": self.digest})
+            if not self.closed:
+                await self._loop.run_in_executor(self.executor, memory.trim)
         except asyncio.CancelledError:
             raise
         except Exception:
