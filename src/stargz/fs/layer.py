@@ -69,7 +69,6 @@ WRITE_BACKLOG_MAX = 16 << 20
 DECODE_BATCH_BYTES = 1 << 20
 #: On-demand fetches up to this many compressed bytes are decoded on the event loop.
 INLINE_DECODE_MAX = 64 << 10
-_ZERO_DIGEST = bytes(32)
 _MISSING = object()
 
 
