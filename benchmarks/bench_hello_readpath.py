@@ -34,6 +34,9 @@ from harness.procs import Containerd, Registry, StargzDaemon, make_tempdir, moun
 
 NO_FETCH_OURS = "noprefetch = true\nno_background_fetch = true\n"
 NO_FETCH_GO = "noprefetch = true\nno_background_fetch = true\n"
+#: ours with FUSE passthrough on (off by default, as in Go).
+PASSTHROUGH = "[fuse]\npassthrough = true\n"
+CONTENDERS = ("ours", "ours-pt", "go", "overlayfs")
 
 
 def drop_caches() -> None:
@@ -96,10 +99,9 @@ def one(
     dummy = make_tempdir("sgz-dummy-")
     res: dict = {"contender": contender}
     try:
-        if contender == "ours":
-            snap = StargzDaemon.start(
-                make_tempdir("sgz-rp-"), config_text=NO_FETCH_OURS, log_level="info"
-            )
+        if contender in ("ours", "ours-pt"):
+            cfg = NO_FETCH_OURS + (PASSTHROUGH if contender == "ours-pt" else "")
+            snap = StargzDaemon.start(make_tempdir("sgz-rp-"), config_text=cfg, log_level="info")
         elif contender == "go":
             snap = hb.GoDaemon.start(go_bin, reg.host, extra_toml=NO_FETCH_GO)
         cd = Containerd.start(snap.address if snap else str(dummy / "none.sock"))
@@ -171,6 +173,7 @@ def main() -> int:
     ap.add_argument("--net", default="5:200mbit")
     ap.add_argument("--go-bin", default="/tmp/peer/bin/containerd-stargz-grpc")
     ap.add_argument("--out", default="")
+    ap.add_argument("--contenders", default=",".join(CONTENDERS))
     args = ap.parse_args()
     delay, rate = args.net.split(":")
     now = _dt.datetime.now(_dt.UTC)
@@ -184,6 +187,7 @@ def main() -> int:
         "network_for_first_byte": {"one_way_delay_ms": float(delay), "rate": rate},
         "notes": [
             "prefetch and background fetch off in both daemons",
+            "ours-pt: ours with [fuse] passthrough = true (kernel FUSE passthrough)",
             "eStargz forms: ours = stargz convert (noopt), Go = ctr-remote convert (noopt)",
         ],
         "trials": [],
@@ -195,8 +199,9 @@ def main() -> int:
             "go": reg.push_oci(d, "go-noopt", f"rp-{args.image}:go-noopt"),
             "overlayfs": reg.push_oci(d, "orig", f"rp-{args.image}:orig"),
         }
+        refs["ours-pt"] = refs["ours"]
         for r in range(args.trials):
-            order = ["ours", "go", "overlayfs"]
+            order = [c for c in CONTENDERS if c in args.contenders.split(",")]
             rng.shuffle(order)
             for c in order:
                 try:
@@ -208,7 +213,7 @@ def main() -> int:
                 hb.log(json.dumps(t)[:600])
                 out.write_text(json.dumps(doc, indent=1) + "\n")
     summ: dict = {}
-    for c in ("ours", "go", "overlayfs"):
+    for c in CONTENDERS:
         ts = [t for t in doc["trials"] if t["contender"] == c and "error" not in t]
         if not ts:
             continue

@@ -6,7 +6,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PKGS=(
-  fuse3 libfuse3-dev pkg-config
+  fuse3 pkg-config
   containerd runc docker-registry skopeo
   stargz-snapshotter golang-go golang-github-containerd-stargz-snapshotter-dev
   libisal-dev libzstd-dev libssl-dev

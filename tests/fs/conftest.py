@@ -1,4 +1,4 @@
-"""Harness for the FUSE filesystem tests: a real pyfuse3 mount served from a thread.
+"""Harness for the FUSE filesystem tests: a real FUSE mount served from a thread.
 
 The filesystem runs on its own event loop (asyncio or uvloop) in a background thread, so
 the test thread can use the mount with ordinary blocking syscalls. Teardown always
@@ -53,10 +53,6 @@ def fuse_host() -> None:
         pytest.fail(
             "the FUSE tests need root (allow_other, bind and overlay mounts)", pytrace=False
         )
-    try:
-        import pyfuse3  # noqa: F401
-    except ImportError as e:
-        pytest.fail(f"pyfuse3 is not installed ({e}); pip install 'pyfuse3>=3.3'", pytrace=False)
 
 
 class LoopThread:

@@ -1,13 +1,14 @@
 """The FUSE filesystem: lazily pulled eStargz layers, verified chunk by chunk.
 
 - :class:`StargzFileSystem` implements `stargz.snapshot.FileSystem` (``mount``,
-  ``check``, ``unmount``) with one pyfuse3 mount per daemon, each layer a subtree.
+  ``check``, ``unmount``) with one FUSE mount per daemon (served from ``/dev/fuse``),
+  each layer a subtree.
 - :class:`LayerSource` / :class:`Blob` are the seam to where bytes come from:
   :class:`LocalLayerSource` (local files / OCI layouts) here, the registry in
   :mod:`stargz.fs.registry`.
 - :class:`FsOptions` gathers the configuration (``FsOptions.from_config``).
 
-Importing this package imports pyfuse3 (and so trio); `stargz.estargz` never does.
+Importing this package imports asyncio; `stargz.estargz` never does.
 """
 
 from stargz.fs import mounts

@@ -1,9 +1,10 @@
 """`StargzFileSystem`: the `stargz.snapshot.FileSystem` the snapshotter mounts layers with.
 
-One FUSE mount per daemon, at ``<root>/fuse``, served by pyfuse3 on the daemon's event
-loop (asyncio or uvloop). Each mounted layer is a subtree ``<root>/fuse/<digest hex>/``,
-bind-mounted (read-only) onto the snapshot directory containerd uses as an overlayfs
-lower dir. A layer mounted at several snapshot directories is opened once.
+One FUSE mount per daemon, at ``<root>/fuse``, served from ``/dev/fuse`` on the daemon's
+event loop (asyncio or uvloop) by `stargz.fs.session.Session`. Each mounted layer is a
+subtree ``<root>/fuse/<digest hex>/``, bind-mounted (read-only) onto the snapshot
+directory containerd uses as an overlayfs lower dir. A layer mounted at several snapshot
+directories is opened once.
 
 ``mount``: labels -> `LayerSpec` -> `LayerSource.resolve` (30 s) -> `Layer.open` (footer,
 TOC, verified against the label's TOC digest) -> subtree -> bind mount -> prefetch and
@@ -11,9 +12,8 @@ background fetch start. ``check``: a connectivity check while the layer is not f
 fetched (re-resolving once from the labels on failure), then a bounded wait for the
 prefetch. ``unmount``: unbind, and drop the layer when no snapshot uses it any more.
 
-pyfuse3 keeps its session in module globals, so a process has at most one started
-instance at a time; `close` ends it and a new instance may start (daemon restart in one
-process, as the tests do).
+`close` ends the session and unmounts; a new instance may then start on the same root
+(a daemon restart in one process, as the tests do).
 """
 
 from __future__ import annotations
@@ -30,9 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyfuse3
-import pyfuse3.asyncio
-
 from stargz.errors import (
     DigestMismatch,
     FailedPrecondition,
@@ -42,22 +39,18 @@ from stargz.errors import (
 )
 from stargz.fs import memory, mounts
 from stargz.fs.cache import DiskCache, MemoryLRU
+from stargz.fs.kernel import ROOT_INODE
 from stargz.fs.layer import Layer
 from stargz.fs.metrics import FsMetrics
 from stargz.fs.ops import Operations
 from stargz.fs.options import FsOptions
+from stargz.fs.passthrough import Passthrough
 from stargz.fs.scheduler import Scheduler
+from stargz.fs.session import Session
 from stargz.fs.source import LayerSource, LayerSpec, layer_spec
 from stargz.fs.tree import Tree
 
 log = logging.getLogger("stargz.fs")
-
-#: ``default_permissions``: the kernel checks mode bits itself, so a user of the host who
-#: can reach the mount (``allow_other``) reads only what the layer's modes allow, and no
-#: ACCESS requests reach the daemon.
-FUSE_OPTIONS = ("fsname=stargz", "subtype=stargz", "allow_other", "ro", "default_permissions")
-
-_started: StargzFileSystem | None = None
 
 
 @dataclass(eq=False)
@@ -104,6 +97,7 @@ class StargzFileSystem:
         self._writer: ThreadPoolExecutor | None = None
         self._scheduler: Scheduler | None = None
         self._main: asyncio.Task[None] | None = None
+        self._session: Session | None = None
         self._start_lock: asyncio.Lock | None = None
         self._started = False
         self._closed = False
@@ -138,11 +132,6 @@ class StargzFileSystem:
                 return
             if self._closed:
                 raise FailedPrecondition("this filesystem was closed")
-            global _started
-            if _started is not None:
-                raise FailedPrecondition(
-                    "another StargzFileSystem is running in this process (pyfuse3 has one session)"
-                )
             loop = asyncio.get_running_loop()
             o = self.options
             self._executor = ThreadPoolExecutor(
@@ -158,9 +147,27 @@ class StargzFileSystem:
             await loop.run_in_executor(None, _detach_all, self.fuse_dir)
             await loop.run_in_executor(None, lambda: os.makedirs(self.fuse_dir, exist_ok=True))
             await loop.run_in_executor(self._executor, self.disk.load)
-            pyfuse3.asyncio.enable()
-            pyfuse3.init(self.ops, self.fuse_dir, set(FUSE_OPTIONS))
-            _started = self
+            # read-only, nosuid, nodev, allow_other and default_permissions: the kernel
+            # checks mode bits itself, so a host user who can reach the mount reads only
+            # what the layer's modes allow
+            session = Session(self.ops, self.fuse_dir, passthrough=o.passthrough)
+            await loop.run_in_executor(None, session.mount)
+            session.start(loop)
+            self._session = session
+            self.ops.notify_store = session.notify_store
+            if session.passthrough:
+                self.ops.passthrough = await loop.run_in_executor(
+                    None,
+                    Passthrough,
+                    os.path.join(self.root, "passthrough"),
+                    session.backing_open,
+                    session.backing_close,
+                    self._writer,
+                )
+            elif o.passthrough:
+                log.warning(
+                    "the kernel does not offer FUSE passthrough; reads go through the daemon"
+                )
             self._main = loop.create_task(self._serve(), name="stargz-fuse")
             self._started = True
             try:
@@ -177,8 +184,9 @@ class StargzFileSystem:
             )
 
     async def _serve(self) -> None:
+        assert self._session is not None
         try:
-            await pyfuse3.main()
+            await self._session.wait()
         except asyncio.CancelledError:
             raise
         except BaseException:
@@ -187,7 +195,6 @@ class StargzFileSystem:
 
     async def close(self, *, unmount: bool = True) -> None:
         """Stop serving. With ``unmount``, unbind every snapshot mount first."""
-        global _started
         if self._closed:
             return
         self._closed = True
@@ -202,19 +209,15 @@ class StargzFileSystem:
         for ref in list(self._layers.values()):
             await ref.layer.close()
         self._layers.clear()
-        if self._started:
-            pyfuse3.terminate()
+        if self._session is not None:
+            self.ops.notify_store = self.ops.passthrough = None
+            self._session.close()
             if self._main is not None:
                 try:
                     await asyncio.wait_for(asyncio.shield(self._main), 10)
                 except (TimeoutError, Exception):
                     self._main.cancel()
-            try:
-                pyfuse3.close(unmount=True)
-            except Exception as e:  # pragma: no cover - unmount raced with someone else
-                log.warning("pyfuse3.close failed: %s", e)
             await loop.run_in_executor(None, _detach_all, self.fuse_dir)
-            _started = None
         self.disk.close()
         for ex in (self._executor, self._writer):
             if ex is not None:
@@ -363,8 +366,11 @@ class StargzFileSystem:
             return
         self._layers.pop(ref.layer.digest, None)
         self.ops.remove(ref.name)
-        if self._started and not self._closed:
-            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, ref.name, ignore_enoent=True)
+        if self._session is not None and not self._closed:
+            # in a worker thread: the kernel may need a request answered meanwhile
+            asyncio.get_running_loop().run_in_executor(
+                None, self._session.invalidate_entry, ROOT_INODE, ref.name
+            )
         await ref.layer.close()
 
     async def _wait_prefetch(self, layer: Layer) -> None:

@@ -63,6 +63,8 @@ class FsMetrics:
 
     #: FUSE handler calls that raised something other than FUSEError (answered EIO).
     handler_errors: int = 0
+    #: Opens answered with FUSE passthrough (the kernel reads a cache file directly).
+    passthrough_opens: int = 0
     mounts: int = 0
     mount_failures: int = 0
     unmounts: int = 0

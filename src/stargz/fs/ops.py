@@ -1,4 +1,4 @@
-"""pyfuse3 request handlers: one FUSE mount whose root holds one directory per layer.
+"""FUSE request handlers: one FUSE mount whose root holds one directory per layer.
 
 Inode numbers are computed, never allocated: ``(slot << 32) | local`` where ``slot`` is
 the mounted layer's number (never reused while the process lives, so a stale kernel
@@ -7,44 +7,49 @@ inode can't reach another layer) and ``local`` is 1 for the hidden state directo
 node 0). The FUSE root is inode 1 (slot 0). So every handler finds its layer with one
 dict lookup and its node by arithmetic, and ``forget`` has nothing to do.
 
-Only ``pyfuse3.FUSEError`` may leave a handler (anything else would stop pyfuse3's main
-loop and the whole mount with it): other exceptions are logged, counted in
+Handlers are plain functions called by `stargz.fs.session.Session` as each request
+arrives; only ``read`` may return an awaitable (a chunk that must be fetched first).
+``FUSEError`` answers with an errno; other exceptions are logged, counted in
 ``FsMetrics.handler_errors`` and answered with EIO.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import logging
 import os
 import stat
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
-
-import pyfuse3
 
 from stargz.errors import StargzError, VerificationError
+from stargz.fs.kernel import (
+    ROOT_INODE,
+    DirBuffer,
+    EntryAttributes,
+    FileInfo,
+    FUSEError,
+    StatvfsData,
+)
 from stargz.fs.layer import Layer, LayerClosed
 from stargz.fs.metrics import FsMetrics
 from stargz.fs.options import FsOptions
+from stargz.fs.passthrough import Passthrough
 from stargz.fs.tree import BLOCK_SIZE, Tree
 
 log = logging.getLogger("stargz.fs")
 
-ROOT_INODE = pyfuse3.ROOT_INODE
 SLOT_SHIFT = 32
 LOCAL_MASK = (1 << SLOT_SHIFT) - 1
 STATE_DIR = 1
 STATE_FILE = 2
 NODE_BASE = 3
 STATE_DIR_NAME = b".stargz-snapshotter"
+#: File handle bit of a passthrough open (its RELEASE must not count as a cached close).
+PASSTHROUGH_FH = 1 << 62
 #: Bytes of in-memory chunks pushed into the page cache when a file is first opened.
 NOTIFY_STORE_LIMIT = 8 << 20
-
-T = TypeVar("T")
 
 
 def ino_of(slot: int, node_id: int) -> int:
@@ -59,9 +64,16 @@ class Mounted:
     name: bytes
     layer: Layer
     tree: Tree
-    attrs: dict[int, pyfuse3.EntryAttributes] = field(default_factory=dict)
+    attrs: dict[int, EntryAttributes] = field(default_factory=dict)
     pushed: set[int] = field(default_factory=set)
     accessed: set[int] = field(default_factory=set)
+    #: Passthrough backing ids by node, and how many opens of a node are NOT passthrough
+    #: (the kernel refuses to mix the two modes on one inode while both are open).
+    backing: dict[int, int] = field(default_factory=dict)
+    cached_opens: dict[int, int] = field(default_factory=dict)
+    #: Merged whole-file copies of multi-chunk files (see `stargz.fs.passthrough`).
+    merged: dict[int, str] = field(default_factory=dict)
+    merging: set[int] = field(default_factory=set)
 
     @property
     def state_name(self) -> bytes:
@@ -71,34 +83,18 @@ class Mounted:
         return json.dumps(self.layer.state()).encode() + b"\n"
 
 
-def _guard(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., Coroutine[Any, Any, T]]:
-    @functools.wraps(fn)
-    async def wrapper(self: Operations, *args: Any) -> T:
-        try:
-            return await fn(self, *args)
-        except pyfuse3.FUSEError:
-            raise
-        except Exception:
-            self.metrics.handler_errors += 1
-            log.exception("FUSE %s%r failed", fn.__name__, args[:2])
-            raise pyfuse3.FUSEError(errno.EIO) from None
-
-    return wrapper
-
-
-class Operations(pyfuse3.Operations):
-    supports_dot_lookup = False
-    enable_writeback_cache = False
-    enable_acl = False
-
+class Operations:
     def __init__(self, options: FsOptions, metrics: FsMetrics) -> None:
-        super().__init__()
         self.options = options
         self.metrics = metrics
         self.slots: dict[int, Mounted] = {}
         self.names: dict[bytes, int] = {}
         self._next_slot = 1
         self._root_attr = self._dir_attr(ROOT_INODE, 0o755)
+        #: Set by the filesystem once mounted: ``notify_store(inode, offset, data)``.
+        self.notify_store: Callable[[int, int, bytes], None] | None = None
+        #: Set by the filesystem when the kernel agreed to FUSE passthrough.
+        self.passthrough: Passthrough | None = None
 
     # --- the layer table (called by the FileSystem) ---------------------------------------
 
@@ -116,14 +112,15 @@ class Operations(pyfuse3.Operations):
         slot = self.names.pop(name, None)
         if slot is None:
             return None
-        return self.slots.pop(slot, None)
+        m = self.slots.pop(slot, None)
+        if m is not None and self.passthrough is not None:
+            self.passthrough.drop(m)
+        return m
 
     # --- attributes ------------------------------------------------------------------------
 
-    def _dir_attr(
-        self, ino: int, perm: int, timeout: float | None = None
-    ) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
+    def _dir_attr(self, ino: int, perm: int, timeout: float | None = None) -> EntryAttributes:
+        a = EntryAttributes()
         a.st_ino = ino
         a.st_mode = stat.S_IFDIR | perm
         a.st_nlink = 2
@@ -133,7 +130,7 @@ class Operations(pyfuse3.Operations):
         a.entry_timeout = self.options.entry_timeout if timeout is None else timeout
         return a
 
-    def _attr(self, m: Mounted, local: int) -> pyfuse3.EntryAttributes:
+    def _attr(self, m: Mounted, local: int) -> EntryAttributes:
         a = m.attrs.get(local)
         if a is not None:
             return a
@@ -141,7 +138,7 @@ class Operations(pyfuse3.Operations):
         if local == STATE_DIR:
             return self._dir_attr(ino, 0o500, 0)
         if local == STATE_FILE:
-            a = pyfuse3.EntryAttributes()
+            a = EntryAttributes()
             a.st_ino = ino
             a.st_mode = stat.S_IFREG | 0o400
             a.st_nlink = 1
@@ -152,8 +149,8 @@ class Operations(pyfuse3.Operations):
             return a
         node = local - NODE_BASE
         if not 0 <= node < len(m.tree.nodes):
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        a = pyfuse3.EntryAttributes()
+            raise FUSEError(errno.ENOENT)
+        a = EntryAttributes()
         a.st_ino = ino
         m.tree.fill_attr(a, node, m.layer.mtime_ns(node))
         a.attr_timeout = self.options.attr_timeout
@@ -164,70 +161,64 @@ class Operations(pyfuse3.Operations):
     def _split(self, inode: int) -> tuple[Mounted, int]:
         m = self.slots.get(inode >> SLOT_SHIFT)
         if m is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise FUSEError(errno.ENOENT)
         return m, inode & LOCAL_MASK
 
-    def _negative(self) -> pyfuse3.EntryAttributes:
+    def _negative(self) -> EntryAttributes:
         # st_ino 0: the kernel caches "no such entry" for entry_timeout (overlayfs looks up
         # every path in every lower layer, so negative answers are a hot path too)
-        a = pyfuse3.EntryAttributes()
+        a = EntryAttributes()
         a.st_ino = 0
         a.entry_timeout = self.options.entry_timeout
         return a
 
     # --- handlers --------------------------------------------------------------------------
 
-    @_guard
-    async def lookup(
-        self, parent_inode: int, name: bytes, ctx: Any = None
-    ) -> pyfuse3.EntryAttributes:
+    def lookup(self, parent_inode: int, name: bytes) -> EntryAttributes:
         if parent_inode == ROOT_INODE:
             slot = self.names.get(name)
             if slot is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
+                raise FUSEError(errno.ENOENT)
             return self._attr(self.slots[slot], NODE_BASE)
         m, local = self._split(parent_inode)
         if local == STATE_DIR:
             if name == m.state_name:
                 return self._attr(m, STATE_FILE)
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise FUSEError(errno.ENOENT)
         node = local - NODE_BASE
         if node == 0 and name == STATE_DIR_NAME:
             return self._attr(m, STATE_DIR)
         if not (0 <= node < len(m.tree.nodes)) or not m.tree.is_dir(node):
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+            raise FUSEError(errno.ENOTDIR)
         child = m.tree.lookup(node, name)
         if child < 0:
             return self._negative()
         return self._attr(m, child + NODE_BASE)
 
-    @_guard
-    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+    def getattr(self, inode: int) -> EntryAttributes:
         if inode == ROOT_INODE:
             return self._root_attr
         m, local = self._split(inode)
         return self._attr(m, local)
 
-    @_guard
-    async def readlink(self, inode: int, ctx: Any) -> bytes:
+    def readlink(self, inode: int) -> bytes:
         m, local = self._split(inode)
         if local < NODE_BASE:
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            raise FUSEError(errno.EINVAL)
         target = m.tree.readlink(local - NODE_BASE)
         if target is None:
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            raise FUSEError(errno.EINVAL)
         return target
 
-    @_guard
-    async def opendir(self, inode: int, ctx: Any) -> int:
+    def opendir(self, inode: int) -> int:
         if inode == ROOT_INODE:
             return inode
         m, local = self._split(inode)
         if local == STATE_DIR or (local >= NODE_BASE and m.tree.is_dir(local - NODE_BASE)):
             return inode
-        raise pyfuse3.FUSEError(errno.ENOTDIR)
+        raise FUSEError(errno.ENOTDIR)
 
-    def _small_dir(self, inode: int) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+    def _small_dir(self, inode: int) -> list[tuple[bytes, EntryAttributes]]:
         """Entries of the FUSE root or a state directory (a handful)."""
         if inode == ROOT_INODE:
             out = [(b".", self._root_attr), (b"..", self._root_attr)]
@@ -243,20 +234,19 @@ class Operations(pyfuse3.Operations):
             (m.state_name, self._attr(m, STATE_FILE)),
         ]
 
-    @_guard
-    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+    def readdir(self, fh: int, start_id: int, token: DirBuffer) -> None:
         # ids: 0 ".", 1 "..", 2 + i the i-th visible entry; each call continues at start_id
         if fh == ROOT_INODE or fh & LOCAL_MASK == STATE_DIR:
             entries = self._small_dir(fh)
             for i in range(start_id, len(entries)):
                 name, attr = entries[i]
-                if not pyfuse3.readdir_reply(token, name, attr, i + 1):
+                if not token.add(name, attr, i + 1):
                     return
             return
         m, local = self._split(fh)
         node = local - NODE_BASE
         if start_id == 0:
-            if not pyfuse3.readdir_reply(token, b".", self._attr(m, local), 1):
+            if not token.add(b".", self._attr(m, local), 1):
                 return
             start_id = 1
         if start_id == 1:
@@ -265,28 +255,24 @@ class Operations(pyfuse3.Operations):
                 if node == 0
                 else self._attr(m, m.tree.parent.get(node, 0) + NODE_BASE)
             )
-            if not pyfuse3.readdir_reply(token, b"..", parent, 2):
+            if not token.add(b"..", parent, 2):
                 return
             start_id = 2
         listing = m.tree.listing(node)
         for i in range(start_id - 2, len(listing)):
             name, child = listing[i]
-            if not pyfuse3.readdir_reply(token, name, self._attr(m, child + NODE_BASE), i + 3):
+            if not token.add(name, self._attr(m, child + NODE_BASE), i + 3):
                 return
 
-    async def releasedir(self, fh: int) -> None:
-        return None
-
-    @_guard
-    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+    def open(self, inode: int, flags: int) -> FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY:
-            raise pyfuse3.FUSEError(errno.EROFS)
+            raise FUSEError(errno.EROFS)
         m, local = self._split(inode)
         if local == STATE_FILE:
-            return pyfuse3.FileInfo(fh=inode, direct_io=True, keep_cache=False)
+            return FileInfo(fh=inode, direct_io=True, keep_cache=False)
         node = local - NODE_BASE
         if local < NODE_BASE or not m.tree.is_reg(node):
-            raise pyfuse3.FUSEError(errno.EISDIR if local == STATE_DIR else errno.EINVAL)
+            raise FUSEError(errno.EISDIR if local == STATE_DIR else errno.EINVAL)
         if node not in m.accessed:
             m.accessed.add(node)
             if self.options.log_file_access:
@@ -294,16 +280,42 @@ class Operations(pyfuse3.Operations):
                     "file access",
                     extra={"layer": m.layer.digest, "path": m.tree.nodes[node].path},
                 )
-        if self.options.notify_store and node not in m.pushed and not flags & os.O_DIRECT:
+        if self.passthrough is not None:
+            bid = self.passthrough.backing_for(m, node)
+            if bid:
+                self.metrics.passthrough_opens += 1
+                return FileInfo(fh=inode | PASSTHROUGH_FH, backing_id=bid)
+        m.cached_opens[node] = m.cached_opens.get(node, 0) + 1
+        if (
+            self.notify_store is not None
+            and self.options.notify_store
+            and node not in m.pushed
+            and not flags & os.O_DIRECT
+        ):
             m.pushed.add(node)
             self._push(m, inode, node)
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+        return FileInfo(fh=inode, keep_cache=True)
+
+    def release(self, fh: int) -> None:
+        if fh & PASSTHROUGH_FH:
+            return
+        m = self.slots.get(fh >> SLOT_SHIFT)
+        if m is None:
+            return
+        node = (fh & LOCAL_MASK) - NODE_BASE
+        left = m.cached_opens.get(node, 0) - 1
+        if left > 0:
+            m.cached_opens[node] = left
+            return
+        m.cached_opens.pop(node, None)
+        if self.passthrough is not None:
+            self.passthrough.released(m, node)
 
     def _push(self, m: Mounted, inode: int, node: int) -> None:
         """Hand the file's already-cached chunks to the kernel page cache (notify_store)."""
         for off, data in m.layer.cached_chunks(node, NOTIFY_STORE_LIMIT):
             try:
-                pyfuse3.notify_store(inode, off, data)
+                self.notify_store(inode, off, data)
             except OSError as e:
                 log.debug("notify_store of %s failed: %s", m.tree.nodes[node].path, e)
                 return
@@ -312,18 +324,18 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         m = self.slots.get(fh >> SLOT_SHIFT)
         if m is None:
-            raise pyfuse3.FUSEError(errno.EIO)
+            raise FUSEError(errno.EIO)
         local = fh & LOCAL_MASK
         try:
             if local == STATE_FILE:
                 return m.state_json()[off : off + size]
             return await m.layer.read(local - NODE_BASE, off, size)
-        except pyfuse3.FUSEError:
+        except FUSEError:
             raise
         except (VerificationError, LayerClosed) as e:
             m.layer.metrics.read_errors += 1
             log.debug("read of %s failed: %s", m.tree.nodes[local - NODE_BASE].path, e)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise FUSEError(errno.EIO) from None
         except (StargzError, OSError, TimeoutError) as e:
             m.layer.metrics.read_errors += 1
             log.warning(
@@ -334,27 +346,15 @@ class Operations(pyfuse3.Operations):
                     "error": str(e),
                 },
             )
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise FUSEError(errno.EIO) from None
         except Exception:
             m.layer.metrics.read_errors += 1
             self.metrics.handler_errors += 1
             log.exception("FUSE read failed")
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise FUSEError(errno.EIO) from None
 
-    async def release(self, fh: int) -> None:
-        return None
-
-    async def flush(self, fh: int) -> None:
-        # Nothing to flush on a read-only mount. ENOSYS (not 0) tells the kernel to stop
-        # sending FLUSH at all: one request less per close().
-        raise pyfuse3.FUSEError(errno.ENOSYS)
-
-    async def forget(self, inode_list: Any) -> None:
-        return None
-
-    @_guard
-    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
-        s = pyfuse3.StatvfsData()
+    def statfs(self) -> StatvfsData:
+        s = StatvfsData()
         s.f_bsize = BLOCK_SIZE
         s.f_frsize = BLOCK_SIZE
         s.f_blocks = s.f_bfree = s.f_bavail = 0
@@ -370,16 +370,11 @@ class Operations(pyfuse3.Operations):
             return {}
         return m.tree.xattrs(local - NODE_BASE)
 
-    @_guard
-    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+    def getxattr(self, inode: int, name: bytes) -> bytes:
         value = self._xattrs(inode).get(name)
         if value is None:
-            raise pyfuse3.FUSEError(errno.ENODATA)
+            raise FUSEError(errno.ENODATA)
         return value
 
-    @_guard
-    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+    def listxattr(self, inode: int) -> list[bytes]:
         return list(self._xattrs(inode))
-
-    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
-        return True

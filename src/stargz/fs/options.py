@@ -54,6 +54,10 @@ class FsOptions:
     read_ahead_kb: int = 1024
     #: ours (``[fuse] notify_store``): push cached chunks into the page cache on open.
     notify_store: bool = True
+    #: ``[fuse] passthrough``: the kernel reads verified single-chunk files straight from
+    #: the disk cache (needs kernel >= 6.9 with CONFIG_FUSE_PASSTHROUGH and CAP_SYS_ADMIN;
+    #: without them the daemon serves every read, as with false).
+    passthrough: bool = False
     #: "trusted" or "user": which opaque xattr marks `.wh..wh..opq` dirs (userxattr overlay).
     opaque_xattr: str = "trusted"
     # --- scheduling (ours, not configurable upstream) ---
@@ -106,6 +110,7 @@ class FsOptions:
             entry_timeout=get(fuse, "entry_timeout", d.entry_timeout),
             read_ahead_kb=get(fuse, "read_ahead_kb", d.read_ahead_kb),
             notify_store=get(fuse, "notify_store", d.notify_store),
+            passthrough=get(fuse, "passthrough", d.passthrough),
         )
         values.update(overrides)
         return cls(**values)

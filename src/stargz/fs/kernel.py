@@ -1,0 +1,302 @@
+"""The FUSE kernel protocol (``include/uapi/linux/fuse.h``, 7.40): constants and the
+reply values handlers return.
+
+Only what a read-only filesystem needs. Structs are little-endian, 64-bit aligned;
+their layouts are written out as `struct` formats next to the field names they pack.
+"""
+
+from __future__ import annotations
+
+import struct
+
+KERNEL_MAJOR = 7
+KERNEL_MINOR = 40
+ROOT_INODE = 1
+
+# --- opcodes ------------------------------------------------------------------------------
+LOOKUP = 1
+FORGET = 2  # no reply
+GETATTR = 3
+READLINK = 5
+OPEN = 14
+READ = 15
+STATFS = 17
+RELEASE = 18
+GETXATTR = 22
+LISTXATTR = 23
+FLUSH = 25
+INIT = 26
+OPENDIR = 27
+READDIR = 28
+RELEASEDIR = 29
+ACCESS = 34
+INTERRUPT = 36  # no reply
+DESTROY = 38
+BATCH_FORGET = 42  # no reply
+READDIRPLUS = 44
+
+#: Opcodes that change the filesystem: the mount is read-only, the answer is EROFS.
+WRITE_OPCODES = frozenset({4, 6, 8, 9, 10, 11, 12, 13, 16, 21, 24, 35, 43, 45, 47, 51})
+NO_REPLY = frozenset({FORGET, INTERRUPT, BATCH_FORGET})
+
+# --- INIT flags (bits 32.. go to flags2) -------------------------------------------------------
+ASYNC_READ = 1 << 0
+BIG_WRITES = 1 << 5
+DO_READDIRPLUS = 1 << 13
+READDIRPLUS_AUTO = 1 << 14
+PARALLEL_DIROPS = 1 << 18
+MAX_PAGES = 1 << 22
+CACHE_SYMLINKS = 1 << 23
+INIT_EXT = 1 << 30
+PASSTHROUGH = 1 << 37
+
+# --- OPEN reply flags --------------------------------------------------------------------------
+FOPEN_DIRECT_IO = 1 << 0
+FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_CACHE_DIR = 1 << 3
+FOPEN_NOFLUSH = 1 << 5
+FOPEN_PASSTHROUGH = 1 << 7
+
+# --- notifications (sent as replies with unique 0 and the code in `error`) --------------------
+NOTIFY_INVAL_ENTRY = 3
+NOTIFY_STORE = 4
+
+# --- device ioctls: _IOW(229, 1, struct fuse_backing_map) and _IOW(229, 2, uint32_t) ----------
+DEV_IOC_BACKING_OPEN = 0x4010E501
+DEV_IOC_BACKING_CLOSE = 0x4004E502
+
+# --- structs ----------------------------------------------------------------------------------
+#: fuse_in_header: len, opcode, unique, nodeid, uid, gid, pid, total_extlen, padding
+IN_HEADER = struct.Struct("<IIQQIIIHH")
+#: fuse_out_header: len, error (negative errno), unique
+OUT_HEADER = struct.Struct("<IiQ")
+#: fuse_init_in: major, minor, max_readahead, flags, flags2
+INIT_IN = struct.Struct("<IIIII")
+#: fuse_init_out: major, minor, max_readahead, flags, max_background, congestion_threshold,
+#: max_write, time_gran, max_pages, map_alignment, flags2, max_stack_depth, unused[6]
+INIT_OUT = struct.Struct("<IIIIHHIIHHII24x")
+#: fuse_attr: ino, size, blocks, atime, mtime, ctime, atimensec, mtimensec, ctimensec,
+#: mode, nlink, uid, gid, rdev, blksize, flags
+ATTR = struct.Struct("<QQQqqqIIIIIIIIII")
+#: fuse_entry_out without its attr: nodeid, generation, entry_valid, attr_valid,
+#: entry_valid_nsec, attr_valid_nsec
+ENTRY_OUT = struct.Struct("<QQQQII")
+#: fuse_attr_out without its attr: attr_valid, attr_valid_nsec, dummy
+ATTR_OUT = struct.Struct("<QII")
+#: fuse_open_out: fh, open_flags, backing_id
+OPEN_OUT = struct.Struct("<QIi")
+#: fuse_read_in: fh, offset, size, read_flags, lock_owner, flags, padding
+READ_IN = struct.Struct("<QQIIQII")
+#: the first field of fuse_release_in / fuse_flush_in: fh
+FH = struct.Struct("<Q")
+#: fuse_getxattr_in: size, padding
+GETXATTR_IN = struct.Struct("<II")
+#: fuse_getxattr_out: size, padding
+GETXATTR_OUT = struct.Struct("<II")
+#: fuse_open_in: flags, open_flags
+OPEN_IN = struct.Struct("<II")
+#: fuse_kstatfs: blocks, bfree, bavail, files, ffree, bsize, namelen, frsize, padding, spare[6]
+STATFS_OUT = struct.Struct("<QQQQQIIII24x")
+#: fuse_dirent without its name: ino, off, namelen, type
+DIRENT = struct.Struct("<QQII")
+#: fuse_notify_store_out: nodeid, offset, size, padding
+NOTIFY_STORE_OUT = struct.Struct("<QQII")
+#: fuse_notify_inval_entry_out: parent, namelen, flags
+NOTIFY_INVAL_ENTRY_OUT = struct.Struct("<QII")
+#: fuse_backing_map: fd, flags, padding
+BACKING_MAP = struct.Struct("<iIQ")
+
+
+class FUSEError(Exception):
+    """Raised by a handler: the request is answered with ``-errno``."""
+
+    def __init__(self, errno: int) -> None:
+        super().__init__(errno)
+        self.errno = errno
+
+    def __str__(self) -> str:
+        import os
+
+        return os.strerror(self.errno)
+
+
+def _split_time(seconds: float) -> tuple[int, int]:
+    s = int(seconds)
+    return s, int((seconds - s) * 1e9)
+
+
+class EntryAttributes:
+    """What LOOKUP, GETATTR and READDIRPLUS tell the kernel about one inode.
+
+    The packed ``fuse_attr`` is computed once (`packed`): the layers are immutable, so an
+    attribute object never changes after a handler returned it.
+    """
+
+    __slots__ = (
+        "st_ino",
+        "st_mode",
+        "st_nlink",
+        "st_uid",
+        "st_gid",
+        "st_rdev",
+        "st_size",
+        "st_blksize",
+        "st_blocks",
+        "st_atime_ns",
+        "st_mtime_ns",
+        "st_ctime_ns",
+        "attr_timeout",
+        "entry_timeout",
+        "_attr",
+        "_entry",
+    )
+
+    def __init__(self) -> None:
+        self.st_ino = 0
+        self.st_mode = 0
+        self.st_nlink = 0
+        self.st_uid = 0
+        self.st_gid = 0
+        self.st_rdev = 0
+        self.st_size = 0
+        self.st_blksize = 4096
+        self.st_blocks = 0
+        self.st_atime_ns = 0
+        self.st_mtime_ns = 0
+        self.st_ctime_ns = 0
+        self.attr_timeout = 0.0
+        self.entry_timeout = 0.0
+        self._attr: bytes | None = None
+        self._entry: bytes | None = None
+
+    def packed(self) -> bytes:
+        """``struct fuse_attr``."""
+        p = self._attr
+        if p is None:
+            a, m, c = self.st_atime_ns, self.st_mtime_ns, self.st_ctime_ns
+            p = self._attr = ATTR.pack(
+                self.st_ino,
+                self.st_size,
+                self.st_blocks,
+                a // 1_000_000_000,
+                m // 1_000_000_000,
+                c // 1_000_000_000,
+                a % 1_000_000_000,
+                m % 1_000_000_000,
+                c % 1_000_000_000,
+                self.st_mode,
+                self.st_nlink,
+                self.st_uid,
+                self.st_gid,
+                self.st_rdev & 0xFFFFFFFF,
+                self.st_blksize,
+                0,
+            )
+        return p
+
+    def entry_out(self) -> bytes:
+        """``struct fuse_entry_out`` (nodeid 0 + entry timeout = a cached negative entry)."""
+        p = self._entry
+        if p is None:
+            es, ens = _split_time(self.entry_timeout)
+            as_, ans = _split_time(self.attr_timeout)
+            p = self._entry = ENTRY_OUT.pack(self.st_ino, 0, es, as_, ens, ans) + self.packed()
+        return p
+
+    def attr_out(self) -> bytes:
+        """``struct fuse_attr_out``."""
+        s, ns = _split_time(self.attr_timeout)
+        return ATTR_OUT.pack(s, ns, 0) + self.packed()
+
+
+class FileInfo:
+    """The answer to OPEN: a file handle and how the kernel should cache the file.
+
+    ``backing_id`` (from `Session.backing_open`) makes the kernel read the file straight
+    from a backing file (FUSE passthrough): no READ request reaches the daemon.
+    """
+
+    __slots__ = ("fh", "direct_io", "keep_cache", "backing_id")
+
+    def __init__(
+        self, fh: int, *, direct_io: bool = False, keep_cache: bool = False, backing_id: int = 0
+    ) -> None:
+        self.fh = fh
+        self.direct_io = direct_io
+        self.keep_cache = keep_cache
+        self.backing_id = backing_id
+
+    def open_out(self) -> bytes:
+        flags = FOPEN_NOFLUSH
+        if self.direct_io:
+            flags |= FOPEN_DIRECT_IO
+        if self.keep_cache:
+            flags |= FOPEN_KEEP_CACHE
+        if self.backing_id:
+            flags |= FOPEN_PASSTHROUGH
+        return OPEN_OUT.pack(self.fh, flags, self.backing_id)
+
+
+class StatvfsData:
+    __slots__ = (
+        "f_bsize",
+        "f_frsize",
+        "f_blocks",
+        "f_bfree",
+        "f_bavail",
+        "f_files",
+        "f_ffree",
+        "f_favail",
+        "f_namemax",
+    )
+
+    def __init__(self) -> None:
+        self.f_bsize = self.f_frsize = 4096
+        self.f_blocks = self.f_bfree = self.f_bavail = 0
+        self.f_files = self.f_ffree = self.f_favail = 0
+        self.f_namemax = 255
+
+    def statfs_out(self) -> bytes:
+        return STATFS_OUT.pack(
+            self.f_blocks,
+            self.f_bfree,
+            self.f_bavail,
+            self.f_files,
+            self.f_ffree,
+            self.f_bsize,
+            self.f_namemax,
+            self.f_frsize,
+            0,
+        )
+
+
+class DirBuffer:
+    """The body of one READDIR / READDIRPLUS answer, filled up to the kernel's size."""
+
+    __slots__ = ("plus", "limit", "parts", "used")
+
+    def __init__(self, plus: bool, limit: int) -> None:
+        self.plus = plus
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.used = 0
+
+    def add(self, name: bytes, attr: EntryAttributes, next_id: int) -> bool:
+        """Append an entry; False (and nothing appended) when it does not fit."""
+        n = len(name)
+        rec = DIRENT.size + n
+        pad = -rec & 7
+        head = attr.entry_out() if self.plus else b""
+        size = len(head) + rec + pad
+        if self.used + size > self.limit:
+            return False
+        self.parts.append(
+            head + DIRENT.pack(attr.st_ino, next_id, n, (attr.st_mode >> 12) & 0xF) + name
+        )
+        if pad:
+            self.parts.append(b"\0" * pad)
+        self.used += size
+        return True
+
+    def body(self) -> bytes:
+        return b"".join(self.parts)

@@ -1,0 +1,154 @@
+"""FUSE passthrough (``[fuse] passthrough = true``): verified single-chunk files are read
+by the kernel straight from the disk cache, and never in a way the kernel would refuse.
+
+Ground truth is the layer blob unpacked by Python's tarfile (`tar_tree`), not our reader.
+Needs a kernel with CONFIG_FUSE_PASSTHROUGH (>= 6.9); on an older kernel these tests are
+skipped with that reason (the daemon then serves every read itself, which every other
+read-path test covers).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import time
+
+import pytest
+from conftest import tar_tree
+
+from stargz.estargz.toc import TOC_TAR_NAME
+from stargz.fs.tree import _HIDDEN_AT_ROOT
+
+
+def _sha(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _regular(truth: dict) -> dict[str, dict]:
+    # (the TOC and landmark files are hidden by the mount; whiteouts are not regular there)
+    return {
+        p: r
+        for p, r in truth.items()
+        if r.get("type") == "reg"
+        and not os.path.basename(p).startswith(".wh.")
+        and p not in _HIDDEN_AT_ROOT
+        and p != TOC_TAR_NAME
+    }
+
+
+def _start(fs_env, source):
+    fs = fs_env.start(source, passthrough=True)
+    if not fs._session.passthrough:
+        pytest.skip("this kernel does not offer FUSE passthrough (needs >= 6.9)")
+    return fs
+
+
+def _wait_passthrough(fs, path, before: int, timeout: float = 10.0) -> bool:
+    """Open ``path`` until an open is a passthrough one (the cache writer is async)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(path, "rb"):
+            pass
+        if fs.metrics.passthrough_opens > before:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_verified_files_are_read_by_the_kernel(fs_env, corners, corners_source):
+    layer = corners.layers("esgz-64k")[0]
+    truth = _regular(tar_tree(layer.path))
+    fs = _start(fs_env, corners_source)
+    mp = fs_env.mount(layer)
+    lay = fs.layer(layer.digest)
+    # first pass: through the daemon (fetch, verify, cache; closing a multi-chunk file
+    # that is now wholly cached merges it for passthrough)
+    for p, rec in truth.items():
+        assert _sha(mp / p) == rec["sha256"], p
+    sizes = [rec["size"] for rec in truth.values()]
+    assert any(0 < n <= 64 << 10 for n in sizes), "no single-chunk file in the fixture"
+    assert any(n > 64 << 10 for n in sizes), "no multi-chunk file in the fixture"
+    nonempty = [p for p, rec in truth.items() if rec["size"] > 0]
+    for p in nonempty:
+        assert _wait_passthrough(fs, mp / p, fs.metrics.passthrough_opens), p
+
+    # second pass, page cache dropped: every file by passthrough, same bytes, and the
+    # daemon answers no READ
+    reads = lay.metrics.reads
+    opens = fs.metrics.passthrough_opens
+    for p in nonempty:
+        fd = os.open(mp / p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        assert _sha(mp / p) == truth[p]["sha256"], p
+    assert fs.metrics.passthrough_opens == opens + 2 * len(nonempty)
+    assert lay.metrics.reads == reads
+    # merged copies live under <root>/passthrough and go away with the layer
+    merged = os.listdir(fs_env.root / "passthrough")
+    assert merged
+    fs_env.run(fs.unmount(str(mp)))
+    assert os.listdir(fs_env.root / "passthrough") == []
+
+
+def test_an_open_file_keeps_its_mode(fs_env, corners, corners_source):
+    """The kernel refuses a passthrough open of an inode that is open in cached mode
+    (and the reverse): while a cached open lasts, new opens stay cached."""
+    layer = corners.layers("esgz-64k")[0]
+    truth = _regular(tar_tree(layer.path))
+    path = next(p for p, rec in truth.items() if 0 < rec["size"] <= 64 << 10)
+    fs = _start(fs_env, corners_source)
+    mp = fs_env.mount(layer)
+    held = open(mp / path, "rb")  # cached mode: nothing is verified yet
+    try:
+        assert hashlib.sha256(held.read()).hexdigest() == truth[path]["sha256"]
+        time.sleep(0.5)  # let the cache writer put the chunk on disk
+        before = fs.metrics.passthrough_opens
+        for _ in range(3):
+            with open(mp / path, "rb") as f:
+                assert hashlib.sha256(f.read()).hexdigest() == truth[path]["sha256"]
+        assert fs.metrics.passthrough_opens == before
+    finally:
+        held.close()
+    # every cached open is released: the next open may pass through
+    assert _wait_passthrough(fs, mp / path, fs.metrics.passthrough_opens)
+    assert _sha(mp / path) == truth[path]["sha256"]
+
+
+def test_corrupt_chunk_is_never_passed_through(fs_env, corners, tmp_path):
+    """A chunk that fails its digest is never cached, so never becomes a backing file."""
+    from stargz.estargz import open_file
+    from stargz.fs import LocalLayerSource
+
+    layer = corners.layers("esgz-64k")[0]
+    truth = _regular(tar_tree(layer.path))
+    victim = max(
+        (p for p, rec in truth.items() if rec["size"] <= 64 << 10), key=lambda p: truth[p]["size"]
+    )
+    bad = tmp_path / "bad-blob"
+    shutil.copyfile(layer.path, bad)
+    with open_file(str(bad)) as r:
+        node = r.lookup(victim)
+        start, end = r.chunk_span(r.chunk_rows(node.id, 0, 1)[0])
+    with open(bad, "r+b") as f:
+        f.seek((start + end) // 2)
+        byte = f.read(1)
+        f.seek((start + end) // 2)
+        f.write(bytes([byte[0] ^ 0x55]))
+    fs = _start(fs_env, LocalLayerSource(blobs={layer.digest: bad}))
+    mp = fs_env.mount(layer)
+    for _ in range(3):
+        with pytest.raises(OSError) as e:
+            (mp / victim).read_bytes()
+        assert e.value.errno == errno.EIO
+        time.sleep(0.2)
+    assert fs.metrics.passthrough_opens == 0
+    # a good file next to it still passes through once verified
+    good = next(p for p, rec in truth.items() if p != victim and 0 < rec["size"] <= 64 << 10)
+    assert _sha(mp / good) == truth[good]["sha256"]
+    assert _wait_passthrough(fs, mp / good, 0)
+    assert _sha(mp / good) == truth[good]["sha256"]
