@@ -226,3 +226,31 @@ _entry = st.fixed_dictionaries(
 @given(entries=st.lists(_entry, max_size=8), verify=st.booleans())
 def test_random_tocs_agree(native, entries, verify) -> None:
     agree(native, entries, payload_end=32, verify=verify, max_chunk_size=10)
+
+
+@pytest.mark.parametrize("which", ["native", "python"])
+def test_nodes_share_what_they_can(which) -> None:
+    """Memory: equal attrs tuples are one object, non-directories share one empty
+    children mapping, and (native) no node keeps a string the JSON parser made."""
+    build = backend_of(tocbuild, which).build
+    common = {"modtime": "2020-01-01T00:00:00Z", "userName": "root", "uid": 0, "mode": 0o644}
+    entries = [
+        {"name": "d", "type": "dir", **common},
+        reg("d/f1", size=1, offset=10, **common),
+        reg("d/f2", size=1, offset=20, **common),
+        {"name": "d/l", "type": "symlink", "linkName": "f1", **common},
+    ]
+    built = build(entries, **KW)
+    f1, f2 = (built.nodes[built.by_path[p]] for p in ("d/f1", "d/f2"))
+    assert f1.attrs is f2.attrs and f1.offset == 10 and f2.offset == 20
+    assert f1.entry.offset == 10 and f1.entry.modtime == "2020-01-01T00:00:00Z"
+    assert f1.children is f2.children and not f1.children
+    with pytest.raises(TypeError):
+        f1.children["x"] = 1  # type: ignore[index]
+    link = built.nodes[built.by_path["d/l"]]
+    assert link.link_name == "f1" and link.uid == 0 and link.modtime == common["modtime"]
+    if which == "native":
+        for node, obj in zip(built.nodes[1:], entries, strict=True):
+            assert node.path == obj["name"] and node.path is not obj["name"]
+            assert node.attrs[0] is not obj["modtime"]
+        assert link.attrs[1] is not entries[3]["linkName"]

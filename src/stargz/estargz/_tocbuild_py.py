@@ -66,8 +66,9 @@ def check_entry(i: int, obj: Any) -> None:
         raise TOCError(f"TOC entry {i} ({name!r}) has unknown type {etype!r}")
 
 
-def attrs_of(obj: dict, strings: dict[str, str]) -> tuple:
-    """The node's ``ATTR_KEYS`` values; equal strings (modtimes, owners) share one object."""
+def attrs_of(obj: dict, strings: dict[Any, Any]) -> tuple:
+    """The node's ``ATTR_KEYS`` values; equal strings (modtimes, owners) share one object,
+    and so do equal tuples (without xattrs)."""
     modtime = obj.get("modtime")
     if modtime is not None:
         modtime = strings.setdefault(modtime, modtime)
@@ -76,18 +77,19 @@ def attrs_of(obj: dict, strings: dict[str, str]) -> tuple:
         user = strings.setdefault(user, user)
     if group is not None:
         group = strings.setdefault(group, group)
-    return (
+    xattrs = obj.get("xattrs")
+    attrs = (
         modtime,
         obj.get("linkName"),
         obj.get("uid"),
         obj.get("gid"),
         user,
         group,
-        obj.get("offset"),
         obj.get("devMajor"),
         obj.get("devMinor"),
-        obj.get("xattrs"),
+        xattrs,
     )
+    return attrs if xattrs is not None else strings.setdefault(attrs, attrs)
 
 
 def _get(obj: dict, key: str, default: Any) -> Any:
@@ -114,7 +116,7 @@ def build(entries: list[Any], *, payload_end: int, verify: bool, max_chunk_size:
     current: Node | None = None  # the file whose chunks are being listed
     expect_off = 0
     pending_links: list[tuple[int, str, str, str]] = []  # (i, name, base, link target)
-    strings: dict[str, str] = {}
+    strings: dict[Any, Any] = {}
 
     def dir_for(path: str, i: int, name: str) -> Node:
         """The directory node at ``path``, creating implicit parents as Go does."""
@@ -171,6 +173,7 @@ def build(entries: list[Any], *, payload_end: int, verify: bool, max_chunk_size:
             if etype != "dir":
                 raise TOCError(f"{_where(i, name)}: the layer root must be a directory")
             root.mode, root.size, root.attrs = _get(obj, "mode", 0), size, attrs_of(obj, strings)
+            root.offset = _get(obj, "offset", 0)
             continue
         else:
             head, _, base = name.rpartition("/")
@@ -186,12 +189,21 @@ def build(entries: list[Any], *, payload_end: int, verify: bool, max_chunk_size:
                 if prev.type == "dir" and etype == "dir":
                     prev.mode, prev.size = _get(obj, "mode", 0), size
                     prev.attrs = attrs_of(obj, strings)
+                    prev.offset = _get(obj, "offset", 0)
                     continue
                 if prev.type == "dir" or etype == "dir":
                     raise TOCError(f"{_where(i, name)}: replaces a {prev.type} with a {etype}")
             # A replacement gets a fresh id (the old node becomes unreachable), so chunk
             # rows stay sorted by file id.
-            node = Node(len(nodes), name, etype, _get(obj, "mode", 0), size, attrs_of(obj, strings))
+            node = Node(
+                len(nodes),
+                name,
+                etype,
+                _get(obj, "mode", 0),
+                size,
+                attrs_of(obj, strings),
+                _get(obj, "offset", 0),
+            )
             nodes.append(node)
             by_path[name] = node.id
             parent.children[base] = node.id

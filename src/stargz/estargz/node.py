@@ -11,10 +11,13 @@ JSON object: the entries' dicts and the chunk fields (kept in the chunk table) a
 from __future__ import annotations
 
 from array import array
+from types import MappingProxyType
 
 from stargz.estargz.toc import TOCEntry, decode_xattrs
 
 #: The TOC keys a node keeps in ``attrs`` (in this order; None where the entry has none).
+#: Not ``offset`` (a node's own slot): without it, equal tuples (same modtime and owner,
+#: the usual case) are one shared object.
 ATTR_KEYS = (
     "modtime",
     "linkName",
@@ -22,11 +25,14 @@ ATTR_KEYS = (
     "gid",
     "userName",
     "groupName",
-    "offset",
     "devMajor",
     "devMinor",
     "xattrs",
 )
+
+#: The ``children`` of every non-directory: one shared, read-only empty mapping (an empty
+#: dict per file cost 64 bytes a node).
+NO_CHILDREN: MappingProxyType = MappingProxyType({})
 
 S_IFMT_BY_TYPE = {
     "dir": 0o040000,
@@ -41,10 +47,28 @@ S_IFMT_BY_TYPE = {
 class Node:
     """One inode of the layer. Hardlinks share the Node of their target."""
 
-    __slots__ = ("id", "path", "type", "mode", "size", "nlink", "children", "attrs", "_entry")
+    __slots__ = (
+        "id",
+        "path",
+        "type",
+        "mode",
+        "size",
+        "nlink",
+        "children",
+        "attrs",
+        "offset",
+        "_entry",
+    )
 
     def __init__(
-        self, id: int, path: str, type: str, mode: int, size: int, attrs: tuple | None
+        self,
+        id: int,
+        path: str,
+        type: str,
+        mode: int,
+        size: int,
+        attrs: tuple | None,
+        offset: int = 0,
     ) -> None:
         self.id = id
         #: The first (canonical) path; "" for the root.
@@ -53,9 +77,12 @@ class Node:
         self.mode = mode
         self.size = size
         self.nlink = 2 if type == "dir" else 1
-        self.children: dict[str, int] = {}
+        #: name -> node id (directories; NO_CHILDREN for the rest).
+        self.children: dict[str, int] = {} if type == "dir" else NO_CHILDREN  # type: ignore[assignment]
         #: The entry's ``ATTR_KEYS`` values (checked at open); None for implicit directories.
         self.attrs = attrs
+        #: The TOC ``offset`` (of a regular file: its first chunk's compressed offset).
+        self.offset = offset
         self._entry: TOCEntry | None = None
 
     def __repr__(self) -> str:
@@ -79,13 +106,50 @@ class Node:
                 e.gid = a[3] or 0
                 e.user_name = a[4] or ""
                 e.group_name = a[5] or ""
-                e.offset = a[6] or 0
-                e.dev_major = a[7] or 0
-                e.dev_minor = a[8] or 0
-                if a[9]:
-                    e.xattrs = decode_xattrs(self.id, a[9])
+                e.dev_major = a[6] or 0
+                e.dev_minor = a[7] or 0
+                if a[8]:
+                    e.xattrs = decode_xattrs(self.id, a[8])
+            e.offset = self.offset
             self._entry = e
         return e
+
+    # The attributes a stat or readlink needs, straight from ``attrs`` (as `entry` would
+    # say them, without making and keeping a TOCEntry per node looked at).
+
+    @property
+    def modtime(self) -> str:
+        a = self.attrs
+        return (a[0] or "") if a is not None else ""
+
+    @property
+    def link_name(self) -> str:
+        a = self.attrs
+        return (a[1] or "") if a is not None else ""
+
+    @property
+    def uid(self) -> int:
+        a = self.attrs
+        return (a[2] or 0) if a is not None else 0
+
+    @property
+    def gid(self) -> int:
+        a = self.attrs
+        return (a[3] or 0) if a is not None else 0
+
+    @property
+    def dev(self) -> tuple[int, int]:
+        """(devMajor, devMinor)."""
+        a = self.attrs
+        return ((a[6] or 0), (a[7] or 0)) if a is not None else (0, 0)
+
+    @property
+    def xattrs(self) -> dict[str, bytes]:
+        """The decoded xattrs (a new dict; empty for most nodes)."""
+        a = self.attrs
+        if a is None or not a[8]:
+            return {}
+        return decode_xattrs(self.id, a[8])
 
     @property
     def st_mode(self) -> int:
@@ -158,8 +222,8 @@ def same(a: OpenedTOC, b: OpenedTOC) -> list[str]:
         out.append("len(nodes)")
     else:
         for x, y in zip(a.nodes, b.nodes, strict=True):
-            fx = (x.id, x.path, x.type, x.mode, x.size, x.nlink, x.children, x.attrs)
-            fy = (y.id, y.path, y.type, y.mode, y.size, y.nlink, y.children, y.attrs)
+            fx = (x.id, x.path, x.type, x.mode, x.size, x.nlink, x.children, x.attrs, x.offset)
+            fy = (y.id, y.path, y.type, y.mode, y.size, y.nlink, y.children, y.attrs, y.offset)
             if fx != fy:
                 out.append(f"node {x.id}: {fx!r} != {fy!r}")
                 break

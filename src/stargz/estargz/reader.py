@@ -18,12 +18,13 @@ import io
 import os
 import tarfile
 import zlib
+from array import array
 from collections.abc import Callable, Iterator
 
 from stargz.errors import ChunkError, DigestMismatch, TOCError
 from stargz.estargz import codec, tocbuild
 from stargz.estargz.footer import MAX_FOOTER_SIZE, Footer, parse_footer
-from stargz.estargz.node import S_IFMT_BY_TYPE, Node
+from stargz.estargz.node import S_IFMT_BY_TYPE, Node, OpenedTOC
 from stargz.estargz.toc import (
     NO_PREFETCH_LANDMARK,
     PREFETCH_LANDMARK,
@@ -140,8 +141,8 @@ class Reader:
         finally:
             if paused:
                 gc.enable()
+        # (built.by_path is not kept: ~50 bytes an entry; `lookup` walks the directories)
         self.nodes: list[Node] = built.nodes
-        self.by_path: dict[str, int] = built.by_path
         self.landmark: str | None = built.landmark
         self._trailing = built.trailing
         self.chunks = ChunkTable(
@@ -155,10 +156,18 @@ class Reader:
         #: The chunk columns and digests as built (row order), for per-layer indexes.
         self.chunk_off, self.chunk_comp = built.chunk_off, built.chunk_comp
         self.chunk_size, self.chunk_digests = built.chunk_size, built.chunk_digests
-        #: Directory entries: (parent id, UTF-8 name, target id) rows.
-        self.dirents = (built.dirent_parent, built.dirent_name, built.dirent_target)
+        # The name index copies the names and parents; only the targets are kept here.
         self._dirent_target = built.dirent_target
         self.names = NameTable(built.dirent_parent, built.dirent_name)
+
+    @property
+    def dirents(self) -> tuple[array, list[bytes], array]:
+        """Directory entries as (parent ids, UTF-8 names, target ids) rows, in the name
+        index's row order. Made on use (not kept: the nodes' children say the same)."""
+        rows = OpenedTOC([], {}, None)
+        rows.nodes = self.nodes
+        rows.dirents_from_nodes()
+        return rows.dirent_parent, rows.dirent_name, rows.dirent_target
 
     @property
     def toc(self) -> TOC:
@@ -180,9 +189,19 @@ class Reader:
 
     # --- lookups ----------------------------------------------------------------------
 
+    @property
+    def by_path(self) -> dict[str, int]:
+        """Layer path -> node id of every name (hardlinks: their target). Made on use."""
+        return {path: node.id for path, node in self.walk()}
+
     def lookup(self, path: str) -> Node:
         """The node at a layer path (hardlinks resolve to their target). KeyError if absent."""
-        return self.nodes[self.by_path[clean_name(path)]]
+        path = clean_name(path)
+        node = self.nodes[0]
+        if path:
+            for name in path.split("/"):
+                node = self.nodes[node.children[name]]  # KeyError if absent / not a dir
+        return node
 
     def child(self, parent: int, name: str) -> int:
         """Inode id of ``name`` in directory ``parent``, -1 if absent (native index)."""

@@ -70,6 +70,7 @@ DECODE_BATCH_BYTES = 1 << 20
 #: On-demand fetches up to this many compressed bytes are decoded on the event loop.
 INLINE_DECODE_MAX = 64 << 10
 _MISSING = object()
+_ZERO_DIGEST = bytes(32)
 
 
 class LayerClosed(Unavailable):
@@ -132,6 +133,38 @@ async def fetch_tail(blob: Blob, digest: str, disk: DiskCache | None, loop_execu
     return footer.toc_offset, tail[footer.toc_offset - start :], len(tail)
 
 
+class ChunkKeys:
+    """The disk/memory cache key of each chunk row, made when asked for.
+
+    ``keys[r]`` is the chunk's sha256 in hex (the cache is content-addressed), or
+    ``u-<layer hex>-<row>`` for a chunk without a digest (or when not verifying). A list of
+    the strings cost ~120 bytes a row for the life of the mount; this holds only the 32
+    digest bytes a row that the reader already has.
+    """
+
+    __slots__ = ("_digests", "_n", "_verify", "_unverified")
+
+    def __init__(self, digests: bytes, n: int, verify: bool, layer_digest: str) -> None:
+        self._digests = digests
+        self._n = n
+        self._verify = verify
+        self._unverified = f"u-{layer_digest.partition(':')[2]}-"
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, r: int) -> str:
+        if r < 0:
+            r += self._n
+        if not 0 <= r < self._n:
+            raise IndexError("chunk row out of range")
+        if self._verify:
+            d = self._digests[32 * r : 32 * r + 32]
+            if d != _ZERO_DIGEST:
+                return d.hex()
+        return f"{self._unverified}{r}"
+
+
 class ChunkIndex:
     """Members (distinct compressed offsets), rows per member, and a cache key per row.
 
@@ -141,13 +174,7 @@ class ChunkIndex:
     def __init__(self, reader: Reader, digest: str) -> None:
         coff, comp, size = reader.chunk_off, reader.chunk_comp, reader.chunk_size
         n = len(comp)
-        hexdigest = digest.partition(":")[2]
-        hexes = reader.chunk_digests.hex()
-        zero = "0" * 64
-        keys: list[str] = []
-        for r in range(n):
-            d = hexes[64 * r : 64 * r + 64]
-            keys.append(d if reader.verify and d != zero else f"u-{hexdigest}-{r}")
+        keys = ChunkKeys(reader.chunk_digests, n, reader.verify, digest)
         order = sorted(range(n), key=comp.__getitem__)
         m_start = array("q")
         m_first = array("q")  # index into m_rows of each member's first row
@@ -257,21 +284,30 @@ class Layer:
         size = blob.size
 
         def build(start: int, data: bytes) -> Reader:
+            # The reader keeps its read_at; the tail (the whole compressed TOC) must not
+            # stay alive with it: the layer reads chunks through the blob, never the reader.
+            held = [data]
+
             def read_at(off: int, n: int) -> bytes:
+                if not held:
+                    raise ChunkError("the layer's reader holds no blob bytes once opened")
                 if off < start or off + n > size:
                     raise ChunkError(
                         f"read [{off}, +{n}) outside the fetched tail [{start}, {size})"
                     )
-                return data[off - start : off - start + n]
+                return held[0][off - start : off - start + n]
 
-            return Reader(
-                read_at,
-                size,
-                toc_digest=toc_digest,
-                verify=verify,
-                tail_size=size - start,
-                keep_toc=False,
-            )
+            try:
+                return Reader(
+                    read_at,
+                    size,
+                    toc_digest=toc_digest,
+                    verify=verify,
+                    tail_size=size - start,
+                    keep_toc=False,
+                )
+            finally:
+                held.clear()
 
         try:
             reader = await loop.run_in_executor(executor, build, start, data)
@@ -387,12 +423,57 @@ class Layer:
             return self._start_disk_verify(row, key)
         return _MISSING
 
+    def read_now(self, node_id: int, off: int, size: int) -> bytes | None:
+        """`read`'s answer when it needs no waiting (one chunk, in memory or verified on
+        disk), else None. The FUSE session answers such reads without a coroutine."""
+        if self.closed:
+            raise LayerClosed(f"layer {self.digest} is unmounted")
+        fsize = self.reader.nodes[node_id].size
+        if off >= fsize or size <= 0:
+            return b""
+        if off + size > fsize:
+            size = fsize - off
+        lo, hi = self.chunks.cover(node_id, off, size)
+        if hi != lo + 1:
+            return None
+        key = self.keys[lo]
+        a = off - self.row_coff[lo]
+        b = a + size
+        data = self.memory.get(key)
+        m = self.metrics
+        if data is not None:
+            m.memory_hits += 1
+            out = data[a:b]
+        else:
+            disk = self.disk
+            if (
+                b - a > INLINE_PREAD_MAX
+                or key in self.inflight
+                or not disk.is_verified(key)
+                or disk.size_of(key) != self.row_size[lo]
+            ):
+                return None
+            try:
+                out = disk.pread(key, a, b - a)
+            except OSError:
+                return None
+            if len(out) != b - a:
+                return None
+            m.disk_hits += 1
+            disk.touch(key)
+        m.reads += 1
+        m.bytes_served += len(out)
+        return out
+
     async def read(self, node_id: int, off: int, size: int) -> bytes:
         """Up to ``size`` bytes of file ``node_id`` from ``off`` (fewer at end of file).
 
         Raises ChunkVerifyError (a chunk failed verification), Unavailable (the source
         failed), LayerClosed.
         """
+        out = self.read_now(node_id, off, size)
+        if out is not None:
+            return out
         if self.closed:
             raise LayerClosed(f"layer {self.digest} is unmounted")
         fsize = self.reader.nodes[node_id].size
@@ -935,7 +1016,7 @@ class Layer:
         return out
 
     def mtime_ns(self, node_id: int) -> int:
-        return _parse_modtime(self.reader.nodes[node_id].entry.modtime)
+        return _parse_modtime(self.reader.nodes[node_id].modtime)
 
     async def close(self) -> None:
         """Stop prefetch, background and in-flight fetches; pending reads fail."""

@@ -43,15 +43,18 @@ class Tree:
         self.whiteouts: set[int] = set()
         self.opaque: set[int] = set()
         nodes = self.nodes
-        wh, opq = _enc(WHITEOUT_PREFIX), _enc(OPAQUE_MARKER)
-        for parent, name, child in zip(*reader.dirents, strict=True):
-            if nodes[child].type == "dir":
-                self.parent[child] = parent
-            if name[:4] == wh:
-                if name == opq:
-                    self.opaque.add(parent)
-                else:
-                    self.whiteouts.add(child)
+        for node in nodes:
+            if node.type != "dir":
+                continue
+            parent = node.id
+            for name, child in node.children.items():
+                if nodes[child].type == "dir":
+                    self.parent[child] = parent
+                if name.startswith(WHITEOUT_PREFIX):
+                    if name == OPAQUE_MARKER:
+                        self.opaque.add(parent)
+                    else:
+                        self.whiteouts.add(child)
         self._listings: dict[int, list[tuple[bytes, int]]] = {}
 
     def listing(self, dir_id: int) -> list[tuple[bytes, int]]:
@@ -95,7 +98,6 @@ class Tree:
     def fill_attr(self, attr: Any, node_id: int, mtime_ns: int) -> None:
         """Set the stat fields of a pyfuse3 EntryAttributes (not st_ino/timeouts)."""
         node = self.nodes[node_id]
-        e = node.entry
         if node_id in self.whiteouts:
             attr.st_mode = stat.S_IFCHR
             attr.st_nlink = 1
@@ -103,18 +105,20 @@ class Tree:
             attr.st_rdev = 0
             attr.st_size = 0
         else:
+            # from the node's attrs: no TOCEntry is made (and kept) per stat'ed node
+            t = node.type
             attr.st_mode = node.st_mode
             attr.st_nlink = node.nlink or 1
-            attr.st_uid = e.uid
-            attr.st_gid = e.gid
-            if e.type in ("char", "block"):
-                attr.st_rdev = os.makedev(e.dev_major, e.dev_minor)
+            attr.st_uid = node.uid
+            attr.st_gid = node.gid
+            if t == "char" or t == "block":
+                attr.st_rdev = os.makedev(*node.dev)
             else:
                 attr.st_rdev = 0
-            if e.type == "reg":
-                attr.st_size = e.size
-            elif e.type == "symlink":
-                attr.st_size = len(_enc(e.link_name))
+            if t == "reg":
+                attr.st_size = node.size
+            elif t == "symlink":
+                attr.st_size = len(_enc(node.link_name))
             else:
                 attr.st_size = 0
         attr.st_blksize = BLOCK_SIZE
@@ -124,11 +128,11 @@ class Tree:
     def xattrs(self, node_id: int) -> dict[bytes, bytes]:
         if node_id in self.whiteouts:
             return {}
-        out = {_enc(k): v for k, v in self.nodes[node_id].entry.xattrs.items()}
+        out = {_enc(k): v for k, v in self.nodes[node_id].xattrs.items()}
         if node_id in self.opaque:
             out[self.opaque_name] = b"y"
         return out
 
     def readlink(self, node_id: int) -> bytes | None:
-        e = self.nodes[node_id].entry
-        return _enc(e.link_name) if e.type == "symlink" else None
+        node = self.nodes[node_id]
+        return _enc(node.link_name) if node.type == "symlink" else None
