@@ -10,10 +10,11 @@ For each image (python, gcc, nginx) and mode:
 * ``go-noopt``   Go daemon (../shared/tools/go-peer), ``ctr-remote i convert --oci --estargz``
 * ``go-opt``     Go daemon, ``ctr-remote i optimize --oci`` with the workload
 
-and two extra modes (not run unless named in ``--modes``) that separate the converter from
+and extra modes (not run unless named in ``--modes``) that separate the converter from
 the snapshotter: ``ours-opt9`` is ``ours-opt`` compressed at Go's gzip level 9 instead of
 our default (ISA-L level 1: ~10% larger layers, so more bytes to prefetch), and
-``ours-on-go-opt`` is our daemon on Go's ``go-opt`` image.
+``ours-on-go-opt`` is our daemon on Go's ``go-opt`` image; ``ours-opt-pt`` is ``ours-opt``
+with ``[fuse] passthrough = true`` (off by default, as in Go).
 
 times ``pull`` (``ctr i pull`` / ``ctr-remote i rpull``), ``create`` (``ctr c create``: the
 container's snapshot is prepared) and ``run`` (``ctr t start`` until the workload prints its
@@ -70,7 +71,7 @@ from stargz.image.layout import MT_OCI_CONFIG, MT_OCI_MANIFEST, Layout  # noqa: 
 CACHE = Path(os.environ.get("STARGZ_BENCH_CACHE", "/var/cache/stargz-bench"))
 RESULTS = REPO / "benchmarks" / "results"
 MODES = ["legacy", "ours-noopt", "ours-opt", "go-noopt", "go-opt"]
-EXTRA_MODES = ["ours-opt9", "ours-on-go-opt"]
+EXTRA_MODES = ["ours-opt9", "ours-on-go-opt", "ours-opt-pt"]
 TAG_OF = {
     "legacy": "orig",
     "ours-noopt": "ours-noopt",
@@ -79,7 +80,10 @@ TAG_OF = {
     "go-opt": "go-opt",
     "ours-opt9": "ours-opt9",
     "ours-on-go-opt": "go-opt",
+    "ours-opt-pt": "ours-opt",
 }
+#: Daemon config per mode (ours): ``ours-opt-pt`` turns FUSE passthrough on.
+OURS_CONFIG = {"ours-opt-pt": "[fuse]\npassthrough = true\n"}
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 #: image -> (command, ready line)
@@ -374,7 +378,9 @@ def trial(img: str, mode: str, ref: str, reg: Registry, go_bin: str) -> dict:
     dummy = make_tempdir("sgz-dummy-")
     try:
         if mode.startswith("ours"):
-            snap = StargzDaemon.start(make_tempdir("sgz-hb-"), log_level="info")
+            snap = StargzDaemon.start(
+                make_tempdir("sgz-hb-"), config_text=OURS_CONFIG.get(mode, ""), log_level="info"
+            )
             addr = snap.address
         elif mode.startswith("go"):
             snap = GoDaemon.start(go_bin, reg.host)

@@ -20,8 +20,9 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from stargz.errors import StargzError, VerificationError
 from stargz.fs.kernel import (
@@ -321,37 +322,45 @@ class Operations:
                 return
             m.layer.metrics.notify_store_bytes += len(data)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    def read(self, fh: int, off: int, size: int) -> bytes | Coroutine[Any, Any, bytes]:
+        """The bytes, or (when a chunk must be fetched or checked first) a coroutine that
+        returns them."""
         m = self.slots.get(fh >> SLOT_SHIFT)
         if m is None:
             raise FUSEError(errno.EIO)
         local = fh & LOCAL_MASK
+        if local == STATE_FILE:
+            return m.state_json()[off : off + size]
         try:
-            if local == STATE_FILE:
-                return m.state_json()[off : off + size]
+            out = m.layer.read_now(local - NODE_BASE, off, size)
+        except Exception as e:
+            raise self._read_error(m, local, e) from None
+        if out is not None:
+            return out
+        return self._read_later(m, local, off, size)
+
+    async def _read_later(self, m: Mounted, local: int, off: int, size: int) -> bytes:
+        try:
             return await m.layer.read(local - NODE_BASE, off, size)
-        except FUSEError:
-            raise
-        except (VerificationError, LayerClosed) as e:
-            m.layer.metrics.read_errors += 1
-            log.debug("read of %s failed: %s", m.tree.nodes[local - NODE_BASE].path, e)
-            raise FUSEError(errno.EIO) from None
-        except (StargzError, OSError, TimeoutError) as e:
-            m.layer.metrics.read_errors += 1
+        except Exception as e:
+            raise self._read_error(m, local, e) from None
+
+    def _read_error(self, m: Mounted, local: int, e: Exception) -> FUSEError:
+        """The errno a failed read answers with (always EIO), logged and counted."""
+        if isinstance(e, FUSEError):
+            return e
+        m.layer.metrics.read_errors += 1
+        path = m.tree.nodes[local - NODE_BASE].path
+        if isinstance(e, (VerificationError, LayerClosed)):
+            log.debug("read of %s failed: %s", path, e)
+        elif isinstance(e, (StargzError, OSError, TimeoutError)):
             log.warning(
-                "read failed",
-                extra={
-                    "layer": m.layer.digest,
-                    "path": m.tree.nodes[local - NODE_BASE].path,
-                    "error": str(e),
-                },
+                "read failed", extra={"layer": m.layer.digest, "path": path, "error": str(e)}
             )
-            raise FUSEError(errno.EIO) from None
-        except Exception:
-            m.layer.metrics.read_errors += 1
+        else:
             self.metrics.handler_errors += 1
-            log.exception("FUSE read failed")
-            raise FUSEError(errno.EIO) from None
+            log.error("FUSE read of %s failed", path, exc_info=e)
+        return FUSEError(errno.EIO)
 
     def statfs(self) -> StatvfsData:
         s = StatvfsData()

@@ -244,7 +244,7 @@ class Session:
                 continue
             try:
                 out = handler(nodeid, n)
-                if out is not None and out.__class__ is not bytes:
+                if out is not None and out.__class__ is not bytes and hasattr(out, "send"):
                     # a coroutine: run it here until it finishes or has to wait
                     try:
                         waiting_on = out.send(None)
