@@ -37,7 +37,7 @@ READDIRPLUS = 44
 
 #: Opcodes that change the filesystem: the mount is read-only, the answer is EROFS.
 WRITE_OPCODES = frozenset({4, 6, 8, 9, 10, 11, 12, 13, 16, 21, 24, 35, 43, 45, 47, 51})
-NO_REPLY = frozenset({FORGET, INTERRUPT, BATCH_FORGET})
+NO_REPLY = frozenset({FORGET, INTERRUPT, BATCH_FORGET, 41})  # 41: NOTIFY_REPLY
 
 # --- INIT flags (bits 32.. go to flags2) -------------------------------------------------------
 ASYNC_READ = 1 << 0
@@ -128,7 +128,7 @@ def _split_time(seconds: float) -> tuple[int, int]:
 class EntryAttributes:
     """What LOOKUP, GETATTR and READDIRPLUS tell the kernel about one inode.
 
-    The packed ``fuse_attr`` is computed once (`packed`): the layers are immutable, so an
+    The packed answer is computed once (`entry_out`): the layers are immutable, so an
     attribute object never changes after a handler returned it.
     """
 
@@ -147,7 +147,6 @@ class EntryAttributes:
         "st_ctime_ns",
         "attr_timeout",
         "entry_timeout",
-        "_attr",
         "_entry",
     )
 
@@ -166,33 +165,28 @@ class EntryAttributes:
         self.st_ctime_ns = 0
         self.attr_timeout = 0.0
         self.entry_timeout = 0.0
-        self._attr: bytes | None = None
         self._entry: bytes | None = None
 
-    def packed(self) -> bytes:
-        """``struct fuse_attr``."""
-        p = self._attr
-        if p is None:
-            a, m, c = self.st_atime_ns, self.st_mtime_ns, self.st_ctime_ns
-            p = self._attr = ATTR.pack(
-                self.st_ino,
-                self.st_size,
-                self.st_blocks,
-                a // 1_000_000_000,
-                m // 1_000_000_000,
-                c // 1_000_000_000,
-                a % 1_000_000_000,
-                m % 1_000_000_000,
-                c % 1_000_000_000,
-                self.st_mode,
-                self.st_nlink,
-                self.st_uid,
-                self.st_gid,
-                self.st_rdev & 0xFFFFFFFF,
-                self.st_blksize,
-                0,
-            )
-        return p
+    def _pack_attr(self) -> bytes:
+        a, m, c = self.st_atime_ns, self.st_mtime_ns, self.st_ctime_ns
+        return ATTR.pack(
+            self.st_ino,
+            self.st_size,
+            self.st_blocks,
+            a // 1_000_000_000,
+            m // 1_000_000_000,
+            c // 1_000_000_000,
+            a % 1_000_000_000,
+            m % 1_000_000_000,
+            c % 1_000_000_000,
+            self.st_mode,
+            self.st_nlink,
+            self.st_uid,
+            self.st_gid,
+            self.st_rdev & 0xFFFFFFFF,
+            self.st_blksize,
+            0,
+        )
 
     def entry_out(self) -> bytes:
         """``struct fuse_entry_out`` (nodeid 0 + entry timeout = a cached negative entry)."""
@@ -200,13 +194,13 @@ class EntryAttributes:
         if p is None:
             es, ens = _split_time(self.entry_timeout)
             as_, ans = _split_time(self.attr_timeout)
-            p = self._entry = ENTRY_OUT.pack(self.st_ino, 0, es, as_, ens, ans) + self.packed()
+            p = self._entry = ENTRY_OUT.pack(self.st_ino, 0, es, as_, ens, ans) + self._pack_attr()
         return p
 
     def attr_out(self) -> bytes:
         """``struct fuse_attr_out``."""
         s, ns = _split_time(self.attr_timeout)
-        return ATTR_OUT.pack(s, ns, 0) + self.packed()
+        return ATTR_OUT.pack(s, ns, 0) + self.entry_out()[ENTRY_OUT.size :]
 
 
 class FileInfo:

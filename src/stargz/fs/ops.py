@@ -47,6 +47,9 @@ STATE_DIR = 1
 STATE_FILE = 2
 NODE_BASE = 3
 STATE_DIR_NAME = b".stargz-snapshotter"
+#: Attribute answers kept per layer (each ~0.5 KiB; the kernel caches them itself for
+#: attr_timeout, this only saves rebuilding hot ones).
+ATTR_CACHE_MAX = 4096
 #: File handle bit of a passthrough open (its RELEASE must not count as a cached close).
 PASSTHROUGH_FH = 1 << 62
 #: Bytes of in-memory chunks pushed into the page cache when a file is first opened.
@@ -156,6 +159,8 @@ class Operations:
         m.tree.fill_attr(a, node, m.layer.mtime_ns(node))
         a.attr_timeout = self.options.attr_timeout
         a.entry_timeout = self.options.entry_timeout
+        if len(m.attrs) >= ATTR_CACHE_MAX:
+            m.attrs.clear()  # (a walk of a 100k-file layer must not keep 100k of them)
         m.attrs[local] = a
         return a
 

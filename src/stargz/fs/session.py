@@ -226,9 +226,13 @@ class Session:
             except OSError as e:
                 if e.errno == errno.ENOENT:  # interrupted before we read it
                     continue
-                if e.errno != errno.ENODEV:
-                    log.error("reading /dev/fuse failed: %s", e)
-                self._stop()
+                if e.errno == errno.ENODEV:  # unmounted
+                    self._stop()
+                else:
+                    # never leave a mount nobody answers (every access would hang):
+                    # closing the device aborts the connection (ENOTCONN from then on)
+                    log.critical("reading /dev/fuse failed; unmounting: %s", e)
+                    self.close()
                 return
             if n == 0:
                 self._stop()
