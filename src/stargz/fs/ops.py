@@ -306,9 +306,10 @@ class Operations:
         if fh & PASSTHROUGH_FH:
             return
         m = self.slots.get(fh >> SLOT_SHIFT)
-        if m is None:
+        local = fh & LOCAL_MASK
+        if m is None or local < NODE_BASE:  # (the state file)
             return
-        node = (fh & LOCAL_MASK) - NODE_BASE
+        node = local - NODE_BASE
         left = m.cached_opens.get(node, 0) - 1
         if left > 0:
             m.cached_opens[node] = left
