@@ -96,7 +96,7 @@ class Tree:
         return node_id not in self.whiteouts and self.nodes[node_id].type == "reg"
 
     def fill_attr(self, attr: Any, node_id: int, mtime_ns: int) -> None:
-        """Set the stat fields of a pyfuse3 EntryAttributes (not st_ino/timeouts)."""
+        """Set the stat fields of a `stargz.fs.kernel.EntryAttributes` (not st_ino/timeouts)."""
         node = self.nodes[node_id]
         if node_id in self.whiteouts:
             attr.st_mode = stat.S_IFCHR
