@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import functools
 import logging
 import time
 from array import array
@@ -87,7 +88,10 @@ def _consume(fut: asyncio.Future[Any]) -> None:
         fut.exception()
 
 
+@functools.lru_cache(maxsize=4096)
 def _parse_modtime(value: str) -> int:
+    # cached: a layer has few distinct modtimes (the TOC builder shares equal strings),
+    # and every LOOKUP / READDIRPLUS answer needs one
     if not value:
         return 0
     try:
