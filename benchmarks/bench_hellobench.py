@@ -356,16 +356,17 @@ def registry_bytes(reg: Registry) -> int:
     return sum(r.size for r in reg.blob_requests() if r.method == "GET")
 
 
-def mount_phases(log_text: str) -> list[dict]:
-    """Our daemon's "layer mounted" lines: where each mount's seconds went."""
+def mount_phases(log_text: str, message: str = "layer mounted") -> list[dict]:
+    """Our daemon's "layer mounted" (or ``message``) lines: where each mount's seconds
+    went."""
     out = []
     for line in log_text.splitlines():
-        if '"layer mounted"' in line:
+        if f'"{message}"' in line:
             try:
                 doc = json.loads(line)
             except ValueError:
                 continue
-            out.append({k: v for k, v in doc.items() if k.endswith("seconds")})
+            out.append({k: v for k, v in doc.items() if k.endswith("seconds") or k == "bytes"})
     return out
 
 
@@ -437,6 +438,7 @@ def trial(img: str, mode: str, ref: str, reg: Registry, go_bin: str) -> dict:
         run(["ctr", *a, "c", "rm", cid], check=False)
         if isinstance(snap, StargzDaemon):
             res["mounts"] = mount_phases(snap.log_text())
+            res["prefetches"] = mount_phases(snap.log_text(), "prefetch done")
         res.update(
             pull_s=t1 - t0,
             create_s=t2 - t1,
