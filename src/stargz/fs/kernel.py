@@ -81,6 +81,8 @@ ATTR = struct.Struct("<QQQqqqIIIIIIIIII")
 #: fuse_entry_out without its attr: nodeid, generation, entry_valid, attr_valid,
 #: entry_valid_nsec, attr_valid_nsec
 ENTRY_OUT = struct.Struct("<QQQQII")
+#: fuse_entry_out with its attr, in one pack (see `pack_entry`)
+ENTRY_WITH_ATTR = struct.Struct("<QQQQII" + "QQQqqqIIIIIIIIII")
 #: fuse_attr_out without its attr: attr_valid, attr_valid_nsec, dummy
 ATTR_OUT = struct.Struct("<QII")
 #: fuse_open_out: fh, open_flags, backing_id
@@ -203,6 +205,47 @@ class EntryAttributes:
         return ATTR_OUT.pack(s, ns, 0) + self.entry_out()[ENTRY_OUT.size :]
 
 
+class PackedEntry:
+    """A LOOKUP/GETATTR/READDIRPLUS answer packed at once (`pack_entry`): what
+    `EntryAttributes` answers, without its per-field object (the hot path of walks)."""
+
+    __slots__ = ("st_ino", "st_mode", "_entry")
+
+    def __init__(self, st_ino: int, st_mode: int, entry: bytes) -> None:
+        self.st_ino = st_ino
+        self.st_mode = st_mode
+        self._entry = entry
+
+    def entry_out(self) -> bytes:
+        return self._entry
+
+    def attr_out(self) -> bytes:
+        e = self._entry
+        # attr_valid (offset 24) and attr_valid_nsec (36) of fuse_entry_out, dummy, attr
+        return e[24:32] + e[36:40] + b"\0\0\0\0" + e[ENTRY_OUT.size :]
+
+
+def pack_entry(
+    ino: int,
+    entry_timeout: float,
+    attr_timeout: float,
+    stat_fields: tuple[int, int, int, int, int, int],
+    mtime_ns: int,
+    blksize: int = 4096,
+) -> PackedEntry:
+    """``stat_fields`` = (mode, nlink, uid, gid, rdev, size); all three times = mtime."""
+    mode, nlink, uid, gid, rdev, size = stat_fields
+    es, ens = _split_time(entry_timeout)
+    as_, ans = _split_time(attr_timeout)
+    sec, nsec = divmod(mtime_ns, 1_000_000_000)
+    entry = ENTRY_WITH_ATTR.pack(
+        ino, 0, es, as_, ens, ans,
+        ino, size, (size + 511) // 512, sec, sec, sec, nsec, nsec, nsec,
+        mode, nlink, uid, gid, rdev & 0xFFFFFFFF, blksize, 0,
+    )  # fmt: skip
+    return PackedEntry(ino, mode, entry)
+
+
 class FileInfo:
     """The answer to OPEN: a file handle and how the kernel should cache the file.
 
@@ -275,7 +318,7 @@ class DirBuffer:
         self.parts: list[bytes] = []
         self.used = 0
 
-    def add(self, name: bytes, attr: EntryAttributes, next_id: int) -> bool:
+    def add(self, name: bytes, attr: EntryAttributes | PackedEntry, next_id: int) -> bool:
         """Append an entry; False (and nothing appended) when it does not fit."""
         n = len(name)
         rec = DIRENT.size + n

@@ -31,7 +31,9 @@ from stargz.fs.kernel import (
     EntryAttributes,
     FileInfo,
     FUSEError,
+    PackedEntry,
     StatvfsData,
+    pack_entry,
 )
 from stargz.fs.layer import Layer, LayerClosed
 from stargz.fs.metrics import FsMetrics
@@ -47,6 +49,8 @@ STATE_DIR = 1
 STATE_FILE = 2
 NODE_BASE = 3
 STATE_DIR_NAME = b".stargz-snapshotter"
+#: An answer to LOOKUP/GETATTR (a layer's node: packed at once; others: field by field).
+Attr = EntryAttributes | PackedEntry
 #: Attribute answers kept per layer (each ~0.5 KiB; the kernel caches them itself for
 #: attr_timeout, this only saves rebuilding hot ones).
 ATTR_CACHE_MAX = 4096
@@ -68,7 +72,7 @@ class Mounted:
     name: bytes
     layer: Layer
     tree: Tree
-    attrs: dict[int, EntryAttributes] = field(default_factory=dict)
+    attrs: dict[int, Attr] = field(default_factory=dict)
     pushed: set[int] = field(default_factory=set)
     accessed: set[int] = field(default_factory=set)
     #: Passthrough backing ids by node, and how many opens of a node are NOT passthrough
@@ -134,7 +138,7 @@ class Operations:
         a.entry_timeout = self.options.entry_timeout if timeout is None else timeout
         return a
 
-    def _attr(self, m: Mounted, local: int) -> EntryAttributes:
+    def _attr(self, m: Mounted, local: int) -> Attr:
         a = m.attrs.get(local)
         if a is not None:
             return a
@@ -154,11 +158,14 @@ class Operations:
         node = local - NODE_BASE
         if not 0 <= node < len(m.tree.nodes):
             raise FUSEError(errno.ENOENT)
-        a = EntryAttributes()
-        a.st_ino = ino
-        m.tree.fill_attr(a, node, m.layer.mtime_ns(node))
-        a.attr_timeout = self.options.attr_timeout
-        a.entry_timeout = self.options.entry_timeout
+        a = pack_entry(
+            ino,
+            self.options.entry_timeout,
+            self.options.attr_timeout,
+            m.tree.stat_of(node),
+            m.layer.mtime_ns(node),
+            BLOCK_SIZE,
+        )
         if len(m.attrs) >= ATTR_CACHE_MAX:
             m.attrs.clear()  # (a walk of a 100k-file layer must not keep 100k of them)
         m.attrs[local] = a
@@ -180,7 +187,7 @@ class Operations:
 
     # --- handlers --------------------------------------------------------------------------
 
-    def lookup(self, parent_inode: int, name: bytes) -> EntryAttributes:
+    def lookup(self, parent_inode: int, name: bytes) -> Attr:
         if parent_inode == ROOT_INODE:
             slot = self.names.get(name)
             if slot is None:
@@ -201,7 +208,7 @@ class Operations:
             return self._negative()
         return self._attr(m, child + NODE_BASE)
 
-    def getattr(self, inode: int) -> EntryAttributes:
+    def getattr(self, inode: int) -> Attr:
         if inode == ROOT_INODE:
             return self._root_attr
         m, local = self._split(inode)
@@ -224,7 +231,7 @@ class Operations:
             return inode
         raise FUSEError(errno.ENOTDIR)
 
-    def _small_dir(self, inode: int) -> list[tuple[bytes, EntryAttributes]]:
+    def _small_dir(self, inode: int) -> list[tuple[bytes, Attr]]:
         """Entries of the FUSE root or a state directory (a handful)."""
         if inode == ROOT_INODE:
             out = [(b".", self._root_attr), (b"..", self._root_attr)]

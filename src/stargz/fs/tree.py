@@ -95,34 +95,29 @@ class Tree:
     def is_reg(self, node_id: int) -> bool:
         return node_id not in self.whiteouts and self.nodes[node_id].type == "reg"
 
+    def stat_of(self, node_id: int) -> tuple[int, int, int, int, int, int]:
+        """``(mode, nlink, uid, gid, rdev, size)`` of a node as the mount shows it."""
+        if node_id in self.whiteouts:
+            return stat.S_IFCHR, 1, 0, 0, 0, 0
+        # from the node's attrs: no TOCEntry is made (and kept) per stat'ed node
+        node = self.nodes[node_id]
+        t = node.type
+        rdev = os.makedev(*node.dev) if t == "char" or t == "block" else 0
+        if t == "reg":
+            size = node.size
+        elif t == "symlink":
+            size = len(_enc(node.link_name))
+        else:
+            size = 0
+        return node.st_mode, node.nlink or 1, node.uid, node.gid, rdev, size
+
     def fill_attr(self, attr: Any, node_id: int, mtime_ns: int) -> None:
         """Set the stat fields of a `stargz.fs.kernel.EntryAttributes` (not st_ino/timeouts)."""
-        node = self.nodes[node_id]
-        if node_id in self.whiteouts:
-            attr.st_mode = stat.S_IFCHR
-            attr.st_nlink = 1
-            attr.st_uid = attr.st_gid = 0
-            attr.st_rdev = 0
-            attr.st_size = 0
-        else:
-            # from the node's attrs: no TOCEntry is made (and kept) per stat'ed node
-            t = node.type
-            attr.st_mode = node.st_mode
-            attr.st_nlink = node.nlink or 1
-            attr.st_uid = node.uid
-            attr.st_gid = node.gid
-            if t == "char" or t == "block":
-                attr.st_rdev = os.makedev(*node.dev)
-            else:
-                attr.st_rdev = 0
-            if t == "reg":
-                attr.st_size = node.size
-            elif t == "symlink":
-                attr.st_size = len(_enc(node.link_name))
-            else:
-                attr.st_size = 0
+        mode, nlink, uid, gid, rdev, size = self.stat_of(node_id)
+        attr.st_mode, attr.st_nlink, attr.st_uid, attr.st_gid = mode, nlink, uid, gid
+        attr.st_rdev, attr.st_size = rdev, size
         attr.st_blksize = BLOCK_SIZE
-        attr.st_blocks = (attr.st_size + 511) // 512
+        attr.st_blocks = (size + 511) // 512
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime_ns
 
     def xattrs(self, node_id: int) -> dict[bytes, bytes]:
