@@ -235,10 +235,6 @@ class DiskCache:
                 self._fds.move_to_end(key)
                 return fd
         fd = os.open(self.path(key), os.O_RDONLY | os.O_CLOEXEC)
-        # reads here are what the kernel asked the FUSE file for, already sized by its own
-        # read-ahead: no second read-ahead on the cache file (a 4 KiB random read of a
-        # dropped page would read 128 KiB from the disk)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         with self._fd_lock:
             other = self._fds.get(key)
             if other is not None:  # another thread opened it meanwhile
