@@ -22,7 +22,9 @@ key (``blob.chunk_size``). Note two upstream spellings kept on purpose: ``nopref
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import re
 import tomllib
 import types
 import typing
@@ -176,6 +178,39 @@ class Config:
 
 _CHOICES = {"metadata_store": ("memory", "db")}
 _ABSOLUTE = {"fuse_manager.address"}
+#: TCP listen addresses (Go's ``net.Listen("tcp", ...)``); "" means off.
+_TCP_ADDRESS = {"metrics_address", "fuse_manager.metrics_address"}
+_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
+def split_tcp_address(address: str) -> tuple[str | None, int]:
+    """``"host:port"`` -> ``(host, port)``, as Go's ``net.Listen("tcp", ...)`` reads it.
+
+    The host is an IPv4 address, a bracketed IPv6 address (``[::1]:8234``, returned without
+    brackets), a host name, or empty (``":8234"``: every interface, returned as None).
+    Raises ValueError with the reason (a short phrase).
+    """
+    host, sep, port_text = address.rpartition(":")
+    if not sep:
+        raise ValueError("no port")
+    if not port_text.isascii() or not port_text.isdigit():
+        raise ValueError("the port is not a number")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError("the port is out of range 0-65535")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError("invalid IPv6 address") from None
+        return host[1:-1], port
+    if ":" in host:
+        raise ValueError("an IPv6 address needs brackets: [::1]:8234")
+    if not host:
+        return None, port
+    if not _HOSTNAME.fullmatch(host):
+        raise ValueError("invalid host name")
+    return host, port
 
 
 def _type_name(value: object) -> str:
@@ -247,6 +282,13 @@ def _build(cls: type, table: Mapping[str, Any], prefix: str) -> Any:
             raise _bad(key, f"must be one of {', '.join(_CHOICES[key])}, got {value!r}")
         if key in _ABSOLUTE and not os.path.isabs(value):
             raise _bad(key, f"must be an absolute path, got {value!r}")
+        if key in _TCP_ADDRESS and value:
+            try:
+                split_tcp_address(value)
+            except ValueError as e:
+                raise _bad(
+                    key, f'must be host:port like "127.0.0.1:8234" ({e}), got {value!r}'
+                ) from None
         kwargs[k] = value
     return cls(**kwargs)
 

@@ -174,6 +174,45 @@ def test_bad_keys_name_the_key_in_one_line(text, key, words):
     assert key in msg and words in msg and "\n" not in msg
 
 
+@pytest.mark.parametrize(
+    ("address", "words"),
+    [
+        ("nope", "no port"),
+        ("127.0.0.1", "no port"),
+        ("localhost:", "the port is not a number"),
+        ("127.0.0.1:http", "the port is not a number"),
+        ("127.0.0.1:65536", "the port is out of range 0-65535"),
+        ("::1:8234", "brackets"),
+        ("[::g]:8234", "invalid IPv6 address"),
+        ("bad host:8234", "invalid host name"),
+    ],
+)
+@pytest.mark.parametrize("key", ["metrics_address", "fuse_manager.metrics_address"])
+def test_a_bad_tcp_address_names_the_key(key, address, words):
+    table, _, name = key.rpartition(".")
+    text = (f"[{table}]\n" if table else "") + f'{name} = "{address}"'
+    with pytest.raises(ConfigError) as e:
+        config.loads(text)
+    assert e.value.key == key
+    msg = str(e.value)
+    assert f'key "{key}" must be host:port' in msg and words in msg and repr(address) in msg
+
+
+@pytest.mark.parametrize(
+    ("address", "split"),
+    [
+        ("127.0.0.1:8234", ("127.0.0.1", 8234)),
+        (":8234", (None, 8234)),
+        ("[::1]:8234", ("::1", 8234)),
+        ("metrics.example.com:80", ("metrics.example.com", 80)),
+        ("localhost:0", ("localhost", 0)),
+    ],
+)
+def test_good_tcp_addresses(address, split):
+    assert config.loads(f'metrics_address = "{address}"').metrics_address == address
+    assert config.split_tcp_address(address) == split
+
+
 def test_invalid_toml_is_one_line():
     with pytest.raises(ConfigError, match="invalid TOML") as e:
         config.loads("x = [")

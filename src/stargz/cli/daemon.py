@@ -11,6 +11,10 @@ fields such as ``key``, ``parent`` and ``remote-snapshot-prepared``.
 
 Under systemd (``Type=notify``), READY=1 is sent once the socket serves.
 
+With ``metrics_address`` set (and not ``no_prometheus``), Prometheus metrics are served at
+``http://<metrics_address>/metrics`` (`stargz.service.metrics`); an address it cannot
+listen on stops the start (exit 1, an error naming the key).
+
 Signals: SIGTERM and SIGINT both stop accepting calls, let in-flight calls finish, and
 exit 0. SIGINT additionally unmounts remote snapshots (the Go daemon's "cleanup" signal);
 SIGTERM leaves them for the next start. Snapshot data is never deleted on shutdown.
@@ -58,7 +62,6 @@ _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
 
 #: Keys the daemon validates but whose feature is not built yet; setting them is warned about.
 _NOT_YET = (
-    ("metrics_address", ""),
     ("debug_address", ""),
     ("ipfs", False),
     ("fuse_manager.enable", False),
@@ -186,7 +189,9 @@ async def _serve(args: argparse.Namespace, cfg: config.Config) -> int:
         )
     fs = await _start_filesystem(args, cfg)
     sig: signal.Signals | None = None
+    metrics = None
     try:
+        metrics = await _start_metrics(cfg, fs)
         server = await Server.start(
             args.address,
             args.root,
@@ -199,6 +204,8 @@ async def _serve(args: argparse.Namespace, cfg: config.Config) -> int:
         log.info("shutting down", extra={"signal": sig.name})
         await server.stop(SHUTDOWN_GRACE_SEC, unmount_remote=sig == signal.SIGINT)
     finally:
+        if metrics is not None:
+            await metrics.stop()
         if fs is not None:
             # The FUSE mount ends with this process either way; SIGINT also unbinds the
             # snapshot mounts (Go's "graceful cleanup"), other signals leave them for the
@@ -206,6 +213,20 @@ async def _serve(args: argparse.Namespace, cfg: config.Config) -> int:
             await fs.close(unmount=sig == signal.SIGINT)
     log.info("stopped")
     return 0
+
+
+async def _start_metrics(cfg: config.Config, fs: Any):
+    """The Prometheus endpoint at ``metrics_address``, or None (unset, or ``no_prometheus``)."""
+    if not cfg.metrics_address:
+        return None
+    if cfg.no_prometheus:
+        log.info(
+            "no_prometheus is set: metrics_address is not served", extra={"key": "metrics_address"}
+        )
+        return None
+    from stargz.service.metrics import MetricsServer  # prometheus-client only when serving
+
+    return await MetricsServer.start(cfg.metrics_address, fs)
 
 
 async def _start_filesystem(args: argparse.Namespace, cfg: config.Config):

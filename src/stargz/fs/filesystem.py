@@ -365,6 +365,7 @@ class StargzFileSystem:
         if ref.mountpoints:
             return
         self._layers.pop(ref.layer.digest, None)
+        self.metrics.closed_layers_verification_failures += ref.layer.metrics.verification_failures
         self.ops.remove(ref.name)
         if self._session is not None and not self._closed:
             # in a worker thread: the kernel may need a request answered meanwhile
@@ -489,6 +490,11 @@ class StargzFileSystem:
 
     def layer_metrics(self) -> dict[str, dict[str, Any]]:
         return {d: r.layer.metrics.as_dict() for d, r in self._layers.items()}
+
+    def open_layers(self) -> list[tuple[Layer, tuple[str, ...]]]:
+        """Every open layer with the snapshot mount points it is bound to (for the
+        metrics exporter; call it on the event loop thread)."""
+        return [(r.layer, tuple(sorted(r.mountpoints))) for r in self._layers.values()]
 
 
 #: CPU niceness of the cache-writer thread. Its work (thousands of small chunk files after

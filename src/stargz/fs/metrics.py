@@ -1,4 +1,5 @@
-"""Plain counters for the filesystem; the service exports them to Prometheus later.
+"""Plain counters for the filesystem; `stargz.service.metrics` exports them to Prometheus,
+reading them at scrape time (nothing here costs the read path more than an integer add).
 
 Names follow the Go snapshotter's operation types where one exists (SPEC §5):
 ``on_demand_remote_registry_fetch_count``, ``on_demand_bytes_fetched``,
@@ -73,6 +74,9 @@ class FsMetrics:
     #: Chunk files evicted from the disk cache to stay under its byte bound.
     disk_evictions: int = 0
     disk_evicted_bytes: int = 0
+    #: Verification failures of layers no longer open (an open layer counts its own), so
+    #: the daemon-wide total does not drop when a layer is unmounted.
+    closed_layers_verification_failures: int = 0
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
