@@ -11,6 +11,8 @@ For each contender (its own fresh daemon + containerd; overlayfs = ``ctr i pull`
    metadata-bound walk: ~6.6k files); then the 8 largest files alone (``sequential_big``);
 4. 4 KiB random preads on the 8 largest files, page cache dropped first: buffered and
    O_DIRECT p50/p99 (O_DIRECT may be refused by a FUSE mount: recorded as an error);
+   then O_DIRECT again with every page cached (``rand4k_direct_hot``): the file system's
+   own cost without the disk;
 5. daemon RSS after mount and after the full fetch, CPU seconds for the full fetch.
 
     .venv/bin/python benchmarks/bench_hello_readpath.py [--trials 3] [--net 5:200mbit]
@@ -158,6 +160,10 @@ def one(
                     res["rand4k_buffered"] = rand_reads(big, 2000, False, rng)
                     drop_caches()
                     res["rand4k_direct"] = rand_reads(big, 2000, True, rng)
+                    # the same with every page cached (the daemon's cache files too): the
+                    # file system's own cost, without the disk
+                    read_all(big)
+                    res["rand4k_direct_hot"] = rand_reads(big, 2000, True, rng)
                     res["files"] = len(files)
             finally:
                 hb.netem("off", reg.port)
@@ -239,6 +245,7 @@ def main() -> int:
             "rand4k_buffered_p99_us": med(lambda t: t["rand4k_buffered"].get("p99_us")),
             "rand4k_direct_p50_us": med(lambda t: t["rand4k_direct"].get("p50_us")),
             "rand4k_direct_p99_us": med(lambda t: t["rand4k_direct"].get("p99_us")),
+            "rand4k_direct_hot_p50_us": med(lambda t: t.get("rand4k_direct_hot", {}).get("p50_us")),
             "full_fetch_s": med(lambda t: t["full_fetch"]["s"]),
             "full_fetch_daemon_cpu_s": med(lambda t: t["full_fetch"].get("daemon_cpu_s")),
             "rss_after_mount_MB": med(

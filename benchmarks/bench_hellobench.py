@@ -14,7 +14,9 @@ and extra modes (not run unless named in ``--modes``) that separate the converte
 the snapshotter: ``ours-opt9`` is ``ours-opt`` compressed at Go's gzip level 9 instead of
 our default (ISA-L level 1: ~10% larger layers, so more bytes to prefetch), and
 ``ours-on-go-opt`` is our daemon on Go's ``go-opt`` image; ``ours-opt-pt`` is ``ours-opt``
-with ``[fuse] passthrough = true`` (off by default, as in Go).
+with ``[fuse] passthrough = true`` (off by default, as in Go); ``ours-opt-nohs`` is
+``ours-opt`` with the head start off (``STARGZ_HEAD_START=0``: the prefetch download waits
+for the TOC parse, see stargz.fs.headstart).
 
 times ``pull`` (``ctr i pull`` / ``ctr-remote i rpull``), ``create`` (``ctr c create``: the
 container's snapshot is prepared) and ``run`` (``ctr t start`` until the workload prints its
@@ -71,7 +73,7 @@ from stargz.image.layout import MT_OCI_CONFIG, MT_OCI_MANIFEST, Layout  # noqa: 
 CACHE = Path(os.environ.get("STARGZ_BENCH_CACHE", "/var/cache/stargz-bench"))
 RESULTS = REPO / "benchmarks" / "results"
 MODES = ["legacy", "ours-noopt", "ours-opt", "go-noopt", "go-opt"]
-EXTRA_MODES = ["ours-opt9", "ours-on-go-opt", "ours-opt-pt"]
+EXTRA_MODES = ["ours-opt9", "ours-on-go-opt", "ours-opt-pt", "ours-opt-nohs"]
 TAG_OF = {
     "legacy": "orig",
     "ours-noopt": "ours-noopt",
@@ -81,6 +83,7 @@ TAG_OF = {
     "ours-opt9": "ours-opt9",
     "ours-on-go-opt": "go-opt",
     "ours-opt-pt": "ours-opt",
+    "ours-opt-nohs": "ours-opt",
 }
 #: Daemon config per mode (ours): ``ours-opt-pt`` turns FUSE passthrough on.
 OURS_CONFIG = {"ours-opt-pt": "[fuse]\npassthrough = true\n"}
@@ -379,9 +382,12 @@ def trial(img: str, mode: str, ref: str, reg: Registry, go_bin: str) -> dict:
     dummy = make_tempdir("sgz-dummy-")
     try:
         if mode.startswith("ours"):
+            if mode == "ours-opt-nohs":
+                os.environ["STARGZ_HEAD_START"] = "0"
             snap = StargzDaemon.start(
                 make_tempdir("sgz-hb-"), config_text=OURS_CONFIG.get(mode, ""), log_level="info"
             )
+            os.environ.pop("STARGZ_HEAD_START", None)
             addr = snap.address
         elif mode.startswith("go"):
             snap = GoDaemon.start(go_bin, reg.host)

@@ -62,13 +62,15 @@ class Reader:
         max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE,
         on_close: Callable[[], None] | None = None,
         keep_toc: bool = True,
+        on_toc_json: Callable[[bytes], None] | None = None,
     ) -> None:
         """Open a blob. ``toc_digest`` ("sha256:...") is checked against the TOC JSON.
 
         With ``verify`` (the default) every regular file must carry chunk digests, and
         every chunk is checked on read. Without ``keep_toc`` the parsed TOC is dropped
         once indexed (the mount needs only the nodes and the chunk table), and `toc`
-        is not available.
+        is not available. ``on_toc_json`` sees the TOC JSON once its digest is checked,
+        before the (much longer) parse: the daemon starts the prefetch download from it.
         """
         self._read_at = read_at
         self._on_close = on_close
@@ -88,6 +90,8 @@ class Reader:
                 f"TOC digest mismatch: the layer annotation says {toc_digest}, "
                 f"the TOC hashes to {self.toc_digest}"
             )
+        if on_toc_json is not None:
+            on_toc_json(toc_json)
         self._toc_version, self._entries = load_toc_doc(toc_json)
         self._toc: TOC | None = None
         self._build()

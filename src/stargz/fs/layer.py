@@ -31,6 +31,7 @@ import contextlib
 import datetime
 import functools
 import logging
+import os
 import time
 from array import array
 from bisect import bisect_right
@@ -44,6 +45,7 @@ from stargz.estargz.footer import parse_footer
 from stargz.estargz.reader import Reader
 from stargz.fs import memory
 from stargz.fs.cache import DiskCache, MemoryLRU
+from stargz.fs.headstart import HeadStartBlob, landmark_offset
 from stargz.fs.metrics import LayerMetrics
 from stargz.fs.options import FsOptions
 from stargz.fs.scheduler import Scheduler
@@ -67,6 +69,11 @@ PREFETCH_PARALLEL = 4
 #: 4 of 12 python prefetches (5 MB, 10 ms RTT, 200 Mbit/s) took +0.1 s, with 1 none did
 #: (0.24-0.26 s). Bigger prefetches keep 4 (gcc, 23 MB: 1.16 s with 1, 1.04 with 4).
 PREFETCH_ONE_FLOW_MAX = 8 << 20
+#: At most this many bytes of a prefetch start downloading while the TOC is parsed (see
+#: stargz.fs.headstart); a bigger prefetch fetches the rest in parallel pieces as usual.
+#: ``STARGZ_HEAD_START=0`` in the daemon's environment turns it off (for A/B measurements:
+#: benchmarks/bench_hellobench.py mode ``ours-opt-nohs``).
+HEAD_START_MAX = PREFETCH_ONE_FLOW_MAX if os.environ.get("STARGZ_HEAD_START") != "0" else 0
 #: Decoded bytes of this layer that may wait for the cache writer before background fetch
 #: pauses. Without it the download outran the (single, niced) writer thread: 470 MB RSS
 #: while background-fetching a 144 MB layer on loopback (benchmarks/bench_daemon_cost.py).
@@ -291,8 +298,24 @@ class Layer:
         start, data, fetched = await fetch_tail(blob, digest, disk, executor)
         t_fetched = time.monotonic()
         size = blob.size
+        # A layer seen for the first time (its TOC came from the source, so its chunks are
+        # not cached either) starts downloading its prefetch range during the parse.
+        head: list[HeadStartBlob] = []
+        hint: list[int] = []
 
-        def build(start: int, data: bytes) -> Reader:
+        def start_head() -> None:
+            if hint and not head:
+                head.append(HeadStartBlob(blob, min(hint[0], HEAD_START_MAX), PREFETCH_PIECE))
+
+        def on_toc_json(toc_json: bytes) -> None:  # in the executor thread
+            off = landmark_offset(toc_json)
+            if off:
+                hint.append(off)
+                loop.call_soon_threadsafe(start_head)
+
+        head_start = on_toc_json if fetched and not options.noprefetch and HEAD_START_MAX else None
+
+        def build(start: int, data: bytes, on_toc_json: Any = None) -> Reader:
             # The reader keeps its read_at; the tail (the whole compressed TOC) must not
             # stay alive with it: the layer reads chunks through the blob, never the reader.
             held = [data]
@@ -314,27 +337,35 @@ class Layer:
                     verify=verify,
                     tail_size=size - start,
                     keep_toc=False,
+                    on_toc_json=on_toc_json,
                 )
             finally:
                 held.clear()
 
         try:
-            reader = await loop.run_in_executor(executor, build, start, data)
-        except (StargzError, ValueError):
-            if fetched:
-                raise
-            # a stale or damaged cached tail: forget it and go to the source
-            start, data, fetched = await fetch_tail(blob, digest, None, executor)
-            reader = await loop.run_in_executor(executor, build, start, data)
-        if fetched:
             try:
-                await loop.run_in_executor(executor, disk.write_tail, digest, start, size, data)
-            except OSError as e:
-                log.warning("cannot cache the TOC of %s: %s", digest, e)
-        index = await loop.run_in_executor(executor, ChunkIndex, reader, digest)
+                reader = await loop.run_in_executor(executor, build, start, data, head_start)
+            except (StargzError, ValueError):
+                if fetched:
+                    raise
+                # a stale or damaged cached tail: forget it and go to the source
+                start, data, fetched = await fetch_tail(blob, digest, None, executor)
+                reader = await loop.run_in_executor(executor, build, start, data)
+            start_head()  # (normally done already, by the callback the parse queued)
+            if fetched:
+                try:
+                    await loop.run_in_executor(executor, disk.write_tail, digest, start, size, data)
+                except OSError as e:
+                    log.warning("cannot cache the TOC of %s: %s", digest, e)
+            index = await loop.run_in_executor(executor, ChunkIndex, reader, digest)
+        except BaseException:
+            hint.clear()
+            if head:
+                head[0].release()
+            raise
         layer = cls(
             digest,
-            blob,
+            head[0] if head else blob,
             reader,
             index,
             options=options,
@@ -951,6 +982,8 @@ class Layer:
         finally:
             self.metrics.prefetch_seconds = time.monotonic() - t0
             self.prefetch_done.set()
+            if isinstance(self.blob, HeadStartBlob):
+                self.blob.release()  # the prefetch has what it started; drop the rest
 
     def start_background_fetch(self) -> asyncio.Task[Any]:
         return self._spawn(self._background())

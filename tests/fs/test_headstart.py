@@ -1,0 +1,258 @@
+"""Head start: the prefetch range downloads while the TOC is parsed (stargz.fs.headstart)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import pytest
+
+from stargz.estargz import reader as reader_mod
+from stargz.estargz.reader import Reader
+from stargz.fs import LocalLayerSource
+from stargz.fs.headstart import HeadStartBlob, landmark_offset
+from stargz.fs.layer import Layer
+
+
+def _toc_json(layout, layer) -> bytes:
+    data = layout.blob_path(layer.digest).read_bytes()
+    got: list[bytes] = []
+    r = Reader(
+        lambda off, n: data[off : off + n], len(data), on_toc_json=got.append, keep_toc=False
+    )
+    return got[0], r
+
+
+# --- the landmark offset, read from raw JSON -----------------------------------------------
+
+
+def test_landmark_offset_of_go_optimized_layer(busybox):
+    layer = busybox.layers("opt")[0]
+    toc_json, r = _toc_json(busybox, layer)
+    assert r.prefetch_size and landmark_offset(toc_json) == r.prefetch_size
+
+
+def test_no_landmark_no_offset(busybox, corners):
+    # unoptimized layers carry .no.prefetch.landmark: nothing to start
+    for layout in (busybox, corners):
+        toc_json, r = _toc_json(layout, layout.layers("esgz")[0])
+        assert r.prefetch_size == 0 and landmark_offset(toc_json) is None
+
+
+def _doc(*entries: dict, indent: str | None = "\t") -> bytes:
+    return json.dumps({"version": 1, "entries": list(entries)}, indent=indent).encode()
+
+
+LM = {"name": ".prefetch.landmark", "type": "reg", "size": 1, "offset": 4096}
+
+
+@pytest.mark.parametrize("indent", ["\t", None])
+def test_landmark_offset_shapes(indent):
+    a = {"name": "a", "type": "reg", "size": 3, "offset": 0}
+    assert landmark_offset(_doc(a, indent=indent)) is None
+    assert landmark_offset(_doc(a, LM, indent=indent)) == 4096
+    # key order does not matter; "offset" of a neighbour is not taken
+    lm2 = {"offset": 77, "type": "reg", "name": ".prefetch.landmark"}
+    assert landmark_offset(_doc(a, lm2, {"name": "b", "offset": 9}, indent=indent)) == 77
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        # two entries claim the name: no guess
+        [LM, dict(LM, offset=1)],
+        # a nested object inside the entry
+        [dict(LM, xattrs={"user.a": "eA=="})],
+        # no offset, or a non-integer one
+        [{"name": ".prefetch.landmark", "type": "reg"}],
+        [dict(LM, offset="4096")],
+        # the name only as a link target
+        [{"name": "x", "type": "hardlink", "linkName": ".prefetch.landmark", "offset": 5}],
+    ],
+)
+def test_landmark_offset_refuses_to_guess(entries):
+    assert landmark_offset(_doc(*entries)) is None
+
+
+# --- the blob wrapper ----------------------------------------------------------------------
+
+
+class CountingBlob:
+    """A blob over bytes (the real FileBlob does the same with a file) whose first
+    ``fail`` reads raise, as a registry that drops the connection would."""
+
+    def __init__(self, data: bytes, fail: int = 0) -> None:
+        self.data = data
+        self.fail = fail
+        self.requests: list[tuple[int, int]] = []
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    async def read_ranges(self, ranges):
+        await asyncio.sleep(0)
+        self.requests.extend(ranges)
+        if self.fail:
+            self.fail -= 1
+            raise ConnectionResetError("dropped")
+        return [self.data[o : o + n] for o, n in ranges]
+
+
+DATA = bytes(range(256)) * 40  # 10240 bytes
+
+
+def test_head_pieces_answer_reads_inside_the_head():
+    async def go():
+        blob = CountingBlob(DATA)
+        hs = HeadStartBlob(blob, 5000, 1024)
+        got = await hs.read_ranges([(0, 100), (1000, 2000), (4990, 10), (6000, 50)])
+        assert got == [DATA[0:100], DATA[1000:3000], DATA[4990:5000], DATA[6000:6050]]
+        await asyncio.sleep(0.01)
+        # the head went as 5 sequential pieces; only the range past it went on its own
+        assert blob.requests == [
+            (0, 1024),
+            (1024, 1024),
+            (2048, 1024),
+            (3072, 1024),
+            (4096, 904),
+            (6000, 50),
+        ]
+        assert hs.fetched == 5000
+        hs.release()
+        n = len(blob.requests)
+        assert await hs.read_ranges([(0, 10)]) == [DATA[:10]]
+        assert len(blob.requests) == n + 1  # released: straight to the blob
+
+    asyncio.run(go())
+
+
+def test_failed_head_falls_back_to_the_blob():
+    async def go():
+        blob = CountingBlob(DATA, fail=1)  # the first piece's request fails
+        hs = HeadStartBlob(blob, 4096, 1024)
+        assert await hs.read_ranges([(10, 3000)]) == [DATA[10:3010]]
+        assert (10, 3000) in blob.requests
+        await hs.close()
+
+    asyncio.run(go())
+
+
+def test_release_while_waiting_reads_from_the_blob():
+    async def go():
+        gate = asyncio.Event()
+
+        class Slow(CountingBlob):
+            async def read_ranges(self, ranges):
+                if ranges[0][0] == 0 and not gate.is_set():
+                    await gate.wait()
+                return await super().read_ranges(ranges)
+
+        blob = Slow(DATA)
+        hs = HeadStartBlob(blob, 2048, 1024)
+        reader = asyncio.ensure_future(hs.read_ranges([(0, 10)]))
+        await asyncio.sleep(0.01)
+        hs.release()
+        gate.set()
+        assert await asyncio.wait_for(reader, 5) == [DATA[:10]]
+
+    asyncio.run(go())
+
+
+# --- in the daemon's layer open --------------------------------------------------------------
+
+
+def test_prefetch_download_starts_before_the_parse_ends(fs_env, busybox, monkeypatch):
+    """The parse is held up on purpose; the head's first request must be in the source's
+    log by then. Without the head start the prefetch only asks after the parse."""
+    layer = busybox.layers("opt")[0]
+    source = LocalLayerSource(layouts=[busybox.root])
+    seen: list[list] = []
+    parsed = threading.Event()
+    build = reader_mod.tocbuild.build
+
+    def slow_build(*a, **kw):
+        threading.Event().wait(0.3)
+        seen.append(list(source.log))
+        parsed.set()
+        return build(*a, **kw)
+
+    monkeypatch.setattr(reader_mod.tocbuild, "build", slow_build)
+    fs = fs_env.start(source)
+    mp = fs_env.mount(layer)
+    assert parsed.is_set()
+    lay = fs.layer(layer.digest)
+    assert isinstance(lay.blob, HeadStartBlob)
+    head_requests = [r for _, ranges in seen[0] for r in ranges if r[0] == 0]
+    assert head_requests, seen[0]
+    fs_env.run(fs.check(str(mp), {}))  # waits for the prefetch
+    assert lay.prefetch_done.is_set() and lay.blob._pieces is None  # released
+    # the head's bytes were fetched once: no range below the landmark twice
+    below = [r for _, ranges in source.log for r in ranges if r[0] < lay.prefetch_size]
+    assert len(below) == len(set(below))
+    assert sum(n for o, n in below) <= lay.prefetch_size + (64 << 10)
+    assert (mp / "bin/busybox").read_bytes()
+    assert lay.metrics.on_demand_fetches == 0
+
+
+def test_no_head_start_for_a_cached_toc_or_noprefetch(fs_env, busybox):
+    layer = busybox.layers("opt")[0]
+    source = LocalLayerSource(layouts=[busybox.root])
+    fs = fs_env.start(source, noprefetch=True)
+    fs_env.mount(layer)
+    assert not isinstance(fs.layer(layer.digest).blob, HeadStartBlob)
+    # a restart finds the TOC (and chunks) in the disk cache: nothing to start
+    fs = fs_env.start(source)
+    fs_env.mount(layer)
+    assert not isinstance(fs.layer(layer.digest).blob, HeadStartBlob)
+
+
+def test_layer_open_failure_stops_the_head(busybox, tmp_path, monkeypatch):
+    """A TOC the builder rejects fails the open after the head started: the head
+    download must not outlive it."""
+    layer = busybox.layers("opt")[0]
+    from stargz.errors import TOCError
+
+    def bad_build(*a, **kw):
+        raise TOCError("rejected on purpose")
+
+    monkeypatch.setattr(reader_mod.tocbuild, "build", bad_build)
+
+    async def go():
+        from concurrent.futures import ThreadPoolExecutor
+
+        from stargz.fs.cache import DiskCache, MemoryLRU
+        from stargz.fs.options import FsOptions
+        from stargz.fs.scheduler import Scheduler
+
+        source = LocalLayerSource(layouts=[busybox.root])
+        blob = await source.resolve("x", layer.digest, {})
+        disk = DiskCache(str(tmp_path))
+        disk.load()
+        started = []
+        real_init = HeadStartBlob.__init__
+
+        def init(self, *a, **kw):
+            started.append(self)
+            real_init(self, *a, **kw)
+
+        monkeypatch.setattr(HeadStartBlob, "__init__", init)
+        with ThreadPoolExecutor(2) as ex, pytest.raises(TOCError):
+            await Layer.open(
+                layer.digest,
+                blob,
+                toc_digest=layer.toc_digest,
+                verify=True,
+                options=FsOptions(),
+                memory=MemoryLRU(1 << 20),
+                disk=disk,
+                executor=ex,
+                scheduler=Scheduler(2, 0.1, 0.1),
+            )
+        assert started and started[0]._pieces is None  # it started, and was released
+        await asyncio.sleep(0.05)
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert not pending
+
+    asyncio.run(go())
