@@ -86,13 +86,19 @@ class CountingBlob:
         self.data = data
         self.fail = fail
         self.requests: list[tuple[int, int]] = []
+        self.inflight = self.max_inflight = 0
 
     @property
     def size(self) -> int:
         return len(self.data)
 
     async def read_ranges(self, ranges):
-        await asyncio.sleep(0)
+        self.inflight += 1
+        self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            await asyncio.sleep(0.001)
+        finally:
+            self.inflight -= 1
         self.requests.extend(ranges)
         if self.fail:
             self.fail -= 1
@@ -124,6 +130,32 @@ def test_head_pieces_answer_reads_inside_the_head():
         n = len(blob.requests)
         assert await hs.read_ranges([(0, 10)]) == [DATA[:10]]
         assert len(blob.requests) == n + 1  # released: straight to the blob
+
+    asyncio.run(go())
+
+
+def test_range_across_the_head_end_takes_only_the_rest_from_the_blob():
+    async def go():
+        blob = CountingBlob(DATA)
+        hs = HeadStartBlob(blob, 5000, 1024)
+        assert await hs.read_ranges([(4000, 2000)]) == [DATA[4000:6000]]
+        assert blob.requests[-1] == (5000, 1000)  # not the head's bytes again
+        hs.release()
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("parallel", [1, 3, 8])
+def test_parallel_workers_fetch_every_piece_once(parallel):
+    async def go():
+        blob = CountingBlob(DATA)
+        hs = HeadStartBlob(blob, len(DATA), 1000, parallel)
+        assert await hs.read_ranges([(0, len(DATA))]) == [DATA]
+        assert sorted(blob.requests) == [
+            (o, min(1000, len(DATA) - o)) for o in range(0, 10240, 1000)
+        ]
+        assert blob.max_inflight == parallel
+        hs.release()
 
     asyncio.run(go())
 

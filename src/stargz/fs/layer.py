@@ -70,10 +70,10 @@ PREFETCH_PARALLEL = 4
 #: (0.24-0.26 s). Bigger prefetches keep 4 (gcc, 23 MB: 1.16 s with 1, 1.04 with 4).
 PREFETCH_ONE_FLOW_MAX = 8 << 20
 #: At most this many bytes of a prefetch start downloading while the TOC is parsed (see
-#: stargz.fs.headstart); a bigger prefetch fetches the rest in parallel pieces as usual.
+#: stargz.fs.headstart), in the pieces and with the parallelism of the prefetch itself.
 #: ``STARGZ_HEAD_START=0`` in the daemon's environment turns it off (for A/B measurements:
 #: benchmarks/bench_hellobench.py mode ``ours-opt-nohs``).
-HEAD_START_MAX = PREFETCH_ONE_FLOW_MAX if os.environ.get("STARGZ_HEAD_START") != "0" else 0
+HEAD_START_MAX = 64 << 20 if os.environ.get("STARGZ_HEAD_START") != "0" else 0
 #: Decoded bytes of this layer that may wait for the cache writer before background fetch
 #: pauses. Without it the download outran the (single, niced) writer thread: 470 MB RSS
 #: while background-fetching a 144 MB layer on loopback (benchmarks/bench_daemon_cost.py).
@@ -305,7 +305,9 @@ class Layer:
 
         def start_head() -> None:
             if hint and not head:
-                head.append(HeadStartBlob(blob, min(hint[0], HEAD_START_MAX), PREFETCH_PIECE))
+                size = min(hint[0], HEAD_START_MAX)
+                parallel = 1 if size <= PREFETCH_ONE_FLOW_MAX else PREFETCH_PARALLEL
+                head.append(HeadStartBlob(blob, size, PREFETCH_PIECE, parallel))
 
         def on_toc_json(toc_json: bytes) -> None:  # in the executor thread
             off = landmark_offset(toc_json)
