@@ -268,3 +268,70 @@ def test_uvloop(uvloop_env, corners, corners_source):
     assert (m1 / "data/text.txt").read_bytes() == _content(l1, "data/text.txt")
     assert "to-delete" in os.listdir(m2 / "etc")
     assert type(fs.layer(l1.digest)._loop).__module__.startswith("uvloop")
+
+
+def _resident_pages(path) -> int:
+    """Pages of ``path`` in the page cache (mincore(2))."""
+    import ctypes
+    import mmap
+
+    size = os.path.getsize(path)
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mm:
+        vec = (ctypes.c_ubyte * ((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE))()
+        view = ctypes.c_char.from_buffer(mm)
+        try:
+            if libc.mincore(ctypes.c_void_p(ctypes.addressof(view)), ctypes.c_size_t(size), vec):
+                raise OSError(ctypes.get_errno(), "mincore")
+        finally:
+            del view  # the mmap cannot close while a ctypes object exports it
+        return sum(v & 1 for v in vec)
+
+
+@pytest.mark.parametrize("read_ahead", [True, False])
+def test_sequential_read_warms_the_next_chunk_file(
+    fs_env, corners, corners_source, monkeypatch, read_ahead
+):
+    """Each chunk is its own cache file, so the disk's read-ahead stops at 4 MiB: a
+    sequential reader past the middle of a chunk has the next chunk's file read ahead."""
+    from stargz.fs import layer as layer_mod
+
+    monkeypatch.setattr(layer_mod, "READ_AHEAD_NEXT_CHUNK", read_ahead)
+    layer = corners.layers("esgz")[0]  # data/noise.bin: a 4 MiB chunk, then the rest
+    fs = fs_env.start(corners_source)
+    mp = fs_env.mount(layer)
+    path = mp / "data/noise.bin"
+    want = _content(layer, "data/noise.bin")
+    assert _read(path, direct=True) == want  # fetched, verified, written to the disk cache
+    lay = fs.layer(layer.digest)
+    node = lay.reader.lookup("data/noise.bin").id
+    lo, hi = lay.chunks.span(node)
+    assert hi - lo == 2
+    deadline = time.monotonic() + 10
+    while not all(fs.disk.is_verified(lay.keys[r]) for r in range(lo, hi)):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    second = fs.disk.path(lay.keys[lo + 1])
+    fs.memory.clear()
+    fd = os.open(second, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # just written: dirty pages would stay
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert _resident_pages(second) == 0
+    # the first half of chunk 0, as a sequential reader's read-ahead asks for it
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        import mmap
+
+        buf = mmap.mmap(-1, 1 << 20)
+        for off in (0, 1 << 20):
+            assert os.preadv(fd, [buf], off) == 1 << 20
+            assert bytes(buf) == want[off : off + (1 << 20)]
+    finally:
+        os.close(fd)
+    deadline = time.monotonic() + 2
+    while read_ahead and _resident_pages(second) == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert (_resident_pages(second) > 0) == read_ahead

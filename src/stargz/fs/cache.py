@@ -261,6 +261,13 @@ class DiskCache:
                     pass
             return os.pread(self._fd(key), size, offset)
 
+    def willneed(self, key: str) -> None:
+        """Have the kernel start reading a chunk file into the page cache (no wait)."""
+        try:
+            os.posix_fadvise(self._fd(key), 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+
     def pread_fresh(self, key: str, offset: int, size: int) -> bytes:
         """`pread` through a new fd: for worker threads, which must not use the cached fds
         (the loop thread may close one at any time, and its number be reused)."""

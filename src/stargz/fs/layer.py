@@ -58,6 +58,11 @@ TAIL_FETCH_SIZE = 64 << 10
 #: Disk-cache reads up to this size run on the event loop: a page-cache pread of 1 MiB costs
 #: ~0.1-0.3 ms, less than a worker-thread hop and its GIL handoffs (measured: bench_fs.py).
 INLINE_PREAD_MAX = 1 << 20
+#: A read of a cached chunk at least this big is the kernel's read-ahead of a sequential
+#: reader: when it passes the middle of its chunk, the next chunk's file is read ahead too
+#: (each chunk is its own cache file, and the disk's read-ahead stops at a file's end).
+SEQUENTIAL_READ_MIN = 128 << 10
+READ_AHEAD_NEXT_CHUNK = True
 #: A prefetch is fetched in pieces of this many bytes (cut at member boundaries), at most
 #: PREFETCH_PARALLEL at a time, when ``prefetch_chunk_size`` is 0 (Go: one request): the
 #: first pieces decode while the next download. Measured on the HelloBench gcc image
@@ -503,6 +508,12 @@ class Layer:
                 return None
             m.disk_hits += 1
             disk.touch(key)
+            if b - a >= SEQUENTIAL_READ_MIN and READ_AHEAD_NEXT_CHUNK:
+                half = self.row_size[lo] >> 1
+                if a < half <= b and lo + 1 < self.chunks.span(node_id)[1]:
+                    nxt = self.keys[lo + 1]
+                    if disk.is_verified(nxt):
+                        disk.willneed(nxt)
         m.reads += 1
         m.bytes_served += len(out)
         return out
