@@ -19,4 +19,5 @@ echo "== pytest (native backend)"
 echo "== pytest (pure-Python backend)"
 STARGZ_NO_EXTENSIONS=1 "$PY" -m pytest -q -p no:cacheprovider \
   tests/test_native_codec.py tests/test_native_tocindex.py tests/test_native_tocbuild.py \
+  tests/test_native_tocjson.py \
   tests/test_estargz_fixtures.py tests/test_estargz_roundtrip.py tests/test_estargz_bad_input.py

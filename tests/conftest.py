@@ -387,6 +387,7 @@ def swap_backend(mp: pytest.MonkeyPatch, name: str):
     else:
         c, t, b = codec.python, tocindex.python, tocbuild.python
     mp.setattr(tocbuild, "build", b.build)
+    mp.setattr(tocbuild, "build_json", b.build_json)
     mp.setattr(codec, "decode_chunk", c.decode_chunk)
     mp.setattr(codec, "sha256", c.sha256)
     mp.setattr(reader, "ChunkTable", t.ChunkTable)

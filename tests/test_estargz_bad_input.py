@@ -71,7 +71,32 @@ def make_blob(tar: bytes = DEFAULT_TAR, **kw) -> bytes:
 
 
 def open_blob(blob: bytes, **kw) -> Reader:
-    return Reader(lambda off, n: blob[off : off + n], len(blob), **kw)
+    """Open ``blob`` as the daemon does (``keep_toc=False``: the builder reads the TOC JSON
+    bytes itself) and as the CLI does (json.loads, then the builder): both must raise the
+    same error with the same message, or open the same layer. Returns the CLI's reader."""
+
+    def read_at(off: int, n: int) -> bytes:
+        return blob[off : off + n]
+
+    try:
+        lean = Reader(read_at, len(blob), keep_toc=False, **kw)
+    except Exception as e:
+        with pytest.raises(type(e)) as full_error:
+            Reader(read_at, len(blob), **kw)
+        assert str(full_error.value) == str(e)
+        raise
+    try:
+        full = Reader(read_at, len(blob), **kw)
+    except Exception as e:  # noqa: BLE001
+        pytest.fail(f"keep_toc=False opened what keep_toc=True refuses: {e!r}")
+    assert [_node_facts(n) for n in lean.nodes] == [_node_facts(n) for n in full.nodes]
+    assert lean.dirents == full.dirents and lean.landmark == full.landmark
+    assert (lean.chunk_comp, lean.chunk_digests) == (full.chunk_comp, full.chunk_digests)
+    return full
+
+
+def _node_facts(node) -> tuple:
+    return (node.id, node.path, node.type, node.mode, node.size, node.nlink, node.attrs)
 
 
 def toc_tar(toc_json: bytes, name: str = "stargz.index.json") -> bytes:

@@ -228,11 +228,16 @@ def _mutate(target: Target, kind: str, rng: random.Random, data) -> tuple:
     return target.with_toc(json.dumps(toc, indent="\t").encode())
 
 
-def _exercise(target: Target, damage: tuple, rng: random.Random, digest: bool) -> str:
-    """Open and read; return what happened (for statistics). Only StargzError may escape."""
+def _exercise(
+    target: Target, damage: tuple, rng: random.Random, digest: bool, keep_toc: bool = True
+) -> str:
+    """Open and read; return what happened (for statistics). Only StargzError may escape.
+    (``keep_toc=False``: the daemon's open, the builder reading the JSON bytes itself.)"""
     read_at, size = _overlay(target.blob, *damage)
     try:
-        r = Reader(read_at, size, toc_digest=target.toc_digest if digest else None)
+        r = Reader(
+            read_at, size, toc_digest=target.toc_digest if digest else None, keep_toc=keep_toc
+        )
     except StargzError as e:
         return "open: " + type(e).__name__
     files = [n for _, n in r.walk() if n.type == "reg"]
@@ -261,7 +266,8 @@ def test_damaged_tail_raises_only_stargz_errors(targets, swap_backend, backend, 
         swap_backend(mp, backend)
         rng = random.Random(seed)
         damage = _mutate(targets[t], kind, rng, data)
-        outcome = _exercise(targets[t], damage, rng, digest)
+        keep_toc = data.draw(st.booleans(), label="keep_toc")
+        outcome = _exercise(targets[t], damage, rng, digest, keep_toc)
     event(f"{kind} -> {outcome}")
 
 

@@ -202,7 +202,7 @@ def test_prefetch_download_starts_before_the_parse_ends(fs_env, busybox, monkeyp
     source = LocalLayerSource(layouts=[busybox.root])
     seen: list[list] = []
     parsed = threading.Event()
-    build = reader_mod.tocbuild.build
+    build = reader_mod.tocbuild.build_json
 
     def slow_build(*a, **kw):
         threading.Event().wait(0.3)
@@ -210,7 +210,7 @@ def test_prefetch_download_starts_before_the_parse_ends(fs_env, busybox, monkeyp
         parsed.set()
         return build(*a, **kw)
 
-    monkeypatch.setattr(reader_mod.tocbuild, "build", slow_build)
+    monkeypatch.setattr(reader_mod.tocbuild, "build_json", slow_build)
     fs = fs_env.start(source)
     mp = fs_env.mount(layer)
     assert parsed.is_set()
@@ -249,7 +249,7 @@ def test_layer_open_failure_stops_the_head(busybox, tmp_path, monkeypatch):
     def bad_build(*a, **kw):
         raise TOCError("rejected on purpose")
 
-    monkeypatch.setattr(reader_mod.tocbuild, "build", bad_build)
+    monkeypatch.setattr(reader_mod.tocbuild, "build_json", bad_build)
 
     async def go():
         from concurrent.futures import ThreadPoolExecutor

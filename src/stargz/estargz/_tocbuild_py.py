@@ -6,6 +6,10 @@ messages as `stargz.estargz.toc.entry_from_obj`), clean and check names, link th
 tree (implicit parents, replacements, hardlinks), and check every chunk (coverage, order,
 bounds, digests). It returns an `OpenedTOC`. Both backends must return equal results and
 raise the same errors with the same messages (``tests/test_native_tocbuild.py``).
+
+``build_json(data, ...)`` does the same from the TOC JSON bytes: here exactly
+``build(load_toc_doc(data)[1], ...)`` (so it raises `load_toc_doc`'s errors too); the
+native one reads the bytes itself (``tests/test_native_tocjson.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from stargz.estargz.toc import (
     PREFETCH_LANDMARK,
     clean_name,
     decode_xattrs,
+    load_toc_doc,
 )
 
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
@@ -265,6 +270,21 @@ def build(entries: list[Any], *, payload_end: int, verify: bool, max_chunk_size:
     out.chunk_digests = bytes(c_digest)
     out.dirents_from_nodes()
     return out
+
+
+def build_json(data: bytes, *, payload_end: int, verify: bool, max_chunk_size: int) -> OpenedTOC:
+    """`build` of the entries of TOC JSON bytes (see the module docstring)."""
+    return build(
+        load_toc_doc(data)[1],
+        payload_end=payload_end,
+        verify=verify,
+        max_chunk_size=max_chunk_size,
+    )
+
+
+def gil_checkpoint() -> None:
+    """Nothing, in bytecode: the native builders call it now and then so that a thread
+    waiting for the GIL gets it (see ``YIELD_EVERY`` in ``src/_native/_tocbuild.pyx``)."""
 
 
 def _link(nodes: list[Node], by_path: dict[str, int], name: str, base: str, link_name: str) -> None:

@@ -67,10 +67,12 @@ class Reader:
         """Open a blob. ``toc_digest`` ("sha256:...") is checked against the TOC JSON.
 
         With ``verify`` (the default) every regular file must carry chunk digests, and
-        every chunk is checked on read. Without ``keep_toc`` the parsed TOC is dropped
-        once indexed (the mount needs only the nodes and the chunk table), and `toc`
-        is not available. ``on_toc_json`` sees the TOC JSON once its digest is checked,
-        before the (much longer) parse: the daemon starts the prefetch download from it.
+        every chunk is checked on read. Without ``keep_toc`` the TOC's entries are never
+        kept (the mount needs only the nodes and the chunk table): the builder reads the
+        TOC JSON bytes itself (``tocbuild.build_json``: no ``json.loads``, the same
+        errors), and `toc` is not available. ``on_toc_json`` sees the TOC JSON once its
+        digest is checked, before the (longer) parse: the daemon starts the prefetch
+        download from it.
         """
         self._read_at = read_at
         self._on_close = on_close
@@ -92,11 +94,15 @@ class Reader:
             )
         if on_toc_json is not None:
             on_toc_json(toc_json)
-        self._toc_version, self._entries = load_toc_doc(toc_json)
         self._toc: TOC | None = None
-        self._build()
-        if not keep_toc:
-            self._entries = None
+        if keep_toc:
+            self._toc_version, self._entries = load_toc_doc(toc_json)
+            self._build(None)
+        else:
+            # The daemon's case: from the JSON bytes (the native builder scans them
+            # without json.loads and without the GIL, then builds); no entries to keep.
+            self._toc_version, self._entries = 1, None
+            self._build(toc_json)
 
     def close(self) -> None:
         if self._on_close is not None:
@@ -128,20 +134,24 @@ class Reader:
             return _inflate_zstd_toc(raw, f.toc_uncompressed_size, max_toc_size)
         return _untar_gzip_toc(raw, max_toc_size)
 
-    def _build(self) -> None:
-        """Check and index the entries (native builder when built), then the name index."""
+    def _build(self, toc_json: bytes | None) -> None:
+        """Check and index the entries (native builder when built), then the name index:
+        ``self._entries``, or with ``toc_json`` the TOC JSON bytes (the same errors)."""
         # The build makes a Node and a tuple per entry: with the cyclic GC on, its
         # collections walk them again and again (100k entries: 590 -> 390 ms without).
         # Nothing it makes is cyclic, so pausing the collector frees nothing late.
+        kw = {
+            "payload_end": self.footer.toc_offset,
+            "verify": self.verify,
+            "max_chunk_size": self.max_chunk_size,
+        }
         paused = gc.isenabled()
         gc.disable()
         try:
-            built = tocbuild.build(
-                self._entries,
-                payload_end=self.footer.toc_offset,
-                verify=self.verify,
-                max_chunk_size=self.max_chunk_size,
-            )
+            if toc_json is None:
+                built = tocbuild.build(self._entries, **kw)
+            else:
+                built = tocbuild.build_json(toc_json, **kw)
         finally:
             if paused:
                 gc.enable()

@@ -20,5 +20,8 @@ _impl, native, native_error = select("stargz.estargz._tocbuild", python)
 backend: str = "native" if native is not None else "python"
 
 build = _impl.build
+#: ``build_json(data, *, payload_end, verify, max_chunk_size)``: `build` from the TOC JSON
+#: bytes, the same result and errors as ``build(load_toc_doc(data)[1], ...)``.
+build_json = _impl.build_json
 
-__all__ = ["backend", "build", "native", "native_error", "python"]
+__all__ = ["backend", "build", "build_json", "native", "native_error", "python"]
