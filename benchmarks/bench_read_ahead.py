@@ -1,0 +1,151 @@
+"""Sequential reads of large files through our FUSE mount, next-chunk read-ahead on vs off.
+
+Each chunk of a layer is its own cache file, so the disk's read-ahead stops at every chunk
+(4 MiB). `stargz.fs.layer.READ_AHEAD_NEXT_CHUNK` has the next chunk's file read ahead when a
+sequential reader passes the middle of a chunk. This mounts the HelloBench python layer
+(``ours-noopt``, from /var/cache/stargz-bench, built by bench_hellobench.py) in-process from
+its OCI layout, reads every file once (all chunks cached), then times reading the 8 largest
+files with 1 MiB reads after dropping the page cache, the two settings interleaved round by
+round, straight through the FUSE mount and through a read-only overlayfs on top of it (as
+containerd stacks it).
+
+    .venv/bin/python benchmarks/bench_read_ahead.py [--rounds 6]
+
+Needs root. JSON: benchmarks/results/read-ahead-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import uvloop
+
+import stargz.fs.layer as layer_mod
+from stargz.fs import FsOptions, LocalLayerSource, StargzFileSystem
+from stargz.fs.source import STARGZ_DIGEST_LABEL, STARGZ_REFERENCE_LABEL, TOC_DIGEST_LABEL
+
+OCI = Path(os.environ.get("STARGZ_BENCH_CACHE", "/var/cache/stargz-bench")) / "oci" / "python"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def read_all(paths: list[str]) -> int:
+    n = 0
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while b := f.read(1 << 20):
+                n += len(b)
+    return n
+
+
+def largest_layer(tag: str) -> dict:
+    index = json.loads((OCI / "index.json").read_text())
+    man = next(
+        m
+        for m in index["manifests"]
+        if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag
+    )
+    manifest = json.loads((OCI / "blobs/sha256" / man["digest"].split(":")[1]).read_text())
+    return max(manifest["layers"], key=lambda x: x["size"])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    layer = largest_layer("ours-noopt")
+    labels = {
+        STARGZ_REFERENCE_LABEL: "bench/python:ours-noopt",
+        STARGZ_DIGEST_LABEL: layer["digest"],
+        TOC_DIGEST_LABEL: layer["annotations"]["containerd.io/snapshot/stargz/toc.digest"],
+    }
+    loop = uvloop.new_event_loop()
+    th = threading.Thread(target=loop.run_forever, daemon=True)
+    th.start()
+
+    def run(coro, timeout=600):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+    base = Path(tempfile.mkdtemp(prefix="sgz-ra-"))
+    mp, empty, ov = base / "mnt", base / "empty", base / "ov"
+    for d in (mp, empty, ov):
+        d.mkdir()
+
+    async def make() -> StargzFileSystem:
+        fs = StargzFileSystem(
+            str(base / "root"), LocalLayerSource(layouts=[OCI]), FsOptions(no_background_fetch=True)
+        )
+        await fs.start()
+        return fs
+
+    fs = run(make())
+    stacked = False
+    res: dict[str, list[float]] = {}
+    try:
+        run(fs.mount(str(mp), labels))
+        files = []
+        for d, _, names in os.walk(mp):
+            for name in names:
+                p = os.path.join(d, name)
+                if os.path.isfile(p) and not os.path.islink(p):
+                    files.append((os.path.getsize(p), p))
+        read_all([p for _, p in files])  # every chunk into the disk cache
+        time.sleep(2)  # let the cache writer finish
+        big = [p for _, p in sorted(files)[-8:]]
+        subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={mp}:{empty}", str(ov)],
+            check=True,
+        )
+        stacked = True
+        big_ov = [p.replace(str(mp), str(ov), 1) for p in big]
+        for _ in range(args.rounds):
+            for setting in ("on", "off"):
+                layer_mod.READ_AHEAD_NEXT_CHUNK = setting == "on"
+                for where, paths in (("fuse", big), ("overlay", big_ov)):
+                    drop_caches()
+                    t0 = time.perf_counter()
+                    n = read_all(paths)
+                    res.setdefault(f"{where}-{setting}", []).append(
+                        n / (time.perf_counter() - t0) / 1e6
+                    )
+    finally:
+        layer_mod.READ_AHEAD_NEXT_CHUNK = True
+        if stacked:
+            subprocess.run(["umount", str(ov)], check=False)
+        run(fs.close())
+        loop.call_soon_threadsafe(loop.stop)
+        th.join(5)
+        shutil.rmtree(base, ignore_errors=True)
+    out = {
+        "benchmark": "read-ahead",
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "method": "8 largest files of the python layer, 1 MiB reads, page cache dropped; "
+        "next-chunk read-ahead on/off interleaved per round",
+        "load_avg_1m": os.getloadavg()[0],
+        "MB_s": {k: [round(x) for x in v] for k, v in res.items()},
+        "median_MB_s": {k: round(statistics.median(v)) for k, v in res.items()},
+    }
+    print(json.dumps(out, indent=1))
+    dest = Path(args.out or RESULTS / f"read-ahead-{_dt.date.today():%Y%m%d}.json")
+    dest.write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
