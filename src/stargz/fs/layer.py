@@ -62,6 +62,7 @@ INLINE_PREAD_MAX = 1 << 20
 #: reader: when it passes the middle of its chunk, the next chunk's file is read ahead too
 #: (each chunk is its own cache file, and the disk's read-ahead stops at a file's end).
 SEQUENTIAL_READ_MIN = 128 << 10
+#: (A switch for A/B runs: benchmarks/bench_read_ahead.py.)
 READ_AHEAD_NEXT_CHUNK = True
 #: A prefetch is fetched in pieces of this many bytes (cut at member boundaries), at most
 #: PREFETCH_PARALLEL at a time, when ``prefetch_chunk_size`` is 0 (Go: one request): the
@@ -310,9 +311,9 @@ class Layer:
 
         def start_head() -> None:
             if hint and not head:
-                size = min(hint[0], HEAD_START_MAX)
-                parallel = 1 if size <= PREFETCH_ONE_FLOW_MAX else PREFETCH_PARALLEL
-                head.append(HeadStartBlob(blob, size, PREFETCH_PIECE, parallel))
+                n = min(hint[0], HEAD_START_MAX)
+                parallel = 1 if n <= PREFETCH_ONE_FLOW_MAX else PREFETCH_PARALLEL
+                head.append(HeadStartBlob(blob, n, PREFETCH_PIECE, parallel))
 
         def on_toc_json(toc_json: bytes) -> None:  # in the executor thread
             off = landmark_offset(toc_json)
