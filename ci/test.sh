@@ -18,6 +18,6 @@ echo "== pytest (native backend)"
 "$PY" -m pytest -q -p no:cacheprovider "$@"
 echo "== pytest (pure-Python backend)"
 STARGZ_NO_EXTENSIONS=1 "$PY" -m pytest -q -p no:cacheprovider \
-  tests/test_native_codec.py tests/test_native_tocindex.py tests/test_native_tocbuild.py \
-  tests/test_native_tocjson.py \
-  tests/test_estargz_fixtures.py tests/test_estargz_roundtrip.py tests/test_estargz_bad_input.py
+  tests/estargz/test_codec.py tests/estargz/test_tocindex.py tests/estargz/test_tocbuild.py \
+  tests/estargz/test_tocjson.py \
+  tests/estargz/test_fixtures.py tests/estargz/test_roundtrip.py tests/estargz/test_bad_input.py

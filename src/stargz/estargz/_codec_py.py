@@ -1,7 +1,7 @@
 """Chunk decode and sha256, pure Python: the twin of the native ``_codec`` module.
 
 This module is the reference for the contract; ``src/_native/_codec.pyx`` must behave the
-same (``tests/test_native_codec.py`` runs both over the same cases). Use it through
+same (``tests/estargz/test_codec.py`` runs both over the same cases). Use it through
 ``stargz.estargz.codec``, which picks the native one when it is built.
 
 What a chunk is. An eStargz blob is a concatenation of gzip members; a zstd:chunked blob a

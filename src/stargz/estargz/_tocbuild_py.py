@@ -5,11 +5,11 @@ does, in one pass, what opening a layer needs: type-check every entry (the same 
 messages as `stargz.estargz.toc.entry_from_obj`), clean and check names, link the inode
 tree (implicit parents, replacements, hardlinks), and check every chunk (coverage, order,
 bounds, digests). It returns an `OpenedTOC`. Both backends must return equal results and
-raise the same errors with the same messages (``tests/test_native_tocbuild.py``).
+raise the same errors with the same messages (``tests/estargz/test_tocbuild.py``).
 
 ``build_json(data, ...)`` does the same from the TOC JSON bytes: here exactly
 ``build(load_toc_doc(data)[1], ...)`` (so it raises `load_toc_doc`'s errors too); the
-native one reads the bytes itself (``tests/test_native_tocjson.py``).
+native one reads the bytes itself (``tests/estargz/test_tocjson.py``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """TOC index, pure Python: the twin of the native ``_tocindex`` module.
 
 This module is the reference for the contract; ``src/_native/_tocindex.pyx`` must behave
-the same (``tests/test_native_tocindex.py`` runs both against a brute-force model). Use it
+the same (``tests/estargz/test_tocindex.py`` runs both against a brute-force model). Use it
 through ``stargz.estargz.tocindex``.
 
 Integers cross the seam, not objects: the reader numbers files and directory entries itself

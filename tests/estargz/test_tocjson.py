@@ -23,7 +23,7 @@ import pytest
 from conftest import NO_EXTENSIONS, backend_of
 from hypothesis import given
 from hypothesis import strategies as st
-from test_native_tocbuild import D1, D2, KW, SETTINGS, _entry, reg
+from .test_tocbuild import D1, D2, KW, SETTINGS, _entry, reg
 
 from stargz.errors import TOCError
 from stargz.estargz import open_file, tocbuild
@@ -433,7 +433,7 @@ def test_inputs_other_than_bytes(native) -> None:
 
 
 def test_nodes_share_what_they_can(native) -> None:
-    """As test_native_tocbuild's: equal attrs tuples are one object, equal modtimes one
+    """As test_tocbuild's: equal attrs tuples are one object, equal modtimes one
     str, non-directories one children mapping."""
     common = {"modtime": "2020-01-01T00:00:00Z", "userName": "root", "uid": 0, "mode": 0o644}
     entries = [
