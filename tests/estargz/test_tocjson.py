@@ -23,11 +23,12 @@ import pytest
 from conftest import NO_EXTENSIONS, backend_of
 from hypothesis import given
 from hypothesis import strategies as st
-from .test_tocbuild import D1, D2, KW, SETTINGS, _entry, reg
 
 from stargz.errors import TOCError
 from stargz.estargz import open_file, tocbuild
 from stargz.estargz.node import Node, same
+
+from .test_tocbuild import D1, D2, KW, SETTINGS, _entry, reg
 
 BENCH_CACHE = Path(os.environ.get("STARGZ_BENCH_CACHE", "/var/cache/stargz-bench"))
 PYTHON_LAYER = (
