@@ -29,7 +29,6 @@ import asyncio
 import hashlib
 import http.client
 import random
-import shutil
 import threading
 import time
 import urllib.request
@@ -245,8 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         headline = {k: r["ranges_per_s"] for k, r in results.items()}
         print("wrote", common.save(args, doc, headline))
     finally:
-        reg.close()
-        shutil.rmtree(base, ignore_errors=True)
+        reg.close()  # (removes its work dir)
 
 
 if __name__ == "__main__":

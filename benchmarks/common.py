@@ -195,9 +195,9 @@ def save(args: argparse.Namespace, data: dict[str, Any], headline: dict[str, Any
 
 
 def write_result(name: str, data: dict[str, Any], headline: dict[str, Any]) -> Path:
-    """Write ``results/<name>.json`` and append ``{date, commit, headline}`` to
+    """Write ``results/<name>.json`` and append ``{date, commit, load, argv, headline}`` to
     ``results/history/<name>.jsonl``. ``headline`` holds the few numbers a reader compares
-    across runs (the ones benchmarks/README.md quotes)."""
+    across runs (the ones benchmarks/README.md quotes); ``argv`` says how it was run."""
     _finish(data)
     path = RESULTS / f"{name}.json"
     _write_json(path, data)
@@ -207,6 +207,7 @@ def write_result(name: str, data: dict[str, Any], headline: dict[str, Any]) -> P
         "date": data.get("date") or now_utc(),
         "commit": (data.get("machine", {}).get("git") or {}).get("commit"),
         "loadavg_1m": data["machine"]["loadavg_at_end"][0],
+        "argv": sys.argv[1:],
         "headline": headline,
     }
     with open(HISTORY / f"{name}.jsonl", "a") as f:
