@@ -31,9 +31,11 @@ from pathlib import Path
 import uvloop
 
 import stargz.fs.layer as layer_mod
-from benchmarks import common
 from stargz.fs import FsOptions, LocalLayerSource, StargzFileSystem
 from stargz.fs.source import STARGZ_DIGEST_LABEL, STARGZ_REFERENCE_LABEL, TOC_DIGEST_LABEL
+
+# isort: split
+from benchmarks import common
 
 OCI = common.CACHE / "oci" / "python"
 
