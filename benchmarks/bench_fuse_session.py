@@ -23,9 +23,11 @@ import sys
 import tempfile
 import threading
 
-from benchmarks import common
 from stargz.fs.kernel import EntryAttributes, FileInfo, FUSEError, StatvfsData
 from stargz.fs.session import Session
+
+# isort: split
+from benchmarks import common
 
 SIZE = 256 << 20
 ZERO = bytes(1 << 20)
