@@ -34,14 +34,18 @@ class Seen:
     path: str
     query: dict[str, str]
     headers: CIMultiDictProxy[str]
+    body: bytes = b""
 
 
 class Proxy:
     """Forwards to ``upstream`` (``http://127.0.0.1:PORT``) unless ``hook`` answers."""
 
-    def __init__(self, upstream: str, hook: Hook | None = None, *, port: int = 0) -> None:
+    def __init__(
+        self, upstream: str, hook: Hook | None = None, *, port: int = 0, host: str = "127.0.0.1"
+    ) -> None:
         self.upstream = upstream.rstrip("/")
         self.port = port
+        self.host = host
         self.hook = hook
         self.seen: list[Seen] = []
         self.netloc = ""
@@ -59,10 +63,10 @@ class Proxy:
             app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         port = self._runner.addresses[0][1]
-        self.netloc = f"127.0.0.1:{port}"
+        self.netloc = f"{self.host}:{port}"
         self._session = aiohttp.ClientSession(auto_decompress=False)
         return self
 
@@ -81,7 +85,13 @@ class Proxy:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.seen.append(
-            Seen(request.method, request.path, dict(request.query), request.headers.copy())
+            Seen(
+                request.method,
+                request.path,
+                dict(request.query),
+                request.headers.copy(),
+                await request.read(),
+            )
         )
         if self.hook is not None:
             answer = await self.hook(self, request)
@@ -218,6 +228,24 @@ class RedirectBlobs:
             location = f"{self.storage.url}/store/{m['repo']}/{m['digest']}?sig={sig}"
             return web.Response(status=307, headers={"Location": location})
         return None
+
+
+@dataclass
+class RedirectToken:
+    """``/token`` answers ``status`` to the same path and query on ``target`` (another
+    Proxy, e.g. on 127.0.0.2, or this one), once: the target sees ``hop=1``."""
+
+    target: Proxy
+    status: int = 302
+    redirects: int = 0
+
+    async def __call__(self, proxy: Proxy, request: web.Request) -> web.StreamResponse | None:
+        if request.path != "/token" or request.query.get("hop"):
+            return None
+        self.redirects += 1
+        sep = "&" if request.query_string else ""
+        location = f"{self.target.url}/token?{request.query_string}{sep}hop=1"
+        return web.Response(status=self.status, headers={"Location": location})
 
 
 @dataclass

@@ -59,6 +59,7 @@ from stargz.remote.multipart import (
     parse_content_range,
     range_header,
 )
+from stargz.remote.redact import redact_url
 from stargz.remote.reference import Reference
 from stargz.remote.stats import FetchStats
 
@@ -279,9 +280,9 @@ class BlobReader:
             except _StaleLocation as e:
                 if stale_refreshes >= 1:
                     raise RegistryError(
-                        f"blob {self.ref.locator}@{self.digest}: storage refuses {loc.url} "
-                        "even after asking the registry again",
-                        url=loc.url,
+                        f"blob {self.ref.locator}@{self.digest}: storage refuses "
+                        f"{redact_url(loc.url)} even after asking the registry again",
+                        url=redact_url(loc.url),
                     ) from e
                 stale_refreshes += 1
                 await self._refresh(loc, next_host=False)
@@ -331,7 +332,7 @@ class BlobReader:
                 raise RegistryProtocolError(
                     f"blob {self.ref.locator}@{self.digest}: the answer to bytes "
                     f"{g[0]}-{g[1] - 1} does not hold them",
-                    url=loc.url,
+                    url=redact_url(loc.url),
                 )
             data = found[g]
             out[r] = data if r == g else data[r[0] - g[0] : r[1] - g[0]]

@@ -16,7 +16,13 @@ of Go's ``fs/remote`` + go-retryablehttp:
 - **Auth**: a 401 from a registry host feeds the challenge to the authorizer and the
   request is repeated with credentials (at most twice).
 - **Redirects** are followed by hand: the target gets only the request's own headers
-  (Range, Accept...), never ``Authorization`` nor the mirror's configured headers.
+  (Range, Accept...), never the registry's ``Authorization`` nor the mirror's configured
+  headers. Credentials the request carries itself (a token request's ``Authorization:
+  Basic``, its refresh-token form body) go only to the origin (scheme, host and port) of
+  the first URL: a redirect elsewhere, https -> http included, drops the header, and one
+  that would re-send the body fails with :class:`AuthError`.
+- **Logs and errors** show URLs through :func:`stargz.remote.redact.redact_url` (no query
+  string, no userinfo): a pre-signed storage URL's signature is a credential.
 
 Reads of a manifest or blob try the hosts of :func:`stargz.remote.hosts.registry_hosts`
 in order (mirrors, then the registry); any failure on a mirror moves on to the next.
@@ -64,6 +70,7 @@ from stargz.remote.manifest import (
 )
 from stargz.remote.multipart import parse_content_range
 from stargz.remote.options import BlobOptions, ResolverOptions
+from stargz.remote.redact import redact_text, redact_url
 from stargz.remote.reference import Reference, parse_reference, validate_digest
 from stargz.remote.stats import FetchStats
 
@@ -85,6 +92,14 @@ MAX_TOKEN_RESPONSE = 1 << 20
 TAIL_PROBE_SIZE = 12 << 10
 _REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 _FINAL_CLIENT_ERRORS = (aiohttp.InvalidURL, aiohttp.ClientSSLError)
+#: Headers that are credentials: sent to the first URL's origin only.
+_CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port): where credentials for ``url`` may go."""
+    u = URL(url, encoded=True)
+    return (u.scheme.lower(), (u.host or "").lower(), u.port)
 
 
 def retryable_status(status: int) -> bool:
@@ -132,9 +147,9 @@ class Exchange:
         length = self.resp.content_length
         if length is not None and length > limit:
             raise RegistryProtocolError(
-                f"GET {self.url}: body of {length} bytes exceeds {limit}",
+                f"GET {redact_url(self.url)}: body of {length} bytes exceeds {limit}",
                 status=self.status,
-                url=self.url,
+                url=redact_url(self.url),
             )
         if length is not None:
             data = await self.resp.read()
@@ -149,7 +164,9 @@ class Exchange:
             self._count(len(piece))
             if len(buf) > limit:
                 raise RegistryProtocolError(
-                    f"GET {self.url}: body exceeds {limit} bytes", status=self.status, url=self.url
+                    f"GET {redact_url(self.url)}: body exceeds {limit} bytes",
+                    status=self.status,
+                    url=redact_url(self.url),
                 )
         return bytes(buf)
 
@@ -179,11 +196,12 @@ class Exchange:
         msg = f"{what}: HTTP {status} {self.resp.reason or ''}".rstrip() + detail
         if status == 404:
             return not_found(msg)
+        msg = redact_text(msg)
         if status in (401, 403):
-            return AuthError(msg, status=status, url=self.url)
+            return AuthError(msg, status=status, url=redact_url(self.url))
         if status == 416:
             return RangeNotSatisfiable(msg)
-        return RegistryError(msg, status=status, url=self.url)
+        return RegistryError(msg, status=status, url=redact_url(self.url))
 
 
 Consume = Callable[[Exchange], Awaitable[T]]
@@ -260,6 +278,8 @@ class RegistryClient:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self.max_connections),
                 headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+                # no cookies: a storage or token server's cookie must not follow us around
+                cookie_jar=aiohttp.DummyCookieJar(),
                 auto_decompress=False,
                 trust_env=self.trust_env,
                 timeout=aiohttp.ClientTimeout(total=None),
@@ -372,12 +392,19 @@ class RegistryClient:
                     finally:
                         resp.release()
             except _FINAL_CLIENT_ERRORS as e:
-                raise RegistryError(f"{method} {url}: {e}", url=url) from e
+                raise RegistryError(
+                    f"{method} {redact_url(url)}: {redact_text(str(e))}", url=redact_url(url)
+                ) from e
             except (aiohttp.ClientError, TimeoutError) as e:
                 if attempt >= max_retries:
-                    reason = f"timed out after {timeout} s" if isinstance(e, TimeoutError) else e
+                    reason = (
+                        f"timed out after {timeout} s"
+                        if isinstance(e, TimeoutError)
+                        else redact_text(str(e))
+                    )
                     raise RegistryError(
-                        f"{method} {url}: {reason} (after {attempt} retries)", url=url
+                        f"{method} {redact_url(url)}: {reason} (after {attempt} retries)",
+                        url=redact_url(url),
                     ) from e
                 delay = self.backoff(attempt)
             attempt += 1
@@ -408,6 +435,7 @@ class RegistryClient:
             if sent_auth:
                 hdrs["Authorization"] = sent_auth
         current, redirected = url, False
+        origin = _origin(url)
         for _ in range(MAX_REDIRECTS + 1):
             for s in stats:
                 s.requests += 1
@@ -422,12 +450,28 @@ class RegistryClient:
             redirected = True
             for s in stats:
                 s.redirects += 1
-            # Nothing of the registry's goes to the redirect target: no credentials, no
-            # configured headers; only what this request itself needs.
-            hdrs = CIMultiDict(headers or {})
-            if resp.status == 303:
+            if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
                 method, data = "GET", None
-        raise RegistryError(f"{method} {url}: more than {MAX_REDIRECTS} redirects", url=url)
+            # Nothing of the registry's goes to the redirect target: no credentials, no
+            # configured headers; only what this request itself needs, and its own
+            # credentials (header or form body) only back to the origin they were meant for.
+            trusted = _origin(current) == origin
+            if data is not None and not trusted:
+                raise AuthError(
+                    f"{method} {redact_url(url)} redirects to {redact_url(current)}: "
+                    "its body (credentials) is not sent to another origin",
+                    status=resp.status,
+                    url=redact_url(url),
+                )
+            hdrs = CIMultiDict(
+                (k, v)
+                for k, v in (headers or {}).items()
+                if trusted or k.lower() not in _CREDENTIAL_HEADERS
+            )
+        raise RegistryError(
+            f"{method} {redact_url(url)}: more than {MAX_REDIRECTS} redirects",
+            url=redact_url(url),
+        )
 
     async def _fetch_token(
         self, realm: str, service: str | None, scopes: Sequence[str], creds: Credentials | None
@@ -454,16 +498,18 @@ class RegistryClient:
             if creds and (creds.username or creds.password):
                 headers["Authorization"] = creds.basic()
 
+        shown = redact_url(realm)
+
         async def consume(ex: Exchange) -> tuple[str, float | None]:
             if ex.status != 200:
-                err = await ex.error(f"token request to {realm}")
+                err = await ex.error(f"token request to {shown}")
                 if ex.status in (400, 401, 403):
-                    raise AuthError(str(err), status=ex.status, url=realm)
+                    raise AuthError(str(err), status=ex.status, url=shown)
                 raise err
-            obj = load_json(await ex.read(MAX_TOKEN_RESPONSE), f"token from {realm}")
+            obj = load_json(await ex.read(MAX_TOKEN_RESPONSE), f"token from {shown}")
             token = obj.get("token") or obj.get("access_token")
             if not isinstance(token, str) or not token:
-                raise AuthError(f"token response from {realm} holds no token", url=realm)
+                raise AuthError(f"token response from {shown} holds no token", url=shown)
             expires = obj.get("expires_in")
             return token, float(expires) if isinstance(expires, int | float) else None
 
