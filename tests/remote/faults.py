@@ -321,6 +321,31 @@ class MultiRange:
 
 
 @dataclass
+class ReshapeRange:
+    """Single-range blob GETs (not the ``0-0`` and suffix probes) are forwarded with another
+    range, and the registry's honest 206 for that one is returned: ``longer`` (to the
+    blob's end), ``earlier`` (starting ``by`` bytes before), ``shorter`` (ending ``by``
+    bytes early)."""
+
+    mode: str
+    by: int = 5
+    hits: int = 0
+
+    async def __call__(self, proxy: Proxy, request: web.Request) -> web.StreamResponse | None:
+        m = re.fullmatch(r"bytes=(\d+)-(\d+)", request.headers.get("Range", ""))
+        if not (m and _BLOB_RE.match(request.path)) or m.group(2) == "0":
+            return None
+        a, b = int(m.group(1)), int(m.group(2))
+        self.hits += 1
+        rng = {
+            "longer": f"bytes={a}-",
+            "earlier": f"bytes={max(0, a - self.by)}-{b}",
+            "shorter": f"bytes={a}-{b - self.by}",
+        }[self.mode]
+        return await proxy.forward(request, headers={"Range": rng})
+
+
+@dataclass
 class Stall:
     """The first ``n`` matching requests hang for ``seconds`` before being answered."""
 

@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 from stargz.errors import (
     BlobNotFound,
     InvalidArgument,
+    RangeMismatch,
     RangeNotSatisfiable,
     RegistryError,
     RegistryProtocolError,
@@ -353,7 +354,7 @@ class BlobReader:
             status = ex.status
             if status == 206:
                 try:
-                    parts = await self._parts_206(ex, wanted, len(regions))
+                    parts = await self._parts_206(ex, regions, wanted)
                 except RegistryProtocolError as e:
                     if multi:
                         raise _MultiRangeRefused(f"unparsable answer: {e}") from e
@@ -382,16 +383,30 @@ class BlobReader:
         )
 
     @staticmethod
-    async def _parts_206(ex: Exchange, wanted: int, nranges: int) -> list[Part]:
+    async def _parts_206(ex: Exchange, regions: list[Region], wanted: int) -> list[Part]:
+        """The parts of a 206 answer. A single range is read only up to the end of what was
+        asked for, however long the server says it is (the connection is then closed)."""
         boundary = multipart_boundary(ex.resp.headers.get("Content-Type"))
         if boundary is not None:
-            body = await ex.read(wanted + _MULTIPART_OVERHEAD_PER_PART * nranges + 65536)
+            body = await ex.read(wanted + _MULTIPART_OVERHEAD_PER_PART * len(regions) + 65536)
             return parse_byteranges(body, boundary)
-        start, end, _ = parse_content_range(ex.resp.headers.get("Content-Range"))
-        body = await ex.read(end - start)
-        if len(body) != end - start:
+        value = ex.resp.headers.get("Content-Range")
+        start, end, _ = parse_content_range(value)
+        shown = (value or "").strip()
+        lo, hi = regions[0][0], regions[-1][1]
+        if start != lo or end < hi:
+            raise RangeMismatch(
+                f"asked for bytes {lo}-{hi - 1}, the server answered {shown}",
+                status=206,
+                url=redact_url(ex.url),
+            )
+        body = await ex.read_prefix(hi - start)
+        if len(body) != hi - start:
             raise RegistryProtocolError(
-                f"Content-Range says {end - start} bytes, the body has {len(body)}"
+                f"Content-Range {shown} promises bytes {lo}-{hi - 1}, "
+                f"the body ends after {len(body)}",
+                status=206,
+                url=redact_url(ex.url),
             )
         return [Part(start, memoryview(body))]
 

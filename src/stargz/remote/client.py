@@ -171,7 +171,8 @@ class Exchange:
         return bytes(buf)
 
     async def read_prefix(self, n: int) -> bytes:
-        """The first ``n`` bytes of the body (fewer at its end); the rest is never read."""
+        """The first ``n`` bytes of the body (fewer at its end). The rest is never read:
+        if the server sends more, the connection is closed instead of drained."""
         buf = bytearray()
         while len(buf) < n:
             piece = await self.resp.content.read(min(n - len(buf), 1 << 20))
@@ -179,6 +180,8 @@ class Exchange:
                 break
             buf += piece
         self._count(len(buf))
+        if len(buf) == n and self.resp.content_length != n and not self.resp.content.at_eof():
+            self.resp.close()
         return bytes(buf)
 
     async def error(self, what: str, not_found: type[NotFound] = NotFound) -> StargzError:
