@@ -49,7 +49,7 @@ from stargz.errors import (
     RegistryProtocolError,
     StargzError,
 )
-from stargz.remote.client import BlobLocation, Exchange, RegistryClient, pull_scope
+from stargz.remote.locate import TAIL_PROBE_SIZE, BlobLocation, probe_blob
 from stargz.remote.multipart import (
     Part,
     Region,
@@ -63,6 +63,7 @@ from stargz.remote.multipart import (
 from stargz.remote.redact import redact_url
 from stargz.remote.reference import Reference
 from stargz.remote.stats import FetchStats
+from stargz.remote.transport import Exchange, Transport, pull_scope
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +98,30 @@ async def _gather(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
 class BlobReader:
     """One blob of one repository, opened on the first host that serves it.
 
-    Made by :meth:`RegistryClient.open_blob`; it does not own a connection, so there is
+    Made by :meth:`stargz.remote.RegistryClient.open_blob` (``client`` is that client's
+    transport); it does not own a connection, so there is
     nothing to close. ``stats`` counts this blob's traffic.
     """
 
     def __init__(
-        self, client: RegistryClient, ref: Reference, digest: str, size: int | None = None
+        self,
+        client: Transport,
+        ref: Reference,
+        digest: str,
+        size: int | None = None,
+        *,
+        redirect_ttl: float = 300.0,
+        tail_probe_size: int = TAIL_PROBE_SIZE,
     ) -> None:
+        """``redirect_ttl``: seconds a redirect target (a pre-signed storage URL) is reused
+        before the registry is asked again. ``tail_probe_size``: how many of the blob's last
+        bytes :meth:`open`'s probe fetches and keeps (:meth:`take_tail`); 0 probes
+        ``bytes=0-0`` only."""
+        if tail_probe_size < 0:
+            raise InvalidArgument(f"tail_probe_size {tail_probe_size} is negative")
         self.client = client
+        self.redirect_ttl = redirect_ttl
+        self.tail_probe_size = tail_probe_size
         self.ref = ref
         self.digest = digest
         self.options = client.blob_options
@@ -147,8 +164,8 @@ class BlobReader:
 
     async def open(self) -> None:
         """Find the first host (mirrors first) that serves the blob; keep its last
-        ``client.tail_probe_size`` bytes if that host sent them with the probe."""
-        await self._locate_from(0, tail=self.client.tail_probe_size)
+        ``tail_probe_size`` bytes if that host sent them with the probe."""
+        await self._locate_from(0, tail=self.tail_probe_size)
 
     def take_tail(self) -> tuple[int, bytes] | None:
         """``(offset, bytes)``: the blob's last bytes as fetched by :meth:`open`'s probe,
@@ -160,8 +177,14 @@ class BlobReader:
         size = self._loc.size if self._loc is not None else self._expected_size
 
         async def probe(i: int, _host: object) -> tuple[BlobLocation, bytes | None]:
-            return await self.client.probe_blob(
-                self.ref, self.digest, host_index=i, size=size, stats=(self.stats,), tail=tail
+            return await probe_blob(
+                self.client,
+                self.ref,
+                self.digest,
+                host_index=i,
+                size=size,
+                stats=(self.stats,),
+                tail=tail,
             )
 
         loc, data = await self.client.over_hosts(
@@ -170,9 +193,7 @@ class BlobReader:
         if data is not None:
             self._tail = (loc.size - len(data), data)
         self._loc = loc
-        self._loc_expires = (
-            time.monotonic() + self.client.redirect_ttl if loc.redirected else float("inf")
-        )
+        self._loc_expires = time.monotonic() + self.redirect_ttl if loc.redirected else float("inf")
         if loc.redirected:
             log.debug("blob %s@%s redirects to %s", self.ref, self.digest, urlsplit(loc.url).netloc)
         return loc
