@@ -13,6 +13,7 @@ import asyncio
 import base64
 import re
 import secrets
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -41,11 +42,18 @@ class Proxy:
     """Forwards to ``upstream`` (``http://127.0.0.1:PORT``) unless ``hook`` answers."""
 
     def __init__(
-        self, upstream: str, hook: Hook | None = None, *, port: int = 0, host: str = "127.0.0.1"
+        self,
+        upstream: str,
+        hook: Hook | None = None,
+        *,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.upstream = upstream.rstrip("/")
         self.port = port
         self.host = host
+        self.ssl_context = ssl_context
         self.hook = hook
         self.seen: list[Seen] = []
         self.netloc = ""
@@ -54,7 +62,7 @@ class Proxy:
 
     @property
     def url(self) -> str:
-        return f"http://{self.netloc}"
+        return f"{'https' if self.ssl_context else 'http'}://{self.netloc}"
 
     async def __aenter__(self) -> Proxy:
         app = web.Application()
@@ -63,7 +71,7 @@ class Proxy:
             app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
         await site.start()
         port = self._runner.addresses[0][1]
         self.netloc = f"{self.host}:{port}"
@@ -135,7 +143,8 @@ def repo_of(path: str) -> str | None:
 @dataclass
 class BearerAuth:
     """Registry API needs ``Bearer <token>``; tokens come from ``/token`` on the proxy,
-    which wants HTTP basic ``user:password`` when ``user`` is set."""
+    which wants HTTP basic ``user:password`` when ``user`` is set. ``realm`` points the
+    challenge at another token endpoint (default: this proxy's ``/token``)."""
 
     user: str | None = None
     password: str = ""
@@ -145,6 +154,7 @@ class BearerAuth:
     tokens: dict[str, float] = field(default_factory=dict)  # token -> expiry
     token_requests: list[dict[str, object]] = field(default_factory=list)
     challenges: int = 0
+    realm: str | None = None
 
     def revoke_all(self) -> None:
         self.tokens.clear()
@@ -193,8 +203,8 @@ class BearerAuth:
         return web.Response(
             status=401,
             headers={
-                "WWW-Authenticate": f'Bearer realm="{proxy.url}/token",service="test-registry"'
-                + scope
+                "WWW-Authenticate": f'Bearer realm="{self.realm or proxy.url + "/token"}",'
+                'service="test-registry"' + scope
             },
         )
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import ssl
+import subprocess
 
+import aiohttp
 import pytest
 
 from stargz.cli.daemon import JSONFormatter, TextFormatter
@@ -61,6 +64,51 @@ def test_basic_credentials_follow_a_token_redirect_on_the_same_origin(images, ru
             assert redirect.redirects == 1
             hops = [s for s in reg.requests("GET", "^/token$") if s.query.get("hop")]
             assert hops and hops[0].headers["Authorization"] == BASIC
+
+    run(main)
+
+
+@pytest.fixture(scope="module")
+def tls_127(tmp_path_factory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) TLS contexts for a self-signed certificate of IP 127.0.0.1."""
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    return server, ssl.create_default_context(cafile=str(cert))
+
+
+def test_basic_credentials_do_not_follow_a_token_redirect_from_https_to_http(images, run, tls_127):
+    """The realm is https://127.0.0.1:T/token; it redirects to http://127.0.0.1:H/token (same
+    host, another scheme and port): the plain-http listener gets no ``Authorization``."""
+    server_tls, client_tls = tls_127
+    auth = BearerAuth(user="bob", password="pw")
+
+    async def main():
+        async with Proxy(images.registry.url, auth) as plain:
+            redirect = RedirectToken(plain)
+            async with Proxy(images.registry.url, redirect, ssl_context=server_tls) as tls:
+                auth.realm = f"{tls.url}/token"
+                async with Proxy(images.registry.url, auth) as reg:
+                    kc = StaticKeychain({reg.netloc: Credentials("bob", "pw")})
+                    session = aiohttp.ClientSession(
+                        connector=aiohttp.TCPConnector(ssl=client_tls), auto_decompress=False
+                    )
+                    async with session, client(keychain=kc, session=session) as c:
+                        with pytest.raises(AuthError, match="token request"):
+                            await c.open_blob(f"{reg.netloc}/blobs", images.blob_digest)
+                (first,) = tls.requests("GET", "^/token$")
+                assert first.headers["Authorization"] == BASIC  # over https, to the realm
+            assert redirect.redirects == 1
+            tokens = plain.requests("GET", "^/token$")
+            assert tokens and all("Authorization" not in s.headers for s in tokens)
 
     run(main)
 
