@@ -15,7 +15,7 @@ from stargz.remote.reference import Reference, parse_reference, validate_digest
 from stargz.remote.stats import FetchStats
 from stargz.remote.transport import Exchange, Transport, pull_scope
 
-#: Bytes of a blob's end that :meth:`BlobReader.open`'s probe asks for
+#: Bytes of a blob's end that :meth:`stargz.remote.blob.BlobReader.open`'s probe asks for
 #: (``Range: bytes=-N``), so that an eStargz footer (and a small TOC) come with the probe
 #: instead of in a request of their own. Sized so that the answer (body + ~1 KiB of
 #: headers) fits in a fresh TCP connection's first flight (10 segments of 1448 bytes):

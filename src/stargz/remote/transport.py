@@ -4,9 +4,11 @@ Go's ``fs/remote`` + go-retryablehttp.
 One :class:`Transport` (the base of :class:`stargz.remote.client.RegistryClient`) owns one
 ``aiohttp.ClientSession`` (one connection pool), the authorizer (challenges, token cache)
 and the per-host "single-range only" memory. It works on any asyncio loop, uvloop
-included. Manifests (images.py) and blobs (blob.py) are built on it; it knows neither.
+included. Manifests (images.py) and blobs (locate.py, blob.py) are built on it; it knows none of
+them.
 
 Every request goes through :meth:`Transport.request`:
+
 - **Retries**: connection errors, timeouts, truncated bodies, 429 and 5xx (but 501) are
   retried up to ``max_retries`` times with exponential backoff
   ``min(min_wait * 2**n, max_wait)`` plus up to as much jitter (``Retry-After`` wins for
@@ -23,7 +25,6 @@ Every request goes through :meth:`Transport.request`:
   that would re-send the body fails with :class:`AuthError`.
 - **Logs and errors** show URLs through :func:`stargz.remote.redact.redact_url` (no query
   string, no userinfo): a pre-signed storage URL's signature is a credential.
-
 
 Reads of a manifest or blob try the hosts of :func:`stargz.remote.hosts.registry_hosts`
 in order (mirrors, then the registry) through :meth:`Transport.over_hosts`; any failure on
