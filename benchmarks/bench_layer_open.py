@@ -57,6 +57,7 @@ from stargz.fs.layer import fetch_tail  # noqa: E402
 from stargz.fs.registry import RegistryLayerSource  # noqa: E402
 from stargz.remote import RegistryClient  # noqa: E402
 from stargz.remote import client as client_mod  # noqa: E402
+from stargz.remote import transport as transport_mod  # noqa: E402
 from tests.harness.procs import Registry, make_tempdir, run, shared_dir
 
 # ---------------------------------------------------------------- image
@@ -146,7 +147,7 @@ def new_client(probe: int | None) -> tuple[RegistryClient, dict]:
     tc.on_connection_reuseconn.append(reused)
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=64),
-        headers={"User-Agent": client_mod.USER_AGENT, "Accept-Encoding": "identity"},
+        headers={"User-Agent": transport_mod.USER_AGENT, "Accept-Encoding": "identity"},
         auto_decompress=False,
         timeout=aiohttp.ClientTimeout(total=None),
         trace_configs=[tc],

@@ -35,6 +35,7 @@ from typing import Any
 
 from stargz import __version__, config
 from stargz.errors import StargzError
+from stargz.remote.redact import redact_text
 
 DEFAULT_ADDRESS = "/run/containerd-stargz-grpc/containerd-stargz-grpc.sock"
 DEFAULT_ROOT = "/var/lib/containerd-stargz-grpc"
@@ -103,7 +104,7 @@ class JSONFormatter(logging.Formatter):
             doc[k if k not in doc else f"fields.{k}"] = _value(v)
         if record.exc_info and record.levelno >= logging.ERROR:
             doc["stack"] = self.formatException(record.exc_info)
-        return json.dumps(doc, ensure_ascii=False)
+        return redact_text(json.dumps(doc, ensure_ascii=False))
 
 
 class TextFormatter(logging.Formatter):
@@ -119,7 +120,7 @@ class TextFormatter(logging.Formatter):
         for k, v in _fields(record).items():
             text = json.dumps(_value(v), ensure_ascii=False)
             parts.append(f"{k}={text}")
-        return " ".join(parts)
+        return redact_text(" ".join(parts))
 
 
 def setup_logging(level: str, fmt: str) -> None:

@@ -33,6 +33,7 @@ import threading
 import uuid
 
 from stargz.fs.metrics import FsMetrics
+from stargz.private import DIR_MODE, FILE_MODE, private_dir
 
 MIN_OPEN_FDS = 128
 _TAIL_MAGIC = b"STGZTAIL"
@@ -109,8 +110,8 @@ class DiskCache:
 
     def load(self) -> None:
         """Create the directories, clear tmp/, and index every chunk file (blocking)."""
-        for d in (self._chunks, self._layers, self._tmp):
-            os.makedirs(d, exist_ok=True)
+        for d in (self.root, self._chunks, self._layers, self._tmp):
+            private_dir(d)
         for e in os.scandir(self._tmp):
             try:
                 os.unlink(e.path)
@@ -211,7 +212,7 @@ class DiskCache:
         """Write a chunk to tmp/ and rename it into place; returns its size. Blocking."""
         final = self.path(key)
         tmp = os.path.join(self._tmp, f"{key}.{uuid.uuid4().hex}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
         try:
             view = memoryview(data)
             while view:
@@ -224,7 +225,7 @@ class DiskCache:
         try:
             os.rename(tmp, final)
         except FileNotFoundError:
-            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.makedirs(os.path.dirname(final), DIR_MODE, exist_ok=True)
             os.rename(tmp, final)
         return len(data)
 
@@ -302,7 +303,8 @@ class DiskCache:
 
     def write_tail(self, digest: str, start: int, blob_size: int, data: bytes) -> None:
         tmp = os.path.join(self._tmp, f"tail.{uuid.uuid4().hex}")
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        with open(fd, "wb") as f:
             f.write(_TAIL_HEAD.pack(_TAIL_MAGIC, start, blob_size))
             f.write(data)
         os.rename(tmp, self._tail_path(digest))

@@ -49,6 +49,7 @@ from stargz.fs.scheduler import Scheduler
 from stargz.fs.session import Session
 from stargz.fs.source import LayerSource, LayerSpec, layer_spec
 from stargz.fs.tree import Tree
+from stargz.private import private_dir
 
 log = logging.getLogger("stargz.fs")
 
@@ -145,7 +146,9 @@ class StargzFileSystem:
             )
             # a daemon that died leaves a dead FUSE mount ("transport endpoint is not connected")
             await loop.run_in_executor(None, _detach_all, self.fuse_dir)
-            await loop.run_in_executor(None, lambda: os.makedirs(self.fuse_dir, exist_ok=True))
+            # the mount is allow_other: the root's 0700 is what keeps host users out of it
+            await loop.run_in_executor(None, private_dir, self.root)
+            await loop.run_in_executor(None, private_dir, self.fuse_dir)
             await loop.run_in_executor(self._executor, self.disk.load)
             # read-only, nosuid, nodev, allow_other and default_permissions: the kernel
             # checks mode bits itself, so a host user who can reach the mount reads only

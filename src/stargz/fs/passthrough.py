@@ -25,6 +25,8 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
+from stargz.private import DIR_MODE, FILE_MODE
+
 log = logging.getLogger("stargz.fs")
 
 
@@ -44,7 +46,7 @@ class Passthrough:
         self._executor = executor
         self.enabled = True
         shutil.rmtree(root, ignore_errors=True)
-        os.makedirs(root, exist_ok=True)
+        os.makedirs(root, DIR_MODE, exist_ok=True)
 
     # --- the open path (event loop thread) ---------------------------------------------------
 
@@ -150,7 +152,7 @@ def _merge(parts: list[tuple[str, int]], dest: str) -> bool:
     """Concatenate chunk files into ``dest`` (kernel-side copies). Blocking."""
     tmp = f"{dest}.tmp"
     try:
-        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
         try:
             for path, size in parts:
                 src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

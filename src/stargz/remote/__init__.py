@@ -24,9 +24,10 @@ from stargz.remote.auth import (
     parse_www_authenticate,
 )
 from stargz.remote.blob import MAX_RANGES_PER_REQUEST, BlobReader
-from stargz.remote.client import BlobLocation, RegistryClient, retryable_status
+from stargz.remote.client import RegistryClient
 from stargz.remote.hosts import RegistryHost, is_localhost, registry_hosts
 from stargz.remote.layer import open_reader
+from stargz.remote.locate import BlobLocation
 from stargz.remote.manifest import (
     TOC_DIGEST_ANNOTATION,
     Descriptor,
@@ -37,6 +38,7 @@ from stargz.remote.manifest import (
 from stargz.remote.options import BlobOptions, HostOptions, MirrorOptions, ResolverOptions
 from stargz.remote.reference import Reference, api_host, parse_reference
 from stargz.remote.stats import FetchStats
+from stargz.remote.transport import retryable_status
 
 __all__ = [
     "MAX_RANGES_PER_REQUEST",

@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from stargz.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from stargz.private import private_dir
 
 from . import filters, osutil
 from .store import MetaStore, Snapshot, Tx, _Changed, q
@@ -112,8 +113,8 @@ class Snapshotter:
         return self
 
     def _open_sync(self) -> None:
-        os.makedirs(self.root, 0o700, exist_ok=True)
-        os.makedirs(self.snapshots_dir, 0o700, exist_ok=True)
+        private_dir(self.root)
+        private_dir(self.snapshots_dir)
         self._store = MetaStore(os.path.join(self.root, "metadata.db"))
         self._index_off = osutil.supports_overlay_index()
         self._userxattr = osutil.needs_userxattr()

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from stargz.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from stargz.private import narrow_file, private_file
 
 from .types import Info, Kind, Usage
 
@@ -315,6 +316,10 @@ class MetaStore:
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()
+        # SQLite gives the -wal and -shm files the mode of the database file
+        private_file(path)
+        for side in (f"{path}-wal", f"{path}-shm", f"{path}-journal"):
+            narrow_file(side)
         self._c = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._c.execute("PRAGMA journal_mode = WAL")
         self._c.execute("PRAGMA synchronous = FULL")
