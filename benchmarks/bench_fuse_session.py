@@ -1,4 +1,4 @@
-"""The FUSE session alone: a trivial file system on `stargz.fs.session` (one file of
+"""The FUSE session alone: a trivial file system on `stargz.fuse` (one file of
 zeros, answered from memory) and the round trip of one 4 KiB read through it.
 
 This is the floor under every read our daemon serves: the kernel, the loop wake-up, our
@@ -25,8 +25,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from stargz.fs.kernel import EntryAttributes, FileInfo, FUSEError, StatvfsData
-from stargz.fs.session import Session
+from stargz.fuse import EntryAttributes, FileInfo, FUSEError, Session, StatvfsData, mount
 
 SIZE = 256 << 20
 ZERO = bytes(1 << 20)
@@ -112,8 +111,7 @@ def main() -> int:
     else:
         loop = asyncio.new_event_loop()
     mp = tempfile.mkdtemp(prefix="sgz-fuse-bench-")
-    session = Session(ZeroFS(), mp)
-    session.mount()
+    session = Session(ZeroFS(), mount(mp))
     session.start(loop)
     th = threading.Thread(target=loop.run_forever, daemon=True)
     th.start()

@@ -1,4 +1,4 @@
-"""The FUSE protocol as our session speaks it (`stargz.fs.session`), through real mounts:
+"""The FUSE protocol as our session speaks it (`stargz.fuse.session`), through real mounts:
 listings that need many READDIR(PLUS) answers, long names, reads larger than one request,
 and the answers a read-only mount gives to writes.
 
