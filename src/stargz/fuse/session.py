@@ -125,6 +125,11 @@ class Session:
             Opcode.DESTROY: (self._empty, _HDR),
         }
 
+    @property
+    def in_flight(self) -> int:
+        """Requests whose handler is waiting (not answered yet)."""
+        return len(self._inflight)
+
     # --- lifecycle --------------------------------------------------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
