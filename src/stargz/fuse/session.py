@@ -14,11 +14,11 @@ that held the fd across a restart).
 
 Rules a handler lives by:
 
-- **One read buffer.** Every request is read into the same buffer; the session decodes
-  the arguments into fresh values (ints, ``bytes`` names) before calling the handler, so
-  what a handler receives is its own. The session itself never looks at the buffer of a
-  request after its handler returned or first suspended: anything the session (or a
-  future handler given a view of the buffer) needs later must be copied before then.
+- **One read buffer.** Every request is read into the same buffer, reused for the next
+  request as soon as this one's handler returns or first suspends. Whatever reads the
+  buffer (the session's decoders, or a handler ever given a view of it) must copy what it
+  keeps before returning or awaiting. The decoders do: handlers get ints and fresh
+  ``bytes`` names, and a waiting request keeps only its ``unique``.
 - **First step inline.** A handler that returns a coroutine has it stepped once, at
   once, in the reading callback. If it finishes there, it is answered like a plain
   return. Only if it must wait (yields a future) does it become a task
