@@ -309,6 +309,23 @@ def test_interrupt_of_a_waiting_read(run):
     run(main)
 
 
+def test_interrupt_read_in_the_same_batch_as_its_request(run):
+    """The kernel queues INTERRUPT ahead of other requests, so the session may read it in
+    the same wake-up as the request it names, before that request's task ever ran."""
+
+    async def main():
+        fs = MemFS()
+        async with served(fs) as (k, s, errors):
+            u = k.send(Opcode.READ, 5, read_in(105, 0, 100))
+            k.send(Opcode.INTERRUPT, 0, INTERRUPT_IN.pack(u), reply=False, unique=u | 1)
+            r = await k.reply()
+            assert (r.unique, r.error, r.body) == (u, errno.EINTR, b"")
+            assert fs.outcomes == {0: "cancelled"} and fs.gates[0].cancelled()
+            assert s.in_flight == 0 and errors == []
+
+    run(main)
+
+
 def test_interrupt_a_handler_survives(run):
     """A handler may catch the cancellation and still answer: one answer, its own."""
 

@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import functools
 import logging
 import os
 from collections.abc import Callable, Coroutine
@@ -251,8 +252,11 @@ class Session:
 
     def _interrupt(self, unique: int) -> None:
         task = self._inflight.get(unique)
-        if task is not None:
-            task.cancel()
+        if task is not None and self._loop is not None:
+            # after the task's first step, which is already scheduled: the request may
+            # have been read in this same batch, and a task cancelled before it ever ran
+            # never drives its handler (which then would not see the cancellation)
+            self._loop.call_soon(task.cancel)
 
     def _handler_failed(self, opcode: int) -> None:
         if self.on_handler_error is not None:
@@ -267,6 +271,13 @@ class Session:
         assert self._loop is not None
         task = self._loop.create_task(self._finish(opcode, unique, coro, waiting_on))
         self._inflight[unique] = task
+        task.add_done_callback(functools.partial(self._finished, unique))
+
+    def _finished(self, unique: int, task: asyncio.Task[None]) -> None:
+        # a request still in flight when its task ended was cancelled (INTERRUPT, or the
+        # loop shutting down) and not answered by its handler: EINTR
+        if self._inflight.pop(unique, None) is not None:
+            self._reply_error(unique, errno.EINTR)
 
     async def _finish(
         self, opcode: int, unique: int, coro: Coroutine[Any, Any, Any], waiting_on: Any
@@ -277,17 +288,14 @@ class Session:
             if self._inflight.pop(unique, None) is not None:
                 self._reply_error(unique, e.errno)
         except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # INTERRUPT (or close): answered by `_finished` (or close)
             if self._inflight.pop(unique, None) is not None:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    self._reply_error(unique, errno.EINTR)  # INTERRUPT
-                else:
-                    # the handler let out a CancelledError nobody asked for
-                    log.error("FUSE request %s was cancelled by its handler", _name_of(opcode))
-                    self._handler_failed(opcode)
-                    self._reply_error(unique, errno.EIO)
-                    return
-            raise
+                # the handler let out a CancelledError nobody asked for
+                log.error("FUSE request %s was cancelled by its handler", _name_of(opcode))
+                self._handler_failed(opcode)
+                self._reply_error(unique, errno.EIO)
         except Exception:
             if self._inflight.pop(unique, None) is not None:
                 log.exception("FUSE request %s failed", _name_of(opcode))
