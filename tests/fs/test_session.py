@@ -150,7 +150,7 @@ def test_a_killed_reader_is_answered_at_once(fs_env, corners, corners_source):
     layer = corners.layers("esgz")[0]
     fs = fs_env.start(corners_source, noprefetch=True)
     mp = fs_env.mount(layer)
-    corners_source.latency = 8.0  # the registry answers slowly from now on
+    corners_source.latency = 4.0  # the registry answers slowly from now on
     with subprocess.Popen(
         [sys.executable, "-c", _DIRECT_READER, str(mp / "data/noise.bin")],
         stdout=subprocess.PIPE,
@@ -171,7 +171,7 @@ def test_a_killed_reader_is_answered_at_once(fs_env, corners, corners_source):
                 proc.kill()
                 proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    # (before INTERRUPT was handled: the whole 8 s of the fetch)
+    # (before INTERRUPT was handled: the whole 4 s of the fetch)
     assert waited < 2, f"the killed reader waited {waited:.1f} s for its answer"
     deadline = time.monotonic() + 5
     while fs._session.in_flight:
