@@ -65,6 +65,7 @@ def test_init_with_passthrough_offered(kern, want_passthrough):
         assert flags == WANTED and flags2 == 0 and depth == 0
     assert conn.passthrough is want_passthrough
     assert (conn.fd, conn.proto_minor, conn.mountpoint) == (kern.fd, 40, None)
+    assert conn.offered == OFFERED | (PASSTHROUGH2 | 1) << 32
 
 
 def test_init_of_a_kernel_without_passthrough(kern):

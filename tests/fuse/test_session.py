@@ -400,6 +400,35 @@ def test_close_answers_waiting_reads_once(run):
     run(main)
 
 
+def test_close_keeping_the_mount_leaves_waiting_reads_to_the_next_server(run):
+    async def main():
+        fs = MemFS()
+        async with served(fs) as (k, s, errors):
+            waiting = {k.send(Opcode.READ, 5, read_in(105, off, 10)) for off in range(2)}
+            await k.nothing()
+            s.close(keep_mount=True)
+            await asyncio.sleep(0.01)
+            assert k.closed_by_session() and s.fd == -1
+            assert fs.outcomes == {0: "cancelled", 1: "cancelled"}
+            k.waiting -= waiting  # unanswered on purpose: the kernel resends them
+
+    run(main)
+
+
+def test_resend_only_when_the_kernel_offers_it(run):
+    has_resend = 1 << 39
+
+    async def main():
+        async with served(flags=0) as (k, s, errors):
+            assert s.resend() is False
+            s.conn.offered = has_resend
+            assert s.resend() is True
+            # a notification: unique 0, the code in the error field, no body
+            assert k.sock.recv(100) == struct.pack("<IiQ", 16, 7, 0)
+
+    run(main)
+
+
 def test_the_device_closing_ends_the_session(run):
     async def main():
         async with served() as (k, s, errors):

@@ -54,6 +54,8 @@ class Connection:
     #: Where it is mounted (None: not mounted by us, e.g. a test's fake device); a
     #: session closing the connection unmounts it.
     mountpoint: str | None = None
+    #: The INIT flags the kernel offered (what it can do, e.g. `HAS_RESEND`).
+    offered: int = 0
 
     @property
     def passthrough(self) -> bool:
@@ -88,7 +90,7 @@ def handshake(fd: int, *, passthrough: bool) -> Connection:
     if passthrough:
         want |= p.INIT_EXT | p.PASSTHROUGH
     got = offered & want
-    conn = Connection(fd, min(minor, p.KERNEL_MINOR), got)
+    conn = Connection(fd, min(minor, p.KERNEL_MINOR), got, offered=offered)
     body = p.INIT_OUT.pack(
         p.KERNEL_MAJOR,
         conn.proto_minor,

@@ -145,17 +145,23 @@ class Session:
         assert self._done is not None
         await asyncio.shield(self._done)
 
-    def close(self) -> None:
+    def close(self, *, keep_mount: bool = False) -> None:
         """Stop serving, answer the requests still waiting (EIO), unmount (lazily, if we
-        mounted it) and close the fd."""
+        mounted it) and close the fd.
+
+        ``keep_mount``: another process keeps a duplicate of the fd to hand the connection
+        to the next server; leave the mount, and leave the waiting requests unanswered for
+        that server to have them sent again (`resend`). Only our fd is closed.
+        """
         self._stop()
         inflight, self._inflight = self._inflight, {}
         for unique, task in inflight.items():
-            self._reply_error(unique, errno.EIO)
+            if not keep_mount:
+                self._reply_error(unique, errno.EIO)
             task.cancel()
         if self.fd < 0:
             return
-        if self.conn.mountpoint is not None:
+        if self.conn.mountpoint is not None and not keep_mount:
             unmount(self.conn.mountpoint)
         os.close(self.fd)
         self.fd = -1
@@ -332,6 +338,19 @@ class Session:
         self._write([_pack_out(_OUT, -err, unique)])
 
     # --- notifications and passthrough ------------------------------------------------------
+
+    def resend(self) -> bool:
+        """Have the kernel queue again every request read on this connection and never
+        answered (by a server that died or handed the connection over). False when the
+        kernel can't (it did not offer `HAS_RESEND`: before 6.9) or the write failed."""
+        if not self.conn.offered & p.HAS_RESEND:
+            return False
+        try:
+            os.write(self.fd, _pack_out(_OUT, p.NOTIFY_RESEND, 0))
+        except OSError as e:
+            log.warning("FUSE resend notification failed: %s", e)
+            return False
+        return True
 
     def notify_store(self, inode: int, offset: int, data: bytes) -> None:
         """Put ``data`` into the kernel's page cache of ``inode`` at ``offset``."""
