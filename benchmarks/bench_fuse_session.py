@@ -1,4 +1,4 @@
-"""The FUSE session alone: a trivial file system on `stargz.fs.session` (one file of
+"""The FUSE session alone: a trivial file system on `stargz.fuse` (one file of
 zeros, answered from memory) and the round trip of one 4 KiB read through it.
 
 This is the floor under every read our daemon serves: the kernel, the loop wake-up, our
@@ -23,8 +23,7 @@ import sys
 import tempfile
 import threading
 
-from stargz.fs.kernel import EntryAttributes, FileInfo, FUSEError, StatvfsData
-from stargz.fs.session import Session
+from stargz.fuse import EntryAttributes, FileInfo, FUSEError, Session, StatvfsData, mount
 
 # isort: split
 from benchmarks import common
@@ -112,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         loop = asyncio.new_event_loop()
     mp = tempfile.mkdtemp(prefix="sgz-fuse-bench-")
-    session = Session(ZeroFS(), mp)
-    session.mount()
+    session = Session(ZeroFS(), mount(mp))
     session.start(loop)
     th = threading.Thread(target=loop.run_forever, daemon=True)
     th.start()

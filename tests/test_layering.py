@@ -1,5 +1,6 @@
 """The format is a leaf (STYLE item 2): ``stargz.estargz`` imports no FUSE, gRPC, HTTP or
-asyncio code, and none of the project's higher layers.
+asyncio code, and none of the project's higher layers. So is the FUSE protocol library
+(STYLE item 13): ``stargz.fuse`` imports the standard library only.
 
 Each module is imported alone in a fresh interpreter, so what another test imported
 earlier cannot hide (or cause) a violation.
@@ -72,3 +73,42 @@ def test_probe_detects_a_violation():
         "grpc._cython",
         "stargz.snapshot",
     ]
+
+
+FUSE_MODULES = [
+    "stargz.fuse",
+    "stargz.fuse.protocol",
+    "stargz.fuse.connection",
+    "stargz.fuse.operations",
+    "stargz.fuse.session",
+    "stargz.fuse.stepping",
+]
+#: Third-party packages the FUSE library must not pull in (asyncio is its loop: allowed).
+FUSE_FORBIDDEN = ("pyfuse3", "trio", "grpc", "aiohttp", "uvloop", "google.protobuf", "zstandard")
+
+
+def _fuse_violations(mods: list[str]) -> list[str]:
+    def under(m: str, pkgs) -> bool:
+        return any(m == p or m.startswith(p + ".") for p in pkgs)
+
+    bad = [m for m in mods if under(m, FUSE_FORBIDDEN)]
+    bad += [m for m in mods if under(m, ["stargz"]) and m != "stargz"]
+    return [m for m in bad if not under(m, ["stargz.fuse"])]
+
+
+@pytest.mark.parametrize("module", FUSE_MODULES)
+def test_fuse_is_a_leaf(module):
+    mods = _imported(module)
+    assert module in mods
+    assert _fuse_violations(mods) == [], f"{module} pulls in {_fuse_violations(mods)}"
+
+
+def test_fuse_probe_detects_a_violation():
+    assert _fuse_violations(["stargz", "stargz.fuse.session", "asyncio"]) == []
+    assert _fuse_violations(["stargz.fuse", "stargz.fs.ops", "stargz.errors", "uvloop"]) == [
+        "uvloop",
+        "stargz.fs.ops",
+        "stargz.errors",
+    ]
+    # and importing the filesystem does pull in more than the leaf
+    assert "stargz.fs.ops" in _fuse_violations(_imported("stargz.fs.ops"))

@@ -143,7 +143,7 @@ def test_packed_entry_answers_like_entry_attributes():
     """The walk's fast path (`pack_entry`) packs exactly what EntryAttributes packs."""
     import stat as st
 
-    from stargz.fs.kernel import EntryAttributes, pack_entry
+    from stargz.fuse.protocol import EntryAttributes, pack_entry
 
     for fields, mtime in (
         ((st.S_IFREG | 0o644, 1, 1000, 1000, 0, 12345), 1_600_000_000_123_456_789),

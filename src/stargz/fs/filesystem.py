@@ -1,7 +1,7 @@
 """`StargzFileSystem`: the `stargz.snapshot.FileSystem` the snapshotter mounts layers with.
 
 One FUSE mount per daemon, at ``<root>/fuse``, served from ``/dev/fuse`` on the daemon's
-event loop (asyncio or uvloop) by `stargz.fs.session.Session`. Each mounted layer is a
+event loop (asyncio or uvloop) by `stargz.fuse.Session`. Each mounted layer is a
 subtree ``<root>/fuse/<digest hex>/``, bind-mounted (read-only) onto the snapshot
 directory containerd uses as an overlayfs lower dir. A layer mounted at several snapshot
 directories is opened once.
@@ -39,16 +39,16 @@ from stargz.errors import (
 )
 from stargz.fs import memory, mounts
 from stargz.fs.cache import DiskCache, MemoryLRU
-from stargz.fs.kernel import ROOT_INODE
 from stargz.fs.layer import Layer
 from stargz.fs.metrics import FsMetrics
 from stargz.fs.ops import Operations
 from stargz.fs.options import FsOptions
 from stargz.fs.passthrough import Passthrough
 from stargz.fs.scheduler import Scheduler
-from stargz.fs.session import Session
 from stargz.fs.source import LayerSource, LayerSpec, layer_spec
 from stargz.fs.tree import Tree
+from stargz.fuse import ROOT_INODE, Session
+from stargz.fuse import mount as fuse_mount
 from stargz.private import private_dir
 
 log = logging.getLogger("stargz.fs")
@@ -153,8 +153,10 @@ class StargzFileSystem:
             # read-only, nosuid, nodev, allow_other and default_permissions: the kernel
             # checks mode bits itself, so a host user who can reach the mount reads only
             # what the layer's modes allow
-            session = Session(self.ops, self.fuse_dir, passthrough=o.passthrough)
-            await loop.run_in_executor(None, session.mount)
+            conn = await loop.run_in_executor(
+                None, lambda: fuse_mount(self.fuse_dir, passthrough=o.passthrough)
+            )
+            session = Session(self.ops, conn, on_handler_error=self._handler_error)
             session.start(loop)
             self._session = session
             self.ops.notify_store = session.notify_store
@@ -185,6 +187,9 @@ class StargzFileSystem:
                 "FUSE mounted",
                 extra={"mountpoint": self.fuse_dir, "cached_chunks": len(self.disk)},
             )
+
+    def _handler_error(self, opcode: int) -> None:
+        self.metrics.handler_errors += 1
 
     async def _serve(self) -> None:
         assert self._session is not None

@@ -7,10 +7,11 @@ inode can't reach another layer) and ``local`` is 1 for the hidden state directo
 node 0). The FUSE root is inode 1 (slot 0). So every handler finds its layer with one
 dict lookup and its node by arithmetic, and ``forget`` has nothing to do.
 
-Handlers are plain functions called by `stargz.fs.session.Session` as each request
+Handlers are plain functions called by `stargz.fuse.Session` as each request
 arrives; only ``read`` may return an awaitable (a chunk that must be fetched first).
 ``FUSEError`` answers with an errno; other exceptions are logged, counted in
-``FsMetrics.handler_errors`` and answered with EIO.
+``FsMetrics.handler_errors`` (the filesystem wires the session's ``on_handler_error``)
+and answered with EIO.
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stargz.errors import StargzError, VerificationError
-from stargz.fs.kernel import (
+from stargz.fs.layer import Layer, LayerClosed
+from stargz.fs.metrics import FsMetrics
+from stargz.fs.options import FsOptions
+from stargz.fs.passthrough import Passthrough
+from stargz.fs.tree import BLOCK_SIZE, Tree
+from stargz.fuse.protocol import (
     ROOT_INODE,
     DirBuffer,
     EntryAttributes,
@@ -35,11 +41,6 @@ from stargz.fs.kernel import (
     StatvfsData,
     pack_entry,
 )
-from stargz.fs.layer import Layer, LayerClosed
-from stargz.fs.metrics import FsMetrics
-from stargz.fs.options import FsOptions
-from stargz.fs.passthrough import Passthrough
-from stargz.fs.tree import BLOCK_SIZE, Tree
 
 log = logging.getLogger("stargz.fs")
 

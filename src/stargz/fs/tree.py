@@ -112,7 +112,7 @@ class Tree:
         return node.st_mode, node.nlink or 1, node.uid, node.gid, rdev, size
 
     def fill_attr(self, attr: Any, node_id: int, mtime_ns: int) -> None:
-        """Set the stat fields of a `stargz.fs.kernel.EntryAttributes` (not st_ino/timeouts)."""
+        """Set the stat fields of a `stargz.fuse.EntryAttributes` (not st_ino/timeouts)."""
         mode, nlink, uid, gid, rdev, size = self.stat_of(node_id)
         attr.st_mode, attr.st_nlink, attr.st_uid, attr.st_gid = mode, nlink, uid, gid
         attr.st_rdev, attr.st_size = rdev, size

@@ -1,43 +1,105 @@
-"""The FUSE kernel protocol (``include/uapi/linux/fuse.h``, 7.40): constants and the
-reply values handlers return.
+"""The FUSE kernel protocol (``include/uapi/linux/fuse.h``, 7.40): opcodes, flags, the
+structs on the wire, and the reply values handlers return.
 
-Only what a read-only filesystem needs. Structs are little-endian, 64-bit aligned;
-their layouts are written out as `struct` formats next to the field names they pack.
+This module knows no filesystem and imports only the standard library (go-fuse's
+``fuse/`` package is the model: the protocol below, the filesystem built on it).
+Structs are little-endian and 64-bit aligned; each layout is written out as a `struct`
+format next to the field names it packs, and code uses the structs' sizes, never
+literal offsets.
 """
 
 from __future__ import annotations
 
+import enum
+import os
 import struct
 
 KERNEL_MAJOR = 7
 KERNEL_MINOR = 40
 ROOT_INODE = 1
 
-# --- opcodes ------------------------------------------------------------------------------
-LOOKUP = 1
-FORGET = 2  # no reply
-GETATTR = 3
-READLINK = 5
-OPEN = 14
-READ = 15
-STATFS = 17
-RELEASE = 18
-GETXATTR = 22
-LISTXATTR = 23
-FLUSH = 25
-INIT = 26
-OPENDIR = 27
-READDIR = 28
-RELEASEDIR = 29
-ACCESS = 34
-INTERRUPT = 36  # no reply
-DESTROY = 38
-BATCH_FORGET = 42  # no reply
-READDIRPLUS = 44
 
-#: Opcodes that change the filesystem: the mount is read-only, the answer is EROFS.
-WRITE_OPCODES = frozenset({4, 6, 8, 9, 10, 11, 12, 13, 16, 21, 24, 35, 43, 45, 47, 51})
-NO_REPLY = frozenset({FORGET, INTERRUPT, BATCH_FORGET, 41})  # 41: NOTIFY_REPLY
+class Opcode(enum.IntEnum):
+    """``enum fuse_opcode``: what a request asks for (``fuse_in_header.opcode``)."""
+
+    LOOKUP = 1
+    FORGET = 2  # no reply
+    GETATTR = 3
+    SETATTR = 4
+    READLINK = 5
+    SYMLINK = 6
+    MKNOD = 8
+    MKDIR = 9
+    UNLINK = 10
+    RMDIR = 11
+    RENAME = 12
+    LINK = 13
+    OPEN = 14
+    READ = 15
+    WRITE = 16
+    STATFS = 17
+    RELEASE = 18
+    FSYNC = 20
+    SETXATTR = 21
+    GETXATTR = 22
+    LISTXATTR = 23
+    REMOVEXATTR = 24
+    FLUSH = 25
+    INIT = 26
+    OPENDIR = 27
+    READDIR = 28
+    RELEASEDIR = 29
+    FSYNCDIR = 30
+    GETLK = 31
+    SETLK = 32
+    SETLKW = 33
+    ACCESS = 34
+    CREATE = 35
+    INTERRUPT = 36  # no reply (or EAGAIN, see `stargz.fuse.session`)
+    BMAP = 37
+    DESTROY = 38
+    IOCTL = 39
+    POLL = 40
+    NOTIFY_REPLY = 41  # no reply
+    BATCH_FORGET = 42  # no reply
+    FALLOCATE = 43
+    READDIRPLUS = 44
+    RENAME2 = 45
+    LSEEK = 46
+    COPY_FILE_RANGE = 47
+    SETUPMAPPING = 48
+    REMOVEMAPPING = 49
+    SYNCFS = 50
+    TMPFILE = 51
+    STATX = 52
+
+
+#: Opcodes that change the filesystem: a read-only mount answers them with EROFS.
+WRITE_OPCODES = frozenset(
+    {
+        Opcode.SETATTR,
+        Opcode.SYMLINK,
+        Opcode.MKNOD,
+        Opcode.MKDIR,
+        Opcode.UNLINK,
+        Opcode.RMDIR,
+        Opcode.RENAME,
+        Opcode.LINK,
+        Opcode.WRITE,
+        Opcode.SETXATTR,
+        Opcode.REMOVEXATTR,
+        Opcode.CREATE,
+        Opcode.FALLOCATE,
+        Opcode.RENAME2,
+        Opcode.COPY_FILE_RANGE,
+        Opcode.TMPFILE,
+    }
+)
+#: Opcodes the kernel expects no answer to.
+NO_REPLY = frozenset({Opcode.FORGET, Opcode.INTERRUPT, Opcode.BATCH_FORGET, Opcode.NOTIFY_REPLY})
+#: Bit set in the ``unique`` of an INTERRUPT request itself (its body names the request
+#: it interrupts by that request's own ``unique``).
+INT_REQ_BIT = 1 << 0
 
 # --- INIT flags (bits 32.. go to flags2) -------------------------------------------------------
 ASYNC_READ = 1 << 0
@@ -49,6 +111,9 @@ MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
 INIT_EXT = 1 << 30
 PASSTHROUGH = 1 << 37
+#: Offered by the kernel (6.9+): it understands NOTIFY_RESEND, and marks a resent
+#: request by setting the top bit of its ``unique`` (echoed back unchanged in the reply).
+HAS_RESEND = 1 << 39
 
 # --- OPEN reply flags --------------------------------------------------------------------------
 FOPEN_DIRECT_IO = 1 << 0
@@ -60,6 +125,8 @@ FOPEN_PASSTHROUGH = 1 << 7
 # --- notifications (sent as replies with unique 0 and the code in `error`) --------------------
 NOTIFY_INVAL_ENTRY = 3
 NOTIFY_STORE = 4
+#: Put every request the server read but never answered back in the queue (no body).
+NOTIFY_RESEND = 7
 
 # --- device ioctls: _IOW(229, 1, struct fuse_backing_map) and _IOW(229, 2, uint32_t) ----------
 DEV_IOC_BACKING_OPEN = 0x4010E501
@@ -68,9 +135,13 @@ DEV_IOC_BACKING_CLOSE = 0x4004E502
 # --- structs ----------------------------------------------------------------------------------
 #: fuse_in_header: len, opcode, unique, nodeid, uid, gid, pid, total_extlen, padding
 IN_HEADER = struct.Struct("<IIQQIIIHH")
+#: the first fields of fuse_in_header: len, opcode, unique (to answer a truncated request)
+IN_HEADER_PREFIX = struct.Struct("<IIQ")
 #: fuse_out_header: len, error (negative errno), unique
 OUT_HEADER = struct.Struct("<IiQ")
-#: fuse_init_in: major, minor, max_readahead, flags, flags2
+#: fuse_init_in as kernels before 7.36 send it: major, minor, max_readahead, flags
+INIT_IN_COMPAT = struct.Struct("<IIII")
+#: fuse_init_in up to flags2 (7.36+; unused[11] follows): ..., flags2
 INIT_IN = struct.Struct("<IIIII")
 #: fuse_init_out: major, minor, max_readahead, flags, max_background, congestion_threshold,
 #: max_write, time_gran, max_pages, map_alignment, flags2, max_stack_depth, unused[6]
@@ -81,22 +152,28 @@ ATTR = struct.Struct("<QQQqqqIIIIIIIIII")
 #: fuse_entry_out without its attr: nodeid, generation, entry_valid, attr_valid,
 #: entry_valid_nsec, attr_valid_nsec
 ENTRY_OUT = struct.Struct("<QQQQII")
+#: Offsets in fuse_entry_out of attr_valid (u64) and attr_valid_nsec (u32), which a
+#: fuse_attr_out repeats (see `PackedEntry.attr_out`).
+ENTRY_OUT_ATTR_VALID = struct.calcsize("<QQQ")
+ENTRY_OUT_ATTR_VALID_NSEC = struct.calcsize("<QQQQI")
 #: fuse_entry_out with its attr, in one pack (see `pack_entry`)
 ENTRY_WITH_ATTR = struct.Struct("<QQQQII" + "QQQqqqIIIIIIIIII")
 #: fuse_attr_out without its attr: attr_valid, attr_valid_nsec, dummy
 ATTR_OUT = struct.Struct("<QII")
+#: fuse_open_in: flags, open_flags
+OPEN_IN = struct.Struct("<II")
 #: fuse_open_out: fh, open_flags, backing_id
 OPEN_OUT = struct.Struct("<QIi")
 #: fuse_read_in: fh, offset, size, read_flags, lock_owner, flags, padding
 READ_IN = struct.Struct("<QQIIQII")
-#: the first field of fuse_release_in / fuse_flush_in: fh
-FH = struct.Struct("<Q")
-#: fuse_getxattr_in: size, padding
+#: fuse_release_in: fh, flags, release_flags, lock_owner
+RELEASE_IN = struct.Struct("<QIIQ")
+#: fuse_getxattr_in: size, padding (LISTXATTR sends the same struct)
 GETXATTR_IN = struct.Struct("<II")
 #: fuse_getxattr_out: size, padding
 GETXATTR_OUT = struct.Struct("<II")
-#: fuse_open_in: flags, open_flags
-OPEN_IN = struct.Struct("<II")
+#: fuse_interrupt_in: unique (of the request to interrupt)
+INTERRUPT_IN = struct.Struct("<Q")
 #: fuse_kstatfs: blocks, bfree, bavail, files, ffree, bsize, namelen, frsize, padding, spare[6]
 STATFS_OUT = struct.Struct("<QQQQQIIII24x")
 #: fuse_dirent without its name: ino, off, namelen, type
@@ -107,6 +184,8 @@ NOTIFY_STORE_OUT = struct.Struct("<QQII")
 NOTIFY_INVAL_ENTRY_OUT = struct.Struct("<QII")
 #: fuse_backing_map: fd, flags, padding
 BACKING_MAP = struct.Struct("<iIQ")
+#: the u32 argument of FUSE_DEV_IOC_BACKING_CLOSE: a backing id
+BACKING_ID = struct.Struct("<I")
 
 
 class FUSEError(Exception):
@@ -117,8 +196,6 @@ class FUSEError(Exception):
         self.errno = errno
 
     def __str__(self) -> str:
-        import os
-
         return os.strerror(self.errno)
 
 
@@ -220,9 +297,18 @@ class PackedEntry:
         return self._entry
 
     def attr_out(self) -> bytes:
+        # fuse_attr_out: attr_valid, attr_valid_nsec, dummy, then the same fuse_attr
         e = self._entry
-        # attr_valid (offset 24) and attr_valid_nsec (36) of fuse_entry_out, dummy, attr
-        return e[24:32] + e[36:40] + b"\0\0\0\0" + e[ENTRY_OUT.size :]
+        return (
+            e[ENTRY_OUT_ATTR_VALID : ENTRY_OUT_ATTR_VALID + 8]
+            + e[ENTRY_OUT_ATTR_VALID_NSEC : ENTRY_OUT_ATTR_VALID_NSEC + 4]
+            + b"\0\0\0\0"
+            + e[ENTRY_OUT.size :]
+        )
+
+
+#: What LOOKUP, GETATTR and READDIRPLUS handlers answer with.
+Entry = EntryAttributes | PackedEntry
 
 
 def pack_entry(
@@ -275,6 +361,8 @@ class FileInfo:
 
 
 class StatvfsData:
+    """The answer to STATFS."""
+
     __slots__ = (
         "f_bsize",
         "f_frsize",
@@ -318,7 +406,7 @@ class DirBuffer:
         self.parts: list[bytes] = []
         self.used = 0
 
-    def add(self, name: bytes, attr: EntryAttributes | PackedEntry, next_id: int) -> bool:
+    def add(self, name: bytes, attr: Entry, next_id: int) -> bool:
         """Append an entry; False (and nothing appended) when it does not fit."""
         n = len(name)
         rec = DIRENT.size + n
