@@ -112,3 +112,76 @@ def test_fuse_probe_detects_a_violation():
     ]
     # and importing the filesystem does pull in more than the leaf
     assert "stargz.fs.ops" in _fuse_violations(_imported("stargz.fs.ops"))
+
+
+# --- every layer, statically --------------------------------------------------------------
+#: What each part of ``stargz`` may import of the others (DESIGN "dependencies point one way"):
+#: ``estargz`` <- ``remote`` <- ``fs``; ``fuse`` is a leaf the filesystem builds on;
+#: ``snapshot`` owns containerd's semantics and knows only its own ``FileSystem`` protocol;
+#: ``service`` wires a snapshotter to a filesystem and to gRPC; ``cli`` sits on top.
+#: Top-level modules (``errors``, ``config``, ``private``, ``mountinfo``) are shared leaves.
+LAYER_RULES: dict[str, set[str]] = {
+    "errors": set(),
+    "private": set(),
+    "mountinfo": set(),
+    "config": {"errors"},
+    "fuse": set(),
+    "estargz": {"errors"},
+    "remote": {"errors", "estargz", "config"},
+    "image": {"errors", "estargz", "remote", "private"},
+    "fs": {"errors", "estargz", "remote", "fuse", "private", "config", "mountinfo"},
+    "snapshot": {"errors", "private", "mountinfo"},
+    "service": {"errors", "config", "snapshot", "fs", "remote", "estargz", "fuse", "private"},
+    "cli": {
+        "errors", "config", "estargz", "remote", "image", "fs", "fuse", "snapshot", "service",
+        "private", "mountinfo",
+    },
+}  # fmt: skip
+
+
+def _part(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def layer_violations(graph) -> list[str]:
+    out = []
+    for mod, edges in sorted(graph.items()):
+        part = _part(mod)
+        if not part:
+            continue
+        allowed = LAYER_RULES.get(part)
+        if allowed is None:
+            out.append(f"{mod}: no layer rule for stargz.{part} (add it to LAYER_RULES)")
+            continue
+        for dep, line in sorted(edges.items()):
+            other = _part(dep)
+            if other and other != part and other not in allowed:
+                out.append(f"{mod} (line {line}) imports {dep}: {part} may not use {other}")
+    return out
+
+
+def test_every_layer_imports_only_what_it_may():
+    from harness.imports import SRC, import_graph
+
+    graph = import_graph(SRC)
+    assert {"stargz.fs.filesystem", "stargz.snapshot.snapshotter", "stargz.cli.daemon"} <= set(
+        graph
+    )
+    bad = layer_violations(graph)
+    assert not bad, "wrong-way imports:\n  " + "\n  ".join(bad)
+
+
+def test_layer_check_sees_a_wrong_way_import():
+    graph = {
+        "stargz.snapshot.snapshotter": {"stargz.fs.filesystem": 12, "stargz.errors": 3},
+        "stargz.remote.client": {"stargz.estargz.footer": 1},
+        "stargz.fuse.session": {"stargz.errors": 4},
+        "stargz.newpart.x": {},
+    }
+    assert layer_violations(graph) == [
+        "stargz.fuse.session (line 4) imports stargz.errors: fuse may not use errors",
+        "stargz.newpart.x: no layer rule for stargz.newpart (add it to LAYER_RULES)",
+        "stargz.snapshot.snapshotter (line 12) imports stargz.fs.filesystem: "
+        "snapshot may not use fs",
+    ]
