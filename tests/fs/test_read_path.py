@@ -147,7 +147,7 @@ def test_corrupt_chunk_gives_eio_and_the_fs_keeps_serving(fs_env, corners, tmp_p
     # (the kernel retries a failed readahead with a single-page read: 1 or 2 attempts)
     failures = m.verification_failures
     assert failures >= 1 and m.read_errors >= 1
-    key = fs.layer(layer.digest).keys[row]
+    key = fs.layer(layer.digest).index.keys[row]
     assert key not in fs.disk and key not in fs.memory
 
     # other files are fine, and the filesystem still answers
@@ -289,16 +289,11 @@ def _resident_pages(path) -> int:
 
 
 @pytest.mark.parametrize("read_ahead", [True, False])
-def test_sequential_read_warms_the_next_chunk_file(
-    fs_env, corners, corners_source, monkeypatch, read_ahead
-):
+def test_sequential_read_warms_the_next_chunk_file(fs_env, corners, corners_source, read_ahead):
     """Each chunk is its own cache file, so the disk's read-ahead stops at 4 MiB: a
     sequential reader past the middle of a chunk has the next chunk's file read ahead."""
-    from stargz.fs import layer as layer_mod
-
-    monkeypatch.setattr(layer_mod, "READ_AHEAD_NEXT_CHUNK", read_ahead)
     layer = corners.layers("esgz")[0]  # data/noise.bin: a 4 MiB chunk, then the rest
-    fs = fs_env.start(corners_source)
+    fs = fs_env.start(corners_source, read_ahead_next_chunk=read_ahead)
     mp = fs_env.mount(layer)
     path = mp / "data/noise.bin"
     want = _content(layer, "data/noise.bin")
@@ -308,10 +303,10 @@ def test_sequential_read_warms_the_next_chunk_file(
     lo, hi = lay.chunks.span(node)
     assert hi - lo == 2
     deadline = time.monotonic() + 10
-    while not all(fs.disk.is_verified(lay.keys[r]) for r in range(lo, hi)):
+    while not all(fs.disk.is_verified(lay.index.keys[r]) for r in range(lo, hi)):
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    second = fs.disk.path(lay.keys[lo + 1])
+    second = fs.disk.path(lay.index.keys[lo + 1])
     fs.memory.clear()
     fd = os.open(second, os.O_RDONLY)
     try:

@@ -73,6 +73,15 @@ class FsOptions:
     decode_threads: int = 4
     #: Wait for the prefetch in Mount as well as in Check (Go waits only in Check).
     wait_prefetch_on_mount: bool = False
+    #: ours: at most this many bytes of a prefetch start downloading while the TOC is parsed
+    #: (`stargz.fs.headstart`; 0 = off, for A/B runs: bench_hellobench.py ``ours-opt-nohs``).
+    head_start_max_bytes: int = 64 * MiB
+    #: ours: a sequential reader past the middle of a cached chunk has the next chunk's
+    #: cache file read ahead (A/B: benchmarks/bench_read_ahead.py).
+    read_ahead_next_chunk: bool = True
+    #: ours: refuse a blob whose TOC region (TOC offset to the blob's end) is bigger, before
+    #: fetching it (0 = no bound). Real TOCs are a few MiB at most.
+    max_toc_bytes: int = 64 * MiB
 
     @classmethod
     def from_config(cls, cfg: Any, **overrides: Any) -> FsOptions:

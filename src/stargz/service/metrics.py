@@ -143,17 +143,10 @@ class FsCollector(Collector):
 
     def __init__(self, fs: StargzFileSystem) -> None:
         self.fs = fs
-        #: digest -> (disk cache version, fetched size): `Layer.fetched_size` walks the
-        #: layer's chunk index (~1.6 µs a chunk) unless the layer is complete, so it is
-        #: computed again only when the disk cache's set of chunks has changed.
-        self._fetched: dict[str, tuple[tuple[int, int], int]] = {}
 
     def collect(self) -> Iterator[Metric]:
         fs = self.fs
         layers = fs.open_layers()
-        open_digests = {layer.digest for layer, _ in layers}
-        for d in [d for d in self._fetched if d not in open_digests]:
-            del self._fetched[d]
         yield from self._go_compatible(layers)
         yield from self._per_layer(layers)
         yield from self._daemon_wide(layers)
@@ -194,25 +187,14 @@ class FsCollector(Collector):
                 served.add_metric([op, d], getattr(m, field))
             if not mountpoints:
                 continue
-            fetched_size = self._fetched_size(layer)
+            # (a counter the layer keeps as chunks reach or leave the disk cache)
+            fetched_size = layer.fetched_size()
             prefetched = layer.prefetch_size if layer.prefetch_done.is_set() else 0
             for mp in mountpoints:
                 fetched.add_metric([d, mp], fetched_size)
                 prefetch.add_metric([d, mp], prefetched)
                 size.add_metric([d, mp], layer.size)
         yield from (ops, served, fetched, prefetch, size)
-
-    def _fetched_size(self, layer) -> int:
-        disk = self.fs.disk
-        # discard() bumps the generation, commit() of a new chunk grows the count: the pair
-        # changes whenever the set of cached chunks does
-        version = (disk.generation, len(disk))
-        known = self._fetched.get(layer.digest)
-        if known is not None and known[0] == version:
-            return known[1]
-        size = layer.fetched_size()
-        self._fetched[layer.digest] = (version, size)
-        return size
 
     def _per_layer(self, layers) -> Iterator[Metric]:
         by_kind = CounterMetricFamily(
