@@ -18,6 +18,9 @@ from typing import Any
 
 from stargz.errors import Unavailable
 from stargz.fs import LocalLayerSource
+from stargz.fs.source import STARGZ_REFERENCE_LABEL
+
+REF = "example.test/corners:esgz"  # (what labels_for puts in the labels)
 
 
 class Gate:
@@ -171,3 +174,67 @@ def test_unmount_answers_a_read_waiting_on_a_cache_rehash_refetch(fs_env, corner
     r["thread"].join(10)
     assert not r["thread"].is_alive(), "the read waiting on the re-hash refetch hung"
     assert r.get("errno") == errno.EIO, r
+
+
+# --- one source's trouble stays its own ----------------------------------------------------
+
+
+def test_a_stalling_repository_does_not_hold_up_another_ones_reads(fs_env, corners):
+    """A hostile image (its own repository) lists the same layer, and a layer with the same
+    chunk digests, behind a registry that stalls: other images' reads of those chunks
+    neither wait for it nor read through it."""
+    evil = Gate()
+
+    def pick(ref: str, digest: str) -> Gate | None:
+        return evil if ref.startswith("evil.test/") else None
+
+    source = GatedSource(pick, layouts=[corners.root])
+    fs = fs_env.start(source)
+    esgz, zstd = corners.layers("esgz")[0], corners.layers("zstdchunked")[0]
+    bad = fs_env.mount(esgz, **{STARGZ_REFERENCE_LABEL: "evil.test/base:1"})
+    evil.stalled = True
+    path = "data/text.txt"
+    want = _content(esgz, path)
+    stuck = _read_in_thread(bad / path)
+    _wait_for(lambda: evil.waiting >= 1, "the hostile image's read to stall")
+
+    same_digest = fs_env.mount(esgz)  # the same layer digest, from another repository
+    same_chunks = fs_env.mount(zstd)  # another layer whose chunks have the same digests
+    assert fs.layer(str(same_digest)) is not fs.layer(str(bad))
+    for mp in (same_digest, same_chunks):
+        r = _read_in_thread(mp / path)
+        r["thread"].join(5)
+        assert not r["thread"].is_alive(), f"a read of {mp} waited for the stalled registry"
+        assert r.get("data") == want, r
+        assert r["seconds"] < 5
+    assert stuck["thread"].is_alive()  # (still stalled: nothing above came through it)
+    evil.stalled = False
+    stuck["thread"].join(10)
+    assert stuck.get("data") == want
+
+
+def test_a_read_whose_shared_fetch_failed_retries_with_its_own_blob(fs_env, corners):
+    """Two layers of one repository share chunks; one layer's blob fails. A read of the
+    other layer that waited on the failed fetch fetches again through its own blob."""
+    esgz, zstd = corners.layers("esgz")[0], corners.layers("zstdchunked")[0]
+    gate = Gate()
+    source = GatedSource(lambda ref, d: gate if d == esgz.digest else None, layouts=[corners.root])
+    fs = fs_env.start(source)
+    bad, good = fs_env.mount(esgz), fs_env.mount(zstd)
+    path = "data/text.txt"
+    want = _content(esgz, path)
+    gate.stalled = True
+    first = _read_in_thread(bad / path)
+    _wait_for(lambda: gate.waiting >= 1, "the first read to stall")
+    lay = fs.layer(str(good))
+    key = lay.index.keys[lay.chunks.span(lay.reader.lookup(path).id)[0]]
+    assert key in lay.fetcher.inflight  # the other layer's fetch of the same chunk
+    second = _read_in_thread(good / path)
+    time.sleep(0.2)
+    assert second["thread"].is_alive()  # waiting on the shared fetch
+    gate.fail = True
+    gate.stalled = False
+    second["thread"].join(10)
+    first["thread"].join(10)
+    assert first.get("errno") == errno.EIO, first
+    assert second.get("data") == want, second
