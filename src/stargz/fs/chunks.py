@@ -92,6 +92,10 @@ class ChunkIndex:
         self.row_member, self.m_start, self.m_end = row_member, m_start, m_end
         self.m_first, self.m_rows = m_first, array("q", order)
         self.n_members = len(m_start)
+        self.digests = reader.chunk_digests
+        #: digest -> every row with it, for digests that more than one row has (equal
+        #: chunks share one cache file: committing one commits them all).
+        self.dups: dict[bytes, list[int]] = _duplicates(reader.chunk_digests, n, reader.verify)
 
     def member_rows(self, m: int) -> array:
         return self.m_rows[self.m_first[m] : self.m_first[m + 1]]
@@ -117,6 +121,21 @@ class ChunkIndex:
             out.append(ChunkFile(disk.path(key), expect, n))
             expect += n
         return out if expect == file_size else []
+
+
+def _duplicates(digests: bytes, n: int, verify: bool) -> dict[bytes, list[int]]:
+    if not verify:
+        return {}
+    first: dict[bytes, int] = {}
+    dups: dict[bytes, list[int]] = {}
+    for r in range(n):
+        d = digests[32 * r : 32 * r + 32]
+        if d == _ZERO_DIGEST:
+            continue
+        f = first.setdefault(d, r)
+        if f != r:
+            dups.setdefault(d, [f]).append(r)
+    return dups
 
 
 class FetchedSize:
@@ -153,12 +172,15 @@ class FetchedSize:
         """This layer committed the chunks of ``rows`` to the disk cache just now."""
         idx, disk = self._index, self._disk
         self._own += len(rows)
+        dups = idx.dups
         for r in rows:
-            m = idx.row_member[r]
-            if not self._counted[m] and idx.member_on_disk(m, disk):
-                self._counted[m] = 1
-                self._n += 1
-                self._total += idx.m_end[m] - idx.m_start[m]
+            same = dups.get(idx.digests[32 * r : 32 * r + 32]) if dups else None
+            for rr in same or (r,):
+                m = idx.row_member[rr]
+                if not self._counted[m] and idx.member_on_disk(m, disk):
+                    self._counted[m] = 1
+                    self._n += 1
+                    self._total += idx.m_end[m] - idx.m_start[m]
 
     def _recount(self) -> None:
         idx, disk = self._index, self._disk
