@@ -14,7 +14,6 @@ from bisect import bisect_right
 from collections.abc import Callable
 from typing import Any
 
-from stargz.errors import VerificationError
 from stargz.fs import memory
 from stargz.fs.fetch import Fetcher
 from stargz.fs.headstart import HeadStartBlob
@@ -45,7 +44,8 @@ class BackgroundFetch:
             async with f.scheduler.prioritized():
                 last = bisect_right(f.index.m_start, size - 1)
                 members = [m for m in range(last) if f.member_missing(m)]
-                futs = f.start_fetch(
+                tasks: list[asyncio.Task[Any]] = []
+                f.start_fetch(
                     members,
                     "prefetch",
                     to_memory=True,
@@ -53,9 +53,10 @@ class BackgroundFetch:
                     gate=asyncio.Semaphore(
                         1 if size <= PREFETCH_ONE_FLOW_MAX else PREFETCH_PARALLEL
                     ),
+                    tasks=tasks,
                 )
-                if futs:
-                    await asyncio.gather(*futs.values(), return_exceptions=True)
+                if tasks:
+                    await asyncio.gather(*tasks, return_exceptions=True)
             log.info(
                 "prefetch done",
                 extra={
@@ -101,18 +102,15 @@ class BackgroundFetch:
                 async with f.scheduler.background():
                     if f.closed:
                         return
-                    futs = f.start_fetch(batch, "background", to_memory=False)
-                    if futs:
+                    tasks: list[asyncio.Task[Any]] = []
+                    f.start_fetch(batch, "background", to_memory=False, tasks=tasks)
+                    if tasks:
                         got = await asyncio.wait_for(
-                            asyncio.gather(*futs.values(), return_exceptions=True),
+                            asyncio.gather(*tasks, return_exceptions=True),
                             f.options.background_timeout_sec,
                         )
                         failed = [g for g in got if isinstance(g, BaseException)]
-                        if (
-                            failed
-                            and len(failed) == len(got)
-                            and not any(isinstance(g, VerificationError) for g in failed)
-                        ):
+                        if len(failed) == len(got):
                             # the source is gone: reads will say so; don't hammer it
                             log.warning(
                                 "background fetch stopped: %s",

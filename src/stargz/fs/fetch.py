@@ -1,5 +1,12 @@
 """The fetch engine of a layer: missing chunks -> range requests -> decode + verify -> caches.
 
+How much is fetched and held is set by the reads, not by the blob's numbers: a member
+is fetched only as far as decoding its chunks can need (`compressed_bound` of the
+uncompressed bytes up to its last chunk's end; the chunk digest still checks the result,
+so a too-short prefix means EIO, never wrong bytes), and a request's chunks are decoded
+in waves of at most ``DECODED_WAVE_MAX`` declared bytes, each written to the cache
+before the next is decoded.
+
 One fetch per chunk at a time: a chunk being fetched has a future in the in-flight table
 (keyed by cache key; one table per source, see `StargzFileSystem`) that every read of it
 awaits. Neighbouring missing members are coalesced into one range, small on-demand
@@ -31,6 +38,7 @@ from stargz.fs.scheduler import Scheduler
 from stargz.fs.source import Blob
 
 log = logging.getLogger("stargz.fs")
+_ZERO_DIGEST = bytes(32)
 
 #: Decoded bytes of this layer that may wait for the cache writer before background fetch
 #: pauses. Without it the download outran the (single, niced) writer thread: 470 MB RSS
@@ -40,6 +48,28 @@ WRITE_BACKLOG_MAX = 16 << 20
 DECODE_BATCH_BYTES = 1 << 20
 #: On-demand fetches up to this many compressed bytes are decoded on the event loop.
 INLINE_DECODE_MAX = 64 << 10
+#: Declared (decoded) bytes per worker-thread decode job, and per wave of jobs: a wave is
+#: decoded, handed to its waiters and written to the cache before the next is decoded. A
+#: normal 4 MiB background request (~12 MiB decoded) is one wave; a request of zero-filled
+#: files (1000:1) is many, instead of gigabytes at once.
+DECODE_BATCH_OUT = 4 << 20
+DECODED_WAVE_MAX = 16 << 20
+#: Compressed bytes allowed for the gzip header (FEXTRA/FNAME/FCOMMENT) and trailer, or
+#: the zstd frame header and checksum, on top of the codec's worst case for the data.
+MEMBER_SLACK = 4096
+
+
+def compressed_bound(n: int, compression: str) -> int:
+    """Most compressed bytes a sane encoder spends on the first ``n`` bytes of a member.
+
+    deflate never emits more than stored blocks cost (5 bytes per block; zlib's bound
+    counts one per 16 KiB), zstd never more than ZSTD_COMPRESSBOUND.
+    """
+    if compression == "zstd":
+        small = ((128 << 10) - n) >> 11 if n < (128 << 10) else 0
+        return n + (n >> 8) + small + MEMBER_SLACK
+    return n + 5 * (n // 16384 + 1) + MEMBER_SLACK
+
 
 #: A decoded row waiting for its waiter / the cache: (row, key, bytes or None, error).
 Decoded = tuple[int, str, bytes | None, BaseException | None]
@@ -241,26 +271,35 @@ class Fetcher:
         max_range: int = 0,
         wanted: frozenset[str] = frozenset(),
         gate: asyncio.Semaphore | None = None,
+        tasks: list[asyncio.Task[Any]] | None = None,
     ) -> dict[str, asyncio.Future[bytes]]:
         """Register futures for the missing chunks of ``members`` and start fetching them.
 
         Consecutive members become one range; with ``max_range`` a range is cut (at member
         boundaries) before it grows past that many bytes, and each range is its own request
-        (``gate`` bounds how many download at once). Returns the new futures by key.
+        (``gate`` bounds how many download at once). Returns the new futures by key, and
+        appends the fetch tasks to ``tasks``: each ends with the error that stopped its
+        download, or None. (Prefetch and background fetch wait for the tasks: a future
+        keeps its chunk's bytes for as long as anyone holds it.)
         """
         if self.closed:
             raise self._closed_error()
         idx = self.index
         runs: list[list[int]] = []
+        ends: dict[int, int] = {}
+        cut = False  # the previous member is fetched only in part: no range goes past it
         for m in members:
+            end = ends[m] = self._fetch_end(m)
             if (
                 runs
+                and not cut
                 and runs[-1][-1] == m - 1
-                and not (max_range and idx.m_end[m] - idx.m_start[runs[-1][0]] > max_range)
+                and not (max_range and end - idx.m_start[runs[-1][0]] > max_range)
             ):
                 runs[-1].append(m)
             else:
                 runs.append([m])
+            cut = end < idx.m_end[m]
         ranges: list[tuple[int, int]] = []
         jobs: list[list[tuple[int, str]]] = []
         new: dict[str, asyncio.Future[bytes]] = {}
@@ -274,16 +313,36 @@ class Fetcher:
                     new[k] = self._claim(k)
                     todo.append((r, k))
             if todo:
-                ranges.append((idx.m_start[run[0]], idx.m_end[run[-1]]))
+                ranges.append((idx.m_start[run[0]], ends[run[-1]]))
                 jobs.append(todo)
         if not ranges:
             return new
         if max_range:
-            for rng, job in zip(ranges, jobs, strict=True):
+            started = [
                 self.spawn(self._run_fetch([rng], [job], kind, to_memory, wanted, gate))
+                for rng, job in zip(ranges, jobs, strict=True)
+            ]
         else:
-            self.spawn(self._run_fetch(ranges, jobs, kind, to_memory, wanted))
+            started = [self.spawn(self._run_fetch(ranges, jobs, kind, to_memory, wanted))]
+        if tasks is not None:
+            tasks += started
         return new
+
+    def _fetch_end(self, m: int) -> int:
+        """Where fetching member ``m`` can stop: its end, or sooner when its chunks (all
+        verified by digest) decode from a prefix."""
+        idx = self.index
+        span = idx.m_end[m] - idx.m_start[m]
+        if not idx.verify or span <= MEMBER_SLACK:
+            return idx.m_end[m]
+        row = self.reader.chunks.row
+        need = 0
+        for r in idx.member_rows(m):
+            _, _, inner, size, digest = row(r)
+            if digest == _ZERO_DIGEST:  # nothing but the member's own CRC checks this one
+                return idx.m_end[m]
+            need = max(need, inner + size)
+        return idx.m_start[m] + min(span, compressed_bound(need, self.reader.compression))
 
     def start_disk_verify(self, row: int, key: str) -> asyncio.Future[bytes]:
         """A chunk file found at start is re-hashed once before it is trusted; a damaged
@@ -350,7 +409,7 @@ class Fetcher:
         to_memory: bool,
         wanted: frozenset[str] = frozenset(),
         gate: asyncio.Semaphore | None = None,
-    ) -> None:
+    ) -> BaseException | None:
         demand = kind == "demand"
         if demand:
             self.scheduler.begin()
@@ -371,8 +430,9 @@ class Fetcher:
                 log.warning(
                     "fetching %d range(s) of layer %s failed: %s", len(ranges), self.digest, e
                 )
-                self._fail(jobs, Unavailable(f"fetching layer {self.digest} failed: {e}"))
-                return
+                err = Unavailable(f"fetching layer {self.digest} failed: {e}")
+                self._fail(jobs, err)
+                return err
             n = sum(len(d) for d in datas)
             m = self.metrics
             m.fetch_requests += 1
@@ -384,56 +444,68 @@ class Fetcher:
             else:
                 m.background_bytes += n
             idx = self.index
+            row_size = idx.row_size
             urgent: list[tuple[int, str, memoryview]] = []
             batches: list[list[tuple[int, str, memoryview]]] = [[]]
-            budget = urgent_bytes = 0
+            budget = out_budget = urgent_bytes = 0
             for data, (s, _), job in zip(datas, ranges, jobs, strict=True):
                 view = memoryview(data)
                 for r, k in job:
                     mm = idx.row_member[r]
-                    a, b = idx.m_start[mm] - s, idx.m_end[mm] - s
+                    a, b = idx.m_start[mm] - s, min(idx.m_end[mm] - s, len(data))
                     if k in wanted and urgent_bytes + b - a <= INLINE_DECODE_MAX:
                         urgent.append((r, k, view[a:b]))
                         urgent_bytes += b - a
                         continue
-                    if budget >= DECODE_BATCH_BYTES:
+                    if budget >= DECODE_BATCH_BYTES or (
+                        batches[-1] and out_budget + row_size[r] > DECODE_BATCH_OUT
+                    ):
                         batches.append([])
-                        budget = 0
+                        budget = out_budget = 0
                     batches[-1].append((r, k, view[a:b]))
                     budget += b - a
+                    out_budget += row_size[r]
             ok: list[tuple[int, str, bytes]] = []
             if urgent:
                 # what a waiting read asked for, when small: decoding it here is faster than
                 # a thread hop and its GIL handoffs (native decode of 64 KiB: ~0.1-0.3 ms);
                 # the widened neighbours go to the pool
                 ok += self._resolve(self._decode(urgent), to_memory)
-            results = await asyncio.gather(
-                *(self._loop.run_in_executor(self.executor, self._decode, b) for b in batches if b)
-            )
-            for batch in results:
-                ok += self._resolve(batch, to_memory)
-            if ok:
-                # the write must land even if this task is cancelled (unmount, shutdown):
-                # shielded, and its result committed to the index by a callback
-                wfut = self._loop.run_in_executor(self.writer, self._write, ok)
-                wfut.add_done_callback(self._commit_written)
-                self._add_backlog(sum(len(d) for _, _, d in ok), wfut)
-                try:
-                    await asyncio.shield(wfut)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:  # the data still serves from the futures/memory
-                    log.warning("cannot write chunks to the disk cache: %s", e)
-            for _, k, data in ok:
-                fut = self._settle(k)
-                if fut is not None and not fut.done():
-                    fut.set_result(data)
+            for wave in _waves([b for b in batches if b], row_size):
+                results = await asyncio.gather(
+                    *(self._loop.run_in_executor(self.executor, self._decode, b) for b in wave)
+                )
+                for batch in results:
+                    ok += self._resolve(batch, to_memory)
+                await self._store(ok)
+                ok = []
+            await self._store(ok)
+            return None
         except BaseException as e:
             self._fail(jobs, LayerClosed(f"fetch of layer {self.digest} stopped: {e!r}"))
             raise
         finally:
             if demand:
                 self.scheduler.end(read=True)
+
+    async def _store(self, ok: list[tuple[int, str, bytes]]) -> None:
+        """Write decoded chunks to the disk cache, then hand them to their waiters."""
+        if ok:
+            # the write must land even if this task is cancelled (unmount, shutdown):
+            # shielded, and its result committed to the index by a callback
+            wfut = self._loop.run_in_executor(self.writer, self._write, ok)
+            wfut.add_done_callback(self._commit_written)
+            self._add_backlog(sum(len(d) for _, _, d in ok), wfut)
+            try:
+                await asyncio.shield(wfut)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the data still serves from the futures/memory
+                log.warning("cannot write chunks to the disk cache: %s", e)
+        for _, k, data in ok:
+            fut = self._settle(k)
+            if fut is not None and not fut.done():
+                fut.set_result(data)
 
     def _add_backlog(self, nbytes: int, wfut: asyncio.Future[Any]) -> None:
         self._backlog += nbytes
@@ -486,9 +558,18 @@ class Fetcher:
 
     def _decode(self, batch: list[tuple[int, str, memoryview]]) -> list[Decoded]:
         out: list[Decoded] = []
+        reader, idx = self.reader, self.index
         for r, k, view in batch:
+            m = idx.row_member[r]
             try:
-                out.append((r, k, self.reader.decode_chunk(r, view), None))
+                if len(view) < idx.m_end[m] - idx.m_start[m]:
+                    # a member prefix (see _fetch_end): decode up to the chunk's end only;
+                    # the digest (every row of such a member has one) checks the bytes
+                    _, _, inner, size, digest = reader.chunks.row(r)
+                    data = codec.decode_chunk(view, reader.compression, inner, size, digest, False)
+                else:
+                    data = reader.decode_chunk(r, view)
+                out.append((r, k, data, None))
             except Exception as e:  # every failure (codec, digest, bomb) means: not served
                 out.append((r, k, None, e))
         return out
@@ -503,4 +584,20 @@ class Fetcher:
         return done
 
 
-__all__ = ["ChunkVerifyError", "Fetcher", "LayerClosed"]
+def _waves(
+    batches: list[list[tuple[int, str, memoryview]]], row_size: Any
+) -> list[list[list[tuple[int, str, memoryview]]]]:
+    """Group decode batches so that each group declares at most DECODED_WAVE_MAX bytes."""
+    waves: list[list[list[tuple[int, str, memoryview]]]] = []
+    held = 0
+    for b in batches:
+        n = sum(row_size[r] for r, _, _ in b)
+        if not waves or held + n > DECODED_WAVE_MAX:
+            waves.append([])
+            held = 0
+        waves[-1].append(b)
+        held += n
+    return waves
+
+
+__all__ = ["ChunkVerifyError", "Fetcher", "LayerClosed", "compressed_bound"]
