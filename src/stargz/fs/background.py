@@ -98,7 +98,7 @@ class BackgroundFetch:
                     m += 1
                 if not batch:
                     continue
-                await f.backlog_ok.wait()
+                await f.delivery.backlog_ok.wait()
                 async with f.scheduler.background():
                     if f.closed:
                         return

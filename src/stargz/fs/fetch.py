@@ -1,18 +1,12 @@
-"""The fetch engine of a layer: missing chunks -> range requests -> decode + verify -> caches.
-
-How much is fetched and held is set by the reads, not by the blob's numbers: a member
-is fetched only as far as decoding its chunks can need (`compressed_bound` of the
-uncompressed bytes up to its last chunk's end; the chunk digest still checks the result,
-so a too-short prefix means EIO, never wrong bytes), and a request's chunks are decoded
-in waves of at most ``DECODED_WAVE_MAX`` declared bytes, each written to the cache
-before the next is decoded.
+"""The fetch engine of a layer: missing chunks -> range requests (-> `stargz.fs.delivery`).
 
 One fetch per chunk at a time: a chunk being fetched has a future in the in-flight table
-(keyed by cache key; one table per source, see `StargzFileSystem`) that every read of it
-awaits. Neighbouring missing members are coalesced into one range, small on-demand
-ranges widened to ``chunk_size``; decodes run in a small thread pool (small urgent ones on
-the loop), and decoded chunks go to the memory LRU and, through a single writer thread,
-to the disk cache. A chunk that fails verification is never cached or returned.
+(keyed by cache key; one table per source repository, see `StargzFileSystem`) that every
+read of it awaits. Neighbouring missing members are coalesced into one range, small
+on-demand ranges widened to ``chunk_size``. A member is fetched only as far as decoding
+its chunks can need (`compressed_bound` of the uncompressed bytes up to its last chunk's
+end; the chunk digest still checks the result, so a too-short prefix means EIO, never
+wrong bytes). Chunk files found in the disk cache at start are re-hashed once before use.
 
 Every future this layer creates is failed with `LayerClosed` by `close`, whatever state
 its fetch is in: a read waiting on one always gets an answer.
@@ -27,11 +21,12 @@ from collections.abc import Iterable
 from concurrent.futures import Executor
 from typing import Any
 
-from stargz.errors import Unavailable, VerificationError
+from stargz.errors import Unavailable
 from stargz.estargz import codec
 from stargz.estargz.reader import Reader
 from stargz.fs.cache import DiskCache, MemoryLRU
 from stargz.fs.chunks import ChunkIndex, FetchedSize
+from stargz.fs.delivery import Delivery
 from stargz.fs.metrics import LayerMetrics
 from stargz.fs.options import FsOptions
 from stargz.fs.scheduler import Scheduler
@@ -40,20 +35,6 @@ from stargz.fs.source import Blob
 log = logging.getLogger("stargz.fs")
 _ZERO_DIGEST = bytes(32)
 
-#: Decoded bytes of this layer that may wait for the cache writer before background fetch
-#: pauses. Without it the download outran the (single, niced) writer thread: 470 MB RSS
-#: while background-fetching a 144 MB layer on loopback (benchmarks/bench_daemon_cost.py).
-WRITE_BACKLOG_MAX = 16 << 20
-#: Compressed bytes decoded per worker-thread job (bigger fetches are split across threads).
-DECODE_BATCH_BYTES = 1 << 20
-#: On-demand fetches up to this many compressed bytes are decoded on the event loop.
-INLINE_DECODE_MAX = 64 << 10
-#: Declared (decoded) bytes per worker-thread decode job, and per wave of jobs: a wave is
-#: decoded, handed to its waiters and written to the cache before the next is decoded. A
-#: normal 4 MiB background request (~12 MiB decoded) is one wave; a request of zero-filled
-#: files (1000:1) is many, instead of gigabytes at once.
-DECODE_BATCH_OUT = 4 << 20
-DECODED_WAVE_MAX = 16 << 20
 #: Compressed bytes allowed for the gzip header (FEXTRA/FNAME/FCOMMENT) and trailer, or
 #: the zstd frame header and checksum, on top of the codec's worst case for the data.
 MEMBER_SLACK = 4096
@@ -71,16 +52,8 @@ def compressed_bound(n: int, compression: str) -> int:
     return n + 5 * (n // 16384 + 1) + MEMBER_SLACK
 
 
-#: A decoded row waiting for its waiter / the cache: (row, key, bytes or None, error).
-Decoded = tuple[int, str, bytes | None, BaseException | None]
-
-
 class LayerClosed(Unavailable):
     """The layer was unmounted while a read waited for it."""
-
-
-class ChunkVerifyError(VerificationError):
-    """A chunk failed to decode or did not match its chunkDigest; it was not served."""
 
 
 def _consume(fut: asyncio.Future[Any]) -> None:
@@ -130,11 +103,19 @@ class Fetcher:
         self._futures: set[asyncio.Future[bytes]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop = asyncio.get_running_loop()
-        #: Decoded bytes handed to the cache writer and not written yet; background fetch
-        #: waits for `backlog_ok` (backlog <= WRITE_BACKLOG_MAX) before each request.
-        self._backlog = 0
-        self.backlog_ok = asyncio.Event()
-        self.backlog_ok.set()
+        self.delivery = Delivery(
+            digest,
+            reader,
+            index,
+            self,
+            memory=memory,
+            disk=disk,
+            executor=executor,
+            writer=writer,
+            metrics=metrics,
+            fetched=fetched,
+            sync_add=options.sync_add,
+        )
 
     # --- bookkeeping ---------------------------------------------------------------------
 
@@ -180,12 +161,16 @@ class Fetcher:
         self._owned.add(key)
         return fut
 
-    def _settle(self, key: str) -> asyncio.Future[bytes] | None:
+    def settle(self, key: str) -> asyncio.Future[bytes] | None:
         """Take this layer's in-flight entry for ``key`` off the table (None if not ours)."""
         if key not in self._owned:
             return None
         self._owned.discard(key)
         return self.inflight.pop(key, None)
+
+    def owned_future(self, key: str) -> asyncio.Future[bytes] | None:
+        """This layer's in-flight future for ``key``, if this layer is fetching it."""
+        return self.inflight.get(key) if key in self._owned else None
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = self._loop.create_task(coro)
@@ -202,7 +187,7 @@ class Fetcher:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         for k in list(self._owned):
-            self._settle(k)
+            self.settle(k)
         for fut in list(self._futures):
             if not fut.done():
                 fut.set_exception(self._closed_error())
@@ -363,13 +348,13 @@ class Fetcher:
                 if data is not None:
                     self.disk.mark_verified(key)
                     self.memory.put(key, data)
-                    self._settle(key)
+                    self.settle(key)
                     fut.set_result(data)
                     return
                 log.warning("dropping damaged cache file of chunk %s (layer %s)", key, self.digest)
                 self.metrics.disk_cache_rejects += 1
                 self.disk.discard(key)
-                self._settle(key)  # (fut stays in _futures: close() still answers it)
+                self.settle(key)  # (fut stays in _futures: close() still answers it)
                 inner = self.fetch_rows([row], "demand").get(key) or self.inflight.get(key)
                 if inner is None:  # pragma: no cover - fetched meanwhile by someone else
                     data = self.memory.get(key)
@@ -380,7 +365,7 @@ class Fetcher:
                 if not fut.done():
                     fut.set_result(data)
             except BaseException as e:
-                self._settle(key)
+                self.settle(key)
                 if not fut.done():
                     if isinstance(e, Exception):
                         fut.set_exception(e)
@@ -397,7 +382,7 @@ class Fetcher:
     def _fail(self, jobs: list[list[tuple[int, str]]], exc: BaseException) -> None:
         for job in jobs:
             for _, k in job:
-                fut = self._settle(k)
+                fut = self.settle(k)
                 if fut is not None and not fut.done():
                     fut.set_exception(exc)
 
@@ -443,43 +428,7 @@ class Fetcher:
                 m.prefetch_bytes += n
             else:
                 m.background_bytes += n
-            idx = self.index
-            row_size = idx.row_size
-            urgent: list[tuple[int, str, memoryview]] = []
-            batches: list[list[tuple[int, str, memoryview]]] = [[]]
-            budget = out_budget = urgent_bytes = 0
-            for data, (s, _), job in zip(datas, ranges, jobs, strict=True):
-                view = memoryview(data)
-                for r, k in job:
-                    mm = idx.row_member[r]
-                    a, b = idx.m_start[mm] - s, min(idx.m_end[mm] - s, len(data))
-                    if k in wanted and urgent_bytes + b - a <= INLINE_DECODE_MAX:
-                        urgent.append((r, k, view[a:b]))
-                        urgent_bytes += b - a
-                        continue
-                    if budget >= DECODE_BATCH_BYTES or (
-                        batches[-1] and out_budget + row_size[r] > DECODE_BATCH_OUT
-                    ):
-                        batches.append([])
-                        budget = out_budget = 0
-                    batches[-1].append((r, k, view[a:b]))
-                    budget += b - a
-                    out_budget += row_size[r]
-            ok: list[tuple[int, str, bytes]] = []
-            if urgent:
-                # what a waiting read asked for, when small: decoding it here is faster than
-                # a thread hop and its GIL handoffs (native decode of 64 KiB: ~0.1-0.3 ms);
-                # the widened neighbours go to the pool
-                ok += self._resolve(self._decode(urgent), to_memory)
-            for wave in _waves([b for b in batches if b], row_size):
-                results = await asyncio.gather(
-                    *(self._loop.run_in_executor(self.executor, self._decode, b) for b in wave)
-                )
-                for batch in results:
-                    ok += self._resolve(batch, to_memory)
-                await self._store(ok)
-                ok = []
-            await self._store(ok)
+            await self.delivery.deliver(datas, ranges, jobs, wanted, to_memory)
             return None
         except BaseException as e:
             self._fail(jobs, LayerClosed(f"fetch of layer {self.digest} stopped: {e!r}"))
@@ -488,116 +437,5 @@ class Fetcher:
             if demand:
                 self.scheduler.end(read=True)
 
-    async def _store(self, ok: list[tuple[int, str, bytes]]) -> None:
-        """Write decoded chunks to the disk cache, then hand them to their waiters."""
-        if ok:
-            # the write must land even if this task is cancelled (unmount, shutdown):
-            # shielded, and its result committed to the index by a callback
-            wfut = self._loop.run_in_executor(self.writer, self._write, ok)
-            wfut.add_done_callback(self._commit_written)
-            self._add_backlog(sum(len(d) for _, _, d in ok), wfut)
-            try:
-                await asyncio.shield(wfut)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # the data still serves from the futures/memory
-                log.warning("cannot write chunks to the disk cache: %s", e)
-        for _, k, data in ok:
-            fut = self._settle(k)
-            if fut is not None and not fut.done():
-                fut.set_result(data)
 
-    def _add_backlog(self, nbytes: int, wfut: asyncio.Future[Any]) -> None:
-        self._backlog += nbytes
-        if self._backlog > WRITE_BACKLOG_MAX:
-            self.backlog_ok.clear()
-
-        def done(_: asyncio.Future[Any]) -> None:
-            self._backlog -= nbytes
-            if self._backlog <= WRITE_BACKLOG_MAX:
-                self.backlog_ok.set()
-
-        wfut.add_done_callback(done)
-
-    def _commit_written(self, fut: asyncio.Future[list[tuple[int, str, int]]]) -> None:
-        if fut.cancelled() or fut.exception() is not None:
-            return
-        rows = []
-        for r, k, size in fut.result():
-            self.disk.commit(k, size)
-            rows.append(r)
-        self.fetched.committed(rows)
-
-    def _resolve(self, batch: list[Decoded], to_memory: bool) -> list[tuple[int, str, bytes]]:
-        """Hand decoded chunks to their waiters (failures: EIO, never cached)."""
-        ok = []
-        sync = self.options.sync_add
-        for r, k, data, err in batch:
-            fut = self.inflight.get(k) if k in self._owned else None
-            if err is not None or data is None:
-                self.metrics.verification_failures += 1
-                log.warning(
-                    "chunk failed verification, not served",
-                    extra={
-                        "layer": self.digest,
-                        "path": self.reader.nodes[self.reader.chunks.file_id(r)].path,
-                        "chunk": k,
-                        "error": str(err),
-                    },
-                )
-                self._settle(k)
-                if fut is not None and not fut.done():
-                    fut.set_exception(ChunkVerifyError(f"chunk {k} of layer {self.digest}: {err}"))
-                continue
-            if to_memory:
-                self.memory.put(k, data)
-            if fut is not None and not fut.done() and not sync:
-                fut.set_result(data)
-            ok.append((r, k, data))
-        return ok
-
-    def _decode(self, batch: list[tuple[int, str, memoryview]]) -> list[Decoded]:
-        out: list[Decoded] = []
-        reader, idx = self.reader, self.index
-        for r, k, view in batch:
-            m = idx.row_member[r]
-            try:
-                if len(view) < idx.m_end[m] - idx.m_start[m]:
-                    # a member prefix (see _fetch_end): decode up to the chunk's end only;
-                    # the digest (every row of such a member has one) checks the bytes
-                    _, _, inner, size, digest = reader.chunks.row(r)
-                    data = codec.decode_chunk(view, reader.compression, inner, size, digest, False)
-                else:
-                    data = reader.decode_chunk(r, view)
-                out.append((r, k, data, None))
-            except Exception as e:  # every failure (codec, digest, bomb) means: not served
-                out.append((r, k, None, e))
-        return out
-
-    def _write(self, items: list[tuple[int, str, bytes]]) -> list[tuple[int, str, int]]:
-        done = []
-        for r, k, data in items:
-            try:
-                done.append((r, k, self.disk.write_file(k, data)))
-            except OSError as e:
-                log.warning("cannot write chunk %s to the disk cache: %s", k, e)
-        return done
-
-
-def _waves(
-    batches: list[list[tuple[int, str, memoryview]]], row_size: Any
-) -> list[list[list[tuple[int, str, memoryview]]]]:
-    """Group decode batches so that each group declares at most DECODED_WAVE_MAX bytes."""
-    waves: list[list[list[tuple[int, str, memoryview]]]] = []
-    held = 0
-    for b in batches:
-        n = sum(row_size[r] for r, _, _ in b)
-        if not waves or held + n > DECODED_WAVE_MAX:
-            waves.append([])
-            held = 0
-        waves[-1].append(b)
-        held += n
-    return waves
-
-
-__all__ = ["ChunkVerifyError", "Fetcher", "LayerClosed", "compressed_bound"]
+__all__ = ["Fetcher", "LayerClosed", "compressed_bound"]

@@ -3,7 +3,8 @@
 - opening (footer, TOC, chunk index): :mod:`stargz.fs.layer_open`
 - the chunk index and what of it is cached: :mod:`stargz.fs.chunks`
 - the read path (caches first, then the fetch engine): :mod:`stargz.fs.read`
-- the fetch engine (ranges, decode + verify, cache writes): :mod:`stargz.fs.fetch`
+- the fetch engine (in-flight table, ranges): :mod:`stargz.fs.fetch`
+- decode + verify + cache writes of fetched ranges: :mod:`stargz.fs.delivery`
 - prefetch and background fetch: :mod:`stargz.fs.background`
 """
 
@@ -21,7 +22,8 @@ from stargz.estargz.reader import Reader
 from stargz.fs.background import BackgroundFetch
 from stargz.fs.cache import DiskCache, MemoryLRU
 from stargz.fs.chunks import ChunkFile, ChunkIndex, FetchedSize
-from stargz.fs.fetch import ChunkVerifyError, Fetcher, LayerClosed
+from stargz.fs.delivery import ChunkVerifyError
+from stargz.fs.fetch import Fetcher, LayerClosed
 from stargz.fs.layer_open import fetch_tail, open_layer
 from stargz.fs.metrics import LayerMetrics
 from stargz.fs.options import FsOptions
