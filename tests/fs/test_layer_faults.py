@@ -238,3 +238,24 @@ def test_a_read_whose_shared_fetch_failed_retries_with_its_own_blob(fs_env, corn
     first["thread"].join(10)
     assert first.get("errno") == errno.EIO, first
     assert second.get("data") == want, second
+
+
+def test_unverified_chunks_are_not_shared_across_repositories(fs_env, corners):
+    """Without a TOC digest nothing vouches for a chunk but its source: the same layer
+    digest mounted from two repositories reads each one's chunks through its own blob."""
+    source = LocalLayerSource(layouts=[corners.root])
+    fs = fs_env.start(source, disable_verification=True)
+    layer = corners.layers("esgz")[0]
+    a = fs_env.mount(layer, toc=False, **{STARGZ_REFERENCE_LABEL: "one.test/img:1"})
+    b = fs_env.mount(layer, toc=False, **{STARGZ_REFERENCE_LABEL: "two.test/img:1"})
+    la, lb = fs.layer(str(a)), fs.layer(str(b))
+    assert la is not lb
+    assert la.index.keys[0] != lb.index.keys[0]
+    path = "data/text.txt"
+    want = _content(layer, path)
+    before = source.bytes_read
+    assert (a / path).read_bytes() == want
+    first = source.bytes_read - before
+    before = source.bytes_read
+    assert (b / path).read_bytes() == want
+    assert source.bytes_read - before >= first // 2 > 0  # fetched again, not shared

@@ -13,6 +13,7 @@ compressed bytes of the layer the disk cache holds (`FetchedSize`, kept as a cou
 
 from __future__ import annotations
 
+import hashlib
 from array import array
 from typing import NamedTuple
 
@@ -26,18 +27,24 @@ class ChunkKeys:
     """The disk/memory cache key of each chunk row, made when asked for.
 
     ``keys[r]`` is the chunk's sha256 in hex (the cache is content-addressed), or
-    ``u-<layer hex>-<row>`` for a chunk without a digest (or when not verifying). A list of
+    ``u-<layer hex>-[<scope hash>-]<row>`` for a chunk without a digest (or when not
+    verifying): such chunks are trusted only as far as their source is, so ``scope`` (the
+    source repository) keeps them apart from the same layer's read elsewhere. A list of
     the strings cost ~120 bytes a row for the life of the mount; this holds only the 32
     digest bytes a row that the reader already has.
     """
 
     __slots__ = ("_digests", "_n", "_verify", "_unverified")
 
-    def __init__(self, digests: bytes, n: int, verify: bool, layer_digest: str) -> None:
+    def __init__(
+        self, digests: bytes, n: int, verify: bool, layer_digest: str, scope: str = ""
+    ) -> None:
         self._digests = digests
         self._n = n
         self._verify = verify
         self._unverified = f"u-{layer_digest.partition(':')[2]}-"
+        if scope:
+            self._unverified += hashlib.sha256(scope.encode()).hexdigest()[:16] + "-"
 
     def __len__(self) -> int:
         return self._n
@@ -65,13 +72,14 @@ class ChunkFile(NamedTuple):
 class ChunkIndex:
     """Members (distinct compressed offsets), rows per member, and a cache key per row.
 
-    Built once per layer in a worker thread (a few passes over the chunk table).
+    Built once per layer in a worker thread (a few passes over the chunk table). ``scope``
+    names where unverified chunks come from (see `ChunkKeys`).
     """
 
-    def __init__(self, reader: Reader, digest: str) -> None:
+    def __init__(self, reader: Reader, digest: str, scope: str = "") -> None:
         coff, comp, size = reader.chunk_off, reader.chunk_comp, reader.chunk_size
         n = len(comp)
-        keys = ChunkKeys(reader.chunk_digests, n, reader.verify, digest)
+        keys = ChunkKeys(reader.chunk_digests, n, reader.verify, digest, scope)
         order = sorted(range(n), key=comp.__getitem__)
         m_start = array("q")
         m_first = array("q")  # index into m_rows of each member's first row

@@ -344,6 +344,7 @@ class StargzFileSystem:
                     scheduler=self._scheduler,
                     inflight=self._inflight.setdefault(source, {}),
                     writer=self._writer,
+                    cache_scope=source,
                 )
                 tree = await asyncio.get_running_loop().run_in_executor(
                     self._executor, Tree, layer.reader, o.opaque_xattr

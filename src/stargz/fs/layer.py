@@ -134,11 +134,13 @@ class Layer:
         scheduler: Scheduler,
         inflight: dict[str, asyncio.Future[bytes]] | None = None,
         writer: Executor | None = None,
+        cache_scope: str = "",
     ) -> Layer:
         """Open ``blob`` (see `stargz.fs.layer_open.open_layer`) and put its parts together.
 
         Raises FooterError/TOCError for a blob that is not eStargz, DigestMismatch when
-        the TOC does not hash to ``toc_digest``.
+        the TOC does not hash to ``toc_digest``. ``inflight`` is the in-flight table of the
+        layer's source; ``cache_scope`` names that source for unverified chunks' keys.
         """
         o = await open_layer(
             digest,
@@ -148,6 +150,7 @@ class Layer:
             options=options,
             disk=disk,
             executor=executor,
+            cache_scope=cache_scope,
         )
         layer = cls(
             digest,

@@ -183,12 +183,13 @@ async def open_layer(
     options: FsOptions,
     disk: DiskCache,
     executor: Executor,
+    cache_scope: str = "",
 ) -> OpenedLayer:
     """Fetch the footer and TOC (or take them from the disk cache), verify, index.
 
     Raises FooterError/TOCError for a blob that is not eStargz (or whose TOC is bigger
     than ``options.max_toc_bytes``), DigestMismatch when the TOC does not hash to
-    ``toc_digest``.
+    ``toc_digest``. ``cache_scope`` keeps unverified chunks of different sources apart.
     """
     t0 = time.monotonic()
     loop = asyncio.get_running_loop()
@@ -217,7 +218,7 @@ async def open_layer(
                 await loop.run_in_executor(executor, disk.write_tail, digest, start, size, data)
             except OSError as e:
                 log.warning("cannot cache the TOC of %s: %s", digest, e)
-        index = await loop.run_in_executor(executor, ChunkIndex, reader, digest)
+        index = await loop.run_in_executor(executor, ChunkIndex, reader, digest, cache_scope)
     except BaseException:
         head.cancel()
         raise
