@@ -11,10 +11,10 @@ import asyncio
 import logging
 import time
 from bisect import bisect_right
-from collections.abc import Callable
 from typing import Any
 
 from stargz.fs import memory
+from stargz.fs.chunks import FetchedSize
 from stargz.fs.fetch import Fetcher
 from stargz.fs.headstart import HeadStartBlob
 from stargz.fs.layer_open import PREFETCH_ONE_FLOW_MAX, PREFETCH_PARALLEL, PREFETCH_PIECE
@@ -25,9 +25,10 @@ log = logging.getLogger("stargz.fs")
 class BackgroundFetch:
     """Runs a layer's prefetch, then its background fetch, as tasks of ``fetcher``."""
 
-    def __init__(self, fetcher: Fetcher, fully_fetched: Callable[[], bool]) -> None:
+    def __init__(self, fetcher: Fetcher, fetched: FetchedSize, layer_size: int) -> None:
         self.fetcher = fetcher
-        self._fully_fetched = fully_fetched
+        self._fetched = fetched
+        self._size = layer_size
         self.prefetch_done = asyncio.Event()
         self.prefetch_size = 0
 
@@ -121,7 +122,7 @@ class BackgroundFetch:
             # let the last writes land before judging completeness
             while f.busy and not f.closed:
                 await asyncio.sleep(0.01)
-            if not f.closed and self._fully_fetched():
+            if not f.closed and self._fetched.value() == self._size:
                 log.info("layer fully fetched", extra={"layer": f.digest})
             if not f.closed:
                 await asyncio.get_running_loop().run_in_executor(f.executor, memory.trim)

@@ -113,7 +113,7 @@ class Layer:
             metrics=self.metrics,
             read_ahead_next_chunk=options.read_ahead_next_chunk,
         )
-        self._background = BackgroundFetch(self.fetcher, lambda: self.fully_fetched)
+        self._background = BackgroundFetch(self.fetcher, self._fetched, blob.size)
         self.read_now = self.reads.read_now
         self.read = self.reads.read
         self.read_later = self.reads.read_later

@@ -198,7 +198,8 @@ async def open_layer(
     t_fetched = time.monotonic()
     size = blob.size
     head = _HeadStart(blob, options.head_start_max_bytes, loop)
-    hook = head.on_toc_json if fetched and not options.noprefetch and head._max else None
+    wanted = fetched and not options.noprefetch and options.head_start_max_bytes > 0
+    hook = head.on_toc_json if wanted else None
     try:
         try:
             reader = await loop.run_in_executor(
