@@ -28,6 +28,7 @@ open, as in Go.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -44,6 +45,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from stargz.config import split_tcp_address
 from stargz.errors import FailedPrecondition
+from stargz.fs.metrics import LayerMetrics
 
 if TYPE_CHECKING:
     from stargz.fs.filesystem import StargzFileSystem
@@ -151,6 +153,25 @@ class FsCollector(Collector):
         yield from self._per_layer(layers)
         yield from self._daemon_wide(layers)
 
+    @staticmethod
+    def _by_digest(layers) -> list[tuple[str, LayerMetrics, bool]]:
+        """``(digest, metrics, prefetch done)`` once per layer digest: the same digest
+        mounted from two repositories is two layers, and a series must appear once (the
+        counters add up; the durations are the longest)."""
+        out: dict[str, tuple[str, LayerMetrics, bool]] = {}
+        for layer, _ in layers:
+            d, m, done = layer.digest, layer.metrics, layer.prefetch_done.is_set()
+            seen = out.get(d)
+            if seen is None:
+                out[d] = (d, m, done)
+                continue
+            merged = LayerMetrics()
+            for f in dataclasses.fields(LayerMetrics):
+                a, b = getattr(seen[1], f.name), getattr(m, f.name)
+                setattr(merged, f.name, max(a, b) if f.name.endswith("_seconds") else a + b)
+            out[d] = (d, merged, seen[2] or done)
+        return list(out.values())
+
     def _go_compatible(self, layers) -> Iterator[Metric]:
         ops = UnknownMetricFamily(
             "stargz_fs_operation_count",
@@ -179,12 +200,13 @@ class FsCollector(Collector):
             "Total size of the layer (compressed blob)",
             labels=["digest", "mountpoint"],
         )
-        for layer, mountpoints in layers:
-            m, d = layer.metrics, layer.digest
+        for d, m, _ in self._by_digest(layers):
             for op, field in OPERATION_COUNTS:
                 ops.add_metric([op, d], getattr(m, field))
             for op, field in BYTES_SERVED:
                 served.add_metric([op, d], getattr(m, field))
+        for layer, mountpoints in layers:
+            d = layer.digest
             if not mountpoints:
                 continue
             # (a counter the layer keeps as chunks reach or leave the disk cache)
@@ -225,8 +247,7 @@ class FsCollector(Collector):
             "Time the layer's prefetch took (present once it has finished).",
             labels=["layer"],
         )
-        for layer, _ in layers:
-            m, d = layer.metrics, layer.digest
+        for d, m, prefetch_done in self._by_digest(layers):
             kinds = {
                 "on_demand": m.on_demand_bytes_fetched,
                 "prefetch": m.prefetch_bytes,
@@ -241,7 +262,7 @@ class FsCollector(Collector):
                 family.add_metric([d], getattr(m, field))
             for step, field in OPEN_STEPS:
                 open_steps.add_metric([d, step], getattr(m, field))
-            if layer.prefetch_done.is_set():
+            if prefetch_done:
                 prefetch_seconds.add_metric([d], m.prefetch_seconds)
         yield from (by_kind, lookups, *(f for f, _ in counters), open_steps, prefetch_seconds)
 
