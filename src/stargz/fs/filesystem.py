@@ -392,9 +392,6 @@ class StargzFileSystem:
         if ref.mountpoints:
             return
         self._layers.pop(ref.key, None)
-        table = self._inflight.get(ref.key[0])
-        if table is not None and not table and all(k[0] != ref.key[0] for k in self._layers):
-            del self._inflight[ref.key[0]]
         self.metrics.closed_layers_verification_failures += ref.layer.metrics.verification_failures
         self.ops.remove(ref.name)
         if self._session is not None and not self._closed:
@@ -403,6 +400,10 @@ class StargzFileSystem:
                 None, self._session.invalidate_entry, ROOT_INODE, ref.name
             )
         await ref.layer.close()
+        # (after the close: it takes the layer's fetches off the table)
+        source = ref.key[0]
+        if not self._inflight.get(source, True) and all(k[0] != source for k in self._layers):
+            del self._inflight[source]
 
     async def _wait_prefetch(self, layer: Layer) -> None:
         o = self.options
