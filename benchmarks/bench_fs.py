@@ -130,7 +130,7 @@ async def _serve(a: argparse.Namespace) -> None:
             elif line == "wait-fetched":
                 while not layer.fully_fetched:
                     await asyncio.sleep(0.05)
-                while layer.inflight:
+                while layer.fetcher.inflight:
                     await asyncio.sleep(0.01)
                 reply(fetched=True, seconds=layer.metrics.as_dict())
     finally:

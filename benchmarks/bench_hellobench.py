@@ -15,7 +15,7 @@ the snapshotter: ``ours-opt9`` is ``ours-opt`` compressed at Go's gzip level 9 i
 our default (ISA-L level 1: ~10% larger layers, so more bytes to prefetch), and
 ``ours-on-go-opt`` is our daemon on Go's ``go-opt`` image; ``ours-opt-pt`` is ``ours-opt``
 with ``[fuse] passthrough = true`` (off by default, as in Go); ``ours-opt-nohs`` is
-``ours-opt`` with the head start off (``STARGZ_HEAD_START=0``: the prefetch download waits
+``ours-opt`` with the head start off (``head_start_max_bytes = 0``: the prefetch download waits
 for the TOC parse, see stargz.fs.headstart).
 
 times ``pull`` (``ctr i pull`` / ``ctr-remote i rpull``), ``create`` (``ctr c create``: the
@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import random
 import shutil
 import statistics
@@ -55,8 +54,12 @@ from benchmarks.hellobench.images import MODES, TAG_OF, WORKLOADS, layers_of, pr
 from benchmarks.peer import GO_BIN, GoDaemon, measure_net, netem, registry_bytes
 from tests.harness.procs import Containerd, Daemon, Registry, StargzDaemon, make_tempdir, run
 
-#: Daemon config per mode (ours): ``ours-opt-pt`` turns FUSE passthrough on.
-OURS_CONFIG = {"ours-opt-pt": "[fuse]\npassthrough = true\n"}
+#: Daemon config per mode (ours): ``ours-opt-pt`` turns FUSE passthrough on,
+#: ``ours-opt-nohs`` the head start off.
+OURS_CONFIG = {
+    "ours-opt-pt": "[fuse]\npassthrough = true\n",
+    "ours-opt-nohs": "head_start_max_bytes = 0\n",
+}
 
 
 def mount_phases(log_text: str, message: str = "layer mounted") -> list[dict]:
@@ -82,12 +85,9 @@ def trial(img: str, mode: str, ref: str, reg: Registry, go_bin: str) -> dict:
     dummy = make_tempdir("sgz-dummy-")
     try:
         if mode.startswith("ours"):
-            if mode == "ours-opt-nohs":
-                os.environ["STARGZ_HEAD_START"] = "0"
             snap = StargzDaemon.start(
                 make_tempdir("sgz-hb-"), config_text=OURS_CONFIG.get(mode, ""), log_level="info"
             )
-            os.environ.pop("STARGZ_HEAD_START", None)
             addr = snap.address
         elif mode.startswith("go"):
             snap = GoDaemon.start(go_bin, reg.host)

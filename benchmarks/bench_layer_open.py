@@ -2,7 +2,7 @@
 
 What our daemon does before it can parse a layer's TOC (``StargzFileSystem._acquire``):
 ``RegistryLayerSource.resolve`` -> ``RegistryClient.open_blob`` (a ``GET`` probe that
-learns the size and any redirect), then ``stargz.fs.layer.fetch_tail`` (the last bytes of
+learns the size and any redirect), then ``stargz.fs.layer_open.fetch_tail`` (the last bytes of
 the blob: footer + TOC, one or two more GETs unless the probe already brought them).
 
 A real docker-registry (tests/harness) behind ``../shared/tools/netem`` (delay + rate on
@@ -53,7 +53,7 @@ from benchmarks import common
 from benchmarks.common import CACHE, percentile
 from benchmarks.peer import netem
 from stargz.estargz.footer import parse_footer  # noqa: E402
-from stargz.fs.layer import fetch_tail  # noqa: E402
+from stargz.fs.layer_open import fetch_tail  # noqa: E402
 from stargz.fs.registry import RegistryLayerSource  # noqa: E402
 from stargz.remote import RegistryClient  # noqa: E402
 from stargz.remote import client as client_mod  # noqa: E402

@@ -217,11 +217,11 @@ def test_mirror_without_the_blob_then_the_registry_gives_the_tail(images, run):
 
 @pytest.mark.parametrize("probe", [0, 100, TAIL_PROBE_SIZE, 1 << 20])
 def test_layer_tail_through_the_registry_source(images, run, probe):
-    """fs.layer.fetch_tail on a registry blob returns the bytes from the TOC to the end,
+    """fs.layer_open.fetch_tail on a registry blob returns the bytes from the TOC to the end,
     with the probe's tail used: a TOC inside the probed tail costs no request after the
     probe, a bigger one exactly one; a probed tail too short for a footer is ignored."""
     from stargz.estargz.footer import parse_footer
-    from stargz.fs.layer import TAIL_FETCH_SIZE, fetch_tail
+    from stargz.fs.layer_open import TAIL_FETCH_SIZE, fetch_tail
     from stargz.fs.registry import RegistryLayerSource
 
     layers = images.esgz_manifest["layers"]

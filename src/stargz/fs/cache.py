@@ -17,7 +17,7 @@ It is bounded in bytes (``max_bytes``; 0 = unbounded): past the bound, the least
 used chunks are deleted. Recency is kept in memory; at start the order is rebuilt from
 the files' mtimes. A file is trusted only once it has been checked in this process: a
 chunk written by this process is, one found at start is re-hashed against its name on
-first use (the layer does that, see ``Layer._disk_chunk``).
+first use (the layer does that, see ``Fetcher.start_disk_verify``).
 
 Threads: ``write_file``, ``read_file``, ``pread_fresh`` and ``load`` may run in worker
 threads; ``pread`` (cached fds) and everything that changes the index (``commit``,
@@ -98,6 +98,9 @@ class DiskCache:
         #: Bumped whenever a chunk leaves the cache (eviction, damage): "fully cached"
         #: answers computed before a change of generation must be recomputed.
         self.generation = 0
+        #: Bumped by every `commit`: with ``generation``, tells a layer's fetched-size
+        #: counter whether chunks came or went since it last looked.
+        self.commits = 0
         self._index: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._verified: set[str] = set()
         self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()
@@ -170,6 +173,7 @@ class DiskCache:
         self._index[key] = size
         self.bytes += size
         self._verified.add(key)
+        self.commits += 1
         self._evict(keep=key)
 
     def discard(self, key: str) -> None:

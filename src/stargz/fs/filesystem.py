@@ -4,7 +4,11 @@ One FUSE mount per daemon, at ``<root>/fuse``, served from ``/dev/fuse`` on the 
 event loop (asyncio or uvloop) by `stargz.fuse.Session`. Each mounted layer is a
 subtree ``<root>/fuse/<digest hex>/``, bind-mounted (read-only) onto the snapshot
 directory containerd uses as an overlayfs lower dir. A layer mounted at several snapshot
-directories is opened once.
+directories is opened once per source repository: layers are keyed by (repository,
+digest), so a later mount of a digest never reads through another image's registry and
+credentials, and each repository has its own in-flight fetch table (one image's stalling
+registry can't hold up another's reads). The disk cache, holding verified chunks only,
+stays shared.
 
 ``mount``: labels -> `LayerSpec` -> `LayerSource.resolve` (30 s) -> `Layer.open` (footer,
 TOC, verified against the label's TOC digest) -> subtree -> bind mount -> prefetch and
@@ -21,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import threading
@@ -34,6 +39,7 @@ from stargz.errors import (
     DigestMismatch,
     FailedPrecondition,
     InvalidArgument,
+    InvalidReference,
     NotFound,
     Unavailable,
 )
@@ -50,8 +56,21 @@ from stargz.fs.tree import Tree
 from stargz.fuse import ROOT_INODE, Session
 from stargz.fuse import mount as fuse_mount
 from stargz.private import private_dir
+from stargz.remote.reference import parse_reference
 
 log = logging.getLogger("stargz.fs")
+
+
+#: A layer table key: (source repository, layer digest).
+LayerKey = tuple[str, str]
+
+
+def source_of(spec: LayerSpec) -> str:
+    """The repository a layer is read from (``host/repository`` of its image reference)."""
+    try:
+        return parse_reference(spec.ref).locator
+    except InvalidReference:
+        return spec.ref
 
 
 @dataclass(eq=False)
@@ -59,6 +78,7 @@ class _LayerRef:
     layer: Layer
     name: bytes
     spec: LayerSpec
+    key: LayerKey
     mountpoints: set[str] = field(default_factory=set)
 
 
@@ -66,6 +86,7 @@ class _LayerRef:
 class _MountRecord:
     digest: str
     labels: Mapping[str, str]
+    key: LayerKey
 
 
 class StargzFileSystem:
@@ -90,10 +111,11 @@ class StargzFileSystem:
             self.metrics,
         )
         self.ops = Operations(self.options, self.metrics)
-        self._layers: dict[str, _LayerRef] = {}
-        self._inflight: dict[str, asyncio.Future[bytes]] = {}
+        self._layers: dict[LayerKey, _LayerRef] = {}
+        #: Source repository -> its chunk key -> future of the chunk while being fetched.
+        self._inflight: dict[str, dict[str, asyncio.Future[bytes]]] = {}
         self._mounts: dict[str, _MountRecord] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[LayerKey, asyncio.Lock] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._writer: ThreadPoolExecutor | None = None
         self._scheduler: Scheduler | None = None
@@ -265,7 +287,7 @@ class StargzFileSystem:
                     await self._release(ref)
                     raise
                 ref.mountpoints.add(mp)
-                self._mounts[mp] = _MountRecord(spec.digest, dict(labels))
+                self._mounts[mp] = _MountRecord(spec.digest, dict(labels), ref.key)
             if self.options.wait_prefetch_on_mount:
                 await self._wait_prefetch(ref.layer)
         except BaseException:
@@ -292,9 +314,11 @@ class StargzFileSystem:
         )
 
     async def _acquire(self, spec: LayerSpec, labels: Mapping[str, str]) -> _LayerRef:
-        lock = self._locks.setdefault(spec.digest, asyncio.Lock())
+        source = source_of(spec)
+        key = (source, spec.digest)
+        lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
-            ref = self._layers.get(spec.digest)
+            ref = self._layers.get(key)
             if ref is not None:
                 if spec.toc_digest is not None and spec.toc_digest != ref.layer.reader.toc_digest:
                     raise DigestMismatch(
@@ -326,8 +350,9 @@ class StargzFileSystem:
                     disk=self.disk,
                     executor=self._executor,
                     scheduler=self._scheduler,
-                    inflight=self._inflight,
+                    inflight=self._inflight.setdefault(source, {}),
                     writer=self._writer,
+                    cache_scope=source,
                 )
                 tree = await asyncio.get_running_loop().run_in_executor(
                     self._executor, Tree, layer.reader, o.opaque_xattr
@@ -349,9 +374,11 @@ class StargzFileSystem:
             # the parsed TOC is garbage now: give its pages back (off the mount's path)
             asyncio.get_running_loop().run_in_executor(self._executor, memory.trim)
             name = spec.digest.partition(":")[2].encode()
+            if name in self.ops.names:  # the same layer from another repository
+                name += b"-" + hashlib.sha256(source.encode()).hexdigest()[:16].encode()
             self.ops.add(name, layer, tree)
-            ref = _LayerRef(layer, name, spec)
-            self._layers[spec.digest] = ref
+            ref = _LayerRef(layer, name, spec, key)
+            self._layers[key] = ref
             layer.start_prefetch(self._prefetch_size(layer, spec))
             if not o.no_background_fetch:
                 layer.start_background_fetch()
@@ -372,7 +399,7 @@ class StargzFileSystem:
             ref.mountpoints.discard(mp)
         if ref.mountpoints:
             return
-        self._layers.pop(ref.layer.digest, None)
+        self._layers.pop(ref.key, None)
         self.metrics.closed_layers_verification_failures += ref.layer.metrics.verification_failures
         self.ops.remove(ref.name)
         if self._session is not None and not self._closed:
@@ -381,6 +408,10 @@ class StargzFileSystem:
                 None, self._session.invalidate_entry, ROOT_INODE, ref.name
             )
         await ref.layer.close()
+        # (after the close: it takes the layer's fetches off the table)
+        source = ref.key[0]
+        if not self._inflight.get(source, True) and all(k[0] != source for k in self._layers):
+            del self._inflight[source]
 
     async def _wait_prefetch(self, layer: Layer) -> None:
         o = self.options
@@ -403,7 +434,7 @@ class StargzFileSystem:
         self.metrics.checks += 1
         mp = _norm(mountpoint)
         rec = self._mounts.get(mp)
-        ref = self._layers.get(rec.digest) if rec is not None else None
+        ref = self._layers.get(rec.key) if rec is not None else None
         if ref is None:
             self.metrics.check_failures += 1
             raise Unavailable(f"{mountpoint} is not a mounted stargz layer")
@@ -468,28 +499,28 @@ class StargzFileSystem:
         if rec is None:
             return
         self.metrics.unmounts += 1
-        ref = self._layers.get(rec.digest)
+        ref = self._layers.get(rec.key)
         if ref is not None:
             await self._release(ref, mp)
 
     # --- introspection -----------------------------------------------------------------------
 
-    def layer(self, digest_or_mountpoint: str) -> Layer:
-        """The open layer with this digest, or mounted at this path."""
-        ref = self._layers.get(digest_or_mountpoint)
-        if ref is None:
-            rec = self._mounts.get(_norm(digest_or_mountpoint))
-            ref = self._layers.get(rec.digest) if rec is not None else None
-        if ref is None:
-            raise NotFound(f"no mounted layer {digest_or_mountpoint!r}")
-        return ref.layer
+    def _ref(self, digest_or_mountpoint: str) -> _LayerRef:
+        rec = self._mounts.get(_norm(digest_or_mountpoint))
+        if rec is not None and rec.key in self._layers:
+            return self._layers[rec.key]
+        for ref in self._layers.values():  # (the first opened, if several sources have it)
+            if ref.layer.digest == digest_or_mountpoint:
+                return ref
+        raise NotFound(f"no mounted layer {digest_or_mountpoint!r}")
 
-    def subtree(self, digest: str) -> str:
+    def layer(self, digest_or_mountpoint: str) -> Layer:
+        """The open layer mounted at this path, or with this digest."""
+        return self._ref(digest_or_mountpoint).layer
+
+    def subtree(self, digest_or_mountpoint: str) -> str:
         """The layer's directory inside the FUSE mount."""
-        ref = self._layers.get(digest)
-        if ref is None:
-            raise NotFound(f"no mounted layer {digest!r}")
-        return os.path.join(self.fuse_dir, ref.name.decode())
+        return os.path.join(self.fuse_dir, self._ref(digest_or_mountpoint).name.decode())
 
     @property
     def mountpoints(self) -> dict[str, str]:
@@ -497,7 +528,7 @@ class StargzFileSystem:
         return {mp: rec.digest for mp, rec in self._mounts.items()}
 
     def layer_metrics(self) -> dict[str, dict[str, Any]]:
-        return {d: r.layer.metrics.as_dict() for d, r in self._layers.items()}
+        return {r.layer.digest: r.layer.metrics.as_dict() for r in self._layers.values()}
 
     def open_layers(self) -> list[tuple[Layer, tuple[str, ...]]]:
         """Every open layer with the snapshot mount points it is bound to (for the

@@ -355,7 +355,7 @@ class Operations:
 
     async def _read_later(self, m: Mounted, local: int, off: int, size: int) -> bytes:
         try:
-            return await m.layer.read(local - NODE_BASE, off, size)
+            return await m.layer.read_later(local - NODE_BASE, off, size)
         except Exception as e:
             raise self._read_error(m, local, e) from None
 

@@ -73,6 +73,17 @@ class FsOptions:
     decode_threads: int = 4
     #: Wait for the prefetch in Mount as well as in Check (Go waits only in Check).
     wait_prefetch_on_mount: bool = False
+    #: ours (``head_start_max_bytes``): at most this many bytes of a prefetch start
+    #: downloading while the TOC is parsed (`stargz.fs.headstart`; 0 = off, for A/B runs:
+    #: bench_hellobench.py ``ours-opt-nohs``).
+    head_start_max_bytes: int = 64 * MiB
+    #: ours (``[fuse] read_ahead_next_chunk``): a sequential reader past the middle of a
+    #: cached chunk has the next chunk's cache file read ahead (A/B: bench_read_ahead.py).
+    read_ahead_next_chunk: bool = True
+    #: ours (``[blob] max_toc_bytes``): refuse a blob whose TOC region (TOC offset to the
+    #: blob's end) is bigger, before fetching it (0 = no bound). Real TOCs are a few MiB;
+    #: the Go estargz reader has no such bound, containers/storage stops at 50 MiB.
+    max_toc_bytes: int = 64 * MiB
 
     @classmethod
     def from_config(cls, cfg: Any, **overrides: Any) -> FsOptions:
@@ -111,6 +122,9 @@ class FsOptions:
             read_ahead_kb=get(fuse, "read_ahead_kb", d.read_ahead_kb),
             notify_store=get(fuse, "notify_store", d.notify_store),
             passthrough=get(fuse, "passthrough", d.passthrough),
+            head_start_max_bytes=get(cfg, "head_start_max_bytes", d.head_start_max_bytes),
+            read_ahead_next_chunk=get(fuse, "read_ahead_next_chunk", d.read_ahead_next_chunk),
+            max_toc_bytes=get(blob, "max_toc_bytes", d.max_toc_bytes),
         )
         values.update(overrides)
         return cls(**values)

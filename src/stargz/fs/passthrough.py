@@ -123,23 +123,8 @@ class Passthrough:
     def _chunk_files(layer: Any, node: int) -> list[tuple[str, int]] | None:
         """(cache file, size) of each chunk of ``node`` in order, if all are cached and
         verified; else None."""
-        size = layer.reader.nodes[node].size
-        if size <= 0:
-            return None
-        lo, hi = layer.chunks.cover(node, 0, size)
-        disk = layer.disk
-        out = []
-        expect = 0
-        for r in range(lo, hi):
-            key = layer.keys[r]
-            n = layer.row_size[r]
-            if layer.row_coff[r] != expect or disk.size_of(key) != n:
-                return None
-            if layer.verify_keys and not disk.is_verified(key):
-                return None
-            out.append((disk.path(key), n))
-            expect += n
-        return out if expect == size else None
+        files = layer.chunk_files(node)
+        return [(f.path, f.size) for f in files] if files else None
 
     def _single_chunk_file(self, layer: Any, node: int) -> str | None:
         files = self._chunk_files(layer, node)
