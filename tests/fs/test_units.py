@@ -135,7 +135,7 @@ def test_options_from_config():
     o = FsOptions.from_config(cfg)
     assert o.noprefetch and o.prefetch_timeout_sec == 3 and o.chunk_size == 1000
     assert o.valid_interval == 0 and o.attr_timeout == 5 and o.max_cache_fds == 3
-    assert FsOptions.from_config(None) == FsOptions()
+    assert FsOptions.from_config(None) == FsOptions() == FsOptions.from_config(config.Config())
     assert FsOptions.from_config(cfg, noprefetch=False).noprefetch is False
 
 

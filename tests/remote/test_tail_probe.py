@@ -10,11 +10,18 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from aiohttp import web
 
+from stargz import config
 from stargz.errors import BlobNotFound, InvalidArgument
 from stargz.remote import BlobOptions, Platform, RegistryClient, ResolverOptions
 from stargz.remote.client import TAIL_PROBE_SIZE
 
 from .faults import MultiRange, Proxy, RedirectBlobs, Storage
+
+
+def _resolver(table: dict) -> ResolverOptions:
+    """Resolver options from a ``[resolver]`` table, validated as the daemon's config is."""
+    return ResolverOptions.from_config(config.parse({"resolver": table}).resolver)
+
 
 FAST = BlobOptions(min_wait_msec=1, max_wait_msec=20, max_retries=3)
 
@@ -200,9 +207,7 @@ def test_mirror_without_the_blob_then_the_registry_gives_the_tail(images, run):
 
     async def main():
         async with Proxy(images.registry.url) as origin, Proxy(images.registry.url, no_blobs) as m:
-            resolver = ResolverOptions.from_mapping(
-                {"host": {origin.netloc: {"mirrors": [{"host": m.netloc}]}}}
-            )
+            resolver = _resolver({"host": {origin.netloc: {"mirrors": [{"host": m.netloc}]}}})
             async with client(resolver=resolver) as c:
                 b = await c.open_blob(f"{origin.netloc}/blobs", images.blob_digest)
                 assert b.location.host.netloc == origin.netloc

@@ -33,6 +33,7 @@ SPEC_DEFAULTS = {
     "disable_verification": False,
     "max_concurrency": 2,
     "log_file_access": False,
+    "head_start_max_bytes": 64 << 20,  # ours, not upstream
     "blob.valid_interval": 60,
     "blob.check_always": False,
     "blob.chunk_size": 50000,
@@ -42,6 +43,7 @@ SPEC_DEFAULTS = {
     "blob.max_retries": 5,
     "blob.min_wait_msec": 30,
     "blob.max_wait_msec": 300000,
+    "blob.max_toc_bytes": 64 << 20,  # ours, not upstream
     "directory_cache.max_lru_cache_entry": 10,
     "directory_cache.max_cache_fds": 10,
     "directory_cache.sync_add": False,
@@ -56,6 +58,7 @@ SPEC_DEFAULTS = {
     "fuse.merge_worker_count": 10,
     "fuse.read_ahead_kb": 1024,  # ours, not upstream
     "fuse.notify_store": True,  # ours, not upstream
+    "fuse.read_ahead_next_chunk": True,  # ours, not upstream
     "kubeconfig_keychain.enable_keychain": False,
     "kubeconfig_keychain.kubeconfig_path": "",
     "cri_keychain.enable_keychain": False,
@@ -238,3 +241,11 @@ def test_packaged_example_config_is_the_defaults():
     snippet = tomllib.loads((repo / "packaging" / "containerd-config.toml").read_text())
     plugin = snippet["proxy_plugins"]["stargz"]
     assert plugin == {"type": "snapshot", "address": DEFAULT_ADDRESS}
+
+
+def test_cross_key_and_required_values_are_checked_at_load():
+    with pytest.raises(ConfigError, match=r'"blob.min_wait_msec" \(5000\) exceeds'):
+        config.loads("[blob]\nmin_wait_msec = 5000\nmax_wait_msec = 10\n")
+    config.loads("[blob]\nmin_wait_msec = 5000\nmax_wait_msec = 0\n")  # 0: the default
+    with pytest.raises(ConfigError, match=r'mirrors\[0\].host" must be set'):
+        config.loads('[[resolver.host."d.io".mirrors]]\ninsecure = true\n')

@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from stargz.config import Config
 from stargz.errors import (
     DigestMismatch,
     FailedPrecondition,
@@ -131,7 +132,7 @@ class StargzFileSystem:
 
     @classmethod
     def from_config(
-        cls, root: str, cfg: Any, source: LayerSource | None = None
+        cls, root: str, cfg: Config, source: LayerSource | None = None
     ) -> StargzFileSystem:
         """The daemon's filesystem: options from ``cfg`` (a `stargz.config.Config`), layers
         from the registry (`stargz.fs.registry.RegistryLayerSource`) unless ``source``."""

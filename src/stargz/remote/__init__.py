@@ -4,8 +4,9 @@ The asyncio (aiohttp) side of the project, usable on uvloop. It uses
 :mod:`stargz.estargz` (to open layers), never the other way round, and knows nothing of
 FUSE or gRPC.
 
-    async with RegistryClient(resolver=ResolverOptions.from_mapping(cfg["resolver"]),
-                              blob=BlobOptions.from_mapping(cfg["blob"])) as client:
+    cfg = stargz.config.load(path)
+    async with RegistryClient(resolver=ResolverOptions.from_config(cfg.resolver),
+                              blob=BlobOptions.from_config(cfg.blob)) as client:
         manifest = await client.get_manifest("127.0.0.1:5000/app:esgz")
         layer = manifest.layers[0]
         blob = await client.open_layer("127.0.0.1:5000/app:esgz", layer)
