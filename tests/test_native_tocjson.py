@@ -51,7 +51,14 @@ def outcome(fn, *args, **kw):
 def slots(built) -> list[tuple]:
     """Every slot of every node (``same`` leaves out ``_entry``; the native builder sets
     the slots itself, without Node.__init__)."""
-    return [tuple(getattr(n, s) for s in Node.__slots__) for n in built.nodes]
+    return [
+        tuple(_id_of(getattr(n, s)) if s == "parent" else getattr(n, s) for s in Node.__slots__)
+        for n in built.nodes
+    ]
+
+
+def _id_of(parent: Node | None) -> int | None:
+    return None if parent is None else parent.id
 
 
 def agree(native, data, *, fast: bool | None = None, **kw) -> None:

@@ -41,6 +41,9 @@ ReadAt = Callable[[int, int], bytes]
 DEFAULT_TAIL_SIZE = 64 << 10  # one read usually brings the footer and the whole TOC
 DEFAULT_MAX_TOC_SIZE = 512 << 20  # uncompressed TOC JSON; ~5M entries
 DEFAULT_MAX_CHUNK_SIZE = 256 << 20  # largest chunk decoded in one piece
+DEFAULT_MAX_DEPTH = tocbuild.python.DEFAULT_MAX_DEPTH  # path components of a name
+#: Slack for implied directories' paths, on top of the TOC JSON's size (see `Reader`).
+DEFAULT_MAX_NAME_BYTES = tocbuild.python.DEFAULT_MAX_NAME_BYTES
 _ZERO_DIGEST = bytes(32)
 _TRAILING_PER_ENTRY = 8 << 10  # generous tar header + PAX records of one entry
 
@@ -60,6 +63,8 @@ class Reader:
         tail_size: int = DEFAULT_TAIL_SIZE,
         max_toc_size: int = DEFAULT_MAX_TOC_SIZE,
         max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+        max_name_bytes: int | None = None,
         on_close: Callable[[], None] | None = None,
         keep_toc: bool = True,
         on_toc_json: Callable[[bytes], None] | None = None,
@@ -73,7 +78,18 @@ class Reader:
         errors), and `toc` is not available. ``on_toc_json`` sees the TOC JSON once its
         digest is checked, before the (longer) parse: the daemon starts the prefetch
         download from it.
+
+        Bounds on what a (hostile) TOC may make the reader keep: ``max_depth`` path
+        components in a name; ``max_name_bytes`` characters of paths in all (every name,
+        and every directory a name implies without an entry of its own), by default the
+        TOC JSON's size plus `DEFAULT_MAX_NAME_BYTES` (the names are in the JSON, so only
+        implied directories can use the slack). A name component longer than 255 bytes
+        (Linux NAME_MAX: it could never be looked up) is refused too.
         """
+        if max_depth < 1:
+            raise ValueError(f"max_depth must be at least 1, got {max_depth}")
+        if max_name_bytes is not None and max_name_bytes < 0:
+            raise ValueError(f"max_name_bytes must not be negative, got {max_name_bytes}")
         self._read_at = read_at
         self._on_close = on_close
         self.blob_size = blob_size
@@ -94,6 +110,10 @@ class Reader:
             )
         if on_toc_json is not None:
             on_toc_json(toc_json)
+        self.max_depth = max_depth
+        self.max_name_bytes = (
+            len(toc_json) + DEFAULT_MAX_NAME_BYTES if max_name_bytes is None else max_name_bytes
+        )
         self._toc: TOC | None = None
         if keep_toc:
             self._toc_version, self._entries = load_toc_doc(toc_json)
@@ -144,6 +164,8 @@ class Reader:
             "payload_end": self.footer.toc_offset,
             "verify": self.verify,
             "max_chunk_size": self.max_chunk_size,
+            "max_depth": self.max_depth,
+            "max_name_bytes": self.max_name_bytes,
         }
         paused = gc.isenabled()
         gc.disable()

@@ -1,0 +1,120 @@
+"""Hostile TOCs: small inputs that once cost gigabytes, logged tracebacks or steered
+overlayfs, each with the error it must get now. Seeds for a fuzzer (`SEEDS`, `toc_json`).
+
+Every seed is a TOC ``entries`` list and the error (type, message pattern) opening it
+must raise, the same from both TOC builders (native and pure Python) and through a whole
+blob (`tests/estargz/test_hostile.py`). `ACCEPTED` holds inputs just inside each limit:
+they must open, identically in both builders.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from stargz.errors import TOCError
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+@dataclass(frozen=True)
+class Seed:
+    name: str
+    entries: list[dict[str, Any]]
+    error: type[Exception] = TOCError
+    #: a regular expression the message must match
+    match: str = ""
+    #: builder limits (``max_depth``, ``max_name_bytes``) to open it with
+    limits: dict[str, int] = field(default_factory=dict)
+
+
+def toc_json(entries: list[dict[str, Any]]) -> bytes:
+    return json.dumps({"version": 1, "entries": entries}, indent="\t").encode()
+
+
+def _deep(depth: int, leaf: str = "f") -> str:
+    return "/".join(["a"] * depth) + "/" + leaf
+
+
+def _wide_deep(tops: int, depth: int, width: int) -> list[dict[str, Any]]:
+    """``tops`` files, each under ``depth`` implied directories named with ``width``
+    characters: little JSON, but the implied directories' paths add up to ~tops *
+    depth^2 * width / 2 characters."""
+    part = "d" * width
+    return [
+        {"name": f"t{k}/" + "/".join([part] * depth) + "/f", "type": "reg"} for k in range(tops)
+    ]
+
+
+SEEDS: list[Seed] = [
+    # --- names that would cost memory by the square of their depth -------------------------
+    Seed(
+        "deep implied directories",
+        [{"name": _deep(8000), "type": "reg"}],
+        match=r"TOC entry 0 \('a/a/.*\(16001 characters\).*'\): 8001 path components, "
+        r"more than the limit of 256",
+    ),
+    Seed(
+        "deep explicit directory",
+        [{"name": "/".join(["a"] * 300), "type": "dir"}],
+        match=r"300 path components, more than the limit of 256",
+    ),
+    Seed(
+        "deep hardlink",
+        [{"name": "f", "type": "reg"}, {"name": _deep(300), "type": "hardlink", "linkName": "f"}],
+        match=r"TOC entry 1 .* 301 path components",
+    ),
+    Seed(
+        "depth limit lowered",
+        [{"name": "a/b/c/d", "type": "reg"}],
+        match=r"4 path components, more than the limit of 3",
+        limits={"max_depth": 3},
+    ),
+    Seed(
+        "implied directories exceed the name budget",
+        _wide_deep(12, 250, 250),
+        match=r"TOC entry \d+ .*: the layer's paths \(names and the directories they imply\) "
+        r"exceed the limit of \d+ characters",
+    ),
+    Seed(
+        "names exceed a lowered budget",
+        [{"name": f"file-{k:03d}", "type": "reg"} for k in range(20)],
+        match=r"TOC entry 12 \('file-012'\): the layer's paths .* limit of 100 characters",
+        limits={"max_name_bytes": 100},
+    ),
+    # --- a name component Linux could never look up ------------------------------------------
+    Seed(
+        "component of 256 bytes",
+        [{"name": "x" * 256, "type": "reg"}],
+        match=r"name component 'x+\.\.\.\(256 characters\)\.\.\.x+' is 256 bytes, "
+        r"longer than the 255 Linux can look up",
+    ),
+    Seed(
+        "component of 256 UTF-8 bytes",
+        [{"name": "d/" + "\u00e9" * 128, "type": "reg"}],
+        match=r"is 256 bytes, longer than the 255",
+    ),
+    Seed(
+        "implied directory component too long",
+        [{"name": "y" * 300 + "/f", "type": "reg"}],
+        match=r"name component 'y+\.\.\.\(300 characters\)\.\.\.y+' is 300 bytes",
+    ),
+    Seed(
+        "hardlink name too long",
+        [{"name": "f", "type": "reg"}, {"name": "z" * 256, "type": "hardlink", "linkName": "f"}],
+        match=r"TOC entry 1 .* is 256 bytes",
+    ),
+]
+
+#: Inputs just inside the limits: they must open (the same in both builders).
+ACCEPTED: list[Seed] = [
+    Seed("depth 256", [{"name": _deep(255), "type": "reg"}]),
+    Seed("component of 255 bytes", [{"name": "x" * 255, "type": "reg"}]),
+    Seed("component of 255 UTF-8 bytes", [{"name": "\u00e9" * 127 + "a", "type": "reg"}]),
+    Seed(
+        "names fill a lowered budget",
+        [{"name": "ab/cd", "type": "reg"}],
+        limits={"max_name_bytes": 7},
+    ),
+]
