@@ -296,6 +296,11 @@ cdef enum:
     # A name component of more characters may be longer than NAME_MAX bytes in UTF-8.
     NAME_MAX_CHARS = 63
 
+cdef int64_t MAX_ID = _twin.MAX_ID
+cdef int64_t DEV_MAJOR_LIMIT = _twin.DEV_MAJOR_LIMIT
+cdef int64_t DEV_MINOR_LIMIT = _twin.DEV_MINOR_LIMIT
+cdef int64_t MODE_LIMIT = _twin.MODE_LIMIT
+
 cdef object _checkpoint = _twin.gil_checkpoint
 
 
@@ -448,6 +453,14 @@ cdef class _Builder:
                 raise _Reject()
             self.cur = -1
             name = _clean(name)
+            # (the twin's check_values; fields left out are 0)
+            if not (0 <= e.num[K_UID] <= MAX_ID and 0 <= e.num[K_GID] <= MAX_ID
+                    and 0 <= e.num[K_DEVMAJ] < DEV_MAJOR_LIMIT
+                    and 0 <= e.num[K_DEVMIN] < DEV_MINOR_LIMIT
+                    and 0 <= e.num[K_MODE] < MODE_LIMIT and size >= 0):
+                raise _Reject()
+            if (t != T_REG or size == 0) and not (0 <= e.num[K_OFFSET] <= self.payload_end):
+                raise _Reject()
             if self.copy and name is raw:
                 name = _copy_str(name)  # a node's path and by_path key: not the JSON's
         if is_data and (t == T_CHUNK or size > 0):
@@ -483,8 +496,6 @@ cdef class _Builder:
                 link = <object>e.obj[K_LINK] if has & (1u << K_LINK) else ""
                 self.pending.append((i, name, base, link))
                 return 0
-            if t == T_REG and size < 0:
-                raise _Reject()
             got = PyDict_GetItem(self.by_path, name)
             if got != NULL:
                 nid = <object>got

@@ -16,6 +16,7 @@ from typing import Any
 from stargz.errors import TOCError
 
 DIGEST = "sha256:" + "ab" * 32
+MAX_ID = (1 << 32) - 2
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,71 @@ SEEDS: list[Seed] = [
         "hardlink name too long",
         [{"name": "f", "type": "reg"}, {"name": "z" * 256, "type": "hardlink", "linkName": "f"}],
         match=r"TOC entry 1 .* is 256 bytes",
+    ),
+]
+
+SEEDS += [
+    # --- values the kernel's FUSE structs cannot carry ----------------------------------------
+    Seed(
+        "uid -1",
+        [{"name": "f", "type": "reg", "uid": -1}],
+        match=r"TOC entry 0 \('f'\): uid -1 is not a valid owner \(0 to 4294967294\)",
+    ),
+    Seed(
+        "gid 2^32-1",
+        [{"name": "d", "type": "dir", "gid": (1 << 32) - 1}],
+        match=r"gid 4294967295 is not a valid owner",
+    ),
+    Seed(
+        "uid 2^63-1 on the layer root",
+        [{"name": "./", "type": "dir", "uid": (1 << 63) - 1}],
+        match=r"TOC entry 0 \(''\): uid 9223372036854775807 is not a valid owner",
+    ),
+    Seed(
+        "device major 2^40",
+        [{"name": "dev/x", "type": "char", "devMajor": 1 << 40, "devMinor": 1}],
+        match=r"TOC entry 0 \('dev/x'\): devMajor 1099511627776 does not fit the 32-bit device "
+        r"number FUSE sends \(major below 4096, minor below 1048576\)",
+    ),
+    Seed(
+        "device minor 2^20",
+        [{"name": "dev/y", "type": "block", "devMajor": 8, "devMinor": 1 << 20}],
+        match=r"devMinor 1048576 does not fit",
+    ),
+    Seed(
+        "negative device major",
+        [{"name": "dev/z", "type": "char", "devMajor": -1}],
+        match=r"devMajor -1 does not fit",
+    ),
+    Seed(
+        "negative mode",
+        [{"name": "f", "type": "reg", "mode": -1}],
+        match=r"mode -0o1 is not a file mode \(0 to 0o177777\)",
+    ),
+    Seed(
+        "mode above 16 bits",
+        [{"name": "f", "type": "reg", "mode": 1 << 31 | 0o755}],
+        match=r"mode 0o20000000755 is not a file mode",
+    ),
+    Seed(
+        "negative directory size",
+        [{"name": "d", "type": "dir", "size": -1}],
+        match=r"TOC entry 0 \('d'\): negative size -1",
+    ),
+    Seed(
+        "symlink offset past the blob",
+        [{"name": "l", "type": "symlink", "linkName": "x", "offset": 1 << 41}],
+        match=r"offset 2199023255552 is outside the blob payload \[0, \d+\]",
+    ),
+    Seed(
+        "empty landmark pointing past the blob",
+        [{"name": ".prefetch.landmark", "type": "reg", "offset": 1 << 41}],
+        match=r"offset 2199023255552 is outside the blob payload",
+    ),
+    Seed(
+        "negative directory offset",
+        [{"name": "d", "type": "dir", "offset": -1}],
+        match=r"offset -1 is outside the blob payload",
     ),
 ]
 

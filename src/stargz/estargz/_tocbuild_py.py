@@ -59,6 +59,44 @@ def _where(i: int, name: str) -> str:
     return f"TOC entry {i} ({short(name)!r})"
 
 
+#: Owner ids a stat can carry: 32 bits, less (uid_t)-1, which chown(2) reads as "unchanged".
+MAX_ID = (1 << 32) - 2
+#: FUSE sends a 32-bit rdev, which the kernel splits as new_decode_dev does (and which
+#: os.makedev makes for these ranges): a 12-bit major, a 20-bit minor.
+DEV_MAJOR_LIMIT = 1 << 12
+DEV_MINOR_LIMIT = 1 << 20
+#: Mode bits a TOC may carry: permissions, setuid/setgid/sticky and (as some tar writers
+#: put them in the header's mode) the S_IFMT type bits; the type itself is ``type``.
+MODE_LIMIT = 1 << 16
+
+
+def check_values(i: int, name: str, obj: dict, payload_end: int, etype: str, size: int) -> None:
+    """Entry ``i``'s attributes fit what the mount sends the kernel (else a TOCError
+    naming the field, once at open, instead of a failure on every LOOKUP)."""
+    for key in ("uid", "gid"):
+        v = _get(obj, key, 0)
+        if not 0 <= v <= MAX_ID:
+            raise TOCError(f"{_where(i, name)}: {key} {v} is not a valid owner (0 to {MAX_ID})")
+    for key, limit in (("devMajor", DEV_MAJOR_LIMIT), ("devMinor", DEV_MINOR_LIMIT)):
+        v = _get(obj, key, 0)
+        if not 0 <= v < limit:
+            raise TOCError(
+                f"{_where(i, name)}: {key} {v} does not fit the 32-bit device number FUSE "
+                f"sends (major below {DEV_MAJOR_LIMIT}, minor below {DEV_MINOR_LIMIT})"
+            )
+    mode = _get(obj, "mode", 0)
+    if not 0 <= mode < MODE_LIMIT:
+        raise TOCError(f"{_where(i, name)}: mode {mode:#o} is not a file mode (0 to 0o177777)")
+    if size < 0:
+        raise TOCError(f"{_where(i, name)}: negative size {size}")
+    offset = _get(obj, "offset", 0)
+    if (etype != "reg" or size == 0) and not 0 <= offset <= payload_end:
+        # (a file's content offsets are checked with its chunks)
+        raise TOCError(
+            f"{_where(i, name)}: offset {offset} is outside the blob payload [0, {payload_end}]"
+        )
+
+
 def component_too_long(base: str) -> bool:
     """Whether a name component is longer than `NAME_MAX` bytes in UTF-8."""
     return len(base) > NAME_MAX // 4 and len(base.encode("utf-8", "surrogatepass")) > NAME_MAX
@@ -221,6 +259,7 @@ def build(
                 )
             current = None
             name = clean_name(name)
+            check_values(i, name, obj, payload_end, etype, size)
         if is_data and (etype == "chunk" or size > 0):
             if etype == "reg":
                 expect_off = 0
@@ -256,8 +295,6 @@ def build(
             if etype == "hardlink":
                 pending_links.append((i, name, base, _get(obj, "linkName", "")))
                 continue
-            if etype == "reg" and size < 0:
-                raise TOCError(f"{_where(i, name)}: negative size {size}")
             old = by_path.get(name)
             if old is not None:  # a later entry replaces an earlier one, as tar does
                 prev = nodes[old]
