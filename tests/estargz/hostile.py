@@ -1,5 +1,6 @@
 """Hostile TOCs: small inputs that once cost gigabytes, logged tracebacks or steered
-overlayfs, each with the error it must get now. Seeds for a fuzzer (`SEEDS`, `toc_json`).
+overlayfs, each with the error it must get now. Seeds for a fuzzer: `SEEDS` (TOC entries,
+`toc_json`) and `BLOB_SEEDS` (the TOC's framing in a blob: `BlobSeed.make`).
 
 Every seed is a TOC ``entries`` list and the error (type, message pattern) opening it
 must raise, the same from both TOC builders (native and pure Python) and through a whole
@@ -9,11 +10,17 @@ they must open, identically in both builders.
 
 from __future__ import annotations
 
+import gzip
 import json
+import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import zstandard
+
 from stargz.errors import TOCError
+from stargz.estargz.footer import gzip_footer, skippable_frame, zstd_footer_frame
 
 DIGEST = "sha256:" + "ab" * 32
 MAX_ID = (1 << 32) - 2
@@ -182,5 +189,82 @@ ACCEPTED: list[Seed] = [
         "names fill a lowered budget",
         [{"name": "ab/cd", "type": "reg"}],
         limits={"max_name_bytes": 7},
+    ),
+]
+
+
+# --- the TOC's framing: nothing may sit between the TOC and the footer -----------------------
+
+
+def toc_tar(toc: bytes, extra: bytes = b"") -> bytes:
+    """The TOC's tar: one entry, ``extra`` (junk), then the end-of-archive blocks."""
+    info = tarfile.TarInfo("stargz.index.json")
+    info.size = len(toc)
+    return info.tobuf(tarfile.USTAR_FORMAT) + toc + bytes(-len(toc) % 512) + extra + bytes(1024)
+
+
+def gzip_blob(payload: bytes, toc: bytes, *, member_extra: bytes = b"", tar_extra: bytes = b""):
+    return (
+        payload + gzip.compress(toc_tar(toc, tar_extra)) + member_extra + gzip_footer(len(payload))
+    )
+
+
+def zstd_blob(payload: bytes, toc: bytes, *, in_frame: bytes = b"", after: bytes = b""):
+    ctoc = zstandard.ZstdCompressor().compress(toc) + in_frame
+    frame = skippable_frame(ctoc)
+    return payload + frame + after + zstd_footer_frame(len(payload) + 8, len(ctoc), len(toc))
+
+
+@dataclass(frozen=True)
+class BlobSeed:
+    name: str
+    compression: str
+    #: (payload, TOC JSON) -> the blob: payload, the TOC framed with junk, the footer
+    make: Callable[[bytes, bytes], bytes]
+    match: str
+    error: type[Exception] = TOCError
+
+
+_EMPTY_TAR_MEMBER = tarfile.TarInfo("x").tobuf(tarfile.USTAR_FORMAT)
+
+BLOB_SEEDS: list[BlobSeed] = [
+    BlobSeed(
+        "bytes after the gzip TOC member",
+        "gzip",
+        lambda p, t: gzip_blob(p, t, member_extra=b"JUNKJUNK" * 3),
+        r"24 bytes between the TOC gzip member and the footer \(starting b'JUNKJUNK'\): "
+        r"junk after the TOC",
+    ),
+    BlobSeed(
+        "a second gzip member after the TOC",
+        "gzip",
+        lambda p, t: gzip_blob(p, t, member_extra=gzip.compress(b"more")),
+        r"bytes between the TOC gzip member and the footer .*junk after the TOC",
+    ),
+    BlobSeed(
+        "a second tar entry after the TOC entry",
+        "gzip",
+        lambda p, t: gzip_blob(p, t, tar_extra=_EMPTY_TAR_MEMBER),
+        r"TOC tar stream holds \d+ bytes after the stargz.index.json entry: junk after the TOC",
+    ),
+    BlobSeed(
+        "bytes between the zstd TOC and the footer",
+        "zstd",
+        lambda p, t: zstd_blob(p, t, after=b"JUNK"),
+        r"4 bytes between the zstd TOC \(which ends at \d+\) and the footer \(at \d+\): "
+        r"junk after the TOC",
+    ),
+    BlobSeed(
+        "bytes after the zstd TOC frame, inside its length",
+        "zstd",
+        lambda p, t: zstd_blob(p, t, in_frame=b"JUNKJUNK"),
+        r"the zstd TOC frame is \d+ bytes, followed by 8 more bytes up to the footer: "
+        r"junk after the TOC",
+    ),
+    BlobSeed(
+        "a second zstd frame after the TOC frame",
+        "zstd",
+        lambda p, t: zstd_blob(p, t, in_frame=zstandard.ZstdCompressor().compress(b"{}")),
+        r"the zstd TOC frame is \d+ bytes, followed by \d+ more bytes",
     ),
 ]

@@ -14,7 +14,7 @@ from test_estargz_bad_input import Parts, make_blob, open_blob
 from stargz.estargz import tocbuild
 from stargz.estargz.node import same
 
-from .hostile import ACCEPTED, SEEDS, Seed, toc_json
+from .hostile import ACCEPTED, BLOB_SEEDS, SEEDS, BlobSeed, Seed, gzip_blob, toc_json, zstd_blob
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -97,3 +97,39 @@ def test_deep_tree_keeps_memory_linear_in_its_depth(builder) -> None:
     assert len(built.nodes) == 8002
     assert built.nodes[-1].path == SEEDS[0].entries[0]["name"]
     assert kept < 8 << 20, kept
+
+
+@pytest.mark.parametrize("seed", BLOB_SEEDS, ids=lambda s: s.name)
+def test_junk_after_the_toc_is_refused(good_parts, seed: BlobSeed) -> None:
+    parts = good_parts[seed.compression]
+    blob = seed.make(parts.payload, parts.toc_json)
+    with pytest.raises(seed.error, match=seed.match):
+        open_blob(blob)
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_blob_makers_without_junk_open(good_parts, compression: str) -> None:
+    """The seeds' framing, without junk, is what the reader (and Go) accept."""
+    parts = good_parts[compression]
+    make = gzip_blob if compression == "gzip" else zstd_blob
+    r = open_blob(make(parts.payload, parts.toc_json))
+    assert r.read(r.lookup("dir/small").id, 0, 100) == b"hello, world\n"
+
+
+@pytest.mark.parametrize("checksum", [True, False])
+@pytest.mark.parametrize("level", [1, 19])
+def test_zstd_frame_size_walks_every_block_kind(checksum: bool, level: int) -> None:
+    """Raw, RLE and compressed blocks, many of them, with and without the checksum and
+    content size: the frame's length is found without decompressing it."""
+    import os
+
+    import zstandard
+
+    from stargz.estargz.reader import _zstd_frame_size
+
+    data = b"a" * 300_000 + os.urandom(200_000) + b'{"x": "' + b"b" * 200_000 + b'"}'
+    c = zstandard.ZstdCompressor(
+        level=level, write_checksum=checksum, write_content_size=checksum
+    ).compress(data)
+    assert _zstd_frame_size(c) == len(c)
+    assert _zstd_frame_size(c + b"junk") == len(c)

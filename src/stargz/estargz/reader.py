@@ -151,6 +151,12 @@ class Reader:
         else:
             raw = self._read(f.toc_offset, end - f.toc_offset)
         if f.kind == "zstd":
+            footer_start = self.blob_size - f.footer_size
+            if end != footer_start:
+                raise TOCError(
+                    f"{footer_start - end} bytes between the zstd TOC (which ends at {end}) "
+                    f"and the footer (at {footer_start}): junk after the TOC"
+                )
             return _inflate_zstd_toc(raw, f.toc_uncompressed_size, max_toc_size)
         return _untar_gzip_toc(raw, max_toc_size)
 
@@ -320,6 +326,12 @@ def _untar_gzip_toc(raw: bytes, max_size: int) -> bytes:
         raise TOCError(f"TOC is larger than the limit of {max_size} bytes")
     if not d.eof:
         raise TOCError("TOC gzip stream is truncated")
+    if d.unused_data:
+        # The TOC member must end where the footer starts (Go writes nothing between).
+        raise TOCError(
+            f"{len(d.unused_data)} bytes between the TOC gzip member and the footer "
+            f"(starting {d.unused_data[:8]!r}): junk after the TOC"
+        )
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
             member = tf.next()
@@ -335,6 +347,12 @@ def _untar_gzip_toc(raw: bytes, max_size: int) -> bytes:
         raise TOCError(f"TOC tar stream is malformed: {e}") from e
     if len(out) != member.size:
         raise TOCError("TOC tar entry is truncated")
+    rest = memoryview(data)[member.offset_data + -(-member.size // 512) * 512 :]
+    if any(rest):  # only the end-of-archive zero blocks may follow the entry
+        raise TOCError(
+            f"TOC tar stream holds {len(bytes(rest).rstrip(bytes(1)))} bytes after the "
+            f"{TOC_TAR_NAME} entry: junk after the TOC"
+        )
     if len(out) > max_size:  # the inflate bound above leaves room for the tar framing
         raise TOCError(f"TOC of {len(out)} bytes is larger than the limit of {max_size} bytes")
     return out
@@ -345,6 +363,12 @@ def _inflate_zstd_toc(raw: bytes, declared: int, max_size: int) -> bytes:
 
     if declared > max_size:
         raise TOCError(f"TOC of {declared} bytes is larger than the limit of {max_size} bytes")
+    frame = _zstd_frame_size(raw)
+    if frame != len(raw):
+        raise TOCError(
+            f"the zstd TOC frame is {frame} bytes, followed by {len(raw) - frame} more bytes "
+            f"up to the footer: junk after the TOC"
+        )
     out = bytearray()
     try:
         with zstandard.ZstdDecompressor().stream_reader(raw) as r:
@@ -358,6 +382,31 @@ def _inflate_zstd_toc(raw: bytes, declared: int, max_size: int) -> bytes:
     if len(out) != declared:
         raise TOCError(f"zstd TOC inflated to {len(out)}+ bytes, the footer says {declared}")
     return bytes(out)
+
+
+def _zstd_frame_size(raw: bytes) -> int:
+    """Compressed bytes of the zstd frame at the start of ``raw`` (RFC 8878 §3.1.1: the
+    header, then block headers say their sizes), without decompressing it."""
+    if raw[:4] != b"\x28\xb5\x2f\xfd" or len(raw) < 6:
+        raise TOCError("zstd TOC does not start with a zstd frame")
+    fhd = raw[4]
+    fcs_flag, single, has_checksum, did_flag = fhd >> 6, (fhd >> 5) & 1, (fhd >> 2) & 1, fhd & 3
+    fcs_size = (1 if single else 0, 2, 4, 8)[fcs_flag]
+    pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[did_flag] + fcs_size
+    while True:
+        if pos + 3 > len(raw):
+            raise TOCError("zstd TOC frame is truncated")
+        header = int.from_bytes(raw[pos : pos + 3], "little")
+        last, kind, size = header & 1, (header >> 1) & 3, header >> 3
+        if kind == 3:
+            raise TOCError("zstd TOC frame has a reserved block type")
+        pos += 3 + (1 if kind == 1 else size)  # an RLE block stores its one byte
+        if last:
+            break
+    pos += 4 if has_checksum else 0
+    if pos > len(raw):
+        raise TOCError("zstd TOC frame is truncated")
+    return pos
 
 
 def open_file(path: str, **kwargs) -> Reader:
