@@ -369,15 +369,15 @@ cdef class _Builder:
         if m is None:
             m = mode
             self.ints[m] = m
-        node = _node(ident, base, self.nodes[parent] if parent >= 0 else None, t, m, size, attrs,
-                     offset)
+        pnode = self.nodes[parent] if parent >= 0 else None
+        node = _node(ident, base, pnode, t, m, size, attrs, offset)
         self.nodes.append(node)
         _push(&self.ntype, t)
         _push(&self.nsize, size)
         _push(&self.nlink, 2 if t == T_DIR else 1)
         PyDict_SetItem(self.by_path, path, ident)
         if parent >= 0:
-            self.nodes[parent].children[base] = ident
+            pnode.children[base] = ident
             if t == T_DIR:
                 self.nlink.p[parent] += 1
         return nid

@@ -230,7 +230,7 @@ def build(
             raise TOCError(f"{_where(i, name)}: parent {path!r} is a {node.type}, not a directory")
         for sub in reversed(missing):
             base = sub.rpartition("/")[2]
-            if component_too_long(base):
+            if len(base) > NAME_MAX // 4 and component_too_long(base):
                 raise _long_component(i, name, base)
             child = Node(len(nodes), base, node, "dir", 0o755, 0, None)
             nodes.append(child)
@@ -259,7 +259,17 @@ def build(
                 )
             current = None
             name = clean_name(name)
-            check_values(i, name, obj, payload_end, etype, size)
+            get = obj.get
+            if not (
+                0 <= (get("uid") or 0) <= MAX_ID
+                and 0 <= (get("gid") or 0) <= MAX_ID
+                and 0 <= (get("devMajor") or 0) < DEV_MAJOR_LIMIT
+                and 0 <= (get("devMinor") or 0) < DEV_MINOR_LIMIT
+                and 0 <= (get("mode") or 0) < MODE_LIMIT
+                and size >= 0
+                and (etype == "reg" and size or 0 <= (get("offset") or 0) <= payload_end)
+            ):  # (inline: a call per entry costs; check_values says what is wrong)
+                check_values(i, name, obj, payload_end, etype, size)
         if is_data and (etype == "chunk" or size > 0):
             if etype == "reg":
                 expect_off = 0
@@ -289,7 +299,7 @@ def build(
             if names_left < 0:
                 raise _too_many_names(i, name, max_name_bytes)
             head, _, base = name.rpartition("/")
-            if component_too_long(base):
+            if len(base) > NAME_MAX // 4 and component_too_long(base):
                 raise _long_component(i, name, base)
             parent = dir_for(head, i, name)
             if etype == "hardlink":
