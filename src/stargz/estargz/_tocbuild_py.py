@@ -45,7 +45,9 @@ DEFAULT_MAX_DEPTH = 256
 #: is the TOC JSON's size plus this: the entries' names are in the JSON, so only implied
 #: directories can use the slack.
 DEFAULT_MAX_NAME_BYTES = 64 << 20
-#: Longest name component Linux looks up (bytes): a longer one could never be served.
+#: Longest name component served (bytes). FUSE alone would carry 1024, but the mount
+#: reports 255 (statfs f_namemax), overlayfs refuses longer names (ENAMETOOLONG), and no
+#: Linux filesystem a layer is made from holds one.
 NAME_MAX = 255
 
 
@@ -106,7 +108,7 @@ def _long_component(i: int, name: str, base: str) -> TOCError:
     n = len(base.encode("utf-8", "surrogatepass"))
     return TOCError(
         f"{_where(i, name)}: name component {short(base)!r} is {n} bytes, "
-        f"longer than the {NAME_MAX} Linux can look up (NAME_MAX)"
+        f"longer than NAME_MAX ({NAME_MAX} bytes)"
     )
 
 

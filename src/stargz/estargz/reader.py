@@ -84,7 +84,7 @@ class Reader:
         and every directory a name implies without an entry of its own), by default the
         TOC JSON's size plus `DEFAULT_MAX_NAME_BYTES` (the names are in the JSON, so only
         implied directories can use the slack). A name component longer than 255 bytes
-        (Linux NAME_MAX: it could never be looked up) is refused too.
+        (NAME_MAX: overlayfs would not look it up) is refused too.
         """
         if max_depth < 1:
             raise ValueError(f"max_depth must be at least 1, got {max_depth}")
@@ -347,10 +347,10 @@ def _untar_gzip_toc(raw: bytes, max_size: int) -> bytes:
         raise TOCError(f"TOC tar stream is malformed: {e}") from e
     if len(out) != member.size:
         raise TOCError("TOC tar entry is truncated")
-    rest = memoryview(data)[member.offset_data + -(-member.size // 512) * 512 :]
-    if any(rest):  # only the end-of-archive zero blocks may follow the entry
+    end = member.offset_data + -(-member.size // 512) * 512
+    if data.count(0, end) != len(data) - end:  # only end-of-archive zero blocks may follow
         raise TOCError(
-            f"TOC tar stream holds {len(bytes(rest).rstrip(bytes(1)))} bytes after the "
+            f"TOC tar stream holds {len(data[end:].rstrip(bytes(1)))} bytes after the "
             f"{TOC_TAR_NAME} entry: junk after the TOC"
         )
     if len(out) > max_size:  # the inflate bound above leaves room for the tar framing
