@@ -185,6 +185,17 @@ ACCEPTED: list[Seed] = [
     Seed("depth 256", [{"name": _deep(255), "type": "reg"}]),
     Seed("component of 255 bytes", [{"name": "x" * 255, "type": "reg"}]),
     Seed("component of 255 UTF-8 bytes", [{"name": "\u00e9" * 127 + "a", "type": "reg"}]),
+    Seed("uid and gid 2^32-2", [{"name": "f", "type": "reg", "uid": MAX_ID, "gid": MAX_ID}]),
+    Seed(
+        "largest device numbers",
+        [{"name": "c", "type": "char", "devMajor": 4095, "devMinor": (1 << 20) - 1}],
+    ),
+    Seed("mode with type bits", [{"name": "d", "type": "dir", "mode": 0o40755}]),
+    Seed("mode 0o177777", [{"name": "f", "type": "reg", "mode": 0o177777}]),
+    Seed(
+        "offset of an empty file at the payload's end",
+        [{"name": "e", "type": "reg", "offset": 1 << 40}],
+    ),
     Seed(
         "names fill a lowered budget",
         [{"name": "ab/cd", "type": "reg"}],
