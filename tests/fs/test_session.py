@@ -35,7 +35,7 @@ def _layer(tmp_path):
         tf.addfile(d)
         for i in range(N_FILES):
             stem = f"f{i:05d}-"
-            name = stem + "x" * (i % 250) if i % 7 else stem + "y" * (255 - len(stem))
+            name = stem + "x" * (i % 249) if i % 7 else stem + "y" * (255 - len(stem))
             data = f"file {i}\n".encode() * (i % 5)
             ti = tarfile.TarInfo(f"many/{name}")
             ti.size = len(data)
