@@ -1,0 +1,254 @@
+"""The released wheel works on a machine without ISA-L, libzstd or libcrypto.
+
+The manylinux wheel from ``ci/wheel.sh`` (built here when dist/ has none, or an older one
+than the sources) is installed into a fresh venv from a local wheelhouse only
+(``--no-index``), and everything below runs in a private mount namespace where the
+system's ``libisal.so*``, ``libzstd.so*`` and ``libcrypto.so*`` are covered by an empty
+file: the native core must load from the wheel's own ``stargz.libs/``, or the backend
+check fails (the selectors would quietly fall back to the pure-Python twins).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from stargz import __version__
+
+REPO = Path(__file__).resolve().parents[2]
+DIST = REPO / "dist"
+WHEELHOUSE = Path(os.environ.get("STARGZ_WHEELHOUSE", REPO / ".cache" / "wheelhouse"))
+#: The libraries the native core links, by soname prefix.
+BUNDLED = ("libisal.so", "libzstd.so", "libcrypto.so")
+#: Where else the loader looks (ldconfig's cache is read too); not recursive: /usr/lib has
+#: symlink cycles.
+LIB_DIRS = (
+    "/lib",
+    "/lib64",
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib",
+    "/usr/lib64",
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/local/lib",
+    "/usr/local/lib/x86_64-linux-gnu",
+)
+NATIVE_MODULES = ("codec", "tocindex", "tocbuild")
+# The sources a wheel is built from: a wheel older than any of them is rebuilt.
+SOURCES = ("src/**/*.py", "src/**/*.pyx", "src/**/*.pxd", "setup.py", "pyproject.toml")
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="masking libraries needs root")
+
+
+def _run(cmd: Sequence[str], **kw) -> subprocess.CompletedProcess[str]:
+    p = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    assert p.returncode == 0, f"{cmd} exited {p.returncode}\n{p.stdout}\n{p.stderr}"
+    return p
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """The environment without PYTHON*/STARGZ_*: a checkout on PYTHONPATH would count as
+    installed (its src/stargz.egg-info) and be imported instead of the wheel."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "STARGZ_"))}
+    return {**env, **extra}
+
+
+def _newest_source() -> float:
+    return max(
+        os.stat(f).st_mtime for pat in SOURCES for f in glob.glob(str(REPO / pat), recursive=True)
+    )
+
+
+@pytest.fixture(scope="module")
+def wheel() -> Path:
+    """dist/'s manylinux wheel, built by ci/wheel.sh when missing or older than the sources."""
+    found = sorted(DIST.glob("stargz-*-manylinux_*.whl"))
+    if (
+        len(found) != 1
+        or found[0].stat().st_mtime < _newest_source()
+        or not any(WHEELHOUSE.glob("*.whl"))
+    ):
+        _run(["bash", str(REPO / "ci" / "wheel.sh")], timeout=900)
+        found = sorted(DIST.glob("stargz-*-manylinux_*.whl"))
+    assert len(found) == 1, f"expected one manylinux wheel in {DIST}, found {found}"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def venv(wheel: Path, tmp_path_factory) -> Path:
+    """A fresh venv with the wheel installed from the local wheelhouse only."""
+    root = tmp_path_factory.mktemp("wheel-venv")
+    _run([sys.executable, "-m", "venv", str(root)])
+    # No pip configuration: nothing but dist/ and the wheelhouse may feed this install.
+    env = _clean_env(PIP_CONFIG_FILE=os.devnull)
+    _run(
+        [str(root / "bin" / "pip"), "install", "-q", "--no-index", "--disable-pip-version-check"]
+        + ["--find-links", str(DIST), "--find-links", str(WHEELHOUSE), str(wheel)],
+        env=env,
+        timeout=300,
+    )
+    return root
+
+
+def _system_copies() -> list[str]:
+    """Every file the loader could find for the bundled libraries (symlinks resolved)."""
+    paths = set()
+    ldconfig = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
+    for line in ldconfig.splitlines():
+        if "=>" in line and line.split()[0].startswith(BUNDLED):
+            paths.add(os.path.realpath(line.rsplit("=>", 1)[1].strip()))
+    for d in LIB_DIRS:
+        for name in BUNDLED:
+            paths.update(os.path.realpath(p) for p in glob.glob(f"{d}/{name}*"))
+    return sorted(p for p in paths if os.path.isfile(p))
+
+
+@pytest.fixture(scope="module")
+def masked(venv: Path, tmp_path_factory):
+    """run(cmd) in a mount namespace where the system's copies of the libraries are empty."""
+    masks = _system_copies()
+    assert masks, "no system copy of ISA-L, libzstd or libcrypto found to hide"
+    empty = tmp_path_factory.mktemp("mask") / "empty"
+    empty.write_bytes(b"")
+    script = 'for f in "$@"; do [ "$f" = -- ] && shift && break; mount --bind "$E" "$f"; shift; done; exec "$@"'  # noqa: E501
+    # Only the venv on PATH; no PYTHONPATH, so nothing is imported from the checkout.
+    env = _clean_env(E=str(empty), PATH=f"{venv / 'bin'}:/usr/sbin:/usr/bin:/sbin:/bin")
+
+    def run(cmd: Sequence[str], check: bool = True, **kw) -> subprocess.CompletedProcess[str]:
+        full = ["unshare", "--mount", "--propagation", "private", "sh", "-ec", script, "sh"]
+        full += [*masks, "--", *cmd]
+        p = subprocess.run(full, capture_output=True, text=True, env=env, **kw)
+        if check:
+            assert p.returncode == 0, f"{cmd} exited {p.returncode}\n{p.stdout}\n{p.stderr}"
+        return p
+
+    run.masks = masks  # type: ignore[attr-defined]
+    return run
+
+
+def test_wheel_is_manylinux_with_the_libraries_inside(wheel: Path):
+    import zipfile
+
+    assert re.fullmatch(
+        rf"stargz-{re.escape(__version__)}-cp3\d+-cp3\d+-manylinux_2_\d+_x86_64\.whl", wheel.name
+    ), wheel.name
+    names = zipfile.ZipFile(wheel).namelist()
+    for lib in BUNDLED:
+        stem = lib.removesuffix(".so")
+        assert any(re.fullmatch(rf"stargz\.libs/{stem}-[0-9a-f]{{8}}\.so[.\d]*", n) for n in names)
+    for mod in NATIVE_MODULES:
+        assert any(re.fullmatch(rf"stargz/estargz/_{mod}\.cpython-.*\.so", n) for n in names)
+    assert sorted(DIST.glob(f"stargz-{__version__}.tar.gz")), "ci/wheel.sh makes the sdist too"
+
+
+def test_the_mask_hides_the_system_libraries(masked):
+    """The control: inside the namespace the loader cannot open the system copies."""
+    probe = (
+        "import ctypes\n"
+        "for name in ('libisal.so.2', 'libzstd.so.1', 'libcrypto.so.3'):\n"
+        "    try:\n"
+        "        ctypes.CDLL(name)\n"
+        "    except OSError as e:\n"
+        "        print(name, 'hidden:', e)\n"
+        "    else:\n"
+        "        print(name, 'LOADED')\n"
+    )
+    out = masked(["python", "-c", probe]).stdout
+    assert "LOADED" not in out and out.count("hidden:") == 3, out
+
+
+def test_every_extension_resolves_inside_the_wheel(masked, venv: Path):
+    """ldd in the namespace: the bundled libraries come from stargz.libs/, nothing is missing."""
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    libs = site / "stargz.libs"
+    extensions = sorted((site / "stargz" / "estargz").glob("_*.cpython-*.so"))
+    assert len(extensions) == len(NATIVE_MODULES)
+    for ext in extensions:
+        ldd = masked(["ldd", str(ext)]).stdout
+        assert "not found" not in ldd, ldd
+        resolved = dict(
+            line.strip().split(" (")[0].split(" => ") for line in ldd.splitlines() if "=>" in line
+        )
+        bundled = {
+            k: v for k, v in resolved.items() if k.startswith(("libisal", "libzstd", "libcrypto"))
+        }
+        assert all(Path(v).resolve().parent == libs for v in bundled.values()), ldd
+        if ext.name.startswith("_codec."):
+            assert len(bundled) == len(BUNDLED), ldd
+
+
+def test_native_backend_loads_from_the_wheel(masked, venv: Path):
+    probe = (
+        "import json, stargz\n"
+        "from stargz.cli.version import backends\n"
+        "print(json.dumps({'file': stargz.__file__, 'backends': backends()}))\n"
+    )
+    got = json.loads(masked(["python", "-c", probe], cwd="/").stdout)
+    assert got["file"].startswith(str(venv)), got["file"]
+    assert got["backends"] == {m: ["native", None] for m in NATIVE_MODULES}, got["backends"]
+
+
+@pytest.mark.parametrize("prog", ["stargz", "containerd-stargz-grpc"])
+def test_version_names_the_native_backend(masked, prog: str):
+    out = masked([prog, "--version"]).stdout
+    assert out == f"{prog} {__version__} (native backend: {', '.join(NATIVE_MODULES)})\n"
+
+
+def _dir_tree(root: Path) -> dict[str, tuple]:
+    """{path: (type, permission bits, sha256 or link target)} and inode groups of a tree."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            key = str(p.relative_to(root))
+            if stat.S_ISLNK(st.st_mode):
+                out[key] = ("symlink", None, os.readlink(p))
+            elif stat.S_ISDIR(st.st_mode):
+                out[key] = ("dir", stat.S_IMODE(st.st_mode), None)
+            else:
+                digest = hashlib.sha256(p.read_bytes()).hexdigest()
+                out[key] = ("reg", stat.S_IMODE(st.st_mode), digest)
+    return out
+
+
+def _tar_projection(tree: dict[str, dict]) -> dict[str, tuple]:
+    out: dict[str, tuple] = {}
+    for path, r in tree.items():
+        if not path or r.get("implicit"):
+            continue
+        if r["type"] == "symlink":
+            out[path] = ("symlink", None, r["link"])
+        else:
+            out[path] = (r["type"], r["mode"], r.get("sha256"))
+    return out
+
+
+@pytest.mark.parametrize("zstd", [False, True], ids=["estargz", "zstdchunked"])
+def test_convert_and_extract_with_the_wheel(masked, busybox, trees, tmp_path: Path, zstd: bool):
+    """Convert (writer) and extract (native decode + sha256 of every chunk) the busybox image."""
+    out = tmp_path / "out"
+    cmd = ["stargz", "convert", "-q", f"oci:{busybox.root}:1", f"oci:{out}:conv"]
+    masked(cmd + (["--zstdchunked"] if zstd else []))
+    converted = type(busybox)(out)
+    (orig,) = busybox.layers("1")
+    (layer,) = converted.layers("conv")
+    assert masked(["stargz", "get-toc-digest", str(layer.path)]).stdout.strip() == (
+        layer.toc_digest
+    )
+    info = json.loads(masked(["stargz", "inspect", "--json", str(layer.path)]).stdout)
+    assert info["format"] == ("zstd:chunked" if zstd else "estargz")
+    dest = tmp_path / "rootfs"
+    masked(["stargz", "extract", str(layer.path), str(dest)])
+    got = _dir_tree(dest)
+    assert got.pop(".no.prefetch.landmark")[0] == "reg"  # the converter adds it, as Go's does
+    assert got == _tar_projection(trees.tar(orig.path))
