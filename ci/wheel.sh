@@ -38,13 +38,20 @@ export PATH="$BVENV/bin:$PATH"
 rm -rf dist
 RAW=$(mktemp -d)
 trap 'rm -rf "$RAW"' EXIT
-python -m build --outdir "$RAW" "$ROOT"
+# The compiler's log is long; it is shown when the build fails.
+python -m build --outdir "$RAW" "$ROOT" >"$RAW/build.log" 2>&1 || {
+  cat "$RAW/build.log" >&2
+  exit 1
+}
 mkdir -p dist
 cp "$RAW"/stargz-*.tar.gz dist/
 
 # auditwheel picks the oldest manylinux tag the symbols allow and refuses a wheel that
 # still needs a library outside the policy.
-auditwheel repair --wheel-dir dist "$RAW"/stargz-*-linux_x86_64.whl
+auditwheel repair --wheel-dir dist "$RAW"/stargz-*-linux_x86_64.whl >"$RAW/repair.log" 2>&1 || {
+  cat "$RAW/repair.log" >&2
+  exit 1
+}
 WHEEL=$(ls dist/stargz-*manylinux*.whl)
 auditwheel show "$WHEEL"
 

@@ -1,7 +1,7 @@
 """The ``--version`` line both commands print: package version and the backend in use.
 
-A wheel whose bundled libraries cannot be loaded still runs, on the pure-Python twins and
-several times slower; the version line is where an operator sees that, with the reason.
+A wheel whose bundled libraries cannot be loaded still runs, on the slower pure-Python
+twins; the version line is where an operator sees that, with the reason.
 """
 
 from __future__ import annotations
