@@ -53,6 +53,7 @@ auditwheel repair --wheel-dir dist "$RAW"/stargz-*-linux_x86_64.whl >"$RAW/repai
   exit 1
 }
 WHEEL=$(ls dist/stargz-*manylinux*.whl)
+python ci/wheel_licenses.py "$WHEEL"
 auditwheel show "$WHEEL"
 
 WHEELHOUSE=${STARGZ_WHEELHOUSE:-$ROOT/.cache/wheelhouse}

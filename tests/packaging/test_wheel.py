@@ -44,7 +44,16 @@ LIB_DIRS = (
 )
 NATIVE_MODULES = ("codec", "tocindex", "tocbuild")
 # The sources a wheel is built from: a wheel older than any of them is rebuilt.
-SOURCES = ("src/**/*.py", "src/**/*.pyx", "src/**/*.pxd", "setup.py", "pyproject.toml")
+SOURCES = (
+    "src/**/*.py",
+    "src/**/*.pyx",
+    "src/**/*.pxd",
+    "setup.py",
+    "pyproject.toml",
+    "MANIFEST.in",
+    "ci/wheel.sh",
+    "ci/wheel_licenses.py",
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="masking libraries needs root")
 
@@ -147,7 +156,29 @@ def test_wheel_is_manylinux_with_the_libraries_inside(wheel: Path):
         assert any(re.fullmatch(rf"stargz\.libs/{stem}-[0-9a-f]{{8}}\.so[.\d]*", n) for n in names)
     for mod in NATIVE_MODULES:
         assert any(re.fullmatch(rf"stargz/estargz/_{mod}\.cpython-.*\.so", n) for n in names)
+    # The bundled copies travel with their licenses (ci/wheel_licenses.py).
+    for pkg in ("libisal2", "libzstd1", "libssl3"):
+        assert f"stargz-{__version__}.dist-info/licenses/stargz.libs/{pkg}.copyright" in names
     assert sorted(DIST.glob(f"stargz-{__version__}.tar.gz")), "ci/wheel.sh makes the sdist too"
+
+
+def test_wheel_record_matches_its_files(wheel: Path):
+    """RECORD still lists every file with its hash after the wheel was rewritten."""
+    import base64
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:
+        record = next(n for n in z.namelist() if n.endswith(".dist-info/RECORD"))
+        listed = {}
+        for line in z.read(record).decode().splitlines():
+            name, digest, _size = line.rsplit(",", 2)
+            listed[name] = digest
+        assert sorted(listed) == sorted(n for n in z.namelist() if not n.endswith("/"))
+        for name, digest in listed.items():
+            if name != record:
+                raw = hashlib.sha256(z.read(name)).digest()
+                want = "sha256=" + base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+                assert digest == want, name
 
 
 def test_the_mask_hides_the_system_libraries(masked):
