@@ -121,27 +121,40 @@ def _system_copies() -> list[str]:
     return sorted(p for p in paths if os.path.isfile(p))
 
 
-@pytest.fixture(scope="module")
-def masked(venv: Path, tmp_path_factory):
-    """run(cmd) in a mount namespace where the system's copies of the libraries are empty."""
-    masks = _system_copies()
-    assert masks, "no system copy of ISA-L, libzstd or libcrypto found to hide"
-    empty = tmp_path_factory.mktemp("mask") / "empty"
-    empty.write_bytes(b"")
-    script = 'for f in "$@"; do [ "$f" = -- ] && shift && break; mount --bind "$E" "$f"; shift; done; exec "$@"'  # noqa: E501
-    # Only the venv on PATH; no PYTHONPATH, so nothing is imported from the checkout.
-    env = _clean_env(E=str(empty), PATH=f"{venv / 'bin'}:/usr/sbin:/usr/bin:/sbin:/bin")
+class Masked:
+    """Runs commands in a private mount namespace where the system's copies of the libraries
+    are covered by an empty file (unshare and sh exec, so a PID is the command's own)."""
 
-    def run(cmd: Sequence[str], check: bool = True, **kw) -> subprocess.CompletedProcess[str]:
-        full = ["unshare", "--mount", "--propagation", "private", "sh", "-ec", script, "sh"]
-        full += [*masks, "--", *cmd]
-        p = subprocess.run(full, capture_output=True, text=True, env=env, **kw)
+    SCRIPT = (
+        'for f in "$@"; do [ "$f" = -- ] && shift && break; mount --bind "$E" "$f"; shift; done;'
+        ' exec "$@"'
+    )
+
+    def __init__(self, venv: Path, empty: Path) -> None:
+        self.masks = _system_copies()
+        assert self.masks, "no system copy of ISA-L, libzstd or libcrypto found to hide"
+        # Only the venv on PATH; no PYTHONPATH, so nothing is imported from the checkout.
+        self.env = _clean_env(E=str(empty), PATH=f"{venv / 'bin'}:/usr/sbin:/usr/bin:/sbin:/bin")
+
+    def argv(self, cmd: Sequence[str], hide: Sequence[str] = BUNDLED) -> list[str]:
+        masks = [m for m in self.masks if Path(m).name.startswith(tuple(hide))]
+        unshare = ["unshare", "--mount", "--propagation", "private"]
+        return [*unshare, "sh", "-ec", self.SCRIPT, "sh", *masks, "--", *cmd]
+
+    def __call__(
+        self, cmd: Sequence[str], check: bool = True, **kw
+    ) -> subprocess.CompletedProcess[str]:
+        p = subprocess.run(self.argv(cmd), capture_output=True, text=True, env=self.env, **kw)
         if check:
             assert p.returncode == 0, f"{cmd} exited {p.returncode}\n{p.stdout}\n{p.stderr}"
         return p
 
-    run.masks = masks  # type: ignore[attr-defined]
-    return run
+
+@pytest.fixture(scope="module")
+def masked(venv: Path, tmp_path_factory) -> Masked:
+    empty = tmp_path_factory.mktemp("mask") / "empty"
+    empty.write_bytes(b"")
+    return Masked(venv, empty)
 
 
 def test_wheel_is_manylinux_with_the_libraries_inside(wheel: Path):
@@ -283,3 +296,35 @@ def test_convert_and_extract_with_the_wheel(masked, busybox, trees, tmp_path: Pa
     got = _dir_tree(dest)
     assert got.pop(".no.prefetch.landmark")[0] == "reg"  # the converter adds it, as Go's does
     assert got == _tar_projection(trees.tar(orig.path))
+
+
+def test_daemon_serves_from_the_wheel(masked: Masked, venv: Path):
+    """The wheel's daemon answers containerd's List with ISA-L and libzstd hidden, and the
+    process maps the wheel's copies. libcrypto stays visible here: the interpreter's own
+    ``ssl`` module (which uvloop imports) links it; the tests above hide it too."""
+    from harness.procs import StargzDaemon
+
+    class WheelDaemon(StargzDaemon):
+        def argv(self) -> list[str]:
+            flags = super().argv()[3:]  # after: python -m stargz.cli.daemon
+            daemon = str(venv / "bin" / "containerd-stargz-grpc")
+            return masked.argv([daemon, *flags], hide=("libisal.so", "libzstd.so"))
+
+        def restart(self) -> None:
+            if self.alive():
+                self.stop()
+            self._spawn(self.argv(), env=masked.env)
+            self.wait_ready(self._answers)
+
+    d = WheelDaemon.start()
+    try:
+        maps = Path(f"/proc/{d.pid}/maps").read_text()
+        libs = {line.split()[-1] for line in maps.splitlines() if "lib" in line}
+        exe = os.readlink(f"/proc/{d.pid}/exe")
+        assert not any(re.search(r"/lib(isal|zstd)\.so", p) for p in libs), sorted(libs)
+        for lib in ("libisal-", "libzstd-", "libcrypto-"):
+            assert any(f"/stargz.libs/{lib}" in p for p in libs), (lib, exe, sorted(libs))
+        levels = {r.get("level") for r in d.log_records()}
+        assert levels <= {"debug", "info"}, d.log_text()
+    finally:
+        d.close()
