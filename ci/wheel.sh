@@ -4,6 +4,7 @@
 # extensions at those copies), so `pip install` needs no compiler and no -dev packages.
 #
 #   bash ci/wheel.sh      # as root on Debian 12 (installs what it needs)
+#   STARGZ_WHEEL_PYTHONS="python3.12 python3.13" bash ci/wheel.sh   # more CPython wheels
 #
 # `python -m build` makes the sdist first and then builds the wheel *from that sdist* in an
 # isolated environment, so every run also proves the sdist builds where the -dev packages
@@ -45,15 +46,27 @@ python -m build --outdir "$RAW" "$ROOT" >"$RAW/build.log" 2>&1 || {
 }
 mkdir -p dist
 cp "$RAW"/stargz-*.tar.gz dist/
+# More CPython versions, if asked for (e.g. STARGZ_WHEEL_PYTHONS="python3.12 python3.13"):
+# each builds its wheel from the sdist with its own pip.
+for extra in ${STARGZ_WHEEL_PYTHONS:-}; do
+  "$extra" -m pip wheel -q --no-deps --wheel-dir "$RAW" dist/stargz-*.tar.gz >>"$RAW/build.log" 2>&1 || {
+    cat "$RAW/build.log" >&2
+    exit 1
+  }
+done
 
 # auditwheel picks the oldest manylinux tag the symbols allow and refuses a wheel that
 # still needs a library outside the policy.
-auditwheel repair --wheel-dir dist "$RAW"/stargz-*-linux_x86_64.whl >"$RAW/repair.log" 2>&1 || {
-  cat "$RAW/repair.log" >&2
-  exit 1
-}
-WHEEL=$(ls dist/stargz-*manylinux*.whl)
-python ci/wheel_licenses.py "$WHEEL"
+for raw in "$RAW"/stargz-*-linux_x86_64.whl; do
+  auditwheel repair --wheel-dir dist "$raw" >"$RAW/repair.log" 2>&1 || {
+    cat "$RAW/repair.log" >&2
+    exit 1
+  }
+done
+python ci/wheel_licenses.py dist/stargz-*manylinux*.whl
+# The wheel for the build venv's Python: the one the tests install.
+TAG=$(python -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+WHEEL=$(ls dist/stargz-*-"$TAG"-*manylinux*.whl)
 auditwheel show "$WHEEL"
 
 WHEELHOUSE=${STARGZ_WHEELHOUSE:-$ROOT/.cache/wheelhouse}

@@ -66,8 +66,8 @@ def add_licenses(path: Path) -> list[str]:
 
 def main(argv: list[str]) -> int:
     for arg in argv:
-        for name in add_licenses(Path(arg)):
-            print(f"ci/wheel: added {name}")
+        names = [n.rsplit("/", 1)[1] for n in add_licenses(Path(arg))]
+        print(f"ci/wheel: {Path(arg).name}: added {', '.join(names)}")
     return 0
 
 

@@ -43,6 +43,8 @@ LIB_DIRS = (
     "/usr/local/lib/x86_64-linux-gnu",
 )
 NATIVE_MODULES = ("codec", "tocindex", "tocbuild")
+#: This interpreter's wheel tag: ci/wheel.sh may build wheels for other CPythons too.
+TAG = f"cp{sys.version_info[0]}{sys.version_info[1]}"
 # The sources a wheel is built from: a wheel older than any of them is rebuilt.
 SOURCES = (
     "src/**/*.py",
@@ -80,15 +82,16 @@ def _newest_source() -> float:
 @pytest.fixture(scope="module")
 def wheel() -> Path:
     """dist/'s manylinux wheel, built by ci/wheel.sh when missing or older than the sources."""
-    found = sorted(DIST.glob("stargz-*-manylinux_*.whl"))
+    pattern = f"stargz-*-{TAG}-{TAG}-manylinux_*.whl"
+    found = sorted(DIST.glob(pattern))
     if (
         len(found) != 1
         or found[0].stat().st_mtime < _newest_source()
         or not any(WHEELHOUSE.glob("*.whl"))
     ):
         _run(["bash", str(REPO / "ci" / "wheel.sh")], timeout=900)
-        found = sorted(DIST.glob("stargz-*-manylinux_*.whl"))
-    assert len(found) == 1, f"expected one manylinux wheel in {DIST}, found {found}"
+        found = sorted(DIST.glob(pattern))
+    assert len(found) == 1, f"expected one {pattern} in {DIST}, found {found}"
     return found[0]
 
 
@@ -161,7 +164,7 @@ def test_wheel_is_manylinux_with_the_libraries_inside(wheel: Path):
     import zipfile
 
     assert re.fullmatch(
-        rf"stargz-{re.escape(__version__)}-cp3\d+-cp3\d+-manylinux_2_\d+_x86_64\.whl", wheel.name
+        rf"stargz-{re.escape(__version__)}-{TAG}-{TAG}-manylinux_2_\d+_x86_64\.whl", wheel.name
     ), wheel.name
     names = zipfile.ZipFile(wheel).namelist()
     for lib in BUNDLED:
