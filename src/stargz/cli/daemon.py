@@ -33,7 +33,8 @@ import socket
 import sys
 from typing import Any
 
-from stargz import __version__, config
+from stargz import config
+from stargz.cli.version import VersionAction
 from stargz.errors import StargzError
 from stargz.remote.redact import redact_text
 
@@ -152,7 +153,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="never mount layers from the registry; containerd unpacks every layer",
     )
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--version", action=VersionAction)
     return p
 
 
