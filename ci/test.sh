@@ -24,4 +24,5 @@ echo "== pytest (pure-Python backend)"
 STARGZ_NO_EXTENSIONS=1 "$PY" -m pytest -q -p no:cacheprovider \
   tests/estargz/test_codec.py tests/estargz/test_tocindex.py tests/estargz/test_tocbuild.py \
   tests/estargz/test_tocjson.py \
-  tests/estargz/test_fixtures.py tests/estargz/test_roundtrip.py tests/estargz/test_bad_input.py
+  tests/estargz/test_fixtures.py tests/estargz/test_roundtrip.py tests/estargz/test_bad_input.py \
+  tests/estargz/test_hostile.py
