@@ -185,3 +185,17 @@ def test_layer_check_sees_a_wrong_way_import():
         "stargz.snapshot.snapshotter (line 12) imports stargz.fs.filesystem: "
         "snapshot may not use fs",
     ]
+
+
+def test_remote_pulls_in_no_fuse_grpc_or_higher_layer():
+    """At run time too: importing the registry client loads no FUSE, gRPC or layer above it."""
+    mods = _imported("stargz.remote")
+    higher = ("stargz.fs", "stargz.fuse", "stargz.snapshot", "stargz.service", "stargz.cli")
+    bad = [
+        m
+        for m in mods
+        if m.split(".")[0] in ("pyfuse3", "grpc", "trio")
+        or m.startswith(("google.protobuf", *higher))
+    ]
+    assert bad == []
+    assert "stargz.estargz" in mods and "aiohttp" in mods

@@ -54,3 +54,27 @@ def test_packed_entry_attr_out_is_fuse_attr_out():
     assert (attr_valid, attr_valid_nsec, dummy) == (1, 500_000_000, 0)
     assert out[16:] == e.entry_out()[40:]
     assert struct.unpack_from("<QQ", out, 16) == (9, 1000)
+
+
+def test_packed_entry_answers_like_entry_attributes():
+    """The walk's fast path (`pack_entry`) packs exactly what EntryAttributes packs."""
+    import stat as st
+
+    from stargz.fuse.protocol import EntryAttributes, pack_entry
+
+    for fields, mtime in (
+        ((st.S_IFREG | 0o644, 1, 1000, 1000, 0, 12345), 1_600_000_000_123_456_789),
+        ((st.S_IFCHR, 1, 0, 0, 0, 0), 0),
+        ((st.S_IFBLK | 0o600, 1, 0, 6, (8 << 8) | 1, 0), -1_500_000_000),
+        ((st.S_IFDIR | 0o755, 7, 0, 0, 0, 0), 1),
+    ):
+        a = EntryAttributes()
+        a.st_ino = (3 << 32) | 77
+        a.st_mode, a.st_nlink, a.st_uid, a.st_gid, a.st_rdev, a.st_size = fields
+        a.st_blocks = (a.st_size + 511) // 512
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime
+        a.entry_timeout, a.attr_timeout = 1.5, 0.25
+        p = pack_entry(a.st_ino, 1.5, 0.25, fields, mtime, 4096)
+        assert p.entry_out() == a.entry_out()
+        assert p.attr_out() == a.attr_out()
+        assert (p.st_ino, p.st_mode) == (a.st_ino, a.st_mode)

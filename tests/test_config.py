@@ -236,7 +236,7 @@ def test_load_names_the_file(tmp_path):
 
 
 def test_packaged_example_config_is_the_defaults():
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[1]
     assert config.load(str(repo / "packaging" / "config.toml")) == Config()
     snippet = tomllib.loads((repo / "packaging" / "containerd-config.toml").read_text())
     plugin = snippet["proxy_plugins"]["stargz"]
