@@ -16,8 +16,8 @@ Neither formats errors: on the first thing one does not accept it stops (``_Reje
 and the slow path runs on the same input (the twin on the entries; ``load_toc_doc`` and
 then `build` on the bytes), which raises the exact error with its message, or returns
 the reference result if it accepts what the fast path refused (the twin never changes
-the entries, so re-running is safe). ``tests/test_native_tocbuild.py`` and
-``tests/test_native_tocjson.py`` check that neither fast path refuses the corpus.
+the entries, so re-running is safe). ``tests/estargz/test_tocbuild.py`` and
+``tests/estargz/test_tocjson.py`` check that neither fast path refuses the corpus.
 """
 
 from cpython.array cimport array, clone
@@ -92,7 +92,7 @@ cdef array _Q = array("q")
 
 # A Node is made without running Node.__init__ (bytecode: ~40% of a node's cost): its
 # slots are set through their member descriptors, to what __init__ sets them to.
-# tests/test_native_tocjson.py compares every slot with the twin's nodes.
+# tests/estargz/test_tocjson.py compares every slot with the twin's nodes.
 _NODE_FIELDS = ("id", "name", "parent", "type", "mode", "size", "nlink", "children", "attrs",
                 "offset", "_entry")
 if sorted(_NODE_FIELDS) != sorted(Node.__slots__):  # (then the twin is used: see _backend)

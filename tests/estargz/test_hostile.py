@@ -9,12 +9,12 @@ import tracemalloc
 
 import pytest
 from conftest import backend_of
-from test_estargz_bad_input import Parts, make_blob, open_blob
 
 from stargz.estargz import tocbuild
 from stargz.estargz.node import same
 
 from .hostile import ACCEPTED, BLOB_SEEDS, SEEDS, BlobSeed, Seed, gzip_blob, toc_json, zstd_blob
+from .test_bad_input import Parts, make_blob, open_blob
 
 pytestmark = pytest.mark.timeout(120)
 
