@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+from harness.fixtures import snapshot_daemon  # noqa: F401
 from harness.procs import StargzDaemon
 
 from stargz import errors
@@ -235,13 +236,8 @@ class RPCBackend:
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StargzDaemon]:
-    """One real daemon process per test module (tests keep apart by key prefix)."""
-    d = StargzDaemon.start(extra_args=NO_LAZY)
-    try:
-        yield d
-    finally:
-        d.close()
+def daemon(snapshot_daemon: StargzDaemon) -> StargzDaemon:  # noqa: F811
+    return snapshot_daemon
 
 
 @pytest.fixture

@@ -23,10 +23,10 @@ def unique_prefix() -> str:
 
 
 @pytest.fixture
-def rpc(daemon):
+def rpc(snapshot_daemon):
     """(stub, k): ``k("a")`` is this test's key ``a``."""
-    ch = daemon.channel()
-    stub = daemon.stub(ch)
+    ch = snapshot_daemon.channel()
+    stub = snapshot_daemon.stub(ch)
     p = unique_prefix()
     yield stub, lambda key: p + key
     ch.close()
@@ -43,10 +43,10 @@ def code_and_details(call, *args, **kw) -> tuple[grpc.StatusCode, str]:
     return e.value.code(), e.value.details()
 
 
-def test_method_paths_are_containerds(daemon):
+def test_method_paths_are_containerds(snapshot_daemon):
     """Call every method by its full path with hand-encoded requests, as containerd does."""
     p = unique_prefix()
-    with daemon.channel() as ch:
+    with snapshot_daemon.channel() as ch:
 
         def call(method, request, response_type):
             fn = ch.unary_unary(

@@ -19,7 +19,8 @@ from harness.procs import REPO, StargzDaemon, make_tempdir
 
 from stargz.service.proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 
-from .conftest import NO_LAZY
+#: Lazy pulling off: these tests are about the daemon process, not the filesystem.
+NO_LAZY = ["--no-lazy"]
 
 
 def daemon_cmd(*args: str) -> subprocess.CompletedProcess[str]:
