@@ -136,6 +136,12 @@ FS_COUNTERS = (
         "disk_evicted_bytes",
         "Bytes of the chunk files evicted from the disk cache.",
     ),
+    (
+        "stargz_fs_cache_checksum_failures",
+        "cache_checksum_failures",
+        "Disk cache files (chunks, merged passthrough files, TOC tails) found after a start "
+        "whose bytes did not match their checksum: deleted and fetched again, never served.",
+    ),
 )
 
 
