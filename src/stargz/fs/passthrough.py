@@ -196,7 +196,7 @@ class Passthrough:
         def done(f: asyncio.Future[str | None]) -> None:
             self._checking.discard(key)
             verdict = None if f.cancelled() or f.exception() is not None else f.result()
-            if key not in disk:
+            if key not in disk or disk.is_verified(key):  # (gone, or merged anew meanwhile)
                 return
             if verdict == CHECK_OK:
                 disk.mark_verified(key)
