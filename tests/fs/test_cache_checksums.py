@@ -59,6 +59,24 @@ def _keys(fs, layer, path: str) -> list[str]:
     return [lay.index.keys[r] for r in range(lo, hi)]
 
 
+def _scraped(fs_env, fs, name: str) -> float:
+    """``name``'s value as the daemon's Prometheus collector exports it."""
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    from stargz.service.metrics import FsCollector
+
+    async def scrape() -> bytes:  # (on the loop thread, as the endpoint does)
+        reg = CollectorRegistry()
+        reg.register(FsCollector(fs))
+        return generate_latest(reg)
+
+    for line in fs_env.run(scrape()).decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} is not exported")
+
+
 def _cached(fs, keys: list[str]) -> bool:
     return all(k in fs.disk for k in keys)
 
@@ -86,6 +104,7 @@ def test_flipped_chunk_file_is_refetched(fs_env, corners, corners_source):
     assert fs.metrics.cache_checksum_failures == 1
     assert fs.layer(layer.digest).metrics.disk_cache_rejects == 1
     assert corners_source.bytes_by_digest[layer.digest] > before  # fetched again
+    assert _scraped(fs_env, fs, "stargz_fs_cache_checksum_failures_total") == 1.0
     # written again, with the right bytes and a record of them
     assert _wait(lambda: keys[3] in fs.disk and os.path.exists(victim))
     with open(victim, "rb") as f:
@@ -140,8 +159,9 @@ def test_chunk_without_a_record_is_rehashed(fs_env, corners, corners_source):
     assert m.disk_cache_rejects == 1 and fs.metrics.cache_checksum_failures == 1
     fetched = corners_source.bytes_by_digest[layer.digest] - before
     assert 0 < fetched < 0.2 * len(want)  # one chunk's range, not the file
+    # (the refetched chunk is written by the cache writer after it was served)
+    assert _wait(lambda: all(fs.disk.is_verified(k) for k in keys))
     for k, p in zip(keys, paths, strict=True):
-        assert fs.disk.is_verified(k)
         with open(p, "rb") as f:
             assert hashlib.sha256(f.read()).hexdigest() == k
 
