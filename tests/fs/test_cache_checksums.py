@@ -163,7 +163,10 @@ def test_chunk_without_a_record_is_rehashed(fs_env, corners, corners_source):
     assert _wait(lambda: all(fs.disk.is_verified(k) for k in keys))
     for k, p in zip(keys, paths, strict=True):
         with open(p, "rb") as f:
-            assert hashlib.sha256(f.read()).hexdigest() == k
+            data = f.read()
+        assert hashlib.sha256(data).hexdigest() == k
+        # re-hashed once, then recorded: the next start checks it by xxh3
+        assert os.getxattr(p, XATTR) == xxhash.xxh3_128_digest(data)
 
 
 def test_flipped_toc_tail_is_refetched(fs_env, corners, corners_source):

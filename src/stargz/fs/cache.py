@@ -355,6 +355,17 @@ class DiskCache:
         self.place(tmp, key)
         return len(data)
 
+    def add_record(self, key: str, data: bytes) -> None:
+        """Record the checksum of a file written without one, whose ``data`` was just
+        checked another way (sha256 against its digest), so the next start checks it
+        cheaply. Best effort; blocking."""
+        if not self.xattrs:
+            return
+        try:
+            os.setxattr(self.path(key), XATTR, checksum(data))
+        except OSError:
+            pass
+
     def read_checked(self, key: str, *, want: bool = True) -> tuple[str, bytes | None]:
         """``(verdict, bytes)`` of a file found at start: CHECK_OK (its bytes match its
         checksum record), CHECK_BAD (they do not; bytes None) or CHECK_NO_RECORD (none to

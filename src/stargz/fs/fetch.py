@@ -349,11 +349,14 @@ class Fetcher:
                 return data, False
             if verdict == CHECK_BAD:
                 return None, True
-            if want is None:  # (nothing to check it against: as trusted as its layer)
-                return data, False
             if want == _ZERO_DIGEST:
                 return None, False
-            return (data, False) if codec.sha256(data) == want else (None, True)
+            if want is not None and codec.sha256(data) != want:
+                return None, True
+            # (checked by its digest, or as trusted as its unverified layer): recorded
+            # now, the next start checks it by xxh3
+            self.disk.add_record(key, data)
+            return data, False
 
         async def run() -> None:
             try:
