@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from stargz.fs.cache import DiskCache
+from stargz.fs.passthrough import _merge
 from stargz.private import private_dir
 from stargz.snapshot.store import MetaStore
 
@@ -77,6 +78,8 @@ def test_cache_files_and_dirs_are_private(tmp_path):
         cache.load()
         cache.write_file("ab" + "0" * 62, b"chunk")
         cache.write_tail("sha256:" + "1" * 64, 10, 20, b"x" * 10)
+        part = (cache.path("ab" + "0" * 62), 5)
+        assert _merge([part, part], cache, "m-" + "2" * 64 + "-7") == 10
     found = {str(p.relative_to(tmp_path)): oct(mode(p)) for p in tmp_path.rglob("*")}
     assert found == {
         "cache": "0o700",
@@ -85,5 +88,7 @@ def test_cache_files_and_dirs_are_private(tmp_path):
         "cache/chunks/ab" + "/ab" + "0" * 62: "0o600",
         "cache/layers": "0o700",
         "cache/layers/sha256-" + "1" * 64: "0o600",
+        "cache/merged": "0o700",
+        "cache/merged/" + "2" * 64 + "-7": "0o600",
         "cache/tmp": "0o700",
     }

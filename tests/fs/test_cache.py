@@ -1,8 +1,10 @@
-"""The memory LRU and the disk cache: bounds, restart, temporary files."""
+"""The memory LRU and the disk cache: bounds, restart, temporary files, checksums."""
 
 from __future__ import annotations
 
 import os
+
+import xxhash
 
 from stargz.fs.cache import DiskCache, MemoryLRU
 
@@ -46,4 +48,60 @@ def test_disk_cache_bound_restart_and_tmp_cleanup(tmp_path):
     again.write_tail("sha256:" + "f" * 64, 90, 100, b"t" * 10)
     assert again.read_tail("sha256:" + "f" * 64, 100) == (90, b"t" * 10)
     assert again.read_tail("sha256:" + "f" * 64, 101) is None
+    again.close()
+
+
+def test_disk_cache_checksums_merged_files_and_tails(tmp_path):
+    """Every file carries its xxh3; merged files are indexed at start, count toward the
+    bound and leave with the LRU (telling ``on_discard``); a damaged tail is dropped."""
+    import struct
+
+    from stargz.fs.cache import CHECK_BAD, CHECK_NO_RECORD, CHECK_OK, XATTR
+
+    root = str(tmp_path / "cache")
+    dc = DiskCache(root, max_bytes=350)
+    dc.load()
+    assert dc.xattrs  # (ext4/xfs/tmpfs: user xattrs are kept)
+    chunk, merged = "ab" + "0" * 62, "m-" + "c" * 64 + "-5"
+    dc.commit(chunk, dc.write_file(chunk, b"c" * 100))
+    tmp = dc.tmp_path("merge")
+    with open(tmp, "wb") as f:
+        f.write(b"m" * 200)
+        dc.record(f.fileno(), xxhash.xxh3_128_digest(b"m" * 200))
+    dc.place(tmp, merged)
+    dc.commit(merged, 200)
+    assert dc.path(merged) == os.path.join(root, "merged", "c" * 64 + "-5")
+    dc.close()
+
+    again = DiskCache(root, max_bytes=350)
+    again.load()
+    assert merged in again and again.bytes == 300 and not again.is_verified(merged)
+    assert again.read_checked(merged, want=False) == (CHECK_OK, None)
+    assert again.read_checked(chunk) == (CHECK_OK, b"c" * 100)
+    with open(again.path(chunk), "r+b") as f:
+        f.write(b"X")
+    assert again.read_checked(chunk) == (CHECK_BAD, None)
+    os.removexattr(again.path(chunk), XATTR)
+    assert again.read_checked(chunk)[0] == CHECK_NO_RECORD
+    dropped = []
+    again.on_discard = dropped.append
+    again.touch(chunk)  # the merged file is now the least recently used
+    new = "cd" + "0" * 62
+    again.commit(new, again.write_file(new, b"n" * 100))
+    assert dropped == [merged] and merged not in again and again.bytes == 200
+    assert not os.path.exists(os.path.join(root, "merged", "c" * 64 + "-5"))
+
+    # tails: checked by the checksum in their header; the older format still reads
+    digest = "sha256:" + "e" * 64
+    again.write_tail(digest, 90, 100, b"t" * 10)
+    assert again.read_tail(digest, 100) == (90, b"t" * 10)
+    path = os.path.join(root, "layers", "sha256-" + "e" * 64)
+    with open(path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        f.write(b"u")
+    assert again.read_tail(digest, 100) is None and not os.path.exists(path)
+    assert again.metrics.cache_checksum_failures == 1
+    with open(path, "wb") as f:
+        f.write(struct.pack("<8sQQ", b"STGZTAIL", 90, 100) + b"v" * 10)
+    assert again.read_tail(digest, 100) == (90, b"v" * 10)
     again.close()

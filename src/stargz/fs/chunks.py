@@ -18,7 +18,7 @@ from array import array
 from typing import NamedTuple
 
 from stargz.estargz.reader import Reader
-from stargz.fs.cache import DiskCache
+from stargz.fs.cache import MERGED_PREFIX, DiskCache
 
 _ZERO_DIGEST = bytes(32)
 
@@ -101,9 +101,21 @@ class ChunkIndex:
         self.m_first, self.m_rows = m_first, array("q", order)
         self.n_members = len(m_start)
         self.digests = reader.chunk_digests
+        self._merged_prefix = f"{MERGED_PREFIX}{digest.partition(':')[2]}-"
+        self._merged_unverified = keys._unverified[2:]  # "<layer hex>-[<scope hash>-]"
         #: digest -> every row with it, for digests that more than one row has (equal
         #: chunks share one cache file: committing one commits them all).
         self.dups: dict[bytes, list[int]] = _duplicates(reader.chunk_digests, n, reader.verify)
+
+    def merged_key(self, node_id: int) -> str:
+        """The disk cache key of the file's merged passthrough copy: layer digest + node,
+        so a restarted daemon finds it; with the source's scope when a chunk of the file
+        has no digest (such bytes are only as good as the source they came from)."""
+        lo, hi = self.chunks.span(node_id)
+        d = self.digests
+        if self.verify and all(d[32 * r : 32 * r + 32] != _ZERO_DIGEST for r in range(lo, hi)):
+            return f"{self._merged_prefix}{node_id}"
+        return f"{MERGED_PREFIX}{self._merged_unverified}u{node_id}"
 
     def member_rows(self, m: int) -> array:
         return self.m_rows[self.m_first[m] : self.m_first[m + 1]]
@@ -124,7 +136,7 @@ class ChunkIndex:
             n = self.row_size[r]
             if self.row_coff[r] != expect or disk.size_of(key) != n:
                 return []
-            if self.verify and not disk.is_verified(key):
+            if not disk.is_verified(key):  # (found at start and not checked yet)
                 return []
             out.append(ChunkFile(disk.path(key), expect, n))
             expect += n

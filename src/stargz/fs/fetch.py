@@ -6,7 +6,8 @@ read of it awaits. Neighbouring missing members are coalesced into one range, sm
 on-demand ranges widened to ``chunk_size``. A member is fetched only as far as decoding
 its chunks can need (`compressed_bound` of the uncompressed bytes up to its last chunk's
 end; the chunk digest still checks the result, so a too-short prefix means EIO, never
-wrong bytes). Chunk files found in the disk cache at start are re-hashed once before use.
+wrong bytes). Chunk files found in the disk cache at start are checked once before use
+(their xxh3 record; sha256 against the chunkDigest where none was recorded).
 
 Every future this layer creates is failed with `LayerClosed` by `close`, whatever state
 its fetch is in: a read waiting on one always gets an answer.
@@ -24,7 +25,7 @@ from typing import Any
 from stargz.errors import Unavailable
 from stargz.estargz import codec
 from stargz.estargz.reader import Reader
-from stargz.fs.cache import DiskCache, MemoryLRU
+from stargz.fs.cache import CHECK_BAD, CHECK_OK, DiskCache, MemoryLRU
 from stargz.fs.chunks import ChunkIndex, FetchedSize
 from stargz.fs.delivery import Delivery
 from stargz.fs.metrics import LayerMetrics
@@ -330,30 +331,47 @@ class Fetcher:
         return idx.m_start[m] + min(span, compressed_bound(need, self.reader.compression))
 
     def start_disk_verify(self, row: int, key: str) -> asyncio.Future[bytes]:
-        """A chunk file found at start is re-hashed once before it is trusted; a damaged
-        one is fetched again."""
+        """A chunk file found at start is checked once before it is trusted: against its
+        xxh3 record, or (none recorded) re-hashed against its chunkDigest; a chunk of an
+        unverified layer without a record is trusted as its layer is. A damaged one is
+        deleted, counted and fetched again."""
         fut = self._claim(key)
-        want = self.reader.chunks.row(row)[4]
+        want = self.reader.chunks.row(row)[4] if self.index.verify else None
+        check_file = self.disk.read_checked
 
-        def load() -> bytes | None:
+        def load() -> tuple[bytes | None, bool]:
+            """(trusted bytes or None, whether the file was damaged)."""
             try:
-                data = self.disk.read_file(key)
+                verdict, data = check_file(key)
             except OSError:
-                return None
-            return data if codec.sha256(data) == want else None
+                return None, False
+            if verdict == CHECK_OK:
+                return data, False
+            if verdict == CHECK_BAD:
+                return None, True
+            if want == _ZERO_DIGEST:
+                return None, False
+            if want is not None and codec.sha256(data) != want:
+                return None, True
+            # (checked by its digest, or as trusted as its unverified layer): recorded
+            # now, the next start checks it by xxh3
+            self.disk.add_record(key, data)
+            return data, False
 
         async def run() -> None:
             try:
-                data = await self._loop.run_in_executor(self.executor, load)
+                data, damaged = await self._loop.run_in_executor(self.executor, load)
                 if data is not None:
                     self.disk.mark_verified(key)
                     self.memory.put(key, data)
                     self.settle(key)
                     fut.set_result(data)
                     return
-                log.warning("dropping damaged cache file of chunk %s (layer %s)", key, self.digest)
                 self.metrics.disk_cache_rejects += 1
-                self.disk.discard(key)
+                if damaged:
+                    self.disk.damaged(key, f"chunk of layer {self.digest}")
+                else:
+                    self.disk.discard(key)
                 self.settle(key)  # (fut stays in _futures: close() still answers it)
                 inner = self.fetch_rows([row], "demand").get(key) or self.inflight.get(key)
                 if inner is None:  # pragma: no cover - fetched meanwhile by someone else

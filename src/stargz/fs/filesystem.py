@@ -191,6 +191,7 @@ class StargzFileSystem:
                     session.backing_open,
                     session.backing_close,
                     self._writer,
+                    self.disk,
                 )
             elif o.passthrough:
                 log.warning(

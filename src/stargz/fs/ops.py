@@ -76,13 +76,12 @@ class Mounted:
     attrs: dict[int, Attr] = field(default_factory=dict)
     pushed: set[int] = field(default_factory=set)
     accessed: set[int] = field(default_factory=set)
-    #: Passthrough backing ids by node, and how many opens of a node are NOT passthrough
-    #: (the kernel refuses to mix the two modes on one inode while both are open).
+    #: Passthrough backing ids by node, and how many opens of a node are NOT passthrough,
+    #: and how many are (the kernel refuses to mix the two modes on one inode while both
+    #: are open; see `stargz.fs.passthrough`).
     backing: dict[int, int] = field(default_factory=dict)
     cached_opens: dict[int, int] = field(default_factory=dict)
-    #: Merged whole-file copies of multi-chunk files (see `stargz.fs.passthrough`).
-    merged: dict[int, str] = field(default_factory=dict)
-    merging: set[int] = field(default_factory=set)
+    pt_opens: dict[int, int] = field(default_factory=dict)
 
     @property
     def state_name(self) -> bytes:
@@ -312,6 +311,9 @@ class Operations:
 
     def release(self, fh: int) -> None:
         if fh & PASSTHROUGH_FH:
+            m = self.slots.get((fh & ~PASSTHROUGH_FH) >> SLOT_SHIFT)
+            if m is not None and self.passthrough is not None:
+                self.passthrough.closed(m, (fh & LOCAL_MASK) - NODE_BASE)
             return
         m = self.slots.get(fh >> SLOT_SHIFT)
         local = fh & LOCAL_MASK

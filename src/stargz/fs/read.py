@@ -5,7 +5,9 @@
     chunks covering [off, off+size)        native ChunkTable.cover (bisection)
     -> memory LRU (decompressed chunks)    hit: slice
     -> in-flight fetch of the same chunk   await it (one fetch per chunk at a time)
-    -> disk cache (content-addressed)      hit: pread just the bytes asked for
+    -> disk cache (content-addressed)      hit: pread just the bytes asked for (a file
+                                           found at start: checked once first, see
+                                           `Fetcher.start_disk_verify`)
     -> miss: the fetch engine              (`stargz.fs.fetch`): fetch, decode, verify
 
 `read_now` answers what needs no waiting (one chunk, in memory or verified on disk)
@@ -181,7 +183,7 @@ class ReadPath:
                 self.disk.discard(key)
                 m.disk_cache_rejects += 1
                 return _MISSING
-            if self.disk.is_verified(key) or not self.verify:
+            if self.disk.is_verified(key):
                 if count:
                     m.disk_hits += 1
                 self.disk.touch(key)

@@ -136,6 +136,12 @@ FS_COUNTERS = (
         "disk_evicted_bytes",
         "Bytes of the chunk files evicted from the disk cache.",
     ),
+    (
+        "stargz_fs_cache_checksum_failures",
+        "cache_checksum_failures",
+        "Disk cache files (chunks, merged passthrough files, TOC tails) found after a start "
+        "whose bytes did not match their checksum: deleted and fetched again, never served.",
+    ),
 )
 
 
@@ -287,10 +293,14 @@ class FsCollector(Collector):
             value=sum(len(mps) for _, mps in layers),
         )
         yield GaugeMetricFamily(
-            "stargz_fs_disk_cache_bytes", "Bytes of chunk files in the disk cache.", fs.disk.bytes
+            "stargz_fs_disk_cache_bytes",
+            "Bytes of the files in the disk cache (chunks and merged passthrough files).",
+            fs.disk.bytes,
         )
         yield GaugeMetricFamily(
-            "stargz_fs_disk_cache_chunks", "Chunk files in the disk cache.", len(fs.disk)
+            "stargz_fs_disk_cache_chunks",
+            "Files in the disk cache (chunks and merged passthrough files).",
+            len(fs.disk),
         )
         yield GaugeMetricFamily(
             "stargz_fs_memory_cache_bytes",
