@@ -210,10 +210,12 @@ def render_text(doc: dict[str, Any], now: float | None = None) -> str:
     ]
     rows: list[tuple[str, ...]] = [HEADER]
     for x in doc["layers"]:
-        state = "lazy" + (", prefetched" if x["prefetch_done"] else "")
+        state = "lazy" if x["prefetch_done"] else "lazy, prefetching"
         if x["last_error"]:
             age = human_age(now - x["last_error_time"]) if x["last_error_time"] else "?"
-            state += f"; last error {age} ago: {_one_line(x['last_error'])}"
+            # (the row names the layer: its digest inside the message is noise)
+            error = x["last_error"].replace(f"layer {x['digest']} ", "the layer ")
+            state += f"; last error {age} ago: {_one_line(error)}"
         rows.append(
             (
                 short_digest(x["digest"]),
