@@ -40,6 +40,12 @@ def answer() -> pb.GetStatusResponse:
     )  # fmt: skip
 
 
+def test_default_address_is_the_daemons():
+    from stargz.cli import daemon, status
+
+    assert status.DEFAULT_ADDRESS == daemon.DEFAULT_ADDRESS
+
+
 def test_json_document_keeps_full_digests_and_plain_numbers():
     doc = status_dict(answer())
     assert doc["daemon"] == {

@@ -24,8 +24,12 @@ import sys
 import time
 from typing import Any
 
-from stargz.cli.daemon import DEFAULT_ADDRESS
 from stargz.errors import Unavailable
+
+#: The daemon's ``--address`` default (`stargz.cli.daemon.DEFAULT_ADDRESS`; a test keeps
+#: them equal). Not imported from there: the daemon module loads the registry client, and
+#: that would double this command's start time.
+DEFAULT_ADDRESS = "/run/containerd-stargz-grpc/containerd-stargz-grpc.sock"
 
 #: Seconds to wait for the answer (the daemon answers from memory).
 DEFAULT_TIMEOUT = 10.0
@@ -87,13 +91,14 @@ def _probe(address: str) -> None:
 
 def fetch_status(address: str, timeout: float = DEFAULT_TIMEOUT) -> Any:
     """The daemon's `GetStatusResponse`; `Unavailable` (one sentence) if it cannot answer."""
+    address = os.path.abspath(address)
+    _probe(address)
+
     import grpc  # (only this command needs it)
 
     from stargz.service.proto.stargz.v1 import status_pb2 as pb
     from stargz.service.proto.stargz.v1 import status_pb2_grpc as pb_grpc
 
-    address = os.path.abspath(address)
-    _probe(address)
     with grpc.insecure_channel(f"unix:{address}") as channel:
         try:
             return pb_grpc.StatusStub(channel).Get(pb.GetStatusRequest(), timeout=timeout)
