@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import shutil
+import subprocess
 import time
 
 import pytest
@@ -152,3 +154,95 @@ def test_corrupt_chunk_is_never_passed_through(fs_env, corners, tmp_path):
     assert _sha(mp / good) == truth[good]["sha256"]
     assert _wait_passthrough(fs, mp / good, 0)
     assert _sha(mp / good) == truth[good]["sha256"]
+
+
+# --- the mode: [fuse] passthrough = "auto" (the default), true, false --------------------------
+
+
+def _mode_lines(caplog) -> list:
+    return [r for r in caplog.records if r.getMessage().startswith("FUSE passthrough")]
+
+
+def _offered(fs) -> bool:
+    from stargz.fuse import protocol
+
+    return bool(fs._session.conn.offered & protocol.PASSTHROUGH)
+
+
+def test_the_default_is_auto_and_on_where_the_kernel_offers_it(
+    fs_env, corners, corners_source, caplog
+):
+    caplog.set_level(logging.INFO, logger="stargz.fs")
+    layer = corners.layers("esgz-64k")[0]
+    truth = _regular(tar_tree(layer.path))
+    path = next(p for p, rec in truth.items() if 0 < rec["size"] <= 64 << 10)
+    fs = fs_env.start(corners_source)  # the product's defaults, nothing about passthrough
+    (line,) = _mode_lines(caplog)
+    assert line.mode == "auto"
+    if not _offered(fs):
+        # an older kernel: off, and no warning (nobody asked for it)
+        assert fs.ops.passthrough is None and line.passthrough is False
+        assert line.levelno == logging.INFO and "does not offer" in line.reason
+        return
+    assert fs.ops.passthrough is not None and fs._session.passthrough
+    assert line.passthrough is True and line.levelno == logging.INFO
+    mp = fs_env.mount(layer)
+    assert _sha(mp / path) == truth[path]["sha256"]  # fetched and verified by the daemon
+    assert _wait_passthrough(fs, mp / path, fs.metrics.passthrough_opens)
+    assert _sha(mp / path) == truth[path]["sha256"]
+
+
+def test_false_keeps_every_read_in_the_daemon(fs_env, corners, corners_source, caplog):
+    caplog.set_level(logging.INFO, logger="stargz.fs")
+    layer = corners.layers("esgz-64k")[0]
+    truth = _regular(tar_tree(layer.path))
+    path = next(p for p, rec in truth.items() if 0 < rec["size"] <= 64 << 10)
+    fs = fs_env.start(corners_source, passthrough=False)
+    (line,) = _mode_lines(caplog)
+    assert (line.mode, line.passthrough, line.levelno) == ("false", False, logging.INFO)
+    assert fs.ops.passthrough is None and not fs._session.passthrough  # not even asked in INIT
+    mp = fs_env.mount(layer)
+    lay = fs.layer(layer.digest)
+    assert _sha(mp / path) == truth[path]["sha256"]
+    time.sleep(0.3)  # the chunk is on disk and verified: passthrough could take it now
+    reads = lay.metrics.reads
+    for _ in range(3):
+        fd = os.open(mp / path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            assert os.read(fd, 1 << 16)
+        finally:
+            os.close(fd)
+    assert fs.metrics.passthrough_opens == 0
+    assert lay.metrics.reads >= reads + 3
+
+
+@pytest.mark.parametrize("mode, level", [("auto", logging.INFO), (True, logging.WARNING)])
+def test_a_cache_on_overlayfs_cannot_back_files(
+    fs_env, corners, corners_source, caplog, mode, level
+):
+    """FUSE takes a backing file only from a file system stacked less deep than itself:
+    a daemon root on overlayfs (a daemon in a container) gets ELOOP. The start-up probe
+    sees it, so the mount serves every read instead of failing opens later."""
+    caplog.set_level(logging.INFO, logger="stargz.fs")
+    dirs = {n: fs_env.base / n for n in ("lower", "upper", "work")}
+    for d in dirs.values():
+        d.mkdir()
+    fs_env.root.mkdir()
+    opts = f"lowerdir={dirs['lower']},upperdir={dirs['upper']},workdir={dirs['work']}"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, fs_env.root], check=True)
+    layer = corners.layers("esgz-64k")[0]
+    truth = _regular(tar_tree(layer.path))
+    path = next(p for p, rec in truth.items() if 0 < rec["size"] <= 64 << 10)
+    fs = fs_env.start(corners_source, passthrough=mode)
+    if not _offered(fs):
+        pytest.skip("this kernel does not offer FUSE passthrough (needs >= 6.9)")
+    (line,) = _mode_lines(caplog)
+    assert line.passthrough is False and line.levelno == level
+    assert "refused a backing file" in line.reason, line.reason
+    assert fs.ops.passthrough is None
+    assert os.listdir(fs_env.root / "passthrough") == []  # the probe cleaned up
+    mp = fs_env.mount(layer)
+    for _ in range(3):
+        assert _sha(mp / path) == truth[path]["sha256"]
+        time.sleep(0.1)
+    assert fs.metrics.passthrough_opens == 0 and fs.metrics.handler_errors == 0

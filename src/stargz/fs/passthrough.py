@@ -166,3 +166,59 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+# --- turning it on (``[fuse] passthrough``) ---------------------------------------------------
+
+
+def start(
+    mode: bool | str, session: Any, root: str, executor: Executor | None
+) -> Passthrough | None:
+    """The session's `Passthrough`, or None where ``mode`` or the kernel rule it out.
+
+    ``mode`` is ``[fuse] passthrough``: "auto" is on exactly where INIT agreed to FUSE
+    passthrough and the kernel lets us register a backing file (CAP_SYS_ADMIN in the
+    initial user namespace, the cache on a file system that is not itself stacked); True
+    is the same, but its absence is a warning. Logs the outcome in one line. Blocking.
+    """
+    shown = "auto" if mode == "auto" else str(bool(mode)).lower()
+    if mode is False:
+        reason = "[fuse] passthrough = false"
+    elif not session.passthrough:
+        reason = (
+            "the kernel does not offer FUSE passthrough (needs >= 6.9, CONFIG_FUSE_PASSTHROUGH)"
+        )
+    else:
+        pt = Passthrough(root, session.backing_open, session.backing_close, executor)
+        reason = _probe(pt)
+        if reason is None:
+            log.info("FUSE passthrough on", extra={"mode": shown, "passthrough": True})
+            return pt
+    log.log(
+        logging.WARNING if mode is True else logging.INFO,
+        "FUSE passthrough off; reads go through the daemon",
+        extra={"mode": shown, "passthrough": False, "reason": reason},
+    )
+    return None
+
+
+def _probe(pt: Passthrough) -> str | None:
+    """Why the kernel would refuse backing files under ``pt.dir``, or None if it takes one."""
+    path = os.path.join(pt.dir, ".probe")
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        _unlink(path)
+        return f"cannot create {path}: {e.strerror}"
+    try:
+        bid = pt._open(fd)
+    except OSError as e:
+        # EPERM: no CAP_SYS_ADMIN in the initial user namespace; ELOOP: the cache is on a
+        # stacked file system (overlayfs) deeper than FUSE allows a backing file to be
+        return f"the kernel refused a backing file: {e.strerror or e}"
+    finally:
+        os.close(fd)
+        _unlink(path)
+    pt._close(bid)
+    return None
