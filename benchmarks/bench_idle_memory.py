@@ -4,7 +4,10 @@
    mounted; Go: socket serving), no layer; VmRSS (and ours' anon/file split) after
    ``--settle`` seconds. The daemons take turns, ``--trials`` times. Go's daemon is the one
    ../shared/tools/go-peer/build.sh builds (``--go-bin``; skipped if it is missing).
-2. Imports: a fresh interpreter imports the modules a started daemon loads, in its order
+2. One layer mounted: a docker-registry on 127.0.0.1 with the busybox fixture image
+   (eStargz), containerd in front of each daemon, ``ctr-remote i rpull`` with prefetch and
+   background fetch off in both; VmRSS before and ``--settle`` s after the pull.
+3. Imports: a fresh interpreter imports the modules a started daemon loads, in its order
    (uvloop, the daemon's CLI, grpc, the gRPC service, the filesystem), printing VmRSS after
    each, so the cost of each step shows; then what is no longer loaded at idle (aiohttp,
    the registry client, prometheus-client), each alone on top of the daemon's set.
@@ -28,8 +31,8 @@ from pathlib import Path
 
 from benchmarks import common
 from benchmarks.common import REPO
-from benchmarks.peer import GO_BIN, GoDaemon
-from tests.harness.procs import StargzDaemon
+from benchmarks.peer import GO_BIN, NO_FETCH, GoDaemon
+from tests.harness.procs import Containerd, Registry, StargzDaemon, run, shared_dir
 
 #: The steps of a started daemon's imports, in order.
 DAEMON_STEPS = [
@@ -73,6 +76,26 @@ def import_steps(modules: list[str]) -> list[list]:
     return json.loads(proc.stdout)
 
 
+def mounted_rss(who: str, go_bin: str, reg: Registry, ref: str, settle: float) -> dict:
+    """RSS of a daemon behind containerd before and after a lazy pull of ``ref``."""
+    if who == "ours":
+        d = StargzDaemon.start(config_text=NO_FETCH, log_level="info")
+    else:
+        d = GoDaemon.start(go_bin, reg.host, extra_toml=NO_FETCH)
+    cd = None
+    try:
+        cd = Containerd.start(d.address)
+        time.sleep(settle)
+        before = status(d.pid)
+        run(["ctr-remote", "-a", cd.address, "-n", "idle", "i", "rpull", "--plain-http", ref])
+        time.sleep(settle)
+        return {"before": before, "mounted": status(d.pid)}
+    finally:
+        if cd is not None:
+            cd.close()
+        d.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=3)
@@ -100,6 +123,27 @@ def main(argv: list[str] | None = None) -> int:
         }
         for who, rs in runs.items()
     }
+    mounted: dict[str, list[dict]] = {who: [] for who in runs}
+    reg = Registry.start()
+    try:
+        ref = reg.push_oci(shared_dir() / "fixtures" / "oci-busybox", "esgz", "busybox:esgz")
+        for _ in range(a.trials):
+            for who in mounted:
+                mounted[who].append(mounted_rss(who, a.go_bin, reg, ref, a.settle))
+    finally:
+        reg.close()
+    one_layer = {
+        who: {
+            "rss_mb_before_median": round(
+                statistics.median(r["before"]["VmRSS"] for r in rs) / 1024, 1
+            ),
+            "rss_mb_mounted_median": round(
+                statistics.median(r["mounted"]["VmRSS"] for r in rs) / 1024, 1
+            ),
+            "trials": rs,
+        }
+        for who, rs in mounted.items()
+    }
     steps = import_steps(DAEMON_STEPS)
     deferred = {}
     for mod in DEFERRED:
@@ -116,11 +160,18 @@ def main(argv: list[str] | None = None) -> int:
         },
         "results": {
             "idle": idle,
+            "one_layer": one_layer,
             "import_steps_rss_kb": steps,
             "deferred_modules_extra_mb": deferred,
         },
     }
-    headline = {who: v["rss_mb_median"] for who, v in idle.items()}
+    headline = {
+        who: {
+            "idle_mb": v["rss_mb_median"],
+            "one_layer_mb": one_layer[who]["rss_mb_mounted_median"],
+        }
+        for who, v in idle.items()
+    }
     out = common.save(a, doc, headline)
     print(json.dumps(doc["results"], indent=1))
     print(f"written to {out}", file=sys.stderr)
