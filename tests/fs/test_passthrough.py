@@ -216,15 +216,24 @@ def test_false_keeps_every_read_in_the_daemon(fs_env, corners, corners_source, c
     assert lay.metrics.reads >= reads + 3
 
 
-@pytest.mark.parametrize("mode, level", [("auto", logging.INFO), (True, logging.WARNING)])
-def test_a_cache_on_overlayfs_cannot_back_files(
-    fs_env, corners, corners_source, caplog, mode, level
-):
+def _overlay(lower: str, target, *more: str) -> subprocess.CompletedProcess:
+    opts = "lowerdir=" + ":".join([lower, *more])
+    return subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", opts, str(target)],
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize("mode", ["auto", True])
+def test_a_cache_on_overlayfs_cannot_back_files(fs_env, corners, corners_source, caplog, mode):
     """FUSE takes a backing file only from a file system stacked less deep than itself:
-    a daemon root on overlayfs (a daemon in a container) gets ELOOP. The start-up probe
-    sees it, so the mount serves every read instead of failing opens later."""
+    a daemon root on overlayfs (a daemon in a container) gets ELOOP. "auto" sees the
+    overlayfs and does not ask for passthrough in INIT (asking would cost the mount a level
+    of stacking for nothing); true asks, the start-up probe is refused, and it warns.
+    Either way the mount serves every read instead of failing opens later."""
     caplog.set_level(logging.INFO, logger="stargz.fs")
-    dirs = {n: fs_env.base / n for n in ("lower", "upper", "work")}
+    dirs = {n: fs_env.base / n for n in ("lower", "upper", "work", "empty", "o1", "o2")}
     for d in dirs.values():
         d.mkdir()
     fs_env.root.mkdir()
@@ -237,10 +246,18 @@ def test_a_cache_on_overlayfs_cannot_back_files(
     if not _offered(fs):
         pytest.skip("this kernel does not offer FUSE passthrough (needs >= 6.9)")
     (line,) = _mode_lines(caplog)
-    assert line.passthrough is False and line.levelno == level
-    assert "refused a backing file" in line.reason, line.reason
-    assert fs.ops.passthrough is None
-    assert os.listdir(fs_env.root / "passthrough") == []  # the probe cleaned up
+    assert line.passthrough is False and fs.ops.passthrough is None
+    if mode == "auto":
+        assert line.levelno == logging.INFO and "is on overlayfs" in line.reason, line.reason
+        assert not fs._session.passthrough  # not asked for in INIT
+        # so the FUSE mount stacks like one without passthrough: overlayfs twice over it
+        assert _overlay(fs.fuse_dir, dirs["o1"], str(dirs["empty"])).returncode == 0
+        nested = _overlay(str(dirs["o1"]), dirs["o2"], str(dirs["empty"]))
+        assert nested.returncode == 0, nested.stderr
+    else:
+        assert line.levelno == logging.WARNING, line
+        assert "refused a backing file" in line.reason, line.reason
+        assert os.listdir(fs_env.root / "passthrough") == []  # the probe cleaned up
     mp = fs_env.mount(layer)
     for _ in range(3):
         assert _sha(mp / path) == truth[path]["sha256"]

@@ -175,8 +175,11 @@ class StargzFileSystem:
             # read-only, nosuid, nodev, allow_other and default_permissions: the kernel
             # checks mode bits itself, so a host user who can reach the mount reads only
             # what the layer's modes allow
+            refused = await loop.run_in_executor(
+                None, passthrough.init_refusal, o.passthrough, self.root
+            )
             conn = await loop.run_in_executor(
-                None, lambda: fuse_mount(self.fuse_dir, passthrough=o.passthrough is not False)
+                None, lambda: fuse_mount(self.fuse_dir, passthrough=refused is None)
             )
             session = Session(self.ops, conn, on_handler_error=self._handler_error)
             session.start(loop)
@@ -184,11 +187,13 @@ class StargzFileSystem:
             self.ops.notify_store = session.notify_store
             self.ops.passthrough = await loop.run_in_executor(
                 None,
-                passthrough.start,
-                o.passthrough,
-                session,
-                os.path.join(self.root, "passthrough"),
-                self._writer,
+                lambda: passthrough.start(
+                    o.passthrough,
+                    session,
+                    os.path.join(self.root, "passthrough"),
+                    self._writer,
+                    refused=refused,
+                ),
             )
             self._main = loop.create_task(self._serve(), name="stargz-fuse")
             self._started = True

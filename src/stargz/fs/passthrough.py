@@ -18,6 +18,7 @@ only while no cached open of it is outstanding, and stays so while its backing l
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import shutil
@@ -28,6 +29,8 @@ from typing import Any
 from stargz.private import DIR_MODE, FILE_MODE
 
 log = logging.getLogger("stargz.fs")
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
 
 
 class Passthrough:
@@ -171,19 +174,44 @@ def _unlink(path: str) -> None:
 # --- turning it on (``[fuse] passthrough``) ---------------------------------------------------
 
 
+#: statfs(2) f_type of stacking file systems: the kernel refuses a backing file on one
+#: (ELOOP), so "auto" does not ask for passthrough in INIT there (asking costs the mount
+#: one level of file-system stacking).
+_STACKED_FS = {0x794C7630: "overlayfs", 0xF15F: "ecryptfs"}
+
+
+def init_refusal(mode: bool | str, root: str) -> str | None:
+    """Why not to ask for FUSE passthrough in INIT at all (None: ask). Blocking."""
+    if mode is False:
+        return "[fuse] passthrough = false"
+    if mode == "auto":
+        kind = _STACKED_FS.get(_fs_type(root))
+        if kind is not None:
+            return f"{root} is on {kind}: the kernel refuses backing files there"
+    return None
+
+
 def start(
-    mode: bool | str, session: Any, root: str, executor: Executor | None
+    mode: bool | str,
+    session: Any,
+    root: str,
+    executor: Executor | None,
+    *,
+    refused: str | None = None,
 ) -> Passthrough | None:
     """The session's `Passthrough`, or None where ``mode`` or the kernel rule it out.
 
     ``mode`` is ``[fuse] passthrough``: "auto" is on exactly where INIT agreed to FUSE
     passthrough and the kernel lets us register a backing file (CAP_SYS_ADMIN in the
     initial user namespace, the cache on a file system that is not itself stacked); True
-    is the same, but its absence is a warning. Logs the outcome in one line. Blocking.
+    is the same, but its absence is a warning. ``refused`` is `init_refusal`'s answer
+    when passthrough was not asked for in INIT. Logs the outcome in one line. Blocking.
     """
     shown = "auto" if mode == "auto" else str(bool(mode)).lower()
-    if mode is False:
-        reason = "[fuse] passthrough = false"
+    if refused is None and mode is False:
+        refused = "[fuse] passthrough = false"
+    if refused is not None:
+        reason = refused
     elif not session.passthrough:
         reason = (
             "the kernel does not offer FUSE passthrough (needs >= 6.9, CONFIG_FUSE_PASSTHROUGH)"
@@ -200,6 +228,14 @@ def start(
         extra={"mode": shown, "passthrough": False, "reason": reason},
     )
     return None
+
+
+def _fs_type(path: str) -> int:
+    """statfs(2) f_type of the file system holding ``path`` (0 if it can't be read)."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    if _libc.statfs(os.fsencode(path), buf) != 0:
+        return 0
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
 def _probe(pt: Passthrough) -> str | None:
