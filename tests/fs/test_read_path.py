@@ -49,7 +49,8 @@ def _content(layout_layer, path: str) -> bytes:
 
 
 def test_small_read_fetches_little_and_second_read_hits_cache(fs_env, corners, corners_source):
-    fs = fs_env.start(corners_source)
+    # the daemon serves every read (with passthrough the kernel would read the cache file)
+    fs = fs_env.start(corners_source, passthrough=False)
     layer = corners.layers("esgz")[0]
     mp = fs_env.mount(layer)
     after_mount = corners_source.bytes_by_digest[layer.digest]
@@ -77,7 +78,7 @@ def test_small_read_fetches_little_and_second_read_hits_cache(fs_env, corners, c
 
 def test_disk_cache_survives_restart(fs_env, corners, corners_source):
     layer = corners.layers("esgz-64k")[0]
-    fs = fs_env.start(corners_source)
+    fs = fs_env.start(corners_source, passthrough=False)  # disk hits are counted by the daemon
     mp = fs_env.mount(layer)
     want = _content(layer, "data/text.txt")
     assert _read(mp / "data/text.txt") == want
@@ -94,7 +95,7 @@ def test_disk_cache_survives_restart(fs_env, corners, corners_source):
         _read(mp / "data/noise.bin")
     assert e.value.errno == errno.ENOTCONN
     # a new daemon mounts the layer again at the same place, from its disk cache
-    fs = fs_env.start(corners_source)
+    fs = fs_env.start(corners_source, passthrough=False)
     fs_env.mount(layer, mp)
     assert _read(mp / "data/text.txt") == want
     m = fs.layer(layer.digest).metrics
@@ -167,7 +168,9 @@ def test_corrupt_chunk_gives_eio_and_the_fs_keeps_serving(fs_env, corners, tmp_p
 def test_prefetch_landmark_and_notify_store(fs_env, busybox):
     layer = next(x for x in busybox.layers("opt"))
     source = LocalLayerSource(layouts=[busybox.root])
-    fs = fs_env.start(source)
+    # notify_store is how the daemon serves a prefetched file; with passthrough the kernel
+    # reads the verified cache file itself and nothing is pushed
+    fs = fs_env.start(source, passthrough=False)
     mp = fs_env.mount(layer)
     fs_env.run(fs.check(str(mp), {}))  # waits for the prefetch
     lay = fs.layer(layer.digest)
@@ -293,7 +296,9 @@ def test_sequential_read_warms_the_next_chunk_file(fs_env, corners, corners_sour
     """Each chunk is its own cache file, so the disk's read-ahead stops at 4 MiB: a
     sequential reader past the middle of a chunk has the next chunk's file read ahead."""
     layer = corners.layers("esgz")[0]  # data/noise.bin: a 4 MiB chunk, then the rest
-    fs = fs_env.start(corners_source, read_ahead_next_chunk=read_ahead)
+    # the read-ahead is the daemon's: with passthrough, a reopened file whose chunks are all
+    # cached is read by the kernel from a merged copy and the daemon sees no READ
+    fs = fs_env.start(corners_source, read_ahead_next_chunk=read_ahead, passthrough=False)
     mp = fs_env.mount(layer)
     path = mp / "data/noise.bin"
     want = _content(layer, "data/noise.bin")

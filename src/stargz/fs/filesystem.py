@@ -44,13 +44,12 @@ from stargz.errors import (
     NotFound,
     Unavailable,
 )
-from stargz.fs import memory, mounts
+from stargz.fs import memory, mounts, passthrough
 from stargz.fs.cache import DiskCache, MemoryLRU
 from stargz.fs.layer import Layer
 from stargz.fs.metrics import FsMetrics
 from stargz.fs.ops import Operations
 from stargz.fs.options import FsOptions
-from stargz.fs.passthrough import Passthrough
 from stargz.fs.scheduler import Scheduler
 from stargz.fs.source import LayerSource, LayerSpec, layer_spec
 from stargz.fs.tree import Tree
@@ -176,27 +175,27 @@ class StargzFileSystem:
             # read-only, nosuid, nodev, allow_other and default_permissions: the kernel
             # checks mode bits itself, so a host user who can reach the mount reads only
             # what the layer's modes allow
+            refused = await loop.run_in_executor(
+                None, passthrough.init_refusal, o.passthrough, self.cache_dir
+            )
             conn = await loop.run_in_executor(
-                None, lambda: fuse_mount(self.fuse_dir, passthrough=o.passthrough)
+                None, lambda: fuse_mount(self.fuse_dir, passthrough=refused is None)
             )
             session = Session(self.ops, conn, on_handler_error=self._handler_error)
             session.start(loop)
             self._session = session
             self.ops.notify_store = session.notify_store
-            if session.passthrough:
-                self.ops.passthrough = await loop.run_in_executor(
-                    None,
-                    Passthrough,
+            self.ops.passthrough = await loop.run_in_executor(
+                None,
+                lambda: passthrough.start(
+                    o.passthrough,
+                    session,
                     os.path.join(self.root, "passthrough"),
-                    session.backing_open,
-                    session.backing_close,
                     self._writer,
                     self.disk,
-                )
-            elif o.passthrough:
-                log.warning(
-                    "the kernel does not offer FUSE passthrough; reads go through the daemon"
-                )
+                    refused=refused,
+                ),
+            )
             self._main = loop.create_task(self._serve(), name="stargz-fuse")
             self._started = True
             try:

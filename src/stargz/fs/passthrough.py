@@ -26,6 +26,7 @@ keep the backing id (the kernel holds the deleted file's bytes, which were check
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import logging
 import os
@@ -40,6 +41,8 @@ from stargz.fs.cache import CHECK_BAD, CHECK_OK, XATTR, DiskCache, checksum
 from stargz.private import FILE_MODE
 
 log = logging.getLogger("stargz.fs")
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
 
 
 class Passthrough:
@@ -278,3 +281,102 @@ def _merge(parts: list[tuple[str, int]], disk: DiskCache, key: str) -> int | Non
         except OSError:
             pass
         return None
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# --- turning it on (``[fuse] passthrough``) ---------------------------------------------------
+
+
+#: statfs(2) f_type of stacking file systems: the kernel refuses a backing file on one
+#: (ELOOP), so "auto" does not ask for passthrough in INIT there (asking costs the mount
+#: one level of file-system stacking).
+_STACKED_FS = {0x794C7630: "overlayfs", 0xF15F: "ecryptfs"}
+
+
+def init_refusal(mode: bool | str, root: str) -> str | None:
+    """Why not to ask for FUSE passthrough in INIT at all (None: ask). Blocking."""
+    if mode is False:
+        return "[fuse] passthrough = false"
+    if mode == "auto":
+        kind = _STACKED_FS.get(_fs_type(root))
+        if kind is not None:
+            return f"{root} is on {kind}: the kernel refuses backing files there"
+    return None
+
+
+def start(
+    mode: bool | str,
+    session: Any,
+    legacy_dir: str,
+    executor: Executor | None,
+    disk: DiskCache,
+    *,
+    refused: str | None = None,
+) -> Passthrough | None:
+    """The session's `Passthrough`, or None where ``mode`` or the kernel rule it out.
+
+    ``mode`` is ``[fuse] passthrough``: "auto" is on exactly where INIT agreed to FUSE
+    passthrough and the kernel lets us register a backing file (CAP_SYS_ADMIN in the
+    initial user namespace, the cache on a file system that is not itself stacked); True
+    is the same, but its absence is a warning. ``refused`` is `init_refusal`'s answer
+    when passthrough was not asked for in INIT. Logs the outcome in one line. Blocking.
+    """
+    shown = "auto" if mode == "auto" else str(bool(mode)).lower()
+    if refused is None and mode is False:
+        refused = "[fuse] passthrough = false"
+    if refused is not None:
+        reason = refused
+    elif not session.passthrough:
+        reason = (
+            "the kernel does not offer FUSE passthrough (needs >= 6.9, CONFIG_FUSE_PASSTHROUGH)"
+        )
+    else:
+        pt = Passthrough(legacy_dir, session.backing_open, session.backing_close, executor, disk)
+        reason = _probe(pt)
+        if reason is not None:
+            disk.on_discard = None
+        if reason is None:
+            log.info("FUSE passthrough on", extra={"mode": shown, "passthrough": True})
+            return pt
+    log.log(
+        logging.WARNING if mode is True else logging.INFO,
+        "FUSE passthrough off; reads go through the daemon",
+        extra={"mode": shown, "passthrough": False, "reason": reason},
+    )
+    return None
+
+
+def _fs_type(path: str) -> int:
+    """statfs(2) f_type of the file system holding ``path`` (0 if it can't be read)."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    if _libc.statfs(os.fsencode(path), buf) != 0:
+        return 0
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def _probe(pt: Passthrough) -> str | None:
+    """Why the kernel would refuse backing files in the disk cache, or None if it takes one."""
+    path = pt.disk.tmp_path("probe")
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        _unlink(path)
+        return f"cannot create {path}: {e.strerror}"
+    try:
+        bid = pt._open(fd)
+    except OSError as e:
+        # EPERM: no CAP_SYS_ADMIN in the initial user namespace; ELOOP: the cache is on a
+        # stacked file system (overlayfs) deeper than FUSE allows a backing file to be
+        return f"the kernel refused a backing file: {e.strerror or e}"
+    finally:
+        os.close(fd)
+        _unlink(path)
+    pt._close(bid)
+    return None
