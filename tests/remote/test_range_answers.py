@@ -8,10 +8,10 @@ another range than the client did and passes its honest 206 on.
 from __future__ import annotations
 
 import pytest
+from harness.faults import MultiRange, Proxy, ReshapeRange
 
 from stargz.errors import RangeMismatch, RegistryProtocolError
 
-from .faults import MultiRange, Proxy, ReshapeRange
 from .test_faults import client
 
 

@@ -9,13 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from aiohttp import web
+from harness.faults import MultiRange, Proxy, RedirectBlobs, Storage
 
 from stargz import config
 from stargz.errors import BlobNotFound, InvalidArgument
 from stargz.remote import BlobOptions, Platform, RegistryClient, ResolverOptions
 from stargz.remote.client import TAIL_PROBE_SIZE
-
-from .faults import MultiRange, Proxy, RedirectBlobs, Storage
 
 
 def _resolver(table: dict) -> ResolverOptions:
