@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
+
+import pytest
 
 from stargz.fs.cache import DiskCache, MemoryLRU
 
@@ -47,3 +51,26 @@ def test_disk_cache_bound_restart_and_tmp_cleanup(tmp_path):
     assert again.read_tail("sha256:" + "f" * 64, 100) == (90, b"t" * 10)
     assert again.read_tail("sha256:" + "f" * 64, 101) is None
     again.close()
+
+
+def test_a_write_to_a_full_cache_disk_leaves_no_partial_file(fuse_host, tmp_path):
+    """The cache directory on a 64 KiB tmpfs: a 200 KiB chunk (and a blob tail) cannot be
+    written (ENOSPC), and the half-written temp files are gone, so the space they took is
+    free for the chunks that fit. (They stayed until the next start: a disk that filled up
+    once stayed full of halves.)"""
+    root = tmp_path / "cache"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(root)], check=True)
+    try:
+        dc = DiskCache(str(root), max_bytes=1 << 30)
+        dc.load()
+        with pytest.raises(OSError) as e:
+            dc.write_file("dd" + "0" * 62, b"x" * (200 << 10))
+        assert e.value.errno == errno.ENOSPC
+        with pytest.raises(OSError):
+            dc.write_tail("sha256:" + "e" * 64, 0, 200 << 10, b"t" * (200 << 10))
+        assert os.listdir(root / "tmp") == []
+        assert dc.write_file("ee" + "0" * 62, b"y" * (16 << 10)) == 16 << 10  # room again
+        dc.close()
+    finally:
+        subprocess.run(["umount", "-l", str(root)], check=False)

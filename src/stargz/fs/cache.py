@@ -218,19 +218,23 @@ class DiskCache:
         tmp = os.path.join(self._tmp, f"{key}.{uuid.uuid4().hex}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            if sync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.rename(tmp, final)
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(final), DIR_MODE, exist_ok=True)
-            os.rename(tmp, final)
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                if sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.rename(tmp, final)
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(final), DIR_MODE, exist_ok=True)
+                os.rename(tmp, final)
+        except BaseException:
+            _unlink_quietly(tmp)  # a full disk must not fill up further with halves
+            raise
         return len(data)
 
     def _fd(self, key: str) -> int:
@@ -308,7 +312,18 @@ class DiskCache:
     def write_tail(self, digest: str, start: int, blob_size: int, data: bytes) -> None:
         tmp = os.path.join(self._tmp, f"tail.{uuid.uuid4().hex}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-        with open(fd, "wb") as f:
-            f.write(_TAIL_HEAD.pack(_TAIL_MAGIC, start, blob_size))
-            f.write(data)
-        os.rename(tmp, self._tail_path(digest))
+        try:
+            with open(fd, "wb") as f:
+                f.write(_TAIL_HEAD.pack(_TAIL_MAGIC, start, blob_size))
+                f.write(data)
+            os.rename(tmp, self._tail_path(digest))
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
