@@ -558,6 +558,29 @@ class PerRequest:
 
 
 @dataclass
+class PerRegion:
+    """``fault`` on a blob range read unless its bytes overlap a range it already hit:
+    each part of the blob is damaged at most once (a bad moment on the wire, not a bad
+    disk), however the reader cuts its requests."""
+
+    fault: Hook
+    hit_ranges: list[tuple[str, int, int]] = field(default_factory=list)
+    hits: int = 0
+
+    async def __call__(self, proxy: Proxy, request: web.Request) -> web.StreamResponse | None:
+        if not is_data_range(request):
+            return None
+        m = _DATA_RANGE_RE.match(request.headers.get("Range", ""))
+        assert m is not None
+        blob, a, b = request.path.rsplit("/", 1)[-1], int(m.group(1)), int(m.group(2))
+        if any(d == blob and a <= hi and lo <= b for d, lo, hi in self.hit_ranges):
+            return None
+        self.hit_ranges.append((blob, a, b))
+        self.hits += 1
+        return await self.fault(proxy, request)
+
+
+@dataclass
 class Every:
     """``fault`` on every blob range read (a fault that lasts until it is taken away)."""
 
