@@ -460,8 +460,9 @@ class Trial:
     ) -> list[Outcome]:
         """Read ``slices`` with READERS threads; returns every outcome, unfinished ones too
         (hangs). With ``until``: ``spread`` makes one pass last until then (a fault that
-        changes mid-run meets reads all along), otherwise the slices that have not read
-        correctly are read again and again until then (a fault that lasts)."""
+        changes mid-run meets reads all along), otherwise reads stop then, and until then
+        the slices that have not read correctly are read again and again (a fault that
+        lasts)."""
         root = self.dirs["faulted"]
         bound = self.world.timing.bound
         outcomes: list[Outcome] = []
@@ -476,8 +477,10 @@ class Trial:
         def worker() -> None:
             while not stop.is_set():
                 with lock:
-                    if not queue and until is not None and not spread:
-                        if time.monotonic() < until:
+                    if until is not None and not spread:
+                        if time.monotonic() >= until:
+                            return  # the rest is read once the fault is gone
+                        if not queue:
                             queue.extend(s for s in slices if not latest[(s.path, s.offset)].ok)
                     if not queue:
                         return
