@@ -219,6 +219,9 @@ class Row:
     longest_s: float = 0.0
     #: Slices still failing after the fault was lifted.
     unrecovered: int = 0
+    #: Half-written files the daemon left in its cache's tmp/ (space a full disk never gets
+    #: back until the next start).
+    cache_leftovers: int = 0
     other_reads: int = 0
     other_bad: int = 0
     #: Faults the proxy injected (answers it damaged, tokens or signatures it refused).
@@ -253,6 +256,7 @@ class Row:
             ("errors other than EIO", self.other_errors),
             ("slices not readable after the fault", self.unrecovered),
             ("bad reads of the other layer", self.other_bad),
+            ("half-written files left in the cache", self.cache_leftovers),
         ):
             if n:
                 bad.append(f"{n} {what}")
@@ -604,8 +608,7 @@ class Trial:
             self.containerd.ctr("snapshots", "--snapshotter", "stargz", "ls", ns=NS, timeout=30)
         if self.fault.node == "cache-tmpfs":
             left = list((self.cache / "tmp").iterdir()) if (self.cache / "tmp").is_dir() else []
-            if left:
-                self.row.notes.append(f"{len(left)} partial file(s) left in the cache's tmp/")
+            self.row.cache_leftovers = len(left)
 
     def close(self) -> None:
         if self.containerd is not None:

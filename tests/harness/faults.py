@@ -41,6 +41,8 @@ _REPO_RE = re.compile(r"^/v2/(?P<repo>.+)/(?:blobs|manifests)/")
 #: A range read of a blob's bytes (not the ``0-0`` liveness probe, not a suffix probe).
 _DATA_RANGE_RE = re.compile(r"bytes=(\d+)-(\d+)$")
 T = TypeVar("T")
+#: :class:`Body` ``flip`` inverts one byte in this many.
+FLIP_STRIDE = 64
 
 Hook = Callable[["Proxy", web.Request], Awaitable[web.StreamResponse | None]]
 
@@ -503,7 +505,8 @@ class Body:
     - ``stall``: headers and the first half of the body, then ``seconds`` of silence,
       then the rest;
     - ``cut``: headers (the full ``Content-Length``) and the first half, then a reset;
-    - ``flip``: every byte there, one of them (in the middle) inverted.
+    - ``flip``: every byte there, one in every FLIP_STRIDE inverted (the middle one among
+      them), so that each chunk in the answer is damaged, the one a read waits for too.
     """
 
     mode: str
@@ -518,7 +521,10 @@ class Body:
         self.hits += 1
         half = len(body) // 2
         if self.mode == "flip":
-            answer.body = body[:half] + bytes([body[half] ^ 0xFF]) + body[half + 1 :]
+            damaged = bytearray(body)
+            for i in range(half % FLIP_STRIDE, len(damaged), FLIP_STRIDE):
+                damaged[i] ^= 0xFF
+            answer.body = bytes(damaged)
             return answer
         resp = web.StreamResponse(status=answer.status, headers=answer.headers)
         resp.content_length = len(body)
