@@ -165,6 +165,63 @@ def test_corrupt_chunk_gives_eio_and_the_fs_keeps_serving(fs_env, corners, tmp_p
     assert fs.metrics.handler_errors == 0
 
 
+class _FlipOnce:
+    """A blob whose first range read, once ``armed``, comes back with one byte inverted (a
+    bit flipped on the way); every other read is the blob's own bytes."""
+
+    def __init__(self, blob) -> None:
+        self._blob = blob
+        self.armed = False
+        self.flipped = 0
+
+    @property
+    def size(self) -> int:
+        return self._blob.size
+
+    async def read_ranges(self, ranges):
+        datas = await self._blob.read_ranges(ranges)
+        if self.armed and not self.flipped and datas and len(datas[0]) > 1:
+            self.flipped += 1
+            d = bytearray(datas[0])
+            d[len(d) // 2] ^= 0xFF
+            datas = [bytes(d), *datas[1:]]
+        return datas
+
+    async def check(self) -> None:
+        await self._blob.check()
+
+    def close(self) -> None:
+        self._blob.close()
+
+
+class _FlipOnceSource(LocalLayerSource):
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.blobs_made: list[_FlipOnce] = []
+
+    async def resolve(self, ref, digest, labels):
+        blob = _FlipOnce(await super().resolve(ref, digest, labels))
+        self.blobs_made.append(blob)
+        return blob
+
+
+def test_a_chunk_damaged_once_on_the_way_is_fetched_again_not_an_eio(fs_env, corners):
+    """One answer comes back with a flipped byte: the chunk fails its digest, is neither
+    served nor cached, and is fetched once more; the read gets the right bytes. (It was an
+    EIO, though a second fetch would have succeeded; a chunk that fails twice is still an
+    EIO: test_corrupt_chunk_gives_eio_and_the_fs_keeps_serving.)"""
+    layer = corners.layers("esgz")[0]
+    source = _FlipOnceSource(layouts=[corners.root])
+    fs = fs_env.start(source)
+    mp = fs_env.mount(layer)
+    (blob,) = source.blobs_made
+    blob.armed = True
+    assert _read(mp / "data/noise.bin", direct=True) == _content(layer, "data/noise.bin")
+    assert blob.flipped == 1
+    m = fs.layer(layer.digest).metrics
+    assert m.verification_failures == 1 and m.read_errors == 0
+
+
 def test_prefetch_landmark_and_notify_store(fs_env, busybox):
     layer = next(x for x in busybox.layers("opt"))
     source = LocalLayerSource(layouts=[busybox.root])

@@ -340,19 +340,20 @@ class DiskCache:
         tmp = self.tmp_path(key)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
         try:
-            view = memoryview(data)
-            self.record(fd, checksum(view))
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            if sync:
-                os.fsync(fd)
+            try:
+                view = memoryview(data)
+                self.record(fd, checksum(view))
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                if sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.place(tmp, key)
         except BaseException:
-            os.close(fd)
-            _unlink(tmp)
+            _unlink(tmp)  # a full disk must not fill up further with halves
             raise
-        os.close(fd)
-        self.place(tmp, key)
         return len(data)
 
     def add_record(self, key: str, data: bytes) -> None:
@@ -493,10 +494,14 @@ class DiskCache:
     def write_tail(self, digest: str, start: int, blob_size: int, data: bytes) -> None:
         tmp = self.tmp_path("tail")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-        with open(fd, "wb") as f:
-            f.write(_TAIL_HEAD.pack(_TAIL_MAGIC, start, blob_size, checksum(data)))
-            f.write(data)
-        os.rename(tmp, self._tail_path(digest))
+        try:
+            with open(fd, "wb") as f:
+                f.write(_TAIL_HEAD.pack(_TAIL_MAGIC, start, blob_size, checksum(data)))
+                f.write(data)
+            os.rename(tmp, self._tail_path(digest))
+        except BaseException:
+            _unlink(tmp)
+            raise
 
 
 def _read_all(fd: int) -> bytes:
