@@ -102,6 +102,11 @@ class Timing:
             f"max_wait_msec = {self.max_wait_msec}\n"
             "[resolver]\n"
             f"request_timeout_sec = {self.request_timeout_sec}\n"
+            # every read must reach the daemon's fetch path (and the slices are read with
+            # O_DIRECT from unaligned buffers, which a passthrough file refuses with EINVAL
+            # as the disk under it does)
+            "[fuse]\n"
+            "passthrough = false\n"
         )
 
 
