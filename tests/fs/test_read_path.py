@@ -6,6 +6,7 @@ reach it, and a small read must fetch a small part of the blob.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -407,3 +408,63 @@ def test_fetched_size_is_a_counter_that_follows_eviction_by_another_layer(fs_env
     assert fs.metrics.disk_evictions > evictions
     after = reported()
     assert after == fs_env.run(truth()) < with_text
+
+
+class _WatchingWriter:
+    """The cache writer executor, measuring the disk cache's files on disk right after each
+    write job, in the writer thread: before the event loop has run the job's commit."""
+
+    def __init__(self, inner, cache_dir: str) -> None:
+        self.inner, self.cache_dir = inner, cache_dir
+        self.peak = self.jobs = 0
+
+    def _on_disk(self) -> int:
+        total = 0
+        for sub in ("chunks", "merged"):
+            for dp, _, fns in os.walk(os.path.join(self.cache_dir, sub)):
+                for fn in fns:
+                    with contextlib.suppress(OSError):
+                        total += os.lstat(os.path.join(dp, fn)).st_size
+        return total
+
+    def submit(self, fn, *args, **kw):
+        def job():
+            try:
+                return fn(*args, **kw)
+            finally:
+                self.jobs += 1
+                self.peak = max(self.peak, self._on_disk())
+
+        return self.inner.submit(job)
+
+    def shutdown(self, *a, **kw) -> None:
+        self.inner.shutdown(*a, **kw)
+
+
+def test_disk_cache_files_never_pass_the_bound_while_a_write_is_in_flight(fs_env, corners):
+    """The chunk files on disk stay within ``max_size_bytes`` at every moment, not only
+    once the commit after a write has evicted: a full 1 MiB cache receiving a batch of
+    64 KiB chunks (a sequential read of the 5.2 MB noise.bin) is measured right after each
+    write job and before its commit. (When the writer renamed each chunk into chunks/
+    itself, chunks/ held the whole batch on top of a full cache until the commit.)"""
+    bound = 1 << 20
+    fs = fs_env.start(LocalLayerSource(layouts=[corners.root]), disk_cache_max_bytes=bound)
+    watch = _WatchingWriter(fs._writer, fs.cache_dir)
+    fs._writer = watch
+    layer = corners.layers("esgz-64k")[0]
+    mp = fs_env.mount(layer)
+    want = _content(layer, "data/noise.bin")
+    for _ in range(2):
+        assert _read(mp / "data/noise.bin", direct=True) == want
+    deadline = time.monotonic() + 10
+    lay = fs.layer(str(mp))
+    while fs_env.run(_busy(lay)):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert watch.jobs > 2 and fs.metrics.disk_evictions > 0
+    assert watch.peak <= bound, (watch.peak, bound)
+    assert fs.disk.bytes <= bound
+
+
+async def _busy(layer) -> bool:
+    return layer.fetcher.busy

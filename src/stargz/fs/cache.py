@@ -35,9 +35,12 @@ process is; one found at start is checked on first use (`read_checked`; for chun
 layer does that, see ``Fetcher.start_disk_verify``). A file whose bytes do not match is
 deleted and counted in ``FsMetrics.cache_checksum_failures``.
 
-Threads: ``write_file``, ``read_file``, ``pread_fresh`` and ``load`` may run in worker
-threads; ``pread`` (cached fds) and everything that changes the index (``commit``,
-``discard``, eviction) run on the event loop thread.
+Threads: ``write_file``, ``write_tmp``, ``read_file``, ``pread_fresh`` and ``load`` may run
+in worker threads; ``pread`` (cached fds) and everything that changes the index (``commit``,
+``discard``, eviction) run on the event loop thread. Files written while the daemon runs
+wait in tmp/ until their commit, which evicts to make room and only then renames them into
+place: what chunks/ and merged/ hold never passes the bound (tmp/ holds the writes in
+flight, at most the writer's backlog).
 """
 
 from __future__ import annotations
@@ -231,8 +234,30 @@ class DiskCache:
         if key in self._index:
             self._index.move_to_end(key)
 
-    def commit(self, key: str, size: int) -> None:
-        """Record a chunk file that `write_file` put in place (and trust it)."""
+    def commit(self, key: str, size: int, tmp: str | None = None) -> bool:
+        """Record a chunk file (and trust it); whether it is now in the cache.
+
+        With ``tmp`` (a finished file from `write_tmp`), room is made first and the file is
+        then renamed into place, here on the loop thread: the files under chunks/ and
+        merged/ never add up to more than ``max_bytes``, even for a moment (a file placed
+        by a worker thread before its commit was on disk, uncounted, until the commit
+        evicted for it). A file bigger than the whole bound is not kept. Without ``tmp``,
+        the file is already in place (`write_file`)."""
+        if tmp is not None:
+            if key in self._index:  # the same content, placed meanwhile (another layer)
+                _unlink(tmp)
+                self.touch(key)
+                return True
+            if self.max_bytes and size > self.max_bytes:
+                _unlink(tmp)
+                return False
+            self._evict(incoming=size)
+            try:
+                self.place(tmp, key)
+            except OSError as e:
+                _unlink(tmp)
+                log.warning("cannot place a file in the disk cache: %s", e)
+                return False
         old = self._index.pop(key, None)
         if old is not None:
             self.bytes -= old
@@ -241,6 +266,7 @@ class DiskCache:
         self._verified.add(key)
         self.commits += 1
         self._evict(keep=key)
+        return True
 
     def discard(self, key: str) -> None:
         """Forget a file and delete it (it is damaged, or being evicted)."""
@@ -272,10 +298,12 @@ class DiskCache:
             log.debug("damaged disk cache file %s (%s)", self.path(key), what)
         self.discard(key)
 
-    def _evict(self, keep: str | None = None) -> None:
+    def _evict(self, keep: str | None = None, incoming: int = 0) -> None:
+        """Delete least recently used files until the index (plus ``incoming`` bytes about
+        to be placed) fits the bound."""
         if not self.max_bytes:
             return
-        while self.bytes > self.max_bytes and self._index:
+        while self.bytes + incoming > self.max_bytes and self._index:
             key = next(iter(self._index))
             if key == keep:
                 if len(self._index) == 1:
@@ -336,7 +364,14 @@ class DiskCache:
 
     def write_file(self, key: str, data: bytes | memoryview, *, sync: bool = False) -> int:
         """Write a chunk to tmp/, record its checksum, rename it into place; returns its
-        size. Blocking."""
+        size. Blocking. (The fetch path uses `write_tmp` and ``commit(..., tmp)``, which
+        keep the bound while it writes.)"""
+        self.place(self.write_tmp(key, data, sync=sync), key)
+        return len(data)
+
+    def write_tmp(self, key: str, data: bytes | memoryview, *, sync: bool = False) -> str:
+        """Write a chunk to a new file in tmp/ with its checksum recorded; returns its path,
+        for ``commit(key, size, tmp)``. Blocking."""
         tmp = self.tmp_path(key)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
         try:
@@ -352,8 +387,7 @@ class DiskCache:
             _unlink(tmp)
             raise
         os.close(fd)
-        self.place(tmp, key)
-        return len(data)
+        return tmp
 
     def add_record(self, key: str, data: bytes) -> None:
         """Record the checksum of a file written without one, whose ``data`` was just
