@@ -468,3 +468,28 @@ def test_disk_cache_files_never_pass_the_bound_while_a_write_is_in_flight(fs_env
 
 async def _busy(layer) -> bool:
     return layer.fetcher.busy
+
+
+def test_disk_cache_bound_counts_the_blocks_tiny_files_take(fs_env, corners):
+    """``max_size_bytes`` bounds the disk space of the cache's files: 64 chunk files of
+    100 bytes each take a filesystem block apiece (4 KiB here), so a 16 KiB bound keeps 4
+    of them, and their blocks on disk (``st_blocks``) stay within it. (Counted by their
+    length, all 64 fitted: 6.4 KB counted, 256 KiB on disk.)"""
+    bound = 16 << 10
+    fs = fs_env.start(LocalLayerSource(layouts=[corners.root]), disk_cache_max_bytes=bound)
+    block = os.statvfs(fs.cache_dir).f_frsize
+    assert block > 100
+
+    async def fill() -> None:
+        for i in range(64):
+            key = hashlib.sha256(str(i).encode()).hexdigest()
+            assert fs.disk.commit(key, 100, fs.disk.write_tmp(key, bytes([i]) * 100))
+
+    fs_env.run(fill())
+    on_disk = 0
+    for dp, _, fns in os.walk(os.path.join(fs.cache_dir, "chunks")):
+        for fn in fns:
+            on_disk += os.lstat(os.path.join(dp, fn)).st_blocks * 512
+    assert on_disk <= bound, (on_disk, bound)
+    assert len(fs.disk) == bound // block and fs.disk.bytes <= bound
+    assert fs.metrics.disk_evictions == 64 - bound // block

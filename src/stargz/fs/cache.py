@@ -16,8 +16,10 @@ The directory cache (``<root>/cache``)::
                          emptied at start (a crash leaves nothing half-written in chunks/)
 
 It is bounded in bytes (``max_bytes``; 0 = unbounded): past the bound, the least recently
-used files (chunks and merged files alike) are deleted. Recency is kept in memory; at
-start the order is rebuilt from the files' mtimes.
+used files (chunks and merged files alike) are deleted. A file counts as the whole
+filesystem blocks it takes (the daemon's cache probes the block size), so a cache of tiny
+chunks is bounded in disk space too. Recency is kept in memory; at start the order is
+rebuilt from the files' mtimes.
 
 Checksums. Every chunk and merged file carries the xxh3-128 of its bytes in the xattr
 ``user.stargz.xxh3``, set on the temporary file before it is renamed into place: the
@@ -129,10 +131,20 @@ class DiskCache:
     """Content-addressed chunk files under ``root``, bounded by ``max_bytes`` (0 = no bound)."""
 
     def __init__(
-        self, root: str, max_bytes: int = 0, max_fds: int = 16, metrics: FsMetrics | None = None
+        self,
+        root: str,
+        max_bytes: int = 0,
+        max_fds: int = 16,
+        metrics: FsMetrics | None = None,
+        block: int | None = 1,
     ) -> None:
         self.root = root
         self.max_bytes = max(0, max_bytes)
+        #: Files are counted in whole blocks of this size, what they take on disk (a
+        #: 100-byte chunk file takes a 4 KiB block: counted by its length, a cache of tiny
+        #: chunks used 13x its bound of disk space). None: the cache filesystem's block
+        #: size, probed by `load`; 1: file lengths.
+        self.block = block
         # open fds are cheap and a random read over a big file touches many chunk files:
         # Go's default of 10 would make nearly every read reopen its file
         self.max_fds = max(MIN_OPEN_FDS, max_fds)
@@ -172,6 +184,11 @@ class DiskCache:
                 os.unlink(e.path)
             except OSError:
                 pass
+        if self.block is None:
+            try:
+                self.block = max(1, os.statvfs(self.root).f_frsize)
+            except OSError:
+                self.block = 4096
         self.xattrs = self._probe_xattrs()
         if not self.xattrs:
             log.warning(
@@ -204,7 +221,7 @@ class DiskCache:
         self.bytes = 0
         for _, name, size in found:
             self._index[name] = size
-            self.bytes += size
+            self.bytes += self.cost(size)
         self._evict()
 
     def close(self) -> None:
@@ -248,10 +265,10 @@ class DiskCache:
                 _unlink(tmp)
                 self.touch(key)
                 return True
-            if self.max_bytes and size > self.max_bytes:
+            if self.max_bytes and self.cost(size) > self.max_bytes:
                 _unlink(tmp)
                 return False
-            self._evict(incoming=size)
+            self._evict(incoming=self.cost(size))
             try:
                 self.place(tmp, key)
             except OSError as e:
@@ -260,9 +277,9 @@ class DiskCache:
                 return False
         old = self._index.pop(key, None)
         if old is not None:
-            self.bytes -= old
+            self.bytes -= self.cost(old)
         self._index[key] = size
-        self.bytes += size
+        self.bytes += self.cost(size)
         self._verified.add(key)
         self.commits += 1
         self._evict(keep=key)
@@ -272,7 +289,7 @@ class DiskCache:
         """Forget a file and delete it (it is damaged, or being evicted)."""
         size = self._index.pop(key, None)
         if size is not None:
-            self.bytes -= size
+            self.bytes -= self.cost(size)
             self.generation += 1
         self._verified.discard(key)
         with self._fd_lock:
@@ -297,6 +314,11 @@ class DiskCache:
         else:
             log.debug("damaged disk cache file %s (%s)", self.path(key), what)
         self.discard(key)
+
+    def cost(self, size: int) -> int:
+        """What a file of ``size`` bytes counts against the bound: its whole blocks."""
+        b = self.block or 1
+        return -(-size // b) * b
 
     def _evict(self, keep: str | None = None, incoming: int = 0) -> None:
         """Delete least recently used files until the index (plus ``incoming`` bytes about
