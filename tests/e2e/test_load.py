@@ -59,7 +59,8 @@ def test_four_containers_two_images_stay_within_the_cache_bound(
     their distinct bytes, the memory cache 4 MiB.
 
     Every container finishes its loop (no read hangs), no read fails, no byte is wrong,
-    the cache's files on disk (sampled every 0.5 s) and the daemon's own count never pass
+    the cache's files (their lengths and their blocks on disk, sampled every 0.5 s) and
+    the daemon's own count never pass
     the bound, ``stargz_fs_disk_cache_evictions_total`` grows during the run, and the
     daemon's RSS stays under 200 MiB."""
     fixtures = shared / "fixtures"

@@ -661,7 +661,9 @@ def check(report: Mapping[str, Any], bound: int) -> list[str]:
     if report["failed"]:
         bad.append(f"{report['failed']} failed reads")
     if report["cache_bytes_peak"] > bound:
-        bad.append(f"disk cache {report['cache_bytes_peak']} B on disk > bound {bound}")
+        bad.append(f"disk cache files of {report['cache_bytes_peak']} B > bound {bound}")
+    if report["cache_disk_bytes_peak"] > bound:
+        bad.append(f"disk cache takes {report['cache_disk_bytes_peak']} B on disk > {bound}")
     if (report["accounted_bytes_peak"] or 0) > bound:
         bad.append(f"daemon accounted {report['accounted_bytes_peak']} B > bound {bound}")
     if not (report["evictions_end"] or 0) > (report["evictions_start"] or 0):
