@@ -16,7 +16,8 @@ ground truth (the original tar layers), counting wrong bytes and failed reads (t
 ``tests/harness/load.py``). The page cache of the layers' files is dropped every 2 s
 (``posix_fadvise`` on those files only), so reads keep reaching the daemon. Sampled every
 0.5 s: daemon RSS; the cache's chunk and merged files on disk (those all present at one
-instant: see ``harness.load.cache_usage``); the daemon's own count
+instant: see ``harness.load.cache_usage``), their lengths (``cache_files``) and their
+blocks (``cache_disk``); tmp/ (writes in flight) apart; the daemon's own count
 (``stargz_fs_disk_cache_bytes``) and ``stargz_fs_disk_cache_evictions_total``.
 
 Part 2: the same, plus a fifth image: busybox + the 101k-entry many-files layer
@@ -184,7 +185,8 @@ def summary(part: dict[str, Any], bound: int) -> dict[str, Any]:
         "rss_after_rpull_MB": round((part["rss_after_rpull"] or 0) / mb, 1),
         "rss_bound_MB": round(part["rss_bound_bytes"] / mb),
         "cache_bound_MB": round(bound / mb, 2),
-        "cache_on_disk_peak_MB": round(r["cache_bytes_peak"] / mb, 2),
+        "cache_files_peak_MB": round(r["cache_bytes_peak"] / mb, 2),
+        "cache_disk_peak_MB": round(r["cache_disk_bytes_peak"] / mb, 2),
         "cache_counted_peak_MB": round((r["accounted_bytes_peak"] or 0) / mb, 2),
         "cache_tmp_peak_MB": round(r["cache_tmp_bytes_peak"] / mb, 2),
         "evictions": (r["evictions_end"] or 0) - (r["evictions_start"] or 0),
