@@ -28,7 +28,7 @@ from harness.load import (
     rpull,
 )
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.e2e, pytest.mark.interop, pytest.mark.timeout(240)]
 
 #: The disk cache bound: under a third of the two images' distinct bytes (~17 MB), above
 #: the converter's 4 MiB chunk (a single chunk bigger than the bound is kept on its own).
