@@ -50,6 +50,7 @@ from benchmarks import common
 from benchmarks.common import log
 from tests.harness.load import (
     NS,
+    Component,
     LoadImage,
     LoadRun,
     check,
@@ -61,7 +62,6 @@ from tests.harness.load import (
     rpull,
     split_tree,
 )
-from tests.harness.load import Component as _Component
 from tests.harness.procs import (
     Containerd,
     Registry,
@@ -96,8 +96,8 @@ def build_images(work: Path, quick: bool) -> list[LoadImage]:
 def many_files_image(work: Path) -> LoadImage:
     from benchmarks._many_files import build_many_files
 
-    busybox = _Component("busybox", work / "busybox")
-    many = _Component("many", build_many_files())
+    busybox = Component("busybox", work / "busybox")
+    many = Component("many", build_many_files())
     return compose(work, "many", [busybox, many])
 
 

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from .oci import build_image, find_manifest, stack_images
-from .procs import Containerd, HarnessError, StargzDaemon, mounts_under, run
+from .procs import Containerd, StargzDaemon, mounts_under, run
 
 NS = "load"
 BUSYBOX = "/bin/busybox"
@@ -625,11 +625,6 @@ class LoadRun:
         }
 
 
-def metrics_text(address: str) -> str:
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as r:
-        return r.read().decode()
-
-
 def pick(plan_images: Sequence[LoadImage], n: int, seed: int = 1) -> list[tuple[str, LoadImage]]:
     """``n`` container names spread round-robin over the images (order shuffled)."""
     plan = [(f"load-{i:02d}", plan_images[i % len(plan_images)]) for i in range(n)]
@@ -682,7 +677,6 @@ __all__ = [
     "NS",
     "WORKLOAD",
     "Component",
-    "HarnessError",
     "LoadImage",
     "LoadRun",
     "check",
