@@ -6,6 +6,7 @@ reach it, and a small read must fetch a small part of the blob.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -469,3 +470,88 @@ def test_fetched_size_is_a_counter_that_follows_eviction_by_another_layer(fs_env
     assert fs.metrics.disk_evictions > evictions
     after = reported()
     assert after == fs_env.run(truth()) < with_text
+
+
+class _WatchingWriter:
+    """The cache writer executor, measuring the disk cache's files on disk right after each
+    write job, in the writer thread: before the event loop has run the job's commit."""
+
+    def __init__(self, inner, cache_dir: str) -> None:
+        self.inner, self.cache_dir = inner, cache_dir
+        self.peak = self.jobs = 0
+
+    def _on_disk(self) -> int:
+        total = 0
+        for sub in ("chunks", "merged"):
+            for dp, _, fns in os.walk(os.path.join(self.cache_dir, sub)):
+                for fn in fns:
+                    with contextlib.suppress(OSError):
+                        total += os.lstat(os.path.join(dp, fn)).st_size
+        return total
+
+    def submit(self, fn, *args, **kw):
+        def job():
+            try:
+                return fn(*args, **kw)
+            finally:
+                self.jobs += 1
+                self.peak = max(self.peak, self._on_disk())
+
+        return self.inner.submit(job)
+
+    def shutdown(self, *a, **kw) -> None:
+        self.inner.shutdown(*a, **kw)
+
+
+def test_disk_cache_files_never_pass_the_bound_while_a_write_is_in_flight(fs_env, corners):
+    """The chunk files on disk stay within ``max_size_bytes`` at every moment, not only
+    once the commit after a write has evicted: a full 1 MiB cache receiving a batch of
+    64 KiB chunks (a sequential read of the 5.2 MB noise.bin) is measured right after each
+    write job and before its commit. (When the writer renamed each chunk into chunks/
+    itself, chunks/ held the whole batch on top of a full cache until the commit.)"""
+    bound = 1 << 20
+    fs = fs_env.start(LocalLayerSource(layouts=[corners.root]), disk_cache_max_bytes=bound)
+    watch = _WatchingWriter(fs._writer, fs.cache_dir)
+    fs._writer = watch
+    layer = corners.layers("esgz-64k")[0]
+    mp = fs_env.mount(layer)
+    want = _content(layer, "data/noise.bin")
+    for _ in range(2):
+        assert _read(mp / "data/noise.bin", direct=True) == want
+    deadline = time.monotonic() + 10
+    lay = fs.layer(str(mp))
+    while fs_env.run(_busy(lay)):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert watch.jobs > 2 and fs.metrics.disk_evictions > 0
+    assert watch.peak <= bound, (watch.peak, bound)
+    assert fs.disk.bytes <= bound
+
+
+async def _busy(layer) -> bool:
+    return layer.fetcher.busy
+
+
+def test_disk_cache_bound_counts_the_blocks_tiny_files_take(fs_env, corners):
+    """``max_size_bytes`` bounds the disk space of the cache's files: 64 chunk files of
+    100 bytes each take a filesystem block apiece (4 KiB here), so a 16 KiB bound keeps 4
+    of them, and their blocks on disk (``st_blocks``) stay within it. (Counted by their
+    length, all 64 fitted: 6.4 KB counted, 256 KiB on disk.)"""
+    bound = 16 << 10
+    fs = fs_env.start(LocalLayerSource(layouts=[corners.root]), disk_cache_max_bytes=bound)
+    block = os.statvfs(fs.cache_dir).f_frsize
+    assert block > 100
+
+    async def fill() -> None:
+        for i in range(64):
+            key = hashlib.sha256(str(i).encode()).hexdigest()
+            assert fs.disk.commit(key, 100, fs.disk.write_tmp(key, bytes([i]) * 100))
+
+    fs_env.run(fill())
+    on_disk = 0
+    for dp, _, fns in os.walk(os.path.join(fs.cache_dir, "chunks")):
+        for fn in fns:
+            on_disk += os.lstat(os.path.join(dp, fn)).st_blocks * 512
+    assert on_disk <= bound, (on_disk, bound)
+    assert len(fs.disk) == bound // block and fs.disk.bytes <= bound
+    assert fs.metrics.disk_evictions == 64 - bound // block

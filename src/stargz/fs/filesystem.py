@@ -109,6 +109,7 @@ class StargzFileSystem:
             self.options.disk_cache_max_bytes,
             self.options.max_cache_fds,
             self.metrics,
+            block=None,
         )
         self.ops = Operations(self.options, self.metrics)
         self._layers: dict[LayerKey, _LayerRef] = {}

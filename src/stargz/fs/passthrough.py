@@ -165,11 +165,12 @@ class Passthrough:
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self._executor, _merge, parts, disk, key)
 
-        def done(f: asyncio.Future[int | None]) -> None:
+        def done(f: asyncio.Future[tuple[str, int] | None]) -> None:
             self._merging.discard(key)
-            size = None if f.cancelled() or f.exception() is not None else f.result()
-            if size is not None:
-                disk.commit(key, size)
+            got = None if f.cancelled() or f.exception() is not None else f.result()
+            if got is not None:
+                tmp, size = got
+                disk.commit(key, size, tmp)
 
         fut.add_done_callback(done)
 
@@ -242,10 +243,11 @@ def _record_of(fd: int) -> bytes | None:
         raise
 
 
-def _merge(parts: list[tuple[str, int]], disk: DiskCache, key: str) -> int | None:
-    """Concatenate chunk files into ``key``'s merged file, its xxh3 recorded; its size,
-    or None. Each piece is checked against its chunk file's own record on the way, so
-    the record describes checked bytes. Blocking."""
+def _merge(parts: list[tuple[str, int]], disk: DiskCache, key: str) -> tuple[str, int] | None:
+    """Concatenate chunk files into a new file in tmp/, its xxh3 recorded; its path and
+    size (for ``disk.commit``, which places it within the bound), or None. Each piece is
+    checked against its chunk file's own record on the way, so the record describes
+    checked bytes. Blocking."""
     tmp = disk.tmp_path("merge")
     total = xxhash.xxh3_128()
     size = 0
@@ -271,8 +273,7 @@ def _merge(parts: list[tuple[str, int]], disk: DiskCache, key: str) -> int | Non
             disk.record(out, total.digest())
         finally:
             os.close(out)
-        disk.place(tmp, key)
-        return size
+        return tmp, size
     except OSError as e:
         # a chunk evicted meanwhile, a full disk: the file stays served by the daemon
         log.debug("merging %s for passthrough failed: %s", key, e)
