@@ -521,6 +521,25 @@ def test_kill9_restart_remounts_and_does_not_refetch_cached_chunks(
     n_requests = len(logged_registry.blob_requests())
     old_mounts = mounts_under(Path(sd.root) / "snapshots")
     assert len(old_mounts) == 3
+    # the reads were answered before their chunks reached the disk cache: let the cache
+    # writer finish (the state files count committed chunks only) before the kill, so
+    # what must not be fetched again is really cached
+    dirs = remote_layer_dirs(sd)
+
+    def cached() -> tuple[int, ...]:
+        return tuple(
+            json.loads((mp / ".stargz-snapshotter" / f"{d}.json").read_text())["fetchedSize"]
+            for d, mp in sorted(dirs.items())
+        )
+
+    seen = [cached()]
+
+    def settled() -> bool:
+        time.sleep(0.4)
+        seen.append(cached())
+        return seen[-1] == seen[-2]
+
+    poll("the cache writes to land", settled, 30)
 
     sd.kill9()
     for mp in old_mounts:  # the FUSE connection died with the daemon

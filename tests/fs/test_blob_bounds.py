@@ -54,10 +54,14 @@ def test_a_toc_region_over_the_cap_is_refused_before_it_is_fetched(tmp_path):
 # --- through a real FUSE mount -------------------------------------------------------------
 
 
-def _rss_peak_reset() -> None:
-    """Make VmHWM start again from the current RSS (clear_refs 5, Linux >= 4.0)."""
+def _rss_peak_reset() -> int:
+    """Make VmHWM start again from the current RSS (clear_refs 5, Linux >= 4.0); returns
+    that starting peak (KiB). Measuring growth from it, not from a later VmRSS, keeps a
+    concurrent malloc_trim (the filesystem trims after opening a layer) from counting as
+    growth: a trim lowers RSS, never the peak."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+    return _status_kib("VmHWM")
 
 
 def _status_kib(field: str) -> int:
@@ -163,8 +167,7 @@ def test_a_tiny_file_before_a_huge_member_span_fetches_little(fs_env, tmp_path):
     fs_env.start(source)
     mp = fs_env.mount(layer)
     before = source.bytes_read
-    _rss_peak_reset()
-    base = _status_kib("VmRSS")
+    base = _rss_peak_reset()
     with open(mp / "a/tiny", "rb") as f:
         assert f.read() == b"x"
     grew = _status_kib("VmHWM") - base
@@ -188,8 +191,7 @@ def test_background_fetch_of_zero_filled_files_holds_little_decoded_data(fs_env,
     del blob
     source = LocalLayerSource(blobs={layer.digest: path})
     fs = fs_env.start(source, no_background_fetch=False, background_silence_sec=0.0)
-    _rss_peak_reset()
-    base = _status_kib("VmRSS")
+    base = _rss_peak_reset()
     mp = fs_env.mount(layer)
     lay = fs.layer(str(mp))
     deadline = time.monotonic() + 20

@@ -47,6 +47,7 @@ flight, at most the writer's backlog).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import errno
 import logging
@@ -164,6 +165,7 @@ class DiskCache:
         #: (a cache dir gone read-only): deleted once a later write succeeds.
         self._orphans: set[str] = set()
         self._orphans_lock = threading.Lock()
+        self._orphan_retry: asyncio.TimerHandle | None = None
         self._chunks = os.path.join(root, "chunks")
         self._merged = os.path.join(root, "merged")
         self._layers = os.path.join(root, "layers")
@@ -229,6 +231,9 @@ class DiskCache:
         self._evict()
 
     def close(self) -> None:
+        if self._orphan_retry is not None:
+            self._orphan_retry.cancel()
+            self._orphan_retry = None
         with self._fd_lock:
             for fd in self._fds.values():
                 os.close(fd)
@@ -278,6 +283,7 @@ class DiskCache:
             except OSError as e:
                 self._drop_tmp(tmp)
                 log.warning("cannot place a file in the disk cache: %s", e)
+                self._retry_orphans_later(0.2)
                 return False
         old = self._index.pop(key, None)
         if old is not None:
@@ -359,6 +365,23 @@ class DiskCache:
             self._orphans.clear()
         for tmp in left:
             self._drop_tmp(tmp)
+
+    def _retry_orphans_later(self, delay: float) -> None:
+        """On the loop thread: keep trying to delete orphans (a read-only cache dir may come
+        back while nothing is written), backing off to a minute."""
+        if not self._orphans or self._orphan_retry is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+
+        def tick() -> None:
+            self._orphan_retry = None
+            self._retry_orphans()
+            self._retry_orphans_later(min(delay * 2, 60.0))
+
+        self._orphan_retry = loop.call_later(delay, tick)
 
     def path(self, key: str) -> str:
         if key.startswith(MERGED_PREFIX):
