@@ -12,7 +12,6 @@ the payload before the footer. Footers made by the encoders always parse back.
 
 from __future__ import annotations
 
-
 import pytest
 from fuzzing import fuzz_settings, fuzz_timeout
 from hypothesis import example, given
