@@ -15,6 +15,7 @@ import datetime
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -252,7 +253,7 @@ def tar_tree(src: str | os.PathLike | bytes | BinaryIO) -> dict[str, dict[str, A
                     if k.startswith("SCHILY.xattr.")
                 },
                 "group": key,
-                "mtime": int(m.mtime),
+                "mtime": math.floor(m.mtime),  # (a PAX mtime has a fraction)
             }
             if etype == "reg":
                 f = tf.extractfile(m)

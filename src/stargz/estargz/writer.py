@@ -20,6 +20,7 @@ import concurrent.futures
 import datetime
 import functools
 import hashlib
+import math
 import os
 import shutil
 import tarfile
@@ -291,7 +292,7 @@ def _check_servable(items: list[_Item]) -> None:
                     f"tar entry {info.name!r}: {what} {text!r} is not UTF-8, which a TOC "
                     "(JSON) can't carry"
                 ) from None
-        if not _MIN_MTIME - 0.5 < info.mtime < _MAX_MTIME + 0.5:  # (rounded; NaN fails)
+        if not _MIN_MTIME <= info.mtime < _MAX_MTIME + 1:  # (NaN fails it too)
             raise FormatError(
                 f"tar entry {info.name!r}: mtime {info.mtime} is outside the years 1-9999 "
                 "a TOC's modtime can carry"
@@ -450,7 +451,9 @@ def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
 
 
 def _modtime(mtime: float) -> str:
-    t = int(round(mtime))
+    # The whole second the time falls in (a PAX mtime has a fraction): what Go's
+    # RFC 3339 formatting writes, and the st_mtime of the file a tar unpacks to.
+    t = math.floor(mtime)
     if t == 0:
         return ""
     return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
