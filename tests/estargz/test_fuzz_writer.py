@@ -317,7 +317,7 @@ def input_tree(tar: bytes) -> dict | None:
     return tree
 
 
-@fuzz_settings(160, deadline_s=10)
+@fuzz_settings(400, deadline_s=10)
 @given(
     case=inputs(),
     compression=st.sampled_from(["gzip", "zstd"]),
@@ -331,6 +331,8 @@ def test_mutated_tars_convert_and_read_back(case, compression, chunk, prioritize
     got = convert(data, compression=compression, chunk_size=chunk, level=1,
                   prioritized_files=prioritize, allow_missing_prioritized=True)  # fmt: skip
     if isinstance(got, StargzError):
+        # (the last check before the footer: only a writer bug gets there)
+        assert "the converted layer's TOC does not open" not in str(got)
         event(f"refused: {type(got).__name__}")
         return
     assert plain is not None, "converted a layer whose compressed stream is broken"

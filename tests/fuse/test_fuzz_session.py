@@ -240,7 +240,7 @@ async def _serve(batch: list[tuple[int, int, int, bytes]]) -> tuple[set[int], in
     return set(got.values()), in_flight
 
 
-@fuzz_settings(200, deadline_s=10)
+@fuzz_settings(400, deadline_s=10)
 @given(batch=batches(), kind=st.sampled_from(["asyncio", "uvloop"]))
 def test_every_request_gets_one_well_formed_answer(batch, kind) -> None:
     factory = asyncio.new_event_loop if kind == "asyncio" else uvloop.new_event_loop
