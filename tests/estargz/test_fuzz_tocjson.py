@@ -18,6 +18,7 @@ one outcome (`test_bad_input.open_blob`), and only `StargzError`s.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import NO_EXTENSIONS, OCILayout, backend_of, find_shared
@@ -81,6 +82,14 @@ TOKENS = [
 ]  # fmt: skip
 
 
+NUMBER = re.compile(rb"(?<![\w.])-?\d{1,19}(?![\w.])")
+#: The limits the builders check, and one past each (the twins must agree at the edge).
+LIMITS = [
+    (1 << 32) - 2, (1 << 32) - 1, 4095, 4096, (1 << 20) - 1, 1 << 20, 0o177777, 1 << 16,
+    255, 256, (1 << 63) - 1, 1 << 63, -(1 << 63), -(1 << 63) - 1, 1 << 40, (1 << 40) + 1,
+]  # fmt: skip
+
+
 class Mutant(tuple):
     """(JSON bytes, payload end, limits), shown as the seed and the edits made to it (a
     fixture TOC is too long to print; the edits reproduce it)."""
@@ -100,9 +109,17 @@ def mutated(draw, corpus: Corpus) -> Mutant:
     buf = bytearray(data)
     how = [f"seed {k}"]
     for _ in range(draw(st.integers(1, 6))):
-        op = draw(st.sampled_from(["flip", "delete", "insert", "insert", "dup", "splice"]))
+        op = draw(st.sampled_from(["flip", "delete", "insert", "insert", "dup", "splice",
+                                   "number", "number"]))  # fmt: skip
         pos = draw(st.integers(0, len(buf)))
-        if op == "flip" and pos < len(buf):
+        numbers = list(NUMBER.finditer(buf)) if op == "number" else []
+        if numbers:
+            m = draw(st.sampled_from(numbers))
+            n = int(m.group())
+            new = draw(st.sampled_from([n - 1, n + 1, -n, 2 * n, 0, *LIMITS]))
+            buf[m.start() : m.end()] = b"%d" % new
+            how.append(f"number at {m.start()} = {new}")
+        elif op == "flip" and pos < len(buf):
             bit = draw(st.integers(0, 7))
             buf[pos] ^= 1 << bit
             how.append(f"flip bit {bit} at {pos}")
