@@ -65,7 +65,8 @@ class CountingFS(MemFS):
 NODES = st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 99, (1 << 64) - 1])
 FHS = st.sampled_from([102, 103, 105, 106, 107, 201, 204, 0, (1 << 64) - 1])
 OFFSETS = st.sampled_from([0, 1, 5, 12, 1 << 40, (1 << 64) - 1])
-SIZES = st.sampled_from([0, 1, 5, 4096, 1 << 17, (1 << 32) - 1])
+# (the toy's xattr value is 5 bytes, its name list 18: sizes either side of both)
+SIZES = st.sampled_from([0, 1, 4, 5, 6, 17, 18, 4096, 1 << 17, (1 << 32) - 1])
 NAMES = st.sampled_from([b"hello", b"link", b"sub", b"slow", b"boom", b"", b"user.k",
                          b"x" * 300, b"\xff\xfe"])  # fmt: skip
 HANDLED = [
@@ -75,6 +76,7 @@ HANDLED = [
 ]  # fmt: skip
 OPCODES = st.one_of(
     st.sampled_from(HANDLED),
+    st.sampled_from(sorted(NO_REPLY)),
     st.sampled_from(list(Opcode)),
     st.integers(0, 60),
     st.sampled_from([(1 << 32) - 1, 4096]),
@@ -82,24 +84,27 @@ OPCODES = st.one_of(
 
 
 @st.composite
-def body_for(draw, opcode: int, earlier: list[int]) -> bytes:
+def body_for(draw, opcode: int, earlier: list[int]) -> tuple[bytes, int]:
+    """(body, the inode it most likely goes to: one where the toy has something)."""
     if opcode in (Opcode.LOOKUP,):
-        return draw(NAMES) + b"\0"
+        return draw(NAMES) + b"\0", 1
     if opcode in (Opcode.OPEN, Opcode.OPENDIR):
-        return OPEN_IN.pack(draw(st.sampled_from([0, 1, 2, 0o100000])), 0)
+        return OPEN_IN.pack(draw(st.sampled_from([0, 1, 2, 0o100000])), 0), 2
     if opcode in (Opcode.READ, Opcode.READDIR, Opcode.READDIRPLUS):
-        return read_in(draw(FHS), draw(OFFSETS), draw(SIZES))
+        fh = draw(st.one_of(st.just(102 if opcode == Opcode.READ else 201), FHS))
+        return read_in(fh, draw(OFFSETS), draw(SIZES)), 2
     if opcode == Opcode.RELEASE:
-        return RELEASE_IN.pack(draw(FHS), 0, 0, 0)
+        return RELEASE_IN.pack(draw(FHS), 0, 0, 0), 2
     if opcode in (Opcode.GETXATTR, Opcode.LISTXATTR):
         head = GETXATTR_IN.pack(draw(SIZES), 0)
-        return head + (draw(NAMES) + b"\0" if opcode == Opcode.GETXATTR else b"")
+        name = draw(st.one_of(st.just(b"user.k"), NAMES)) + b"\0"
+        return head + (name if opcode == Opcode.GETXATTR else b""), 2
     if opcode == Opcode.INTERRUPT:
         target = draw(st.sampled_from(earlier)) if earlier else draw(st.integers(0, 99))
-        return INTERRUPT_IN.pack(target)
+        return INTERRUPT_IN.pack(target), 0
     if opcode == Opcode.GETATTR:
-        return struct.pack("<IIQ", 0, 0, 0)
-    return draw(st.binary(max_size=64))
+        return struct.pack("<IIQ", 0, 0, 0), 1
+    return draw(st.binary(max_size=64)), 1
 
 
 @st.composite
@@ -126,7 +131,8 @@ def batches(draw) -> list[tuple[int, int, int, bytes]]:
                 out.append((Opcode.INTERRUPT, unique | 1, 0, msg + INTERRUPT_IN.pack(unique)))
             continue
         opcode = draw(OPCODES)
-        body = bytearray(draw(body_for(opcode, uniques)))
+        raw_body, likely_node = draw(body_for(opcode, uniques))
+        body = bytearray(raw_body)
         if opcode == Opcode.INTERRUPT:
             unique |= 1
         length = None
@@ -147,9 +153,13 @@ def batches(draw) -> list[tuple[int, int, int, bytes]]:
         if opcode in (Opcode.GETXATTR, Opcode.LISTXATTR) and len(body) >= 8:
             size = struct.unpack_from("<I", body)[0]
         n = IN_HEADER.size + len(body)
+        node = draw(st.one_of(st.just(likely_node), NODES))
         head = IN_HEADER.pack(n if length is None else length, opcode % (1 << 32), unique,
-                              draw(NODES), 0, 0, 1, 0, 0)  # fmt: skip
-        out.append((opcode, unique, size, head + bytes(body)))
+                              node, 0, 0, 1, 0, 0)  # fmt: skip
+        msg = head + bytes(body)
+        if draw(st.integers(0, 9)) == 0:  # cut inside the header
+            msg = msg[: draw(st.integers(1, IN_HEADER.size - 1))]
+        out.append((opcode, unique, size, msg))
         uniques.append(unique)
     return out
 
