@@ -86,6 +86,27 @@ def _tar(*members: tuple[tarfile.TarInfo, bytes | None], fmt=tarfile.PAX_FORMAT)
     return buf.getvalue()
 
 
+def _pax(records: list[tuple[str, str]], broken: bool) -> bytes:
+    """A PAX extended header block for ``records`` (``broken``: a wrong record length)."""
+    body = b""
+    for k, v in records:
+        kv = (
+            b" "
+            + k.encode("utf-8", "surrogateescape")
+            + b"="
+            + v.encode("utf-8", "surrogateescape")
+            + b"\n"
+        )
+        n = len(kv) + 1
+        while len(str(n)) + len(kv) != n:
+            n += 1
+        body += str(n + (7 if broken else 0)).encode() + kv
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type = tarfile.XHDTYPE
+    info.size = len(body)
+    return info.tobuf(tarfile.USTAR_FORMAT) + body + bytes(-len(body) % 512)
+
+
 D, L, S, C = tarfile.DIRTYPE, tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.CHRTYPE
 #: Valid tars holding what the reader refuses or must take care with.
 EDGE_TARS = [
@@ -105,6 +126,9 @@ EDGE_TARS = [
     _tar((_ti("f", mtime=253402300799.6), b"")),  # the last second of the year 9999
     _tar((_ti("f", mtime=253402300800), b"")),  # the year 10000
     _tar((_ti("a", mtime=1700000000.7), b""), (_ti("b", mtime=-1.5), b"")),  # PAX fractions
+    _pax([("size", "-1")], False) + _tar((_ti("d"), b"")),  # a file was dropped, unaligned
+    _tar((_ti("", type=D), None), (_ti("f"), b"x")),  # the root as "": was written as "/"
+    _pax([("GNU.sparse.map", "0,1")], True) + _tar((_ti("f"), b"")),  # tarfile's ValueError
     _tar((_ti("f", mtime=-(10**12)), b"")),
     _tar((_ti("\udcff\udcfe"), b"not UTF-8")),
     _tar((_ti("l", type=S, linkname="\udcff"), None)),
@@ -132,10 +156,13 @@ SEEDS = _seeds()
 #: Where each seed's header blocks are (offsets of 512-byte blocks before a member's data).
 HEADERS = []
 for _seed in SEEDS:
-    with tarfile.open(fileobj=io.BytesIO(_seed), mode="r:") as _tf:
-        HEADERS.append(
-            [(m.offset, m.offset_data, m.offset_data + m.size + -m.size % 512) for m in _tf]
-        )
+    try:
+        with tarfile.open(fileobj=io.BytesIO(_seed), mode="r:") as _tf:
+            HEADERS.append(
+                [(m.offset, m.offset_data, m.offset_data + m.size + -m.size % 512) for m in _tf]
+            )
+    except ValueError:  # (a seed tarfile itself can't read)
+        HEADERS.append([])
 
 #: header fields: (offset, length, values worth trying)
 NUMBERS = [
@@ -169,27 +196,6 @@ PAX_RECORDS = [
     ("SCHILY.xattr.", ""), ("GNU.sparse.map", "0,1"), ("GNU.sparse.major", "1"),
     ("hdrcharset", "BINARY"), ("uname", "\udcff"), ("comment", "x" * 600),
 ]  # fmt: skip
-
-
-def _pax(records: list[tuple[str, str]], broken: bool) -> bytes:
-    """A PAX extended header block for ``records`` (``broken``: a wrong record length)."""
-    body = b""
-    for k, v in records:
-        kv = (
-            b" "
-            + k.encode("utf-8", "surrogateescape")
-            + b"="
-            + v.encode("utf-8", "surrogateescape")
-            + b"\n"
-        )
-        n = len(kv) + 1
-        while len(str(n)) + len(kv) != n:
-            n += 1
-        body += str(n + (7 if broken else 0)).encode() + kv
-    info = tarfile.TarInfo("././@PaxHeader")
-    info.type = tarfile.XHDTYPE
-    info.size = len(body)
-    return info.tobuf(tarfile.USTAR_FORMAT) + body + bytes(-len(body) % 512)
 
 
 class Mutant(bytes):
@@ -255,15 +261,22 @@ def mutated_tars(draw) -> Mutant:
     return out
 
 
+class Case(tuple):
+    """(mutant, plain tar or None, input bytes), shown by how the mutant was made."""
+
+    def __repr__(self) -> str:
+        return repr(self[0])
+
+
 @st.composite
-def inputs(draw) -> tuple[Mutant, bytes | None, bytes]:
+def inputs(draw) -> Case:
     """(mutant, the plain tar in the input or None if its compression is broken, what
     `build` reads: the tar, compressed or not, maybe damaged)."""
     tar = draw(mutated_tars())
     wrap = draw(st.sampled_from(["plain", "plain", "plain", "gzip", "zstd", "bad-gzip",
                                  "bad-zstd"]))  # fmt: skip
     if wrap == "plain":
-        return tar, bytes(tar), bytes(tar)
+        return Case((tar, bytes(tar), bytes(tar)))
     data = gzip.compress(tar, 1) if "gzip" in wrap else zstandard.compress(tar, 1)
     if wrap.startswith("bad"):
         pos = draw(st.integers(0, len(data) - 1))
@@ -272,7 +285,7 @@ def inputs(draw) -> tuple[Mutant, bytes | None, bytes]:
         else:
             data = data[:pos] + bytes([data[pos] ^ 0x41]) + data[pos + 1 :]
     tar.how += f", {wrap}"
-    return tar, strict_decompress(data), data
+    return Case((tar, strict_decompress(data), data))
 
 
 def strict_decompress(data: bytes) -> bytes | None:
@@ -313,7 +326,10 @@ def input_tree(tar: bytes) -> dict | None:
     except (tarfile.TarError, KeyError, OSError, EOFError, ValueError):
         return None
     for name in RESERVED:
-        tree.pop(name, None)
+        if any(k.startswith(name + "/") for k in tree):
+            tree[name] = {"type": "dir", "implicit": True}  # (still its children's parent)
+        else:
+            tree.pop(name, None)
     return tree
 
 
@@ -353,6 +369,7 @@ def test_seeds_convert_or_are_refused(k: int) -> None:
     got = convert(SEEDS[k], compression="gzip", chunk_size=64)
     if isinstance(got, StargzError):
         assert k >= len(SEEDS) - len(EDGE_TARS), f"a fixture seed is refused: {got}"
+        assert "the converted layer's TOC does not open" not in str(got)  # (a writer bug)
         return
     res, blob = got
     compare_trees(reader_tree(check_blob(res, blob)), tar_tree(SEEDS[k]))

@@ -217,7 +217,8 @@ def _read_entries(tar: BinaryIO) -> OrderedDict[str, _Item]:
                 clean_name(info.linkname)
             entries.pop(key, None)  # a later entry replaces an earlier one
             entries[key] = _Item(info, key)
-    except tarfile.TarError as e:
+    except (tarfile.TarError, ValueError, OverflowError, EOFError) as e:
+        # (tarfile lets a ValueError out of some broken PAX records, e.g. a sparse map)
         raise FormatError(f"input is not a valid tar stream: {e}") from e
     return entries
 
@@ -292,13 +293,15 @@ def _check_servable(items: list[_Item]) -> None:
                     f"tar entry {info.name!r}: {what} {text!r} is not UTF-8, which a TOC "
                     "(JSON) can't carry"
                 ) from None
+        if info.size < 0:  # (a PAX size record, or a base-256 size field, can say so)
+            raise FormatError(f"tar entry {info.name!r}: negative size {info.size}")
         if not _MIN_MTIME <= info.mtime < _MAX_MTIME + 1:  # (NaN fails it too)
             raise FormatError(
                 f"tar entry {info.name!r}: mtime {info.mtime} is outside the years 1-9999 "
                 "a TOC's modtime can carry"
             )
         etype = _TYPES[info.type]
-        ent = {"name": info.name, "type": etype, "mode": info.mode}
+        ent = {"name": _toc_name(info.name, etype), "type": etype, "mode": info.mode}
         ent.update(uid=info.uid, gid=info.gid)
         if etype in ("symlink", "hardlink"):
             ent["linkName"] = info.linkname
@@ -361,9 +364,7 @@ class _Layout:
         for item in items:
             info = item.info
             etype = _TYPES[info.type]
-            name = info.name
-            if etype == "dir" and not name.endswith("/"):
-                name += "/"
+            name = _toc_name(info.name, etype)
             xattrs = {
                 k[len("SCHILY.xattr.") :]: v.encode("utf-8", "surrogateescape")
                 for k, v in info.pax_headers.items()
@@ -448,6 +449,14 @@ class _Layout:
 def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
     yield first
     yield from rest
+
+
+def _toc_name(name: str, etype: str) -> str:
+    """A directory's TOC name ends in "/", as Go writes it (an empty one, the root, is
+    "./": "/" would be absolute)."""
+    if etype == "dir" and not name.endswith("/"):
+        return name + "/" if name else "./"
+    return name
 
 
 def _modtime(mtime: float) -> str:
