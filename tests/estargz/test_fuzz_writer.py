@@ -127,6 +127,7 @@ EDGE_TARS = [
     _tar((_ti("f", mtime=253402300800), b"")),  # the year 10000
     _tar((_ti("a", mtime=1700000000.7), b""), (_ti("b", mtime=-1.5), b"")),  # PAX fractions
     _pax([("size", "-1")], False) + _tar((_ti("d"), b"")),  # a file was dropped, unaligned
+    _tar((_ti("e"), b""), (_ti("f"), b"")),  # (the first size becomes -2^32 below: OSError)
     _tar((_ti("", type=D), None), (_ti("f"), b"x")),  # the root as "": was written as "/"
     _pax([("GNU.sparse.map", "0,1")], True) + _tar((_ti("f"), b"")),  # tarfile's ValueError
     _tar((_ti("f", mtime=-(10**12)), b"")),
@@ -153,6 +154,12 @@ def _seeds() -> list[bytes]:
 
 
 SEEDS = _seeds()
+# a base-256 size of -2^32 in the header of "e" (tarfile then seeks before the member)
+_neg = SEEDS.index(_tar((_ti("e"), b""), (_ti("f"), b"")))
+_block = bytearray(SEEDS[_neg][:512])
+_block[124:136] = b"\xff" * 8 + bytes(4)  # -(2**32)
+_checksum(_block)
+SEEDS[_neg] = bytes(_block) + SEEDS[_neg][512:]
 #: Where each seed's header blocks are (offsets of 512-byte blocks before a member's data).
 HEADERS = []
 for _seed in SEEDS:
@@ -397,3 +404,13 @@ def test_broken_compression_is_refused(data: bytes) -> None:
     got = convert(data, compression="gzip", chunk_size=64)
     assert isinstance(got, StargzError), "converted"
     assert "input layer does not decompress" in str(got)
+
+
+@pytest.mark.parametrize("wrap", ["plain", "gzip"])
+def test_negative_size_is_refused(wrap: str) -> None:
+    """Found by the fuzzer: a base-256 size of -2^32 made tarfile seek before the member
+    (an OSError traceback on a gzip input's temporary file)."""
+    data = SEEDS[_neg] if wrap == "plain" else gzip.compress(SEEDS[_neg])
+    got = convert(data, compression="gzip", chunk_size=64)
+    assert isinstance(got, StargzError), "converted"
+    assert "tar entry 'e': negative size -4294967296" in str(got)

@@ -208,6 +208,9 @@ def _read_entries(tar: BinaryIO) -> OrderedDict[str, _Item]:
         for info in tf:
             if info.type not in _TYPES:
                 raise FormatError(f"unsupported input tar entry {info.name!r} (type {info.type!r})")
+            if info.size < 0:  # (a PAX size record or a base-256 size field can say so;
+                # tarfile would seek before the member to find the next one)
+                raise FormatError(f"tar entry {info.name!r}: negative size {info.size}")
             if info.issparse():
                 raise FormatError(f"sparse file {info.name!r} is not supported")
             key = clean_name(info.name)
@@ -293,8 +296,6 @@ def _check_servable(items: list[_Item]) -> None:
                     f"tar entry {info.name!r}: {what} {text!r} is not UTF-8, which a TOC "
                     "(JSON) can't carry"
                 ) from None
-        if info.size < 0:  # (a PAX size record, or a base-256 size field, can say so)
-            raise FormatError(f"tar entry {info.name!r}: negative size {info.size}")
         if not _MIN_MTIME <= info.mtime < _MAX_MTIME + 1:  # (NaN fails it too)
             raise FormatError(
                 f"tar entry {info.name!r}: mtime {info.mtime} is outside the years 1-9999 "
