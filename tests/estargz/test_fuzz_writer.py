@@ -333,8 +333,9 @@ def input_tree(tar: bytes) -> dict | None:
     except (tarfile.TarError, KeyError, OSError, EOFError, ValueError):
         return None
     for name in RESERVED:
-        if any(k.startswith(name + "/") for k in tree):
-            tree[name] = {"type": "dir", "implicit": True}  # (still its children's parent)
+        # (still its children's parent; `reader_tree` leaves out the landmark paths)
+        if name == RESERVED[0] and any(k.startswith(name + "/") for k in tree):
+            tree[name] = {"type": "dir", "implicit": True}
         else:
             tree.pop(name, None)
     return tree
