@@ -341,7 +341,7 @@ def input_tree(tar: bytes) -> dict | None:
     return tree
 
 
-@fuzz_settings(400, deadline_s=10)
+@fuzz_settings(800, deadline_s=10)
 @given(
     case=inputs(),
     compression=st.sampled_from(["gzip", "zstd"]),

@@ -79,7 +79,7 @@ def layer(draw) -> tuple[tuple, str]:
     return case, MEDIA[kind]
 
 
-@fuzz_settings(150, deadline_s=20)
+@fuzz_settings(300, deadline_s=20)
 @given(
     layers=st.lists(layer(), min_size=1, max_size=2),
     compression=st.sampled_from(["gzip", "zstd"]),
