@@ -12,8 +12,9 @@ echo "== wheel"
 bash ci/wheel.sh
 PY=.venv/bin/python
 export PATH="$ROOT/.tools/bin:$ROOT/.venv/bin:$PATH"
-# Property tests run with a fixed seed here so CI is reproducible; run pytest directly
-# (without this variable) to let hypothesis explore new inputs.
+# Property and fuzz tests run with a fixed seed and no example database here, so CI is
+# reproducible; run pytest directly (without this variable) to let hypothesis explore new
+# inputs, or `bash ci/fuzz.sh SECONDS` to fuzz for a time budget.
 export STARGZ_HYPOTHESIS_PROFILE=${STARGZ_HYPOTHESIS_PROFILE:-ci}
 echo "== ruff"
 .venv/bin/ruff check src tests benchmarks ci
@@ -25,4 +26,4 @@ STARGZ_NO_EXTENSIONS=1 "$PY" -m pytest -q -p no:cacheprovider \
   tests/estargz/test_codec.py tests/estargz/test_tocindex.py tests/estargz/test_tocbuild.py \
   tests/estargz/test_tocjson.py \
   tests/estargz/test_fixtures.py tests/estargz/test_roundtrip.py tests/estargz/test_bad_input.py \
-  tests/estargz/test_hostile.py
+  tests/estargz/test_hostile.py tests/estargz/test_fuzz_tocjson.py

@@ -173,6 +173,12 @@ SEEDS += [
         [{"name": ".prefetch.landmark", "type": "reg", "offset": 1 << 41}],
         match=r"offset 2199023255552 is outside the blob payload",
     ),
+    # --- found by the fuzzer (tests/estargz/test_fuzz_tocjson.py) ----------------------------
+    Seed(
+        "lone surrogate escape in a name",
+        [{"name": "d/\ud800x", "type": "reg"}],
+        match=r"TOC name 'd/\\ud800x' holds a lone surrogate: not a file name",
+    ),
     Seed(
         "negative directory offset",
         [{"name": "d", "type": "dir", "offset": -1}],

@@ -11,7 +11,6 @@ backends of the native core. Bounded to ~40 s in all.
 
 from __future__ import annotations
 
-import datetime
 import gzip
 import io
 import json
@@ -21,12 +20,15 @@ import tarfile
 
 import pytest
 import zstandard
-from hypothesis import HealthCheck, event, given, settings
+from fuzzing import fuzz_settings, fuzz_timeout
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from stargz.errors import StargzError
 from stargz.estargz import Reader
 from stargz.estargz.footer import gzip_footer, parse_footer, skippable_frame, zstd_footer_frame
+
+pytestmark = pytest.mark.fuzz
 
 BACKENDS = ["python"] if os.environ.get("STARGZ_NO_EXTENSIONS") == "1" else ["native", "python"]
 # (layout, tag, layer index) of the layers to damage: gzip 4 MiB and 64 KiB chunks,
@@ -252,13 +254,9 @@ def _exercise(
     return "ok"
 
 
-@pytest.mark.timeout(120)
+@fuzz_timeout(120)
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(
-    max_examples=800,
-    deadline=datetime.timedelta(seconds=5),
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@fuzz_settings(800)
 @given(m=mutations(len(TARGETS)), data=st.data())
 def test_damaged_tail_raises_only_stargz_errors(targets, swap_backend, backend, m, data):
     t, kind, seed, digest = m

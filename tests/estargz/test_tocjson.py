@@ -74,7 +74,8 @@ def agree(native, data, *, fast: bool | None = None, **kw) -> None:
         assert slots(got) == slots(want)
     if isinstance(data, bytes):
         args = (data, kw["payload_end"], kw["verify"], kw["max_chunk_size"])
-        fast_err, fast_got = outcome(native.build_json_fast, *args)
+        limits = {k: kw[k] for k in ("max_depth", "max_name_bytes") if k in kw}
+        fast_err, fast_got = outcome(native.build_json_fast, *args, **limits)
         if fast_got is not None:
             assert want is not None and same(fast_got, want) == []
             assert slots(fast_got) == slots(want)

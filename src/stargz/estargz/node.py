@@ -13,6 +13,7 @@ from __future__ import annotations
 from array import array
 from types import MappingProxyType
 
+from stargz.errors import TOCError
 from stargz.estargz.toc import TOCEntry, decode_xattrs
 
 #: The TOC keys a node keeps in ``attrs`` (in this order; None where the entry has none).
@@ -223,8 +224,18 @@ class OpenedTOC:
             nid = node.id
             for name, child in node.children.items():
                 parents.append(nid)
-                names.append(name.encode("utf-8", "surrogateescape"))
+                try:
+                    names.append(name.encode("utf-8", "surrogateescape"))
+                except UnicodeEncodeError:
+                    raise unencodable_name(node.path, name) from None
                 targets.append(child)
+
+
+def unencodable_name(parent: str, name: str) -> TOCError:
+    """A name holding a surrogate escape that is no byte (``"\\ud800"`` in the JSON): no
+    file name can carry it (json.loads takes it, Go would read U+FFFD)."""
+    path = f"{parent}/{name}" if parent else name
+    return TOCError(f"TOC name {path!r} holds a lone surrogate: not a file name")
 
 
 def same(a: OpenedTOC, b: OpenedTOC) -> list[str]:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime
+import functools
 import hashlib
+import math
 import os
 import shutil
 import tarfile
@@ -31,7 +33,9 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from stargz.errors import FormatError, InvalidArgument
+from stargz.estargz import tocbuild
 from stargz.estargz.footer import gzip_footer, skippable_frame, zstd_footer_frame
+from stargz.estargz.reader import DEFAULT_MAX_CHUNK_SIZE
 from stargz.estargz.toc import (
     LANDMARK_CONTENTS,
     NO_PREFETCH_LANDMARK,
@@ -143,23 +147,51 @@ def _open_tar(src: BinaryIO, tmpdir: str | None) -> tuple[BinaryIO, bool]:
     head = src.read(4)
     src.seek(0)
     if head[:2] == b"\x1f\x8b":
-        from isal import igzip
+        from isal import igzip, isal_zlib
 
-        dec: BinaryIO = igzip.IGzipFile(fileobj=src, mode="rb")  # type: ignore[assignment]
+        errors: tuple[type[Exception], ...] = (OSError, EOFError, zlib.error, isal_zlib.error)
+        copy = functools.partial(
+            shutil.copyfileobj, igzip.IGzipFile(fileobj=src, mode="rb"), length=1 << 20
+        )
     elif head == b"\x28\xb5\x2f\xfd":
         import zstandard
 
-        dec = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)  # type: ignore[assignment]
+        errors = (OSError, zstandard.ZstdError)
+        copy = functools.partial(_unzstd, src)
     else:
         return src, False
     tmp = tempfile.TemporaryFile(dir=tmpdir)
     try:
-        shutil.copyfileobj(dec, tmp, 1 << 20)
-    except (OSError, EOFError, zlib.error) as e:
+        copy(tmp)
+    except errors as e:
         tmp.close()
         raise FormatError(f"input layer does not decompress: {e}") from e
+    except BaseException:
+        tmp.close()
+        raise
     tmp.seek(0)
     return tmp, True
+
+
+def _unzstd(src: BinaryIO, dst: BinaryIO) -> None:
+    """Every zstd frame of ``src`` into ``dst``; a stream that ends inside a frame is an
+    error (zstandard's stream reader would just stop, converting part of the layer)."""
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+    dobj = dctx.decompressobj()
+    in_frame = False
+    while data := src.read(1 << 20):
+        while data:
+            dst.write(dobj.decompress(data))
+            in_frame = True
+            if not dobj.eof:
+                break
+            data = dobj.unused_data
+            dobj = dctx.decompressobj()
+            in_frame = False
+    if in_frame:
+        raise FormatError("input layer does not decompress: the zstd stream is truncated")
 
 
 @dataclass
@@ -176,6 +208,9 @@ def _read_entries(tar: BinaryIO) -> OrderedDict[str, _Item]:
         for info in tf:
             if info.type not in _TYPES:
                 raise FormatError(f"unsupported input tar entry {info.name!r} (type {info.type!r})")
+            if info.size < 0:  # (a PAX size record or a base-256 size field can say so;
+                # tarfile would seek before the member to find the next one)
+                raise FormatError(f"tar entry {info.name!r}: negative size {info.size}")
             if info.issparse():
                 raise FormatError(f"sparse file {info.name!r} is not supported")
             key = clean_name(info.name)
@@ -185,7 +220,8 @@ def _read_entries(tar: BinaryIO) -> OrderedDict[str, _Item]:
                 clean_name(info.linkname)
             entries.pop(key, None)  # a later entry replaces an earlier one
             entries[key] = _Item(info, key)
-    except tarfile.TarError as e:
+    except (tarfile.TarError, ValueError, OverflowError, EOFError) as e:
+        # (tarfile lets a ValueError out of some broken PAX records, e.g. a sparse map)
         raise FormatError(f"input is not a valid tar stream: {e}") from e
     return entries
 
@@ -234,6 +270,62 @@ def _sort(
     return [*out.values(), landmark, *entries.values()], missed
 
 
+#: The seconds of 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z (RFC 3339 years, as Go).
+_MIN_MTIME = -62135596800
+_MAX_MTIME = 253402300799
+
+
+def _check_servable(items: list[_Item]) -> None:
+    """Refuse, before a byte is written, a layer our reader would refuse to open: ids,
+    device numbers, modes, names and links the mount can't serve (the TOC builder's own
+    checks, on the entries without their data), text a TOC can't carry (not UTF-8) and
+    times outside its years 1-9999. The message names the tar entry."""
+    entries = []
+    for item in items:
+        info = item.info
+        texts = [("name", info.name), ("link target", info.linkname)]
+        texts += [("user name", info.uname), ("group name", info.gname)]
+        texts += [("xattr", k) for k in info.pax_headers if k.startswith("SCHILY.xattr.")]
+        for what, text in texts:
+            if text.isascii():
+                continue
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise FormatError(
+                    f"tar entry {info.name!r}: {what} {text!r} is not UTF-8, which a TOC "
+                    "(JSON) can't carry"
+                ) from None
+        if not _MIN_MTIME <= info.mtime < _MAX_MTIME + 1:  # (NaN fails it too)
+            raise FormatError(
+                f"tar entry {info.name!r}: mtime {info.mtime} is outside the years 1-9999 "
+                "a TOC's modtime can carry"
+            )
+        etype = _TYPES[info.type]
+        ent = {"name": _toc_name(info.name, etype), "type": etype, "mode": info.mode}
+        ent.update(uid=info.uid, gid=info.gid)
+        if etype in ("symlink", "hardlink"):
+            ent["linkName"] = info.linkname
+        elif etype in ("char", "block"):
+            ent.update(devMajor=info.devmajor, devMinor=info.devminor)
+        entries.append(ent)
+    try:
+        tocbuild.build(entries, payload_end=0, verify=False, max_chunk_size=1)
+    except FormatError as e:
+        raise FormatError(f"input layer can't be served as eStargz: {e}") from None
+
+
+def _check_toc(toc_json: bytes, payload_end: int) -> None:
+    """The TOC written opens in our reader (its defaults), or the build fails: a blob it
+    refuses is never handed out as converted."""
+    try:
+        tocbuild.build_json(
+            toc_json, payload_end=payload_end, verify=True, max_chunk_size=DEFAULT_MAX_CHUNK_SIZE
+        )
+    except FormatError as e:
+        raise FormatError(f"the converted layer's TOC does not open: {e}") from None
+
+
 # --- layout ------------------------------------------------------------------------------
 
 
@@ -273,9 +365,7 @@ class _Layout:
         for item in items:
             info = item.info
             etype = _TYPES[info.type]
-            name = info.name
-            if etype == "dir" and not name.endswith("/"):
-                name += "/"
+            name = _toc_name(info.name, etype)
             xattrs = {
                 k[len("SCHILY.xattr.") :]: v.encode("utf-8", "surrogateescape")
                 for k, v in info.pax_headers.items()
@@ -362,8 +452,18 @@ def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
     yield from rest
 
 
+def _toc_name(name: str, etype: str) -> str:
+    """A directory's TOC name ends in "/", as Go writes it (an empty one, the root, is
+    "./": "/" would be absolute)."""
+    if etype == "dir" and not name.endswith("/"):
+        return name + "/" if name else "./"
+    return name
+
+
 def _modtime(mtime: float) -> str:
-    t = int(round(mtime))
+    # The whole second the time falls in (a PAX mtime has a fraction): what Go's
+    # RFC 3339 formatting writes, and the st_mtime of the file a tar unpacks to.
+    t = math.floor(mtime)
     if t == 0:
         return ""
     return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -411,8 +511,11 @@ def build(
     followed by ``.prefetch.landmark``. ``level`` defaults to 1 (ISA-L) for gzip and 3
     for zstd.
     """
-    if chunk_size <= 0:
-        raise InvalidArgument(f"chunk size must be positive, got {chunk_size}")
+    if not 0 < chunk_size <= DEFAULT_MAX_CHUNK_SIZE:
+        raise InvalidArgument(
+            f"chunk size must be 1 to {DEFAULT_MAX_CHUNK_SIZE} (what the reader decodes in one "
+            f"piece), got {chunk_size}"
+        )
     if level is None:
         level = DEFAULT_ZSTD_LEVEL if compression == "zstd" else DEFAULT_GZIP_LEVEL
     codec = _Codec(compression, level)
@@ -420,6 +523,7 @@ def build(
     try:
         entries = _read_entries(tar)
         items, missed = _sort(entries, list(prioritized_files or []), allow_missing_prioritized)
+        _check_servable(items)
         layout = _Layout(tar, chunk_size)
         writer = _OrderedWriter(dst, codec, workers or os.cpu_count() or 1)
         for member in layout.members(items):
@@ -435,6 +539,7 @@ def build(
     toc_json = dump_toc(layout.toc)
     toc_digest = "sha256:" + hashlib.sha256(toc_json).hexdigest()
     toc_offset = writer.offset
+    _check_toc(toc_json, toc_offset + 8 if compression == "zstd" else toc_offset)
     annotations = {TOC_DIGEST_ANNOTATION: toc_digest}
     if compression == "zstd":
         import zstandard
