@@ -215,3 +215,25 @@ def test_mode_bits_are_enforced_for_other_users(fs_env, corners, corners_source)
     assert allowed.returncode == 0 and allowed.stdout == public.read_bytes()
     # root still reads everything (overlayfs reads lower layers with the mounter's creds)
     assert len(secret.read_bytes()) == os.stat(secret).st_size
+
+
+def test_a_lone_surrogate_in_a_link_target_or_xattr_name_reads_as_u_fffd():
+    """The TOC builders refuse a name holding ``"\\ud800"``, but a symlink target or an
+    xattr name may hold one: the mount answers U+FFFD there (as Go's JSON decoder reads
+    it), never an encoding error on every READLINK / LISTXATTR."""
+    from estargz.hostile import gzip_blob, toc_json
+
+    from stargz.estargz import Reader
+    from stargz.fs.tree import Tree
+
+    entries = [
+        {"name": "link", "type": "symlink", "linkName": "to-\ud800", "mode": 0o777},
+        {"name": "f", "type": "reg", "size": 0, "mode": 0o644, "xattrs": {"user.\ud800": "dg=="}},
+    ]
+    blob = gzip_blob(b"", toc_json(entries))
+    reader = Reader(lambda off, n: blob[off : off + n], len(blob))
+    tree = Tree(reader)
+    link = reader.lookup("link").id
+    f = reader.lookup("f").id
+    assert tree.readlink(link) == "to-\ufffd".encode()
+    assert tree.xattrs(f) == {"user.\ufffd".encode(): b"v"}

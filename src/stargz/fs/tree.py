@@ -37,7 +37,21 @@ OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 
 
 def _enc(name: str) -> bytes:
-    return name.encode("utf-8", "surrogateescape")
+    """A TOC string as the bytes FUSE answers with. A lone surrogate that stands for no
+    byte (``"\\ud800"`` in the TOC JSON: the builders refuse it in names, but a symlink
+    target or an xattr name may hold one) becomes U+FFFD, as Go's JSON decoder reads it,
+    instead of failing every READLINK / LISTXATTR of the node."""
+    try:
+        return name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        fixed = "".join("\ufffd" if _lone_surrogate(c) else c for c in name)
+        return fixed.encode("utf-8", "surrogateescape")
+
+
+def _lone_surrogate(c: str) -> bool:
+    o = ord(c)
+    # U+DC80..U+DCFF are surrogateescape's stand-ins for undecodable bytes: kept
+    return 0xD800 <= o <= 0xDFFF and not 0xDC80 <= o <= 0xDCFF
 
 
 class Tree:
