@@ -14,6 +14,14 @@ prefetch. ``unmount``: unbind, and drop the layer when no snapshot uses it any m
 
 `close` ends the session and unmounts; a new instance may then start on the same root
 (a daemon restart in one process, as the tests do).
+
+With a ``handover`` (`stargz.fuse.handover`: a holder process, or systemd's fd store), the
+``/dev/fuse`` descriptor is kept outside the process from the first mount on, so a
+daemon that dies (or stops with ``close(unmount=False)``) leaves the mount alive: the
+kernel queues requests until the next daemon takes the descriptor back in `start`,
+reopens every layer in its old inode slot (`stargz.fs.slots`), asks the kernel to resend
+what the dead daemon had read but not answered, and only then reads the device. The
+snapshot bind mounts stay as they were (``connection_kept``).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import os
 import threading
@@ -37,6 +46,7 @@ from stargz.errors import (
     NotFound,
     Unavailable,
 )
+from stargz import mountinfo
 from stargz.fs import memory, mounts
 from stargz.fs.cache import DiskCache, MemoryLRU
 from stargz.fs.kernel import ROOT_INODE
@@ -47,8 +57,10 @@ from stargz.fs.options import FsOptions
 from stargz.fs.passthrough import Passthrough
 from stargz.fs.scheduler import Scheduler
 from stargz.fs.session import Session
+from stargz.fs.slots import SlotTable
 from stargz.fs.source import LayerSource, LayerSpec, layer_spec
 from stargz.fs.tree import Tree
+from stargz.fuse.handover import Handover, Kept, connected
 
 log = logging.getLogger("stargz.fs")
 
@@ -74,7 +86,14 @@ class StargzFileSystem:
     survives restarts). ``source`` resolves layers (see `stargz.fs.source`).
     """
 
-    def __init__(self, root: str, source: LayerSource, options: FsOptions | None = None) -> None:
+    def __init__(
+        self,
+        root: str,
+        source: LayerSource,
+        options: FsOptions | None = None,
+        *,
+        handover: Handover | None = None,
+    ) -> None:
         self.root = os.path.abspath(root)
         self.source = source
         self.options = options or FsOptions()
@@ -102,13 +121,23 @@ class StargzFileSystem:
         self._started = False
         self._closed = False
         self.fuse_dev: int | None = None
+        #: Keeps the FUSE descriptor outside this process (None: the mount ends with it).
+        self.handover = handover
+        #: True when `start` took over a live connection (its snapshot mounts are valid).
+        self.connection_kept = False
+        self.slots = SlotTable(os.path.join(self.root, "fuse-layers.json"))
         self.read_ahead_kb: tuple[int | None, int] | None = None
         #: Close ``source`` in `close` (set by `from_config`, which made it).
         self.owns_source = False
 
     @classmethod
     def from_config(
-        cls, root: str, cfg: Any, source: LayerSource | None = None
+        cls,
+        root: str,
+        cfg: Any,
+        source: LayerSource | None = None,
+        *,
+        handover: Handover | None = None,
     ) -> StargzFileSystem:
         """The daemon's filesystem: options from ``cfg`` (a `stargz.config.Config`), layers
         from the registry (`stargz.fs.registry.RegistryLayerSource`) unless ``source``."""
@@ -117,7 +146,7 @@ class StargzFileSystem:
             from stargz.fs.registry import RegistryLayerSource
 
             source = RegistryLayerSource.from_config(cfg)
-        fs = cls(root, source, FsOptions.from_config(cfg))
+        fs = cls(root, source, FsOptions.from_config(cfg), handover=handover)
         fs.owns_source = owns
         return fs
 
@@ -143,16 +172,14 @@ class StargzFileSystem:
             self._scheduler = Scheduler(
                 o.max_concurrency, o.background_silence_sec, o.background_read_silence_sec
             )
-            # a daemon that died leaves a dead FUSE mount ("transport endpoint is not connected")
-            await loop.run_in_executor(None, _detach_all, self.fuse_dir)
-            await loop.run_in_executor(None, lambda: os.makedirs(self.fuse_dir, exist_ok=True))
             await loop.run_in_executor(self._executor, self.disk.load)
-            # read-only, nosuid, nodev, allow_other and default_permissions: the kernel
-            # checks mode bits itself, so a host user who can reach the mount reads only
-            # what the layer's modes allow
-            session = Session(self.ops, self.fuse_dir, passthrough=o.passthrough)
-            await loop.run_in_executor(None, session.mount)
-            session.start(loop)
+            kept = None
+            if self.handover is not None:
+                kept = await loop.run_in_executor(None, self._take_over)
+            if kept is not None:
+                session = await self._serve_kept(loop, *kept)
+            else:
+                session = await self._mount(loop)
             self._session = session
             self.ops.notify_store = session.notify_store
             if session.passthrough:
@@ -168,11 +195,24 @@ class StargzFileSystem:
                 log.warning(
                     "the kernel does not offer FUSE passthrough; reads go through the daemon"
                 )
-            self._main = loop.create_task(self._serve(), name="stargz-fuse")
             self._started = True
             try:
-                self.fuse_dev = await loop.run_in_executor(None, mounts.device_of, self.fuse_dir)
+                if kept is not None:
+                    await self._reopen_layers()
+                    resent = session.resend()
+                    session.start(loop)
+                    log.info(
+                        "FUSE connection taken over",
+                        extra={
+                            "mountpoint": self.fuse_dir,
+                            "layers": len(self._layers),
+                            "keeper": getattr(self.handover, "kind", ""),
+                            "resent": resent,
+                        },
+                    )
+                self._main = loop.create_task(self._serve(), name="stargz-fuse")
                 if o.read_ahead_kb:
+                    assert self.fuse_dev is not None
                     old = mounts.set_read_ahead_kb(self.fuse_dev, o.read_ahead_kb)
                     self.read_ahead_kb = (old, o.read_ahead_kb)
             except Exception:
@@ -182,6 +222,85 @@ class StargzFileSystem:
                 "FUSE mounted",
                 extra={"mountpoint": self.fuse_dir, "cached_chunks": len(self.disk)},
             )
+
+    async def _mount(self, loop: asyncio.AbstractEventLoop) -> Session:
+        """A new FUSE mount at ``fuse_dir`` (serving at once), handed to the keeper."""
+        # a daemon that died leaves a dead FUSE mount ("transport endpoint is not connected")
+        await loop.run_in_executor(None, _detach_all, self.fuse_dir)
+        await loop.run_in_executor(None, lambda: os.makedirs(self.fuse_dir, exist_ok=True))
+        await loop.run_in_executor(None, self.slots.reset)
+        # read-only, nosuid, nodev, allow_other and default_permissions: the kernel
+        # checks mode bits itself, so a host user who can reach the mount reads only
+        # what the layer's modes allow
+        session = Session(self.ops, self.fuse_dir, passthrough=self.options.passthrough)
+        await loop.run_in_executor(None, session.mount)
+        try:
+            dev = await loop.run_in_executor(None, _mount_dev, self.fuse_dir)
+            if dev is None:
+                raise OSError(errno.ENOENT, f"{self.fuse_dir} is not in the mount table")
+            self.fuse_dev = dev
+            if self.handover is not None:
+                state = json.dumps({**session.state(), "dev": _dev_str(dev)}).encode()
+                await loop.run_in_executor(None, self.handover.keep, session.fd, state)
+        except BaseException:
+            session.close()
+            raise
+        session.start(loop)
+        return session
+
+    def _take_over(self) -> tuple[int, dict[str, Any]] | None:
+        """The kept descriptor and its INIT state if its connection still serves
+        ``fuse_dir``; otherwise let it go (the mount is then made anew)."""
+        assert self.handover is not None
+        kept: Kept | None = self.handover.take()
+        if kept is None:
+            return None
+        why = None
+        try:
+            state = json.loads(kept.state)
+            dev = state["dev"]
+            state["proto_minor"], state["passthrough"], state["offered"]  # noqa: B018
+        except (ValueError, KeyError, TypeError):
+            why, dev = "its INIT state is missing or damaged", None
+        if why is None and not connected(kept.fd):
+            why = "the connection has ended"
+        if why is None and _dev_str(_mount_dev(self.fuse_dir)) != dev:
+            why = f"{self.fuse_dir} is no longer that connection's mount"
+        if why is not None:
+            log.warning("not taking over the kept FUSE connection: %s", why)
+            os.close(kept.fd)
+            self.handover.release()
+            return None
+        self.fuse_dev = _parse_dev(dev)
+        return kept.fd, state
+
+    async def _serve_kept(
+        self, loop: asyncio.AbstractEventLoop, fd: int, state: dict[str, Any]
+    ) -> Session:
+        """A session on the descriptor a previous daemon left; not reading it yet."""
+        session = Session(self.ops, self.fuse_dir, passthrough=self.options.passthrough)
+        session.adopt(fd, state)
+        await loop.run_in_executor(None, self.slots.load)
+        self.connection_kept = True
+        return session
+
+    async def _reopen_layers(self) -> None:
+        """Open again, in their old slots, the layers the previous daemon showed (before
+        the device is read: a queued request may name any of their inodes)."""
+        records = list(self.slots.layers.items())
+
+        async def one(digest: str, labels: Mapping[str, str]) -> None:
+            try:
+                await self._acquire(self._spec(labels), labels)
+            except Exception as e:
+                # its slot stays reserved: a later mount of it (the snapshotter's restore)
+                # tries again; meanwhile its inodes answer ENOENT/EIO
+                log.error(
+                    "cannot reopen a layer of the kept FUSE connection",
+                    extra={"layer": digest, "error": str(e)},
+                )
+
+        await asyncio.gather(*(one(d, r.labels) for d, r in records))
 
     async def _serve(self) -> None:
         assert self._session is not None
@@ -194,7 +313,9 @@ class StargzFileSystem:
             raise
 
     async def close(self, *, unmount: bool = True) -> None:
-        """Stop serving. With ``unmount``, unbind every snapshot mount first."""
+        """Stop serving. With ``unmount``, unbind every snapshot mount first and end the
+        FUSE connection; without, a ``handover`` keeps the connection for the next start
+        (otherwise it ends with this process)."""
         if self._closed:
             return
         self._closed = True
@@ -209,15 +330,20 @@ class StargzFileSystem:
         for ref in list(self._layers.values()):
             await ref.layer.close()
         self._layers.clear()
+        keep = self.handover is not None and not unmount
         if self._session is not None:
             self.ops.notify_store = self.ops.passthrough = None
-            self._session.close()
+            self._session.close(keep_mount=keep)
             if self._main is not None:
                 try:
                     await asyncio.wait_for(asyncio.shield(self._main), 10)
                 except (TimeoutError, Exception):
                     self._main.cancel()
-            await loop.run_in_executor(None, _detach_all, self.fuse_dir)
+            if not keep:
+                await loop.run_in_executor(None, _detach_all, self.fuse_dir)
+        if self.handover is not None and not keep:
+            # nothing to hand on: the keeper's copy would keep a mount nobody serves
+            await loop.run_in_executor(None, self.handover.release)
         self.disk.close()
         for ex in (self._executor, self._writer):
             if ex is not None:
@@ -252,7 +378,12 @@ class StargzFileSystem:
                 ref = await self._acquire(spec, labels)
                 try:
                     src = os.path.join(self.fuse_dir, ref.name.decode())
-                    await asyncio.get_running_loop().run_in_executor(None, _bind, src, mp)
+                    loop = asyncio.get_running_loop()
+                    if not (
+                        self.connection_kept
+                        and await loop.run_in_executor(None, self._bound, mp, ref.name)
+                    ):
+                        await loop.run_in_executor(None, _bind, src, mp)
                 except BaseException:
                     await self._release(ref)
                     raise
@@ -341,7 +472,10 @@ class StargzFileSystem:
             # the parsed TOC is garbage now: give its pages back (off the mount's path)
             asyncio.get_running_loop().run_in_executor(self._executor, memory.trim)
             name = spec.digest.partition(":")[2].encode()
-            self.ops.add(name, layer, tree)
+            # recorded before the layer is visible: a daemon that takes the connection
+            # over must find it in the same slot
+            slot = self.slots.slot_for(spec.digest, labels)
+            self.ops.add(name, layer, tree, slot)
             ref = _LayerRef(layer, name, spec)
             self._layers[spec.digest] = ref
             layer.start_prefetch(self._prefetch_size(layer, spec))
@@ -367,6 +501,7 @@ class StargzFileSystem:
         self._layers.pop(ref.layer.digest, None)
         self.metrics.closed_layers_verification_failures += ref.layer.metrics.verification_failures
         self.ops.remove(ref.name)
+        self.slots.remove(ref.layer.digest)
         if self._session is not None and not self._closed:
             # in a worker thread: the kernel may need a request answered meanwhile
             asyncio.get_running_loop().run_in_executor(
@@ -464,6 +599,14 @@ class StargzFileSystem:
         if ref is not None:
             await self._release(ref, mp)
 
+    def _bound(self, mp: str, name: bytes) -> bool:
+        """Whether ``mp`` is already a bind of layer ``name``'s subtree of our connection
+        (made by the daemon this one took over from: it stays, containers use it)."""
+        target = os.path.join(os.path.realpath(os.path.dirname(mp)), os.path.basename(mp))
+        dev, root = _dev_str(self.fuse_dev), "/" + name.decode()
+        found = [e for e in mountinfo.entries() if e[0] == target]
+        return bool(found) and found[-1][1] == dev and found[-1][2] == root
+
     # --- introspection -----------------------------------------------------------------------
 
     def layer(self, digest_or_mountpoint: str) -> Layer:
@@ -507,6 +650,23 @@ def _background_thread() -> None:
     """Lower this thread's CPU priority (Linux threads are tasks with their own nice)."""
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+
+
+def _mount_dev(path: str) -> int | None:
+    """The device of the mount at ``path`` (the last one stacked there), from the mount
+    table: a stat would be a FUSE request, and nobody may be answering yet."""
+    target = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    found = [e for e in mountinfo.entries() if e[0] == target and e[3] == "fuse.stargz"]
+    return _parse_dev(found[-1][1]) if found else None
+
+
+def _parse_dev(text: str) -> int:
+    major, _, minor = text.partition(":")
+    return os.makedev(int(major), int(minor))
+
+
+def _dev_str(dev: int | None) -> str:
+    return "" if dev is None else f"{os.major(dev)}:{os.minor(dev)}"
 
 
 def _norm(path: str) -> str:

@@ -49,6 +49,9 @@ MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
 INIT_EXT = 1 << 30
 PASSTHROUGH = 1 << 37
+#: Offered by the kernel (6.9+): it understands NOTIFY_RESEND, and marks a resent
+#: request by setting the top bit of its ``unique`` (echoed back unchanged in the reply).
+HAS_RESEND = 1 << 39
 
 # --- OPEN reply flags --------------------------------------------------------------------------
 FOPEN_DIRECT_IO = 1 << 0
@@ -60,6 +63,8 @@ FOPEN_PASSTHROUGH = 1 << 7
 # --- notifications (sent as replies with unique 0 and the code in `error`) --------------------
 NOTIFY_INVAL_ENTRY = 3
 NOTIFY_STORE = 4
+#: Put every request the daemon read but never answered back in the queue (no body).
+NOTIFY_RESEND = 7
 
 # --- device ioctls: _IOW(229, 1, struct fuse_backing_map) and _IOW(229, 2, uint32_t) ----------
 DEV_IOC_BACKING_OPEN = 0x4010E501

@@ -74,6 +74,8 @@ class Session:
         self.passthrough = False
         self.fd = -1
         self.proto_minor = 0
+        #: INIT flags the kernel offered (kept for a daemon that takes the fd over).
+        self.offered = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Future[None] | None = None
         self._buf = bytearray(BUFFER_SIZE)
@@ -138,6 +140,7 @@ class Session:
         if flags & k.INIT_EXT and n >= k.IN_HEADER.size + k.INIT_IN.size:
             flags2 = k.INIT_IN.unpack_from(self._buf, k.IN_HEADER.size)[4]
         offered = flags | (flags2 << 32)
+        self.offered = offered
         if major != k.KERNEL_MAJOR:
             self._reply_error(unique, errno.EPROTO)
             raise OSError(errno.EPROTO, f"FUSE: kernel protocol {major}.{minor} is not 7.x")
@@ -175,6 +178,34 @@ class Session:
             extra={"protocol": f"7.{self.proto_minor}", "passthrough": self.passthrough},
         )
 
+    def state(self) -> dict[str, int | bool]:
+        """What INIT negotiated: a daemon that takes this connection over needs it (the
+        kernel sends INIT once per connection)."""
+        return {
+            "proto_minor": self.proto_minor,
+            "passthrough": self.passthrough,
+            "offered": self.offered,
+        }
+
+    def adopt(self, fd: int, state: dict[str, Any]) -> None:
+        """Serve a connection another process mounted and initialised (``fd`` is ours now)."""
+        self.fd = fd
+        self.proto_minor = int(state["proto_minor"])
+        self.passthrough = bool(state["passthrough"])
+        self.offered = int(state["offered"])
+
+    def resend(self) -> bool:
+        """Ask the kernel to queue again every request read but not answered on this
+        connection (by a daemon that died). False when the kernel can't (before 6.9)."""
+        if not self.offered & k.HAS_RESEND:
+            return False
+        try:
+            os.write(self.fd, k.OUT_HEADER.pack(16, k.NOTIFY_RESEND, 0))
+        except OSError as e:
+            log.warning("FUSE resend notification failed: %s", e)
+            return False
+        return True
+
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Serve requests from ``loop`` (the device becomes non-blocking)."""
         os.set_blocking(self.fd, False)
@@ -187,9 +218,17 @@ class Session:
         assert self._done is not None
         await asyncio.shield(self._done)
 
-    def close(self) -> None:
-        """Stop serving, unmount (lazily) and close the device."""
+    def close(self, *, keep_mount: bool = False) -> None:
+        """Stop serving, unmount (lazily) and close the device.
+
+        ``keep_mount``: close only our descriptor, leaving the mount to the process that
+        keeps a duplicate of it (see `stargz.fuse.handover`); requests being answered are
+        left unanswered, for the next daemon to have them resent.
+        """
         self._stop()
+        if keep_mount and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1  # (so the cancelled tasks below write nothing)
         for t in list(self._tasks):
             t.cancel()
         self._unmount()

@@ -1,0 +1,1 @@
+"""The FUSE kernel protocol over /dev/fuse, and keeping its connection across restarts."""
