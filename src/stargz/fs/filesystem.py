@@ -32,6 +32,7 @@ import errno
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Mapping
@@ -262,6 +263,8 @@ class StargzFileSystem:
             state["proto_minor"], state["passthrough"], state["offered"]  # noqa: B018
         except (ValueError, KeyError, TypeError):
             why, dev = "its INIT state is missing or damaged", None
+        if why is None and not _is_fuse_device(kept.fd):
+            why = "the kept descriptor is not /dev/fuse"
         if why is None and not connected(kept.fd):
             why = "the connection has ended"
         if why is None and _dev_str(_mount_dev(self.fuse_dir)) != dev:
@@ -658,6 +661,14 @@ def _mount_dev(path: str) -> int | None:
     target = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
     found = [e for e in mountinfo.entries() if e[0] == target and e[3] == "fuse.stargz"]
     return _parse_dev(found[-1][1]) if found else None
+
+
+def _is_fuse_device(fd: int) -> bool:
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return False
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.stat("/dev/fuse").st_rdev
 
 
 def _parse_dev(text: str) -> int:

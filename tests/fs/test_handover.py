@@ -1,0 +1,360 @@
+"""The FUSE connection outlives the daemon (`stargz.fuse.handover`), on real FUSE mounts.
+
+A daemon process (``handover_daemon.py``) mounts a layer with its descriptor kept by a
+real holder process; it is killed with SIGKILL while it holds a READ it will never
+answer; a new filesystem on the same root takes the connection over. The file opened
+before the kill keeps working, inode numbers do not change, the bind mount is the same
+mount, and the READ the dead daemon swallowed is answered after FUSE_NOTIFY_RESEND.
+
+The systemd path runs against a fake of the one part that cannot run here (systemd as
+PID 1): `FakeServiceManager` listens on a ``$NOTIFY_SOCKET``, keeps the descriptors sent
+with ``FDSTORE=1`` and starts the next process with them from fd 3 and
+``LISTEN_FDS``/``LISTEN_FDNAMES``/``LISTEN_PID``, as systemd does. Everything else (the
+FUSE mount, the daemon processes, the kill) is real.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stargz import mountinfo
+from stargz.fs import FsOptions, LocalLayerSource, StargzFileSystem, mounts
+from stargz.fuse import fdstore, handover
+from stargz.fuse.holder import HolderClient
+
+from .conftest import labels_for
+
+DAEMON = Path(__file__).with_name("handover_daemon.py")
+REPO_SRC = Path(__file__).resolve().parents[2] / "src"
+NOISE = "data/noise.bin"
+
+
+def _mount_ids(path: Path) -> list[tuple[str, str, str]]:
+    real = os.path.realpath(path)
+    return [(e[1], e[2], e[3]) for e in mountinfo.entries() if e[0] == real]
+
+
+def _mount_line(path: Path) -> list[str]:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return [ln.split(" ")[0] for ln in f if ln.split(" ")[4] == real]
+
+
+class _Child:
+    """The daemon process; stopped by PID."""
+
+    def __init__(
+        self, argv: list[str], env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()
+    ) -> None:
+        self.proc = subprocess.Popen(
+            argv,
+            pass_fds=pass_fds,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+
+    def wait_line(self, word: str, timeout: float = 30) -> None:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([self.proc.stdout], [], [], 0.1)
+            if r:
+                line = self.proc.stdout.readline()
+                if line.strip() == word:
+                    return
+                if not line:
+                    break
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        err = self.proc.stderr.read()
+        raise AssertionError(f"no {word!r} from the daemon (exit {self.proc.poll()}): {err}")
+
+    def kill9(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def _daemon_argv(root: Path, layout: Path, labels: dict[str, str], mp: Path, hang: str = ""):
+    argv = [sys.executable, str(DAEMON), "--root", str(root), "--layout", str(layout)]
+    argv += ["--labels", json.dumps(labels), "--mountpoint", str(mp)]
+    return argv + (["--hang-when", hang] if hang else [])
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_"))}
+    env.pop("FDSTORE", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_SRC), str(DAEMON.parents[2])])
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def holder_dir(fs_env) -> Any:
+    d = fs_env.root / "holder"
+    yield d
+    pid = HolderClient(str(d)).pid()
+    if pid is not None:  # a test that failed half-way: stop the holder it left
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _start_kept(fs_env, source, keeper) -> StargzFileSystem:
+    async def make() -> StargzFileSystem:
+        fs = StargzFileSystem(
+            str(fs_env.root),
+            source,
+            FsOptions(no_background_fetch=True, noprefetch=True),
+            handover=keeper,
+        )
+        await fs.start()
+        return fs
+
+    fs_env.fs = fs_env.run(make())
+    return fs_env.fs
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _reader(path: Path, out: dict[str, Any]) -> threading.Thread:
+    def run() -> None:
+        try:
+            with open(path, "rb") as f:
+                out["sha"] = _sha(f.read())
+        except OSError as e:
+            out["error"] = e
+        out["t"] = time.monotonic()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_kill9_with_a_read_in_flight_is_invisible_to_the_reader(
+    fs_env, corners, merged_truth, holder_dir
+):
+    layer = corners.layers("esgz")[0]
+    labels = labels_for(layer)
+    mp = fs_env.mountpoint()
+    hang = fs_env.base / "hang"
+    child = _Child(_daemon_argv(fs_env.root, corners.root, labels, mp, str(hang)), _env())
+    try:
+        child.wait_line("READY")
+        holder_pid = HolderClient(str(holder_dir)).pid()
+        assert holder_pid is not None and holder_pid != child.proc.pid
+        st_before = os.stat(mp / "etc")
+        opened = open(mp / "etc" / "greeting", "rb")  # noqa: SIM115 (kept across the kill)
+        greeting = opened.read()
+        mount_before = _mount_line(mp)
+        got: dict[str, Any] = {}
+        hang.touch()
+        reader = _reader(mp / NOISE, got)
+        child.wait_line("HANG")  # the daemon took the READ and will never answer it
+    finally:
+        child.kill9()
+    # the connection lives on in the holder: the read waits, it does not fail
+    reader.join(0.5)
+    assert reader.is_alive() and not got, got
+    t_kill = time.monotonic()
+
+    fs = _start_kept(fs_env, LocalLayerSource(layouts=[corners.root]), handover.HolderHandover(str(holder_dir)))
+    assert fs.connection_kept
+    reader.join(20)
+    assert not reader.is_alive(), "the READ taken by the killed daemon was never answered"
+    assert "error" not in got, got
+    assert got["sha"] == merged_truth["entries"][NOISE]["sha256"]
+    assert got["t"] > t_kill
+    # same mount, same inode numbers, the file opened before the kill still reads
+    assert _mount_line(mp) == mount_before
+    assert os.stat(mp / "etc").st_ino == st_before.st_ino
+    opened.seek(0)
+    assert opened.read() == greeting
+    opened.close()
+    # the snapshotter's restore registers the existing bind; it does not mount again
+    fs_env.run(fs.mount(str(mp), labels))
+    assert _mount_line(mp) == mount_before
+    assert fs.mountpoints == {os.path.normpath(str(mp)): layer.digest}
+
+    # a stop that unmounts lets the holder go: it exits and the mount is gone
+    fs_env.close_fs(unmount=True)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and HolderClient(str(holder_dir)).pid() is not None:
+        time.sleep(0.02)
+    assert HolderClient(str(holder_dir)).pid() is None
+    assert not _mount_ids(fs_env.root / "fuse")
+
+
+def test_clean_stop_keeps_the_mount_and_next_start_takes_it(fs_env, corners, holder_dir):
+    source = LocalLayerSource(layouts=[corners.root])
+    keeper = handover.HolderHandover(str(holder_dir))
+    fs = _start_kept(fs_env, source, keeper)
+    assert not fs.connection_kept
+    l1, l2 = corners.layers("esgz")
+    m1, m2 = fs_env.mount(l1), fs_env.mount(l2)
+    ino = {p: os.stat(p).st_ino for p in (m1 / "etc", m2 / "etc", m1 / NOISE)}
+    fs_env.close_fs(unmount=False)  # SIGTERM: the holder keeps the connection
+    assert _mount_ids(m1) and _mount_ids(fs_env.root / "fuse")
+
+    fs = _start_kept(fs_env, LocalLayerSource(layouts=[corners.root]), keeper)
+    assert fs.connection_kept
+    assert {p: os.stat(p).st_ino for p in ino} == ino
+    assert (m1 / NOISE).stat().st_size > 0
+    # a layer mounted after the take-over gets a new slot, never an old one
+    l3 = corners.layers("esgz-64k")[0]
+    m3 = fs_env.mount(l3)
+    slots = json.loads((fs_env.root / "fuse-layers.json").read_text())
+    got = {d: r["slot"] for d, r in slots["layers"].items()}
+    assert got == {l1.digest: 1, l2.digest: 2, l3.digest: 3}
+    assert os.stat(m3 / "etc").st_ino >> 32 == 3
+
+
+def test_holder_exits_when_the_connection_ends(fs_env, corners, holder_dir):
+    keeper = handover.HolderHandover(str(holder_dir))
+    fs = _start_kept(fs_env, LocalLayerSource(layouts=[corners.root]), keeper)
+    pid = keeper.client.pid()
+    assert pid is not None
+    assert oct(os.stat(holder_dir).st_mode & 0o777) == "0o700"
+    assert oct(os.stat(holder_dir / "holder.sock").st_mode & 0o777) == "0o600"
+    # someone unmounts the FUSE root behind the daemon's back: the connection ends
+    assert mounts.unmount(str(fs_env.root / "fuse"), mounts.MNT_DETACH)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and keeper.client.pid() is not None:
+        time.sleep(0.02)
+    assert keeper.client.pid() is None
+    # and the next start does not take a dead connection: it mounts anew
+    fs_env.close_fs(unmount=True)
+    fs = _start_kept(fs_env, LocalLayerSource(layouts=[corners.root]), keeper)
+    assert not fs.connection_kept
+    assert os.listdir(fs_env.root / "fuse") == []
+
+
+# --- systemd's descriptor store, faked ----------------------------------------------------------
+
+
+class FakeServiceManager:
+    """What systemd does with ``FDSTORE=1`` and on a restart, and nothing more."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = str(directory / "notify.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.stored: dict[str, int] = {}
+        self.messages: list[str] = []
+
+    def pump(self) -> None:
+        """Handle every datagram received so far."""
+        while select.select([self.sock], [], [], 0)[0]:
+            msg, fds, _, _ = socket.recv_fds(self.sock, 4096, 4)
+            fields = dict(x.split("=", 1) for x in msg.decode().splitlines() if "=" in x)
+            self.messages.append(msg.decode())
+            name = fields.get("FDNAME", "stored")
+            if fields.get("FDSTORE") == "1":
+                for fd in fds:
+                    old = self.stored.pop(name, None)
+                    if old is not None:
+                        os.close(old)
+                    self.stored[name] = fd
+            elif fields.get("FDSTOREREMOVE") == "1":
+                old = self.stored.pop(name, None)
+                if old is not None:
+                    os.close(old)
+
+    def start(self, argv: list[str]) -> _Child:
+        """Start a service process the way systemd does: stored fds from 3 on."""
+        self.pump()
+        names = list(self.stored)
+        fds = [self.stored[n] for n in names]
+        env = _env(NOTIFY_SOCKET=self.path, FDSTORE="1")
+        if fds:
+            env.update(LISTEN_FDS=str(len(fds)), LISTEN_FDNAMES=":".join(names))
+        # (systemd does this between fork and exec: fds from 3 on, LISTEN_PID = its pid)
+        exec_as_service = (
+            "import fcntl, os, sys\n"
+            "fds = [int(x) for x in sys.argv[1].split(',') if x]\n"
+            "moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in fds]\n"
+            "for i, fd in enumerate(moved):\n"
+            "    os.dup2(fd, 3 + i, inheritable=True)\n"
+            "if fds:\n"
+            "    os.environ['LISTEN_PID'] = str(os.getpid())\n"
+            "os.execv(sys.argv[2], sys.argv[2:])\n"
+        )
+        wrapper = [sys.executable, "-c", exec_as_service, ",".join(map(str, fds))]
+        return _Child([*wrapper, *argv], env, tuple(fds))
+
+    def close(self) -> None:
+        for fd in self.stored.values():
+            os.close(fd)
+        self.stored.clear()
+        self.sock.close()
+
+
+def test_systemd_fd_store_carries_the_connection_across_a_kill9(fs_env, corners, merged_truth):
+    layer = corners.layers("esgz")[0]
+    labels = labels_for(layer)
+    mp = fs_env.mountpoint()
+    manager = FakeServiceManager(fs_env.base)
+    argv = _daemon_argv(fs_env.root, corners.root, labels, mp)
+    try:
+        first = manager.start(argv)
+        try:
+            first.wait_line("READY")
+            manager.pump()
+            assert list(manager.stored) == [handover.FD_NAME]
+            assert "FDSTORE=1\nFDNAME=stargz-fuse" in manager.messages
+            state = fs_env.root / "fuse-handover.json"
+            assert oct(state.stat().st_mode & 0o777) == "0o600"
+            assert not (fs_env.root / "holder").exists()  # no holder under systemd
+            ino = os.stat(mp / NOISE).st_ino
+            mount_before = _mount_line(mp)
+        finally:
+            first.kill9()
+        second = manager.start(argv)
+        try:
+            second.wait_line("READY")
+            # the second daemon served the stored connection: same mount, same inode
+            assert _mount_line(mp) == mount_before
+            assert os.stat(mp / NOISE).st_ino == ino
+            assert _sha((mp / NOISE).read_bytes()) == merged_truth["entries"][NOISE]["sha256"]
+        finally:
+            second.kill9()
+    finally:
+        manager.close()  # the manager's copy was the last: the connection ends
+        for p in sorted(_mount_ids_under(fs_env.base), key=lambda p: -p.count("/")):
+            with contextlib.suppress(OSError):
+                mounts.unmount(p, mounts.MNT_DETACH)
+
+
+def _mount_ids_under(base: Path) -> list[str]:
+    prefix = os.path.join(os.path.realpath(base), "")
+    return [mp for mp in mountinfo.mount_points() if os.path.join(mp, "").startswith(prefix)]
+
+
+def test_listen_fds_ignores_variables_meant_for_another_process():
+    env = {"LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "x"}
+    assert fdstore.listen_fds(env) == {}
+    assert "LISTEN_FDS" not in env  # consumed either way: children must not see them
+    assert not fdstore.available({"NOTIFY_SOCKET": "/run/x"})
+    assert fdstore.available({"NOTIFY_SOCKET": "/run/x", "FDSTORE": "1"})
