@@ -162,8 +162,8 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         choices=("auto", "holder", "systemd", "off"),
         help="who keeps the FUSE connection across a restart (auto: systemd's fd store "
-        "when the unit has FileDescriptorStoreMax, else a holder process; off: the mount "
-        "ends with the daemon)",
+        "when the unit has FileDescriptorStoreMax, a holder process outside systemd; "
+        "off: the mount ends with the daemon)",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
@@ -269,7 +269,13 @@ def _handover(args: argparse.Namespace):
         return handover.HolderHandover(os.path.join(root, "holder"))
     if args.fuse_handover == "systemd":
         return handover.SystemdHandover(os.path.join(root, "fuse-handover.json"))
-    return handover.choose(root)
+    chosen = handover.choose(root)
+    if chosen is None:
+        log.warning(
+            "running under systemd without a file-descriptor store: a restart ends the FUSE "
+            "mounts of running containers (set FileDescriptorStoreMax=1 in the unit)"
+        )
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,9 +123,13 @@ def _write_private(path: str, data: bytes) -> None:
     os.rename(tmp, path)
 
 
-def choose(root: str, env: MutableMapping[str, str] | None = None) -> Handover:
-    """systemd's store when the unit has one, else a holder process under ``root``."""
+def choose(root: str, env: MutableMapping[str, str] | None = None) -> Handover | None:
+    """systemd's store when the unit has one; a holder process under ``root`` outside
+    systemd; None under systemd without a store (a holder in the unit's cgroup would be
+    killed by a restart anyway, and would hold up ``systemctl stop`` until its timeout)."""
     env = os.environ if env is None else env
-    if fdstore.available(env) or env.get("LISTEN_FDNAMES", "").split(":").count(FD_NAME):
+    if fdstore.available(env) or FD_NAME in env.get("LISTEN_FDNAMES", "").split(":"):
         return SystemdHandover(os.path.join(root, "fuse-handover.json"), env)
+    if env.get("NOTIFY_SOCKET"):
+        return None
     return HolderHandover(os.path.join(root, "holder"))
