@@ -4,8 +4,9 @@ It mounts one layer of a local OCI layout at a mount point, keeps the FUSE descr
 with the keeper `stargz.fuse.handover.choose` picks (a holder process, or systemd's
 store when ``$NOTIFY_SOCKET``/``$FDSTORE`` say so), prints ``READY`` and serves until
 killed. ``--hang-when FILE``: once FILE exists, every blob read below the TOC waits
-forever, after printing ``HANG``: a READ the daemon has taken from /dev/fuse and will never answer (the fault a
-``kill -9`` then turns into a request only FUSE_NOTIFY_RESEND can recover).
+forever, after printing ``HANG``: a READ the daemon has taken from /dev/fuse and will
+never answer (the fault a ``kill -9`` then turns into a request only FUSE_NOTIFY_RESEND
+can recover).
 """
 
 from __future__ import annotations

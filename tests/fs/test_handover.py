@@ -180,7 +180,8 @@ def test_kill9_with_a_read_in_flight_is_invisible_to_the_reader(
     assert reader.is_alive() and not got, got
     t_kill = time.monotonic()
 
-    fs = _start_kept(fs_env, LocalLayerSource(layouts=[corners.root]), handover.HolderHandover(str(holder_dir)))
+    keeper = handover.HolderHandover(str(holder_dir))
+    fs = _start_kept(fs_env, LocalLayerSource(layouts=[corners.root]), keeper)
     assert fs.connection_kept
     reader.join(20)
     assert not reader.is_alive(), "the READ taken by the killed daemon was never answered"

@@ -40,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from stargz import mountinfo
 from stargz.errors import (
     DigestMismatch,
     FailedPrecondition,
@@ -47,7 +48,6 @@ from stargz.errors import (
     NotFound,
     Unavailable,
 )
-from stargz import mountinfo
 from stargz.fs import memory, mounts
 from stargz.fs.cache import DiskCache, MemoryLRU
 from stargz.fs.kernel import ROOT_INODE
