@@ -359,3 +359,46 @@ def test_listen_fds_ignores_variables_meant_for_another_process():
     assert "LISTEN_FDS" not in env  # consumed either way: children must not see them
     assert not fdstore.available({"NOTIFY_SOCKET": "/run/x"})
     assert fdstore.available({"NOTIFY_SOCKET": "/run/x", "FDSTORE": "1"})
+
+
+def test_passthrough_ids_of_the_previous_daemon_are_reused(fs_env, corners, holder_dir):
+    """Backing ids belong to the connection: after a take-over, a file the previous daemon
+    passed through keeps its id (a second one for the same inode: EBUSY, the open fails
+    with EIO), and a file held open in cached mode across the restart is never switched to
+    passthrough under it (the kernel refuses to mix modes: EIO)."""
+    keeper = handover.HolderHandover(str(holder_dir))
+
+    async def make(opts: FsOptions) -> StargzFileSystem:
+        fs = StargzFileSystem(
+            str(fs_env.root), LocalLayerSource(layouts=[corners.root]), opts, handover=keeper
+        )
+        await fs.start()
+        return fs
+
+    opts = FsOptions(no_background_fetch=True, noprefetch=True, passthrough=True)
+    fs = fs_env.fs = fs_env.run(make(opts))
+    if not fs._session.passthrough:
+        pytest.skip("this kernel does not offer FUSE passthrough (needs >= 6.9)")
+    m = fs_env.mount(corners.layers("esgz")[0])
+    small = sorted(p for p in (m / "data" / "many").iterdir() if 0 < p.stat().st_size < 4096)[:4]
+    through, cached = small[0], small[1]
+    want = {p: p.read_bytes() for p in small}  # (cached opens; chunks now cached)
+    before = fs.metrics.passthrough_opens
+    deadline = time.monotonic() + 10
+    while fs.metrics.passthrough_opens == before and time.monotonic() < deadline:
+        through.read_bytes()
+        time.sleep(0.05)
+    assert fs.metrics.passthrough_opens > before
+    held_through = open(through, "rb")  # noqa: SIM115 (held across the restart)
+    held_cached = open(cached, "rb")  # noqa: SIM115
+    fs_env.close_fs(unmount=False)
+
+    fs = fs_env.fs = fs_env.run(make(opts))
+    assert fs.connection_kept and fs._session.passthrough
+    for p in small:  # every open works, whichever mode each inode is in
+        assert p.read_bytes() == want[p]
+    assert held_through.read() == want[through]
+    assert held_cached.read() == want[cached]
+    held_through.close()
+    held_cached.close()
+    assert cached.read_bytes() == want[cached]

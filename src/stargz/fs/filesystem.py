@@ -186,11 +186,14 @@ class StargzFileSystem:
             if session.passthrough:
                 self.ops.passthrough = await loop.run_in_executor(
                     None,
-                    Passthrough,
-                    os.path.join(self.root, "passthrough"),
-                    session.backing_open,
-                    session.backing_close,
-                    self._writer,
+                    lambda: Passthrough(
+                        os.path.join(self.root, "passthrough"),
+                        session.backing_open,
+                        session.backing_close,
+                        self._writer,
+                        ids_path=os.path.join(self.root, "passthrough-ids"),
+                        inherited=self.connection_kept,
+                    ),
                 )
             elif o.passthrough:
                 log.warning(
@@ -334,6 +337,8 @@ class StargzFileSystem:
             await ref.layer.close()
         self._layers.clear()
         keep = self.handover is not None and not unmount
+        if self.ops.passthrough is not None:
+            self.ops.passthrough.close()
         if self._session is not None:
             self.ops.notify_store = self.ops.passthrough = None
             self._session.close(keep_mount=keep)

@@ -13,6 +13,15 @@ A file qualifies once every byte of it is in the disk cache and verified:
 The kernel refuses to mix modes on one inode (a passthrough open while a cached open of
 the same inode lasts, or the reverse, fails with EIO), so a node switches to passthrough
 only while no cached open of it is outstanding, and stays so while its backing lives.
+
+Backing ids belong to the FUSE connection, not to the daemon: when a daemon takes a kept
+connection over (`stargz.fuse.handover`), the ids the previous one registered are still
+there, and so may be open files using them and cached opens the new daemon never saw.
+The kernel also refuses a second, different backing for an inode that has one (EBUSY).
+So every id is appended to ``ids_path`` (``slot node id`` lines) when registered, and a
+daemon that took over (``inherited``) serves passthrough only for the nodes listed there,
+with their old ids, and every other node from the daemon: mixing can't happen. The old
+ids stay registered until their layer is unmounted or the connection ends.
 """
 
 from __future__ import annotations
@@ -37,14 +46,27 @@ class Passthrough:
         backing_open: Callable[[int], int],
         backing_close: Callable[[int], None],
         executor: Executor | None,
+        *,
+        ids_path: str | None = None,
+        inherited: bool = False,
     ) -> None:
         self.dir = root
         self._open = backing_open
         self._close = backing_close
         self._executor = executor
         self.enabled = True
+        #: After a take-over: (slot, node) -> backing id registered by the previous daemon;
+        #: only these nodes pass through (see the module docstring).
+        self.inherited: dict[tuple[int, int], int] | None = None
+        # (merged files an inherited id uses stay alive in the kernel once unlinked)
         shutil.rmtree(root, ignore_errors=True)
         os.makedirs(root, exist_ok=True)
+        self._ids_fd = -1
+        if ids_path is not None:
+            if inherited:
+                self.inherited = _read_ids(ids_path)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+            self._ids_fd = os.open(ids_path, flags | (0 if inherited else os.O_TRUNC), 0o600)
 
     # --- the open path (event loop thread) ---------------------------------------------------
 
@@ -52,6 +74,11 @@ class Passthrough:
         """A backing id for ``node`` of mounted layer ``m``, or 0 (serve it ourselves)."""
         bid = m.backing.get(node)
         if bid is not None:
+            return bid
+        if self.inherited is not None:
+            bid = self.inherited.pop((m.slot, node), 0)
+            if bid:
+                m.backing[node] = bid
             return bid
         if not self.enabled or m.cached_opens.get(node):
             return 0
@@ -76,12 +103,18 @@ class Passthrough:
         finally:
             os.close(fd)
         m.backing[node] = bid
+        if self._ids_fd >= 0:
+            try:
+                os.write(self._ids_fd, f"{m.slot} {node} {bid}\n".encode())
+            except OSError as e:
+                log.warning("cannot record a passthrough backing id: %s", e)
         return bid
 
     def released(self, m: Any, node: int) -> None:
         """A cached open of ``node`` ended: merge the file if it is now wholly cached."""
         if (
             not self.enabled
+            or self.inherited is not None
             or node in m.merged
             or node in m.merging
             or self._executor is None
@@ -105,6 +138,11 @@ class Passthrough:
                 _unlink(dest)
 
         fut.add_done_callback(done)
+
+    def close(self) -> None:
+        if self._ids_fd >= 0:
+            os.close(self._ids_fd)
+            self._ids_fd = -1
 
     def drop(self, m: Any) -> None:
         """Layer ``m`` is unmounted: close its backing ids, delete its merged files."""
@@ -144,6 +182,19 @@ class Passthrough:
         if files is None or len(files) != 1:
             return None
         return files[0][0]
+
+
+def _read_ids(path: str) -> dict[tuple[int, int], int]:
+    out: dict[tuple[int, int], int] = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 3 and all(p.isdigit() for p in parts):
+                    out[(int(parts[0]), int(parts[1]))] = int(parts[2])
+    except OSError:
+        pass
+    return out
 
 
 def _merge(parts: list[tuple[str, int]], dest: str) -> bool:
