@@ -1,8 +1,9 @@
-"""Build the Cython core in src/_native/ into stargz.estargz._native_* modules.
+"""Build the Cython core in src/_native/ into stargz.estargz._codec, _tocindex, _tocbuild.
 
 The extensions link ISA-L (gzip inflate), libzstd and OpenSSL's libcrypto (sha256),
-all from Debian packages that ci/setup.sh installs. Set STARGZ_NO_EXTENSIONS=1 to
-build without them; the pure-Python twins are then used.
+all from Debian packages that ci/setup.sh installs (the -dev ones). The release wheel
+(ci/wheel.sh) carries copies of the three libraries, so installing it needs none of them.
+Set STARGZ_NO_EXTENSIONS=1 to build without them; the pure-Python twins are then used.
 """
 
 import os

@@ -1,7 +1,9 @@
-"""Benchmark inputs built from files already on this machine (no network).
+"""Benchmark inputs built from files already on this machine (no network), and sizes.
 
 `make_layout` packs directory trees into a gzip'd single- or multi-layer OCI image, so
 the converter benchmarks run on realistic content (ELF binaries, Python sources, text).
+The converter benchmarks compare output sizes with `layout_layers_size` (ours, an OCI
+layout) and `go_image_layers_size` (Go's, an image in a containerd content store).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import io
 import json
 import os
 import tarfile
+from typing import Any
 
 from stargz.image.layout import MT_OCI_CONFIG, MT_OCI_MANIFEST, Layout
 
@@ -65,12 +68,6 @@ def existing(paths: list[str]) -> list[str]:
     return [p for p in paths if os.path.isdir(p)]
 
 
-if __name__ == "__main__":
-    import sys
-
-    print(json.dumps(make_layout(sys.argv[1], sys.argv[2], [sys.argv[3:]])))
-
-
 def extend_image(path: str, tag: str, new_tag: str, roots: list[str]) -> dict:
     """Tag ``new_tag`` = image ``tag`` plus one gzip layer holding the trees ``roots``."""
     layout = Layout(path)
@@ -98,3 +95,23 @@ def extend_image(path: str, tag: str, new_tag: str, roots: list[str]) -> dict:
     mdigest, msize = layout.put_json(manifest)
     layout.tag({"mediaType": MT_OCI_MANIFEST, "digest": mdigest, "size": msize}, new_tag)
     return {"uncompressed": len(raw), "compressed": len(blob)}
+
+
+def layout_layers_size(layout: str, tag: str) -> int:
+    """Sum of the layer sizes of ``layout:tag``."""
+    lay = Layout(layout)
+    man = lay.read_json(lay.resolve(tag)["digest"])
+    return sum(x["size"] for x in man["layers"])
+
+
+def go_image_layers_size(cd: Any, ref: str, ns: str) -> int:
+    """Sum of the layer sizes of image ``ref`` in containerd ``cd`` (a harness Containerd)."""
+    digest = None
+    for line in cd.ctr("i", "ls", ns=ns).stdout.splitlines():
+        parts = line.split()
+        if parts and parts[0] == ref:
+            digest = parts[2]
+    if digest is None:
+        raise RuntimeError(f"image {ref} not found after convert")
+    man = json.loads(cd.ctr("content", "get", digest, ns=ns).stdout)
+    return sum(x["size"] for x in man["layers"])

@@ -6,15 +6,15 @@ root, socket and state; stopped by PID), imports the image once, then times only
 ``ctr-remote i convert --oci --estargz``. Ours times ``stargz convert`` between OCI
 layout tags. Trials alternate between contenders; medians and p95 are reported.
 
-    .venv/bin/python benchmarks/bench_convert.py [--trials 5] [--levels 9,6,1]
+    python -m benchmarks.bench_convert [--trials 5] [--go-levels 9] [--our-levels default,6]
+
+Writes ``results/convert.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -22,32 +22,24 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(
-    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
-)
-from _images import existing, make_layout  # noqa: E402
-from harness.procs import Containerd, run  # noqa: E402
+from benchmarks import common
+from benchmarks._images import existing, go_image_layers_size, layout_layers_size, make_layout
+from benchmarks.common import percentile
+from tests.harness.procs import Containerd, run
 
 NS = "bench"
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TREES = existing(["/usr/lib/python3.11", "/usr/lib/x86_64-linux-gnu/perl", "/usr/share/perl"])
 
 
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--go-levels", default="9", help="Go gzip levels (9 is Go's default)")
     ap.add_argument(
         "--our-levels", default="default,6", help="our gzip levels ('default' = no flag)"
     )
-    args = ap.parse_args()
+    common.add_output_args(ap, "convert")
+    args = ap.parse_args(argv)
     go_levels = [x for x in args.go_levels.split(",") if x]
     our_levels = [x for x in args.our_levels.split(",") if x]
     base = tempfile.mkdtemp(prefix="bench-convert-")
@@ -93,7 +85,7 @@ def main() -> int:
                         timeout=3600,
                     )
                     secs = time.perf_counter() - t0
-                    size = _go_image_layers_size(cd, dst)
+                    size = go_image_layers_size(cd, dst, NS)
                     cd.ctr("i", "rm", "--sync", dst, check=False, ns=NS)
                 else:
                     flags = [] if lvl == "default" else ["--compression-level", lvl]
@@ -112,7 +104,7 @@ def main() -> int:
                         check=True,
                     )
                     secs = time.perf_counter() - t0
-                    size = _layout_layers_size(layout, f"ours{lvl}-{trial}")
+                    size = layout_layers_size(layout, f"ours{lvl}-{trial}")
                 r = results.setdefault(key, {"seconds": [], "bytes": size})
                 r["seconds"].append(secs)
                 print(f"trial {trial} {key}: {secs:.2f}s {size} B", file=sys.stderr)
@@ -121,7 +113,7 @@ def main() -> int:
             med = statistics.median(r["seconds"])
             summary[key] = {
                 "median_s": med,
-                "p95_s": pct(r["seconds"], 95),
+                "p95_s": percentile(r["seconds"], 95),
                 "mb_per_s": sizes["uncompressed"] / 1e6 / med,
                 "output_bytes": r["bytes"],
                 "trials": r["seconds"],
@@ -137,15 +129,17 @@ def main() -> int:
                 }
         doc = {
             "benchmark": "convert",
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "date": common.now_utc(),
+            "machine": common.machine(),
             "input": {"trees": TREES, **sizes},
             "results": summary,
             "ratios": ratios,
         }
-        out = os.path.join(ROOT, "benchmarks", "results", f"convert-{time.strftime('%Y%m%d')}.json")
-        with open(out, "w") as f:
-            json.dump(doc, f, indent=2)
+        headline = {
+            key: {"speedup": round(r["speedup"], 2), "size": round(r["size_ratio_ours_over_go"], 3)}
+            for key, r in ratios.items()
+        }
+        out = common.save(args, doc, headline)
         for key, r in ratios.items():
             print(
                 f"{key}: ours {r['speedup']:.2f}x faster than Go, "
@@ -157,27 +151,6 @@ def main() -> int:
         if cd is not None:
             cd.close()
         shutil.rmtree(base, ignore_errors=True)
-
-
-def _layout_layers_size(layout: str, tag: str) -> int:
-    from stargz.image.layout import Layout
-
-    lay = Layout(layout)
-    man = lay.read_json(lay.resolve(tag)["digest"])
-    return sum(x["size"] for x in man["layers"])
-
-
-def _go_image_layers_size(cd: Containerd, ref: str) -> int:
-    target = cd.ctr("i", "ls", ns=NS).stdout.splitlines()
-    digest = None
-    for line in target:
-        parts = line.split()
-        if parts and parts[0] == ref:
-            digest = parts[2]
-    if digest is None:
-        raise RuntimeError(f"image {ref} not found after convert")
-    man = json.loads(cd.ctr("content", "get", digest, ns=NS).stdout)
-    return sum(x["size"] for x in man["layers"])
 
 
 if __name__ == "__main__":

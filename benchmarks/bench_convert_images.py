@@ -16,9 +16,9 @@ Each round runs every (image, contender) once, shuffled. Reported per image and 
 seconds median/p95, MB/s of uncompressed input (the orig layer's tar size), output bytes
 (sum of the converted layers), CPU seconds (``ours``: the converter process; ``go``:
 ``ctr-remote``, which converts client-side, plus the containerd serving its content store),
-and ratios ours/Go. JSON: ``benchmarks/results/convert-images-<date>.json``.
+and ratios ours/Go. Writes ``results/convert-images.json`` (progress in ``.partial.json``).
 
-    .venv/bin/python benchmarks/bench_convert_images.py [--trials 3]
+    python -m benchmarks.bench_convert_images [--trials 3]
         [--images python,gcc,nginx] [--contenders ours-default,ours-level9,go-level9]
 """
 
@@ -39,24 +39,14 @@ import time
 import zlib
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_convert as bc  # noqa: E402  (also puts tests/ on sys.path)
-import bench_hellobench as hb  # noqa: E402
-from harness.procs import Containerd, run  # noqa: E402
-
-from stargz.image.layout import Layout  # noqa: E402
+from benchmarks import common
+from benchmarks._images import go_image_layers_size, layout_layers_size
+from benchmarks.common import CACHE, log, percentile
+from stargz.image.layout import Layout
+from tests.harness.procs import Containerd, run
 
 CONTENDERS = ["ours-default", "ours-level9", "go-level9"]
-NS = bc.NS  # bc._go_image_layers_size looks images up in this namespace
-
-
-def src_state() -> dict:
-    """The checkout measured: commit and uncommitted changes under src/ (others edit it)."""
-    git = ["git", "-C", str(hb.REPO)]
-    return {
-        "commit": run([*git, "rev-parse", "HEAD"], check=False).stdout.strip(),
-        "dirty_src": run([*git, "status", "--porcelain", "src"], check=False).stdout.splitlines(),
-    }
+NS = "bench"
 
 
 def children_cpu() -> float:
@@ -153,7 +143,7 @@ def summarize(trials: list[dict], inputs: dict) -> dict:
             per[c] = {
                 "n": len(ts),
                 "seconds_median": med,
-                "seconds_p95": hb.pct(secs, 0.95),
+                "seconds_p95": percentile(secs, 95),
                 "seconds_min": min(secs),
                 "seconds_max": max(secs),
                 "mb_per_s": inputs[img]["uncompressed_bytes"] / 1e6 / med,
@@ -175,27 +165,36 @@ def summarize(trials: list[dict], inputs: dict) -> dict:
     return out
 
 
-def main() -> int:
+def headline(summ: dict) -> dict:
+    """Per image: median seconds and output MB of each contender."""
+    return {
+        img: {
+            c: {"s": round(v["seconds_median"], 2), "MB": round(v["output_bytes"] / 1e6, 1)}
+            for c, v in s["contenders"].items()
+        }
+        for img, s in summ.items()
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--images", default="python,gcc,nginx")
     ap.add_argument("--contenders", default=",".join(CONTENDERS))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="")
-    args = ap.parse_args()
+    common.add_output_args(ap, "convert-images")
+    args = ap.parse_args(argv)
     images = [i for i in args.images.split(",") if i]
     contenders = [c for c in args.contenders.split(",") if c]
     assert set(contenders) <= set(CONTENDERS), contenders
     now = _dt.datetime.now(_dt.UTC)
-    out = Path(args.out or hb.RESULTS / f"convert-images-{now:%Y%m%d}.json")
     rng = random.Random(args.seed or int(now.timestamp()))
     base = Path(tempfile.mkdtemp(prefix="bench-cvimg-", dir="/var/tmp"))
     t_start = time.perf_counter()
     doc: dict = {
         "benchmark": "convert-images",
         "date": now.isoformat(timespec="seconds"),
-        "machine": hb.machine(),
-        "src": src_state(),
+        "machine": common.machine(),
         "method": __doc__.strip().splitlines()[0],
         "notes": [
             "input: the orig tag of /var/cache/stargz-bench/oci/<image> (one gzip layer, "
@@ -216,7 +215,7 @@ def main() -> int:
         refs: dict[str, str] = {}
         for img in images:
             lay = base / img
-            man = private_copy(hb.CACHE / "oci" / img, "orig", lay)
+            man = private_copy(CACHE / "oci" / img, "orig", lay)
             doc["inputs"][img] = {
                 "layers": len(man["layers"]),
                 "compressed_bytes": sum(x["size"] for x in man["layers"]),
@@ -224,7 +223,7 @@ def main() -> int:
                     tar_size(Layout(str(lay)).blob_path(x["digest"])) for x in man["layers"]
                 ),
             }
-            hb.log(f"{img}: {doc['inputs'][img]}")
+            log(f"{img}: {doc['inputs'][img]}")
         if any(c.startswith("go") for c in contenders):
             cd = Containerd.start(str(base / "unused-stargz.sock"))
             for img in images:
@@ -250,12 +249,12 @@ def main() -> int:
                         convert_ours(lay, None if c == "ours-default" else "9", tag)
                         t["seconds"] = time.perf_counter() - t0
                         t["cpu_s"] = children_cpu() - c0
-                        t["output_bytes"] = bc._layout_layers_size(str(lay), tag)
+                        t["output_bytes"] = layout_layers_size(str(lay), tag)
                         drop_ours(lay, tag)
                     else:
                         assert cd is not None
                         dst = f"bench/{img}:go-{r}"
-                        c0, d0 = children_cpu(), hb.proc_usage(cd.pid)["cpu_s"]
+                        c0, d0 = children_cpu(), common.proc_usage(cd.pid)["cpu_s"]
                         t0 = time.perf_counter()
                         run(
                             [
@@ -267,23 +266,23 @@ def main() -> int:
                         )
                         t["seconds"] = time.perf_counter() - t0
                         t["cpu_s_client"] = children_cpu() - c0
-                        t["cpu_s_containerd"] = hb.proc_usage(cd.pid)["cpu_s"] - d0
+                        t["cpu_s_containerd"] = common.proc_usage(cd.pid)["cpu_s"] - d0
                         t["cpu_s"] = t["cpu_s_client"] + t["cpu_s_containerd"]
-                        t["output_bytes"] = bc._go_image_layers_size(cd, dst)
+                        t["output_bytes"] = go_image_layers_size(cd, dst, NS)
                         cd.ctr("i", "rm", "--sync", dst, check=False, ns=NS)
                 except Exception as e:  # record and go on
                     t["error"] = repr(e)[-2000:]
                 doc["trials"].append(t)
-                hb.log(json.dumps(t))
+                log(json.dumps(t))
                 doc["summary"] = summarize(doc["trials"], doc["inputs"])
-                out.write_text(json.dumps(doc, indent=1) + "\n")
+                common.checkpoint(args, doc)
     finally:
         if cd is not None:
             cd.close()
         shutil.rmtree(base, ignore_errors=True)
     doc["summary"] = summarize(doc["trials"], doc["inputs"])
     doc["wall_s"] = time.perf_counter() - t_start
-    out.write_text(json.dumps(doc, indent=1) + "\n")
+    out = common.save(args, doc, headline(doc["summary"]))
     cols = ("med s", "p95 s", "MB/s", "out MB", "cpu s")
     print(f"{'image':7} {'contender':13} " + " ".join(f"{c:>7}" for c in cols))
     for img, s in doc["summary"].items():

@@ -19,9 +19,12 @@ b. CPU per GB fetched with background fetch ON (both daemons' defaults): rpull t
    daemon's work on it (``full_fetch_s``). Loopback and, with ``--net``, behind
    ../shared/tools/netem.
 
-Each round runs every case once, shuffled. JSON: benchmarks/results/daemon-cost-<date>.json.
+Each round runs every case once, shuffled. Part a's result is
+``results/daemon-cost-memory.json``, part b's ``results/daemon-cost-fetch.json`` (each
+with its history line); the run in progress is saved after every trial to
+``results/daemon-cost.partial.json``.
 
-    .venv/bin/python benchmarks/bench_daemon_cost.py [--trials 3] [--cycles 3]
+    python -m benchmarks.bench_daemon_cost [--trials 3] [--cycles 3]
         [--net off,5:200mbit] [--parts a,b]
 """
 
@@ -38,21 +41,23 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_hello_readpath as rp  # noqa: E402
-import bench_hellobench as hb  # noqa: E402
-from bench_convert_images import src_state  # noqa: E402
-from harness.procs import Containerd, Registry, StargzDaemon, make_tempdir, mounted_image, run  # noqa: E402
+from benchmarks import common
+from benchmarks.common import CACHE, log, percentile, proc_usage
+from benchmarks.hellobench.images import has_tag, layers_of, pack_rootfs
+from benchmarks.peer import GO_BIN, NO_FETCH, GoDaemon, netem, registry_bytes
+from stargz.image.layout import Layout
+from tests.harness.procs import (
+    Containerd,
+    Registry,
+    StargzDaemon,
+    make_tempdir,
+    mounted_image,
+    run,
+)
 
-from stargz.image.layout import Layout  # noqa: E402
-
-MANY = hb.CACHE / "many-files"
+MANY = CACHE / "many-files"
 MANY_DIRS, MANY_FILES, MANY_SIZE = 1000, 100, 100
 NS = "dc"
-
-
-def log(*a: object) -> None:
-    hb.log(*a)
 
 
 # ---------------------------------------------------------------- images
@@ -62,7 +67,7 @@ def build_many_files() -> Path:
     """OCI layout (tags ``orig``: gzip, ``ours``: ``stargz convert``) of one layer with
     MANY_DIRS x MANY_FILES files of MANY_SIZE bytes; deterministic content and mtimes."""
     lay = MANY / "oci"
-    if hb.has_tag(lay, "orig") and hb.has_tag(lay, "ours"):
+    if has_tag(lay, "orig") and has_tag(lay, "ours"):
         return lay
     shutil.rmtree(MANY, ignore_errors=True)
     MANY.mkdir(parents=True)
@@ -77,7 +82,7 @@ def build_many_files() -> Path:
             os.utime(dp / f"f{f:03d}.txt", (1_600_000_000, 1_600_000_000))
         os.utime(dp, (1_600_000_000, 1_600_000_000))
     os.utime(root, (1_600_000_000, 1_600_000_000))
-    sizes = hb.pack_rootfs(lay, "orig", root, ["/bin/sh"])
+    sizes = pack_rootfs(lay, "orig", root, ["/bin/sh"])
     shutil.rmtree(root)
     log(f"many-files orig: {sizes}; convert (ours)")
     run(
@@ -100,7 +105,7 @@ def toc_entries(layout: Path, tag: str) -> int:
 
     n = 0
     lay = Layout(str(layout))
-    for layer in hb.layers_of(layout, tag):
+    for layer in layers_of(layout, tag):
         r = open_file(lay.blob_path(layer["digest"]), verify=False)
         try:
             n += len(r.toc.entries)
@@ -114,28 +119,14 @@ def toc_entries(layout: Path, tag: str) -> int:
 # ---------------------------------------------------------------- measuring
 
 
-def mem(pid: int) -> dict:
-    """hb.proc_usage (cpu_s, rss_bytes) plus RssAnon, RssFile and VmHWM (peak RSS)."""
-    out = hb.proc_usage(pid)
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                if k in ("RssAnon", "RssFile", "VmHWM"):
-                    out[k] = int(v.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
-
-
 def start_daemon(contender: str, reg: Registry, go_bin: str, no_fetch: bool):
     if contender == "ours":
         return StargzDaemon.start(
             make_tempdir("sgz-dc-"),
-            config_text=rp.NO_FETCH_OURS if no_fetch else "",
+            config_text=NO_FETCH if no_fetch else "",
             log_level="info",
         )
-    return hb.GoDaemon.start(go_bin, reg.host, extra_toml=rp.NO_FETCH_GO if no_fetch else "")
+    return GoDaemon.start(go_bin, reg.host, extra_toml=NO_FETCH if no_fetch else "")
 
 
 def walk(root: Path) -> int:
@@ -154,27 +145,27 @@ def trial_rss(contender: str, image: str, ref: str, reg: Registry, go_bin: str, 
     try:
         cd = Containerd.start(snap.address)
         time.sleep(1)
-        res["idle"] = mem(snap.pid)
+        res["idle"] = proc_usage(snap.pid)
         a = ["-a", cd.address, "-n", NS]
         for c in range(cycles):
             cyc: dict = {}
-            b0 = hb.registry_bytes(reg)
+            b0 = registry_bytes(reg)
             t0 = time.perf_counter()
             run(["ctr-remote", *a, "i", "rpull", "--plain-http", ref], timeout=1800)
             cyc["rpull_s"] = time.perf_counter() - t0
             time.sleep(1)
-            cyc["mounted"] = mem(snap.pid)
+            cyc["mounted"] = proc_usage(snap.pid)
             with mounted_image(cd, ref, NS, "stargz") as root:
                 t0 = time.perf_counter()
                 cyc["walked_entries"] = walk(root)
                 cyc["walk_s"] = time.perf_counter() - t0
                 time.sleep(1)
-                cyc["walked"] = mem(snap.pid)
-            cyc["registry_bytes"] = hb.registry_bytes(reg) - b0
+                cyc["walked"] = proc_usage(snap.pid)
+            cyc["registry_bytes"] = registry_bytes(reg) - b0
             if c + 1 < cycles:
                 run(["ctr", *a, "i", "rm", "--sync", ref], timeout=600)
                 time.sleep(1)
-                cyc["removed"] = mem(snap.pid)
+                cyc["removed"] = proc_usage(snap.pid)
             res["cycles"].append(cyc)
         return res
     finally:
@@ -190,7 +181,7 @@ def trial_cpu(contender: str, ref: str, digest: str, size: int, reg: Registry, a
     try:
         cd = Containerd.start(snap.address)
         time.sleep(1)
-        u0 = mem(snap.pid)
+        u0 = proc_usage(snap.pid)
         b0 = reg.blob_bytes(digest)
         a = ["-a", cd.address, "-n", NS]
         t0 = time.perf_counter()
@@ -205,7 +196,7 @@ def trial_cpu(contender: str, ref: str, digest: str, size: int, reg: Registry, a
             time.sleep(0.5)
             now = time.perf_counter()
             n_new = reg.blob_bytes(digest) - b0
-            u = mem(snap.pid)
+            u = proc_usage(snap.pid)
             timeline.append((round(now - t0, 2), n_new, u["cpu_s"], u["rss_bytes"]))
             if n_new != n:
                 byte_t = now
@@ -221,7 +212,7 @@ def trial_cpu(contender: str, ref: str, digest: str, size: int, reg: Registry, a
             ):
                 done = "complete" if n >= size else "idle"
                 break
-        u1 = mem(snap.pid)
+        u1 = proc_usage(snap.pid)
         res.update(
             end=done,
             fetched_bytes=n,
@@ -240,7 +231,7 @@ def trial_cpu(contender: str, ref: str, digest: str, size: int, reg: Registry, a
         res["cpu_s_per_gb"] = res["cpu_s"] / (n / 1e9) if n > 0 else None
         for _ in range(int(args.linger)):  # does the memory come back?
             time.sleep(1)
-            u = mem(snap.pid)
+            u = proc_usage(snap.pid)
             timeline.append((round(time.perf_counter() - t0, 2), n, u["cpu_s"], u["rss_bytes"]))
         res["timeline_s_bytes_cpu_rss"] = timeline
         res["cpu_s_per_gb_of_blob"] = res["cpu_s"] / (size / 1e9)
@@ -260,7 +251,7 @@ def med_p95(xs: list[float]) -> dict:
     xs = [x for x in xs if x is not None]
     if not xs:
         return {}
-    return {"median": statistics.median(xs), "p95": hb.pct(xs, 0.95), "n": len(xs)}
+    return {"median": statistics.median(xs), "p95": percentile(xs, 95), "n": len(xs)}
 
 
 def summarize(doc: dict) -> dict:
@@ -366,7 +357,52 @@ def summarize(doc: dict) -> dict:
     return out
 
 
-def main() -> int:
+#: Result name of each part.
+PART_NAMES = {"a": "daemon-cost-memory", "b": "daemon-cost-fetch"}
+
+
+def part_headline(part: str, summ: dict) -> dict:
+    """Part a: RSS growth per 100k entries and idle RSS; part b: CPU s per GB, RSS peak."""
+    keys = {
+        "a": (
+            "mount_growth_MB_per_100k_entries",
+            "total_growth_MB_per_100k_entries",
+            "rss_idle_MB",
+        ),
+        "b": ("cpu_s_per_gb", "full_fetch_s", "rss_peak_MB"),
+    }[part]
+    out: dict = {}
+    for case, per in summ[part].items():
+        for c in ("ours", "go"):
+            if c in per:
+                out.setdefault(case, {})[c] = {
+                    k: round(per[c][k]["median"], 2) for k in keys if per[c][k].get("median")
+                }
+        if "toc_entries" in per:
+            out.setdefault(case, {})["toc_entries"] = per["toc_entries"]
+    return out
+
+
+def save_parts(args: argparse.Namespace, doc: dict) -> list[Path]:
+    """One result per part measured: its trials, images and summary."""
+    if args.out:
+        return [common.save(args, doc, {})]
+    paths = []
+    for part, name in PART_NAMES.items():
+        if part not in {t["part"] for t in doc["trials"]}:
+            continue
+        d = {k: v for k, v in doc.items() if k not in ("trials", "summary", "images_a", "images_b")}
+        d["benchmark"] = name
+        d["trials"] = [t for t in doc["trials"] if t["part"] == part]
+        d["summary"] = doc["summary"][part]
+        if f"images_{part}" in doc:
+            d[f"images_{part}"] = doc[f"images_{part}"]
+        paths.append(common.write_result(name, d, part_headline(part, doc["summary"])))
+    (common.RESULTS / f"{args.name}.partial.json").unlink(missing_ok=True)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--parts", default="a,b")
@@ -380,21 +416,19 @@ def main() -> int:
         "--linger", type=float, default=0, help="part b: s of RSS samples after the end"
     )
     ap.add_argument("--fetch-timeout", type=float, default=600.0)
-    ap.add_argument("--go-bin", default="/tmp/peer/bin/containerd-stargz-grpc")
+    ap.add_argument("--go-bin", default=GO_BIN)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="")
-    args = ap.parse_args()
+    common.add_output_args(ap, "daemon-cost")
+    args = ap.parse_args(argv)
     parts = args.parts.split(",")
     nets = [n for n in args.net.split(",") if n]
     now = _dt.datetime.now(_dt.UTC)
-    out = Path(args.out or hb.RESULTS / f"daemon-cost-{now:%Y%m%d}.json")
     rng = random.Random(args.seed or int(now.timestamp()))
     t_start = time.perf_counter()
     doc: dict = {
         "benchmark": "daemon-cost",
         "date": now.isoformat(timespec="seconds"),
-        "machine": hb.machine(),
-        "src": src_state(),
+        "machine": common.machine(),
         "method": __doc__.strip().splitlines()[0],
         "params": vars(args),
         "notes": [
@@ -417,14 +451,14 @@ def main() -> int:
     def save() -> None:
         doc["summary"] = summarize(doc)
         doc["wall_s"] = time.perf_counter() - t_start
-        out.write_text(json.dumps(doc, indent=1) + "\n")
+        common.checkpoint(args, doc)
 
     with Registry.start(make_tempdir("sgz-dcreg-"), access_log=True) as reg:
         if "a" in parts:
             many = build_many_files()
             srcs = {
                 "many-files": (many, "ours"),
-                "python": (hb.CACHE / "oci" / "python", "ours-noopt"),
+                "python": (CACHE / "oci" / "python", "ours-noopt"),
             }
             doc["images_a"] = {}
             refs_a = {}
@@ -434,7 +468,7 @@ def main() -> int:
                     "layout": str(lay),
                     "tag": tag,
                     "toc_entries": toc_entries(lay, tag),
-                    "compressed_bytes": sum(x["size"] for x in hb.layers_of(lay, tag)),
+                    "compressed_bytes": sum(x["size"] for x in layers_of(lay, tag)),
                 }
             log(json.dumps(doc["images_a"]))
             for r in range(args.trials):
@@ -451,10 +485,10 @@ def main() -> int:
                     log(json.dumps(t)[:400])
                     save()
         if "b" in parts:
-            gcc = hb.CACHE / "oci" / "gcc"
+            gcc = CACHE / "oci" / "gcc"
             refs_b = {}
             for c, tag in (("ours", "ours-noopt"), ("go", "go-noopt")):
-                layers = hb.layers_of(gcc, tag)
+                layers = layers_of(gcc, tag)
                 assert len(layers) == 1, "part b expects one-layer images"
                 refs_b[c] = (
                     reg.push_oci(gcc, tag, f"dc-gcc:{tag}"),
@@ -465,7 +499,7 @@ def main() -> int:
             for net in nets:
                 if net != "off":
                     delay, rate = net.split(":")
-                    hb.netem("on", reg.port, float(delay), rate)
+                    netem("on", reg.port, float(delay), rate)
                 try:
                     for r in range(args.trials):
                         order = ["ours", "go"]
@@ -482,10 +516,11 @@ def main() -> int:
                             save()
                 finally:
                     if net != "off":
-                        hb.netem("off", reg.port)
+                        netem("off", reg.port)
     save()
     print(json.dumps(doc["summary"], indent=1))
-    print(out)
+    for path in save_parts(args, doc):
+        print(path)
     return 0
 
 

@@ -7,9 +7,9 @@ decodes every chunk ``--repeats`` times through ``decode_chunk(..., digest, excl
 MB/s are of *output* bytes. Also measured: sha256 alone, decoding on N threads at once (the
 native code releases the GIL), and what a fresh zstd context per call would cost.
 
-    python benchmarks/bench_decode.py [--mib 32] [--repeats 5] [--tree /usr/share]
+    python -m benchmarks.bench_decode [--mib 32] [--repeats 5] [--tree /usr/share]
 
-Writes ``benchmarks/results/decode-<date>.json`` and prints a summary. Never asserts speed.
+Writes ``results/decode.json`` and prints a summary. Never asserts speed.
 """
 
 from __future__ import annotations
@@ -17,11 +17,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import json
 import os
-import platform
 import statistics
-import sys
 import tarfile
 import time
 import zlib
@@ -29,17 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import zstandard
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "src"))
-
-from stargz.estargz import codec  # noqa: E402
+from benchmarks import common
+from benchmarks.common import percentile
+from stargz.estargz import codec
 
 CHUNK = 4 << 20
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
 def make_tar(tree: str, limit: int) -> bytes:
@@ -96,21 +87,21 @@ def summarize(seconds: list[float], nbytes: list[int]) -> dict:
         "calls": len(seconds),
         "mb_per_s_median": round(statistics.median(rates), 1),
         # p99 of latency = the slow tail: the 1st percentile of throughput
-        "mb_per_s_p99_slowest": round(pct(rates, 1), 1),
+        "mb_per_s_p99_slowest": round(percentile(rates, 1), 1),
         "ms_per_call_median": round(statistics.median(seconds) * 1e3, 3),
-        "ms_per_call_p99": round(pct(seconds, 99) * 1e3, 3),
+        "ms_per_call_p99": round(percentile(seconds, 99) * 1e3, 3),
         "aggregate_mb_per_s": round(sum(nbytes) / sum(seconds) / 1e6, 1),
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tree", default="/usr/lib/python3.11")
     ap.add_argument("--mib", type=int, default=32, help="tar size to cut into 4 MiB chunks")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
-    args = ap.parse_args()
+    common.add_output_args(ap, "decode")
+    args = ap.parse_args(argv)
 
     backends = {"python": codec.python}
     if codec.native is not None:
@@ -192,15 +183,8 @@ def main() -> None:
 
     doc = {
         "benchmark": "decode",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            # other work on the machine skews everything; recorded so runs can be compared
-            "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
-            "zstandard": zstandard.__version__,
-        },
+        "date": common.now_utc(),
+        "machine": common.machine(zstandard=zstandard.__version__),
         "params": {
             "tree": args.tree,
             "tar_bytes": len(tar),
@@ -212,10 +196,11 @@ def main() -> None:
         },
         "results": results,
     }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"decode-{time.strftime('%Y%m%d')}.json")
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=2)
+    headline = {
+        k: v["mb_per_s_median"] if isinstance(v, dict) else v for k, v in results["decode"].items()
+    }
+    headline["sha256"] = {k: v["mb_per_s_median"] for k, v in results["sha256"].items()}
+    path = common.save(args, doc, headline)
 
     head = f"{'median':>8} {'p99 slow':>9} {'ms med':>8} {'ms p99':>8}"
     print(f"\n{'decode+verify (output MB/s)':34} {head}")

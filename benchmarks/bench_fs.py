@@ -15,9 +15,9 @@ Measured:
 - notify_store: reading prefetched files with and without pushing them into the page
   cache on open (time and FUSE read requests).
 
-    .venv/bin/python benchmarks/bench_fs.py [--quick] [--out FILE]
+    python -m benchmarks.bench_fs [--quick]
 
-Needs root and /dev/fuse. JSON goes to benchmarks/results/fs-<date>.json.
+Needs root and /dev/fuse. Writes ``results/fs.json``.
 """
 
 from __future__ import annotations
@@ -25,12 +25,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import io
 import json
 import mmap
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -40,17 +38,12 @@ import tarfile
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "src"))
+from benchmarks import common
+from benchmarks.common import REPO, percentile
 
 BIG = "big/libs.bin"
 BIG_SIZE = 64 << 20
 TREE = "/usr/lib/python3.11"
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
 # --- the layer ---------------------------------------------------------------------------
@@ -137,7 +130,7 @@ async def _serve(a: argparse.Namespace) -> None:
             elif line == "wait-fetched":
                 while not layer.fully_fetched:
                     await asyncio.sleep(0.05)
-                while layer.inflight:
+                while layer.fetcher.inflight:
                     await asyncio.sleep(0.01)
                 reply(fetched=True, seconds=layer.metrics.as_dict())
     finally:
@@ -147,7 +140,8 @@ async def _serve(a: argparse.Namespace) -> None:
 class Server:
     def __init__(self, spec: dict) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--serve", json.dumps(spec)],
+            [sys.executable, "-m", "benchmarks.bench_fs", "--serve", json.dumps(spec)],
+            cwd=REPO,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -206,8 +200,8 @@ def random_reads(path: str, n: int, *, direct: bool, seed: int = 1) -> dict:
         os.close(fd)
     return {
         "n": n,
-        "p50_us": round(pct(lat, 50), 1),
-        "p99_us": round(pct(lat, 99), 1),
+        "p50_us": round(percentile(lat, 50), 1),
+        "p99_us": round(percentile(lat, 99), 1),
         "mean_us": round(statistics.fmean(lat), 1),
         "lat": lat,
     }
@@ -253,12 +247,12 @@ def small_files(root: str, k: int, seed: int = 2) -> list[str]:
 # --- the run -----------------------------------------------------------------------------
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--serve", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="fewer samples")
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args()
+    common.add_output_args(ap, "fs")
+    a = ap.parse_args(argv)
     if a.serve:
         import uvloop
 
@@ -350,8 +344,8 @@ def main() -> int:
                 if lat:
                     r[f"random_4k_{kind}" + ("_cold" if kind == "buffered" else "")] = {
                         "n": len(lat),
-                        "p50_us": round(pct(lat, 50), 1),
-                        "p99_us": round(pct(lat, 99), 1),
+                        "p50_us": round(percentile(lat, 50), 1),
+                        "p99_us": round(percentile(lat, 99), 1),
                         "mean_us": round(statistics.fmean(lat), 1),
                     }
             r["sequential"] = {
@@ -398,8 +392,8 @@ def main() -> int:
             after = s.ask("metrics")
             first[f"latency_{latency_ms}ms"] = {
                 "files": len(files),
-                "first_byte_ms_p50": round(pct(lat, 50), 3),
-                "first_byte_ms_p99": round(pct(lat, 99), 3),
+                "first_byte_ms_p50": round(percentile(lat, 50), 3),
+                "first_byte_ms_p99": round(percentile(lat, 99), 3),
                 "bytes_read_by_workload": read_bytes,
                 "bytes_fetched": after["source_bytes"],
                 "fetch_requests": after["source_requests"],
@@ -497,24 +491,23 @@ def main() -> int:
 
     doc = {
         "benchmark": "fs",
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": {
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-        },
+        "date": common.now_utc(),
+        "machine": common.machine(),
         "params": {"random_reads": n_rand, "sequential_repeats": reps, "quick": a.quick},
         "results": results,
     }
-    out = a.out or os.path.join(
-        ROOT,
-        "benchmarks",
-        "results",
-        f"fs-{datetime.datetime.now(datetime.UTC).strftime('%Y%m%d')}.json",
-    )
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(doc, f, indent=1)
+    full = results["fully_fetched"]
+    headline = {
+        k: {
+            "random_4k_odirect_p50_us": full[k].get("random_4k_odirect", {}).get("p50_us"),
+            "sequential_MB_s": full[k]["sequential"]["mb_per_s_median"],
+        }
+        for k in ("stargz_fuse", "plain_dir", "overlayfs")
+    }
+    headline["first_byte_ms_p50"] = {
+        k: v["first_byte_ms_p50"] for k, v in results["first_byte"].items()
+    }
+    out = common.save(a, doc, headline)
     print(json.dumps(doc, indent=1))
     print(f"written to {out}", file=sys.stderr)
     return 0

@@ -1,20 +1,19 @@
-"""The FUSE session alone: a trivial file system on `stargz.fs.session` (one file of
+"""The FUSE session alone: a trivial file system on `stargz.fuse` (one file of
 zeros, answered from memory) and the round trip of one 4 KiB read through it.
 
 This is the floor under every read our daemon serves: the kernel, the loop wake-up, our
 request decoding and the reply. The reader runs in another process (no shared GIL), with
 ``O_DIRECT`` (every read reaches the daemon) and buffered after dropping the page cache.
 
-    .venv/bin/python benchmarks/bench_fuse_session.py [--reads 20000] [--loop uvloop|asyncio]
+    python -m benchmarks.bench_fuse_session [--reads 20000] [--loop uvloop|asyncio]
 
-Needs root and /dev/fuse. JSON: benchmarks/results/fuse-session-<date>.json.
+Needs root and /dev/fuse. Writes ``results/fuse-session.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as _dt
 import errno
 import json
 import os
@@ -23,14 +22,14 @@ import subprocess
 import sys
 import tempfile
 import threading
-from pathlib import Path
 
-from stargz.fs.kernel import EntryAttributes, FileInfo, FUSEError, StatvfsData
-from stargz.fs.session import Session
+from stargz.fuse import EntryAttributes, FileInfo, FUSEError, Session, StatvfsData, mount
+
+# isort: split
+from benchmarks import common
 
 SIZE = 256 << 20
 ZERO = bytes(1 << 20)
-RESULTS = Path(__file__).resolve().parent / "results"
 
 READER = r"""
 import mmap, os, random, sys, time, json
@@ -99,12 +98,12 @@ class ZeroFS:
         return []
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reads", type=int, default=20000)
     ap.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
-    ap.add_argument("--out", default="")
-    args = ap.parse_args()
+    common.add_output_args(ap, "fuse-session")
+    args = ap.parse_args(argv)
     if args.loop == "uvloop":
         import uvloop
 
@@ -112,17 +111,15 @@ def main() -> int:
     else:
         loop = asyncio.new_event_loop()
     mp = tempfile.mkdtemp(prefix="sgz-fuse-bench-")
-    session = Session(ZeroFS(), mp)
-    session.mount()
+    session = Session(ZeroFS(), mount(mp))
     session.start(loop)
     th = threading.Thread(target=loop.run_forever, daemon=True)
     th.start()
     out: dict = {
         "benchmark": "fuse-session",
-        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "date": common.now_utc(),
+        "machine": common.machine(),
         "loop": args.loop,
-        "load_avg_1m": os.getloadavg()[0],
-        "cpus": os.cpu_count(),
     }
     try:
         for name, direct in (("direct", "1"), ("buffered", "0")):
@@ -139,9 +136,9 @@ def main() -> int:
         loop.call_soon_threadsafe(loop.stop)
         th.join(5)
         os.rmdir(mp)
-    print(json.dumps(out, indent=1))
-    dest = Path(args.out or RESULTS / f"fuse-session-{_dt.date.today():%Y%m%d}.json")
-    dest.write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in out.items() if k != "machine"}, indent=1))
+    headline = {k: out[f"rand4k_{k}"]["p50_us"] for k in ("direct", "buffered")}
+    common.log(f"wrote {common.save(args, out, headline)}")
     return 0
 
 

@@ -15,7 +15,9 @@ For each contender (its own fresh daemon + containerd; overlayfs = ``ctr i pull`
    own cost without the disk;
 5. daemon RSS after mount and after the full fetch, CPU seconds for the full fetch.
 
-    .venv/bin/python benchmarks/bench_hello_readpath.py [--trials 3] [--net 5:200mbit]
+    python -m benchmarks.bench_hello_readpath [--trials 3] [--net 5:200mbit]
+
+Writes ``results/hellobench-readpath.json`` (progress in ``.partial.json`` while it runs).
 """
 
 from __future__ import annotations
@@ -26,17 +28,24 @@ import json
 import mmap
 import os
 import random
+import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_hellobench as hb  # noqa: E402
-from harness.procs import Containerd, Registry, StargzDaemon, make_tempdir, mounted_image, run  # noqa: E402
+from benchmarks import common
+from benchmarks.common import CACHE, log, percentile, proc_usage
+from benchmarks.peer import GO_BIN, NO_FETCH, GoDaemon, netem
+from tests.harness.procs import (
+    Containerd,
+    Registry,
+    StargzDaemon,
+    make_tempdir,
+    mounted_image,
+    run,
+)
 
-NO_FETCH_OURS = "noprefetch = true\nno_background_fetch = true\n"
-NO_FETCH_GO = "noprefetch = true\nno_background_fetch = true\n"
 #: ours with FUSE passthrough on (off by default, as in Go).
 PASSTHROUGH = "[fuse]\npassthrough = true\n"
 CONTENDERS = ("ours", "ours-pt", "go", "overlayfs")
@@ -69,7 +78,8 @@ def read_all(files: list[tuple[str, int]]) -> int:
 
 
 def q(xs: list[float], p: float) -> float:
-    return hb.pct(xs, p)
+    """Percentile ``p`` given as a fraction (0.5, 0.99)."""
+    return percentile(xs, p * 100)
 
 
 def rand_reads(paths: list[tuple[str, int]], n: int, direct: bool, rng: random.Random) -> dict:
@@ -103,15 +113,15 @@ def one(
     res: dict = {"contender": contender}
     try:
         if contender in ("ours", "ours-pt"):
-            cfg = NO_FETCH_OURS + (PASSTHROUGH if contender == "ours-pt" else "")
+            cfg = NO_FETCH + (PASSTHROUGH if contender == "ours-pt" else "")
             snap = StargzDaemon.start(make_tempdir("sgz-rp-"), config_text=cfg, log_level="info")
         elif contender == "go":
-            snap = hb.GoDaemon.start(go_bin, reg.host, extra_toml=NO_FETCH_GO)
+            snap = GoDaemon.start(go_bin, reg.host, extra_toml=NO_FETCH)
         cd = Containerd.start(snap.address if snap else str(dummy / "none.sock"))
         try:
             ref = refs[contender]
             a = ["-a", cd.address, "-n", "rp"]
-            hb.netem("on", reg.port, delay, rate)
+            netem("on", reg.port, delay, rate)
             try:
                 if contender == "overlayfs":
                     run(["ctr", *a, "i", "pull", "--plain-http", ref], timeout=1800)
@@ -122,7 +132,7 @@ def one(
                 ) as root:
                     files = regular_files(root)
                     if snap:
-                        res["rss_after_mount_bytes"] = hb.proc_usage(snap.pid).get("rss_bytes")
+                        res["rss_after_mount_bytes"] = proc_usage(snap.pid).get("rss_bytes")
                     cands = [f for f in files if 16384 <= f[1] <= 4 << 20]
                     pick = rng.sample(cands, min(30, len(cands)))
                     fb = []
@@ -136,15 +146,15 @@ def one(
                         "p50": q(fb, 0.5) * 1e3,
                         "p99": q(fb, 0.99) * 1e3,
                     }
-                    u0 = hb.proc_usage(snap.pid) if snap else {}
+                    u0 = proc_usage(snap.pid) if snap else {}
                     t0 = time.perf_counter()
                     nbytes = read_all(files)
                     res["full_fetch"] = {"bytes": nbytes, "s": time.perf_counter() - t0}
                     if snap:
-                        u1 = hb.proc_usage(snap.pid)
+                        u1 = proc_usage(snap.pid)
                         res["full_fetch"]["daemon_cpu_s"] = u1["cpu_s"] - u0["cpu_s"]
                         res["rss_after_full_fetch_bytes"] = u1["rss_bytes"]
-                    hb.netem("off", reg.port)
+                    netem("off", reg.port)
                     drop_caches()
                     t0 = time.perf_counter()
                     nbytes = read_all(files)
@@ -166,35 +176,45 @@ def one(
                     res["rand4k_direct_hot"] = rand_reads(big, 2000, True, rng)
                     res["files"] = len(files)
             finally:
-                hb.netem("off", reg.port)
+                netem("off", reg.port)
         finally:
             cd.close()
     finally:
         if snap:
             snap.close()
-        import shutil
-
         shutil.rmtree(dummy, ignore_errors=True)
     return res
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
+def headline(summ: dict) -> dict:
+    """Per contender: 4 KiB random read p50 (buffered, O_DIRECT, hot), sequential MB/s."""
+    keys = (
+        "rand4k_buffered_p50_us",
+        "rand4k_direct_p50_us",
+        "rand4k_direct_hot_p50_us",
+        "sequential_big_MB_s",
+        "sequential_MB_s",
+        "first_byte_p50_ms",
+    )
+    return {c: {k: round(v[k], 1) for k in keys if v.get(k) is not None} for c, v in summ.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--image", default="python")
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--net", default="5:200mbit")
-    ap.add_argument("--go-bin", default="/tmp/peer/bin/containerd-stargz-grpc")
-    ap.add_argument("--out", default="")
+    ap.add_argument("--go-bin", default=GO_BIN)
     ap.add_argument("--contenders", default=",".join(CONTENDERS))
-    args = ap.parse_args()
+    common.add_output_args(ap, "hellobench-readpath")
+    args = ap.parse_args(argv)
     delay, rate = args.net.split(":")
     now = _dt.datetime.now(_dt.UTC)
-    out = Path(args.out or hb.RESULTS / f"hellobench-readpath-{now:%Y%m%d-%H%M}.json")
-    d = hb.CACHE / "oci" / args.image
+    d = CACHE / "oci" / args.image
     doc: dict = {
         "benchmark": "hellobench-readpath",
         "date": now.isoformat(timespec="seconds"),
-        "machine": hb.machine(),
+        "machine": common.machine(),
         "image": args.image,
         "network_for_first_byte": {"one_way_delay_ms": float(delay), "rate": rate},
         "notes": [
@@ -222,8 +242,8 @@ def main() -> int:
                     t = {"contender": c, "error": repr(e)[-2000:]}
                 t["round"] = r
                 doc["trials"].append(t)
-                hb.log(json.dumps(t)[:600])
-                out.write_text(json.dumps(doc, indent=1) + "\n")
+                log(json.dumps(t)[:600])
+                common.checkpoint(args, doc)
     summ: dict = {}
     for c in CONTENDERS:
         ts = [t for t in doc["trials"] if t["contender"] == c and "error" not in t]
@@ -256,8 +276,9 @@ def main() -> int:
             ),
         }
     doc["summary"] = summ
-    out.write_text(json.dumps(doc, indent=1) + "\n")
+    out = common.save(args, doc, headline(summ))
     print(json.dumps(summ, indent=1))
+    log(f"wrote {out}")
     return 0
 
 

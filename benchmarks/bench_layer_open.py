@@ -2,7 +2,7 @@
 
 What our daemon does before it can parse a layer's TOC (``StargzFileSystem._acquire``):
 ``RegistryLayerSource.resolve`` -> ``RegistryClient.open_blob`` (a ``GET`` probe that
-learns the size and any redirect), then ``stargz.fs.layer.fetch_tail`` (the last bytes of
+learns the size and any redirect), then ``stargz.fs.layer_open.fetch_tail`` (the last bytes of
 the blob: footer + TOC, one or two more GETs unless the probe already brought them).
 
 A real docker-registry (tests/harness) behind ``../shared/tools/netem`` (delay + rate on
@@ -24,12 +24,12 @@ on disk. Modes are ``NAME=PROBE_BYTES``: the ``tail_probe_size`` the client prob
 (0 = the old ``Range: bytes=0-0`` probe, the tail fetched afterwards; ``default`` =
 ``client.TAIL_PROBE_SIZE``). Every round runs each (layer, mode) once, in shuffled order.
 
-    sudo .venv/bin/python benchmarks/bench_layer_open.py [--trials 15]
+    python -m benchmarks.bench_layer_open [--trials 15]
         [--net 5:200mbit,0.5:1000mbit] [--modes old=0,new=default,fused64k=65536]
-        [--images python/ours-opt,oci-corners/esgz,...] [--out FILE.json]
+        [--images python/ours-opt,oci-corners/esgz,...]
 
-``--net`` takes ONE_WAY_DELAY_MS:RATE pairs (RTT = 2 x delay). JSON goes to
-``benchmarks/results/layer-open-<date>.json`` (``--out`` to choose).
+``--net`` takes ONE_WAY_DELAY_MS:RATE pairs (RTT = 2 x delay). Writes
+``results/layer-open.json``.
 """
 
 from __future__ import annotations
@@ -39,37 +39,26 @@ import datetime as _dt
 import inspect
 import json
 import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "src"))
-
 import aiohttp  # noqa: E402
 import uvloop  # noqa: E402
-from harness.procs import Registry, make_tempdir, run, shared_dir  # noqa: E402
 
+from benchmarks import common
+from benchmarks.common import CACHE, percentile
+from benchmarks.peer import netem
 from stargz.estargz.footer import parse_footer  # noqa: E402
-from stargz.fs.layer import fetch_tail  # noqa: E402
+from stargz.fs.layer_open import fetch_tail  # noqa: E402
 from stargz.fs.registry import RegistryLayerSource  # noqa: E402
 from stargz.remote import RegistryClient  # noqa: E402
 from stargz.remote import client as client_mod  # noqa: E402
-
-CACHE = Path(os.environ.get("STARGZ_BENCH_CACHE", "/var/cache/stargz-bench"))
-RESULTS = REPO / "benchmarks" / "results"
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
-
+from stargz.remote import transport as transport_mod  # noqa: E402
+from tests.harness.procs import Registry, make_tempdir, run, shared_dir
 
 # ---------------------------------------------------------------- image
 
@@ -98,48 +87,6 @@ def blob_path(layout: Path, digest: str) -> Path:
 
 
 # ---------------------------------------------------------------- network
-
-
-def netem(action: str, port: int, delay_ms: float = 0, rate: str = "") -> None:
-    """../shared/tools/netem on the registry port. netem.sh takes whole milliseconds; for a
-    fractional one-way delay its delay program (by the pid it recorded) is replaced by the
-    same binary with the delay in microseconds."""
-    peer = Path(os.environ.get("PEER_DIR", "/tmp/peer"))
-    env = dict(
-        os.environ,
-        PEER_PORT=str(port),
-        DELAY_MS=str(max(1, round(delay_ms))) if delay_ms else "0",
-        RATE=rate or "1000mbit",
-        PEER_DIR=str(peer),
-    )
-    run(["bash", str(shared_dir() / "tools" / "netem" / "netem.sh"), action], env=env, timeout=300)
-    if action == "on" and delay_ms and delay_ms != round(delay_ms):
-        pidf = peer / "netem-delay.pid"
-        old = int(pidf.read_text())
-        os.kill(old, 15)
-        for _ in range(50):
-            if not Path(f"/proc/{old}").exists():
-                break
-            time.sleep(0.1)
-        with open(peer / "netem-delay.log", "ab") as lg:
-            p = subprocess.Popen(
-                [
-                    "chrt",
-                    "-f",
-                    "20",
-                    str(peer / "bin" / "nfq-delay"),
-                    os.environ.get("QNUM", "5001"),
-                    str(int(delay_ms * 1000)),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=lg,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        pidf.write_text(f"{p.pid}\n")
-        time.sleep(0.3)
-        if p.poll() is not None:
-            raise RuntimeError("nfq-delay did not start; see netem-delay.log")
 
 
 def measure_rtt(host: str) -> float:
@@ -200,7 +147,7 @@ def new_client(probe: int | None) -> tuple[RegistryClient, dict]:
     tc.on_connection_reuseconn.append(reused)
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=64),
-        headers={"User-Agent": client_mod.USER_AGENT, "Accept-Encoding": "identity"},
+        headers={"User-Agent": transport_mod.USER_AGENT, "Accept-Encoding": "identity"},
         auto_decompress=False,
         timeout=aiohttp.ClientTimeout(total=None),
         trace_configs=[tc],
@@ -253,33 +200,13 @@ def summarize(trials: list[dict], keys=("resolve_s", "tail_s", "total_s")) -> di
         xs = [t[k] for t in trials]
         out[k] = {
             "median_ms": round(statistics.median(xs) * 1000, 2),
-            "p95_ms": round(pct(xs, 95) * 1000, 2),
+            "p95_ms": round(percentile(xs, 95) * 1000, 2),
             "min_ms": round(min(xs) * 1000, 2),
         }
     for k in ("requests", "registry_gets", "connections", "bytes"):
         vals = sorted({t[k] for t in trials if k in t})
         out[k] = vals[0] if len(vals) == 1 else vals
     return out
-
-
-def machine() -> dict:
-    cpu = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "kernel": platform.release(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "aiohttp": aiohttp.__version__,
-        "uvloop": uvloop.__version__,
-        "registry": run(["docker-registry", "--version"], check=False).stdout.strip(),
-        "tcp_congestion": Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip(),
-        "note": "shared 2-core VM; other jobs may run concurrently, numbers are noisy",
-    }
 
 
 def parse_modes(spec: str) -> list[tuple[str, int | None]]:
@@ -290,8 +217,8 @@ def parse_modes(spec: str) -> list[tuple[str, int | None]]:
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=15)
     ap.add_argument("--net", default="5:200mbit,0.5:1000mbit")
     ap.add_argument("--modes", default="old=0,new=default,fused64k=65536")
@@ -301,13 +228,12 @@ def main() -> int:
         help="LAYOUT/TAG[:small] list; the biggest (smallest) layer of each is opened "
         "(python: the HelloBench cache, skipped if absent; oci-*: ../shared/fixtures)",
     )
-    ap.add_argument("--out", default="")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    common.add_output_args(ap, "layer-open")
+    args = ap.parse_args(argv)
     modes = parse_modes(args.modes)
     nets = [n.split(":") for n in args.net.split(",") if n]
     now = _dt.datetime.now(_dt.UTC)
-    out_path = Path(args.out or RESULTS / f"layer-open-{now:%Y%m%d}.json")
     rng = random.Random(args.seed or int(now.timestamp()))
     layers = {}
     for spec in args.images.split(","):
@@ -327,7 +253,12 @@ def main() -> int:
     doc: dict = {
         "benchmark": "layer-open",
         "date": now.isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": common.machine(
+            aiohttp=aiohttp.__version__,
+            uvloop=uvloop.__version__,
+            registry=common.tool_version(["docker-registry", "--version"]),
+            tcp_congestion=Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip(),
+        ),
         "method": __doc__.strip().splitlines()[0],
         "images": {
             spec: {
@@ -397,10 +328,15 @@ def main() -> int:
                 for name, _ in modes
             }
             doc["networks"].append(net)
-            out_path.write_text(json.dumps(doc, indent=1) + "\n")
+            common.checkpoint(args, doc)
     loop.close()
     ex.shutdown()
-    print(f"wrote {out_path}")
+    headline = {
+        f"{net['one_way_delay_ms']}ms/{name}": s["total_s"]["median_ms"]
+        for net in doc["networks"]
+        for name, s in net["summary"].items()
+    }
+    print(f"wrote {common.save(args, doc, headline)}")
     for net in doc["networks"]:
         print(f"--- {net['one_way_delay_ms']} ms one way, {net['rate']}")
         for name, s in net["summary"].items():

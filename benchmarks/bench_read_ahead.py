@@ -1,7 +1,7 @@
 """Sequential reads of large files through our FUSE mount, next-chunk read-ahead on vs off.
 
 Each chunk of a layer is its own cache file, so the disk's read-ahead stops at every chunk
-(4 MiB). `stargz.fs.layer.READ_AHEAD_NEXT_CHUNK` has the next chunk's file read ahead when a
+(4 MiB). `FsOptions.read_ahead_next_chunk` has the next chunk's file read ahead when a
 sequential reader passes the middle of a chunk. This mounts the HelloBench python layer
 (``ours-noopt``, from /var/cache/stargz-bench, built by bench_hellobench.py) in-process from
 its OCI layout, reads every file once (all chunks cached), then times reading the 8 largest
@@ -9,16 +9,15 @@ files with 1 MiB reads after dropping the page cache, the two settings interleav
 round, straight through the FUSE mount and through a read-only overlayfs on top of it (as
 containerd stacks it).
 
-    .venv/bin/python benchmarks/bench_read_ahead.py [--rounds 6]
+    python -m benchmarks.bench_read_ahead [--rounds 6]
 
-Needs root. JSON: benchmarks/results/read-ahead-<date>.json.
+Needs root. Writes ``results/read-ahead.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as _dt
 import json
 import os
 import shutil
@@ -31,12 +30,13 @@ from pathlib import Path
 
 import uvloop
 
-import stargz.fs.layer as layer_mod
 from stargz.fs import FsOptions, LocalLayerSource, StargzFileSystem
 from stargz.fs.source import STARGZ_DIGEST_LABEL, STARGZ_REFERENCE_LABEL, TOC_DIGEST_LABEL
 
-OCI = Path(os.environ.get("STARGZ_BENCH_CACHE", "/var/cache/stargz-bench")) / "oci" / "python"
-RESULTS = Path(__file__).resolve().parent / "results"
+# isort: split
+from benchmarks import common
+
+OCI = common.CACHE / "oci" / "python"
 
 
 def drop_caches() -> None:
@@ -64,11 +64,11 @@ def largest_layer(tag: str) -> dict:
     return max(manifest["layers"], key=lambda x: x["size"])
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--out", default="")
-    args = ap.parse_args()
+    common.add_output_args(ap, "read-ahead")
+    args = ap.parse_args(argv)
     layer = largest_layer("ours-noopt")
     labels = {
         STARGZ_REFERENCE_LABEL: "bench/python:ours-noopt",
@@ -116,7 +116,8 @@ def main() -> int:
         big_ov = [p.replace(str(mp), str(ov), 1) for p in big]
         for _ in range(args.rounds):
             for setting in ("on", "off"):
-                layer_mod.READ_AHEAD_NEXT_CHUNK = setting == "on"
+                # (the switch the option sets, flipped on the open layer between rounds)
+                fs.layer(layer["digest"]).reads.read_ahead = setting == "on"
                 for where, paths in (("fuse", big), ("overlay", big_ov)):
                     drop_caches()
                     t0 = time.perf_counter()
@@ -125,7 +126,6 @@ def main() -> int:
                         n / (time.perf_counter() - t0) / 1e6
                     )
     finally:
-        layer_mod.READ_AHEAD_NEXT_CHUNK = True
         if stacked:
             subprocess.run(["umount", str(ov)], check=False)
         run(fs.close())
@@ -134,16 +134,15 @@ def main() -> int:
         shutil.rmtree(base, ignore_errors=True)
     out = {
         "benchmark": "read-ahead",
-        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "date": common.now_utc(),
+        "machine": common.machine(),
         "method": "8 largest files of the python layer, 1 MiB reads, page cache dropped; "
         "next-chunk read-ahead on/off interleaved per round",
-        "load_avg_1m": os.getloadavg()[0],
         "MB_s": {k: [round(x) for x in v] for k, v in res.items()},
         "median_MB_s": {k: round(statistics.median(v)) for k, v in res.items()},
     }
-    print(json.dumps(out, indent=1))
-    dest = Path(args.out or RESULTS / f"read-ahead-{_dt.date.today():%Y%m%d}.json")
-    dest.write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in out.items() if k != "machine"}, indent=1))
+    common.log(f"wrote {common.save(args, out, out['median_MB_s'])}")
     return 0
 
 

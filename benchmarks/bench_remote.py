@@ -17,9 +17,9 @@ Note: distribution's filesystem driver reads 4 MiB from disk for every blob GET 
 file-reader buffer), so each request costs the server several ms whatever its range;
 coalescing ranges into one request is what wins against a real registry.
 
-    .venv/bin/python benchmarks/bench_remote.py [--seconds 3] [--concurrency 1,8,32]
+    python -m benchmarks.bench_remote [--seconds 3] [--concurrency 1,8,32]
 
-JSON goes to ``benchmarks/results/remote-<date>.json``.
+Writes ``results/remote.json``.
 """
 
 from __future__ import annotations
@@ -28,91 +28,37 @@ import argparse
 import asyncio
 import hashlib
 import http.client
-import json
-import os
-import platform
 import random
-import shutil
-import signal
-import socket
-import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import urllib.request
 from urllib.parse import urljoin
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "src"))
+import aiohttp
+import uvloop
 
-import aiohttp  # noqa: E402
-import uvloop  # noqa: E402
-
-from stargz.remote import BlobOptions, RegistryClient  # noqa: E402
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+from benchmarks import common
+from benchmarks.common import percentile
+from stargz.remote import BlobOptions, RegistryClient
+from tests.harness.procs import Registry, make_tempdir
 
 
-class Registry:
-    def __init__(self, base: str) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.host = f"127.0.0.1:{s.getsockname()[1]}"
-        cfg = os.path.join(base, "config.yml")
-        with open(cfg, "w") as f:
-            f.write(
-                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
-                f"storage:\n  filesystem:\n    rootdirectory: {base}/storage\n"
-                f"http:\n  addr: {self.host}\n"
-            )
-        self.log = open(os.path.join(base, "registry.log"), "wb")
-        binary = shutil.which("docker-registry") or "/usr/bin/docker-registry"
-        self.proc = subprocess.Popen(
-            [binary, "serve", cfg], stdout=self.log, stderr=subprocess.STDOUT
-        )
-        deadline = time.time() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"docker-registry exited; see {base}/registry.log")
-            try:
-                with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2):
-                    return
-            except OSError:
-                if time.time() > deadline:
-                    raise RuntimeError("docker-registry did not answer within 30 s") from None
-                time.sleep(0.05)
-
-    def push_blob(self, repo: str, data: bytes) -> str:
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        req = urllib.request.Request(
-            f"http://{self.host}/v2/{repo}/blobs/uploads/", data=b"", method="POST"
-        )
-        with urllib.request.urlopen(req) as r:
-            loc = urljoin(f"http://{self.host}/", r.headers["Location"])
-        sep = "&" if "?" in loc else "?"
-        req = urllib.request.Request(
-            f"{loc}{sep}digest={digest}",
-            data=data,
-            method="PUT",
-            headers={"Content-Type": "application/octet-stream"},
-        )
-        with urllib.request.urlopen(req) as r:
-            assert r.status == 201
-        return digest
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+def push_blob(host: str, repo: str, data: bytes) -> str:
+    """Upload ``data`` as a blob of ``repo`` (monolithic POST + PUT); returns its digest."""
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    req = urllib.request.Request(f"http://{host}/v2/{repo}/blobs/uploads/", data=b"", method="POST")
+    with urllib.request.urlopen(req) as r:
+        loc = urljoin(f"http://{host}/", r.headers["Location"])
+    sep = "&" if "?" in loc else "?"
+    req = urllib.request.Request(
+        f"{loc}{sep}digest={digest}",
+        data=data,
+        method="PUT",
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    with urllib.request.urlopen(req) as r:
+        assert r.status == 201
+    return digest
 
 
 def summarize(
@@ -126,8 +72,8 @@ def summarize(
         "requests_per_s": round(requests / secs, 1),
         "ranges_per_s": round(ranges / secs, 1),
         "mb_per_s": round(nbytes / secs / 1e6, 2),
-        "ms_per_call_p50": round(statistics.median(lat) * 1000, 2),
-        "ms_per_call_p99": round(pct(lat, 99) * 1000, 2),
+        "ms_per_call_p50": round(common.median(lat) * 1000, 2),
+        "ms_per_call_p99": round(percentile(lat, 99) * 1000, 2),
         # CPU time of this (client) process only; the registry is another process
         "client_cpu_us_per_request": round(cpu / max(requests, 1) * 1e6, 1),
         "client_cpu_us_per_range": round(cpu / max(ranges, 1) * 1e6, 1),
@@ -224,7 +170,7 @@ async def ours(
         return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--blob-mib", type=int, default=64)
     ap.add_argument("--range-size", type=int, default=50_000)
@@ -233,15 +179,15 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     ap.add_argument("--check", action="store_true", help="compare every read with the blob")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    common.add_output_args(ap, "remote")
+    args = ap.parse_args(argv)
     concs = [int(x) for x in args.concurrency.split(",")]
 
-    base = tempfile.mkdtemp(prefix="bench-remote-")
-    reg = Registry(base)
+    base = make_tempdir("bench-remote-")
+    reg = Registry.start(base)
     try:
         data = random.Random(42).randbytes(args.blob_mib << 20)
-        digest = reg.push_blob("bench", data)
+        digest = push_blob(reg.host, "bench", data)
         ref = f"{reg.host}/bench"
         path = f"/v2/bench/blobs/{digest}"
         results: dict[str, dict] = {}
@@ -271,20 +217,14 @@ def main() -> None:
                 key = f"{mode}/c{conc}"
                 results[key] = r
                 print(key, r, flush=True)
-        ver = subprocess.run(
-            ["docker-registry", "--version"], capture_output=True, text=True
-        ).stdout.strip()
         doc = {
             "benchmark": "remote",
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": {
-                "python": platform.python_version(),
-                "platform": platform.platform(),
-                "cpus": os.cpu_count(),
-                "aiohttp": aiohttp.__version__,
-                "uvloop": uvloop.__version__,
-                "registry": ver,
-            },
+            "date": common.now_utc(),
+            "machine": common.machine(
+                aiohttp=aiohttp.__version__,
+                uvloop=uvloop.__version__,
+                registry=common.tool_version(["docker-registry", "--version"]),
+            ),
             "params": {
                 "blob_bytes": len(data),
                 "range_size": args.range_size,
@@ -301,16 +241,10 @@ def main() -> None:
             ),
             "results": results,
         }
-        out = args.out or os.path.join(
-            ROOT, "benchmarks", "results", f"remote-{time.strftime('%Y%m%d')}.json"
-        )
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(doc, f, indent=2)
-        print("wrote", out)
+        headline = {k: r["ranges_per_s"] for k, r in results.items()}
+        print("wrote", common.save(args, doc, headline))
     finally:
-        reg.stop()
-        shutil.rmtree(base, ignore_errors=True)
+        reg.close()  # (removes its work dir)
 
 
 if __name__ == "__main__":

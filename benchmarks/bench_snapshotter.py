@@ -14,20 +14,17 @@ Two measurements, each with its baseline beside it:
    daemon, and through containerd's snapshots service for overlayfs and for stargz (what a
    containerd client sees; the difference is the proxy hop plus our daemon).
 
-    sudo python benchmarks/bench_snapshotter.py [--trials 7] [--ops 1000]
+    python -m benchmarks.bench_snapshotter [--trials 7] [--ops 1000]
 
 Needs root, containerd, runc, docker-registry and skopeo (ci/setup.sh installs them).
-Writes ``benchmarks/results/snapshotter-<date>.json`` and prints a summary. Never asserts.
+Writes ``results/snapshotter.json`` and prints a summary. Never asserts.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gzip
-import json
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -37,38 +34,23 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
-
-from harness import Containerd, Registry, StargzDaemon, make_tempdir, shared_dir  # noqa: E402
-from harness.oci import build_image, find_manifest  # noqa: E402
-
-from stargz.service.proto.containerd.services.snapshots.v1 import (  # noqa: E402
+from benchmarks import common
+from benchmarks.common import percentile
+from stargz.service.proto.containerd.services.snapshots.v1 import (
     snapshots_pb2 as pb,
 )
-from stargz.service.proto.containerd.services.snapshots.v1 import (  # noqa: E402
+from stargz.service.proto.containerd.services.snapshots.v1 import (
     snapshots_pb2_grpc as pb_grpc,
 )
+from tests.harness import Containerd, Registry, StargzDaemon, make_tempdir, shared_dir
+from tests.harness.oci import build_image, find_manifest
 
 SNAPSHOTTERS = ("overlayfs", "stargz")
 NS = "bench"
 
 
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
-
-
 def summary(xs: list[float]) -> dict[str, float]:
-    return {
-        "n": len(xs),
-        "median": statistics.median(xs),
-        "p95": pct(xs, 95),
-        "p99": pct(xs, 99),
-        "mean": statistics.fmean(xs),
-        "min": min(xs),
-        "max": max(xs),
-    }
+    return {**common.summary(xs), "mean": statistics.fmean(xs)}
 
 
 def multi_layer_image(workdir: Path) -> Path:
@@ -197,17 +179,21 @@ def latency(stub: pb_grpc.SnapshotsStub, snapshotter: str, ops: int, tag: str) -
         stub.Remove(pb.RemoveSnapshotRequest(snapshotter=sn, key=f"{tag}-n{i}"), metadata=md)
     stub.Remove(pb.RemoveSnapshotRequest(snapshotter=sn, key=base), metadata=md)
     return {
-        k: {"p50_ms": pct(v, 50), "p99_ms": pct(v, 99), "mean_ms": statistics.fmean(v)}
+        k: {
+            "p50_ms": percentile(v, 50),
+            "p99_ms": percentile(v, 99),
+            "mean_ms": statistics.fmean(v),
+        }
         for k, v in samples.items()
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=7, help="pull+run trials per snapshotter")
     ap.add_argument("--ops", type=int, default=1000, help="Prepare/Commit/Stat per series")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    args = ap.parse_args()
+    common.add_output_args(ap, "snapshotter")
+    args = ap.parse_args(argv)
     if os.geteuid() != 0:
         sys.exit("bench_snapshotter.py needs root (containerd, runc, overlay mounts)")
 
@@ -216,13 +202,8 @@ def main() -> None:
     work = make_tempdir("sgz-bench-")
     result: dict[str, object] = {
         "benchmark": "snapshotter",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "loadavg_1m_start": os.getloadavg()[0],
-        },
+        "date": common.now_utc(),
+        "machine": common.machine(containerd=common.tool_version(["containerd", "--version"])),
         "params": {"trials": args.trials, "ops": args.ops},
     }
     try:
@@ -249,14 +230,17 @@ def main() -> None:
                 for s in random.sample(SNAPSHOTTERS, 2):
                     lat[f"containerd_{s}"] = latency(stub, s, args.ops, f"via-{s}")
             result["latency"] = lat
-        result["machine"]["loadavg_1m_end"] = os.getloadavg()[0]  # type: ignore[index]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    day = datetime.date.today().strftime("%Y%m%d")
-    path = args.out / f"snapshotter-{day}.json"
-    path.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    pr = result["pull_unpack_run"]
+    headline = {
+        "total_s_median": {sn: round(pr[sn]["total"]["median"], 3) for sn in SNAPSHOTTERS},
+        "prepare_p50_ms": {
+            where: round(ops["Prepare"]["p50_ms"], 2) for where, ops in result["latency"].items()
+        },
+    }
+    path = common.save(args, result, headline)
     print_summary(result)
     print(f"wrote {path}")
 

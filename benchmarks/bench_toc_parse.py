@@ -27,10 +27,10 @@ branch before this change: its builder lacks this change's speed-ups) in subproc
 warm and cold. Both results are checked equal to each other before anything is timed,
 and ``build_json`` must not have fallen back to the old path.
 
-    python benchmarks/bench_toc_parse.py [--warm 20] [--cold 5] [--tocs python,many-files]
-        [--baseline-src ../main/src] [--out DIR]
+    python -m benchmarks.bench_toc_parse [--warm 20] [--cold 5] [--tocs python,many-files]
+        [--baseline-src ../main/src]
 
-Writes ``benchmarks/results/toc-parse-<date>.json``. Never asserts speed.
+Writes ``results/toc-parse.json``. Never asserts speed.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -47,9 +46,9 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("STARGZ_BENCH_CACHE", "/var/cache/stargz-bench"))
-RESULTS = REPO / "benchmarks" / "results"
+from benchmarks import common
+from benchmarks.common import CACHE, REPO
+
 #: name -> (OCI layout, tag): the tag's largest eStargz layer.
 TOCS = {
     "python": (CACHE / "oci" / "python", "ours-opt"),
@@ -58,8 +57,11 @@ TOCS = {
 MAX_CHUNK = 1 << 28
 
 
-def _import_stargz(src: Path) -> None:
-    sys.path.insert(0, str(src))
+def _stargz_src() -> Path:
+    """The source tree this process imports stargz from (children use the same one)."""
+    import stargz
+
+    return Path(stargz.__file__).resolve().parents[1]
 
 
 def layer_blob(layout: Path, tag: str) -> Path | None:
@@ -142,7 +144,7 @@ def stats(xs: list[float]) -> dict:
     return {
         "median": round(statistics.median(s), 2),
         "min": round(s[0], 2),
-        "p90": round(s[min(len(s) - 1, int(round(0.9 * (len(s) - 1))))], 2),
+        "p90": round(common.percentile(s, 90), 2),
         "n": len(s),
     }
 
@@ -184,7 +186,6 @@ def rss_mb() -> tuple[float, float]:
 def child(args: argparse.Namespace) -> None:
     """One subprocess: ``--child MODE``: ``--repeat`` calls (the first is the cold one),
     and what the first left resident (the result kept, as a mounted layer keeps it)."""
-    _import_stargz(Path(args.src))
     data, payload_end = toc_of(Path(args.blob))
     fn = contenders(data, payload_end)[args.child]
     rss0, _ = rss_mb()
@@ -200,8 +201,16 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run_child(src: Path, blob: Path, mode: str, repeat: int) -> dict:
-    argv = [sys.executable, __file__, "--child", mode, "--src", str(src), "--blob", str(blob)]
-    out = subprocess.run([*argv, "--repeat", str(repeat)], capture_output=True, check=True)
+    """One fresh process importing stargz from ``src`` (first on its PYTHONPATH)."""
+    argv = [sys.executable, "-m", "benchmarks.bench_toc_parse", "--child", mode]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(
+        [*argv, "--blob", str(blob), "--repeat", str(repeat)],
+        capture_output=True,
+        check=True,
+        cwd=REPO,
+        env=env,
+    )
     return json.loads(out.stdout)
 
 
@@ -267,7 +276,7 @@ def bench_toc(name: str, blob: Path, args: argparse.Namespace) -> dict:
     cold: dict[str, list[dict]] = {"old": [], "new": []}
     for k in range(args.cold):
         for mode in ("old", "new") if k % 2 else ("new", "old"):
-            cold[mode].append(run_child(REPO / "src", blob, mode, 1))
+            cold[mode].append(run_child(_stargz_src(), blob, mode, 1))
     out["cold_cpu_ms"] = {m: stats([r["cpu_ms"][0] for r in v]) for m, v in cold.items()}
     # RSS growth over the process's state before the call: kept with the result, and peak
     out["cold_rss_mb"] = {
@@ -290,23 +299,21 @@ def bench_toc(name: str, blob: Path, args: argparse.Namespace) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--warm", type=int, default=20)
     p.add_argument("--cold", type=int, default=5)
     p.add_argument("--gil", type=int, default=6)
     p.add_argument("--tocs", default=",".join(TOCS))
     p.add_argument("--baseline-src", default=None)
-    p.add_argument("--out", default=str(RESULTS))
+    common.add_output_args(p, "toc-parse")
     p.add_argument("--child", choices=["old", "new"], help=argparse.SUPPRESS)
-    p.add_argument("--src", help=argparse.SUPPRESS)
     p.add_argument("--blob", help=argparse.SUPPRESS)
     p.add_argument("--repeat", type=int, default=1, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.child:
         child(args)
         return
-    _import_stargz(REPO / "src")
 
     results, skipped = {}, {}
     for name in args.tocs.split(","):
@@ -319,22 +326,21 @@ def main() -> None:
         results[name] = bench_toc(name, blob, args)
 
     doc = {
-        "bench": "toc-parse",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            # other work on the machine skews everything; recorded so runs can be compared
-            "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
-            "switch_interval_s": sys.getswitchinterval(),
-        },
+        "benchmark": "toc-parse",
+        "date": common.now_utc(),
+        "machine": common.machine(switch_interval_s=sys.getswitchinterval()),
         "params": {"warm": args.warm, "cold": args.cold, "gil": args.gil},
         "skipped": skipped,
         "results": results,
     }
-    os.makedirs(args.out, exist_ok=True)
-    path = Path(args.out) / f"toc-parse-{time.strftime('%Y%m%d')}.json"
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+    headline = {
+        name: {
+            f"{part}_cpu_ms": {m: r[f"{part}_cpu_ms"][m]["median"] for m in ("old", "new")}
+            for part in ("warm", "cold")
+        }
+        for name, r in results.items()
+    }
+    path = common.save(args, doc, headline)
 
     for name, r in results.items():
         print(f"\n{name} (CPU ms, median [min])     old: json.loads+build   new: build_json")

@@ -13,9 +13,9 @@ indented JSON, ``chunkDigest`` on every chunk). Then, per backend:
   (median and p99 of single calls, timer overhead subtracted);
 - bytes per entry: the tables' own ``nbytes`` and the memory tracemalloc sees allocated.
 
-    python benchmarks/bench_tocindex.py [--entries 100000] [--rows 150000] [--repeats 5]
+    python -m benchmarks.bench_tocindex [--entries 100000] [--rows 150000] [--repeats 5]
 
-Writes ``benchmarks/results/tocindex-<date>.json`` and prints a summary. Never asserts speed.
+Writes ``results/tocindex.json`` and prints a summary. Never asserts speed.
 """
 
 from __future__ import annotations
@@ -25,23 +25,15 @@ import gc
 import hashlib
 import json
 import os
-import platform
 import random
 import statistics
-import sys
 import time
 import tracemalloc
 from array import array
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "src"))
-
-from stargz.estargz import tocbuild, tocindex  # noqa: E402
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+from benchmarks import common
+from benchmarks.common import percentile
+from stargz.estargz import tocbuild, tocindex
 
 
 def walk_tree(root: str, want: int) -> list[tuple[str, str, int]]:
@@ -142,7 +134,7 @@ def per_call_ns(fn, probes, repeats: int) -> tuple[float, float]:
             t = clock()
             fn(a, b)
             samples.append(clock() - t - overhead)
-    return statistics.median(samples), pct(samples, 99)
+    return statistics.median(samples), percentile(samples, 99)
 
 
 def batch_ns(fn, probes) -> float:
@@ -171,15 +163,15 @@ def measure_build(cls, args, repeats: int) -> tuple[float, object, int]:
     return statistics.median(times), table, traced
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tree", default="/usr")
     ap.add_argument("--entries", type=int, default=100_000)
     ap.add_argument("--rows", type=int, default=150_000)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--probes", type=int, default=50_000)
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
-    args = ap.parse_args()
+    common.add_output_args(ap, "tocindex")
+    args = ap.parse_args(argv)
 
     backends = {"python": tocindex.python}
     builders = {"python": tocbuild.python}
@@ -273,14 +265,8 @@ def main() -> None:
 
     doc = {
         "benchmark": "tocindex",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            # other work on the machine skews everything; recorded so runs can be compared
-            "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
-        },
+        "date": common.now_utc(),
+        "machine": common.machine(),
         "params": {
             "tree": args.tree,
             "entries": n_entries,
@@ -296,10 +282,9 @@ def main() -> None:
         },
         "results": results,
     }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"tocindex-{time.strftime('%Y%m%d')}.json")
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=2)
+    keys = ("chunk_table_build_ms", "name_table_build_ms", "find_ns", "child_ns", "tocbuild_ms")
+    headline = {b: {k: r[k] for k in keys if k in r} for b, r in results.items()}
+    path = common.save(args, doc, headline)
 
     keys = list(next(iter(results.values())))
     print(f"\n{'':36}" + "".join(f"{b:>18}" for b in results))

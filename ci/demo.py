@@ -22,14 +22,11 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from _images import extend_image  # noqa: E402
-from harness.procs import (  # noqa: E402
+from benchmarks._images import extend_image
+from stargz.image.convert import ConvertOptions, convert
+from stargz.image.layout import Layout
+from tests.harness.procs import (
     Containerd,
     Registry,
     StargzDaemon,
@@ -37,9 +34,6 @@ from harness.procs import (  # noqa: E402
     run,
     shared_dir,
 )
-
-from stargz.image.convert import ConvertOptions, convert  # noqa: E402
-from stargz.image.layout import Layout  # noqa: E402
 
 WORKLOAD = ["sh", "-c", "cat /etc/greeting; ls /bin | wc -l"]
 TOC_KEY = "containerd.io/snapshot/stargz/toc.digest"

@@ -13,4 +13,5 @@ for d in "$SHARED" "$ROOT/../shared" /work/shared; do
 done
 [ -d "$SHARED/fixtures" ] || { echo "demo: fixtures not found (set STARGZ_SHARED)" >&2; exit 1; }
 export STARGZ_SHARED="$SHARED"
-exec "$ROOT/.venv/bin/python" "$ROOT/ci/demo.py" "$ROOT/.tools/bin/esgz-verify"
+cd "$ROOT"
+exec "$ROOT/.venv/bin/python" -m ci.demo "$ROOT/.tools/bin/esgz-verify"

@@ -1,16 +1,22 @@
 """Stacked pull/create/run bars (medians) per image and mode from a hellobench JSON,
-in the style of upstream's HelloBench histogram; also prints a markdown table.
+in the style of upstream's HelloBench histogram; also prints a markdown table. The PNG is
+written beside the JSON (``results/hellobench.json`` -> ``results/hellobench.png``).
 
-    .venv/bin/python benchmarks/hellobench/chart.py benchmarks/results/hellobench-X.json
+    python -m benchmarks.hellobench.chart [benchmarks/results/hellobench.json]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
-MODES = ["legacy", "ours-noopt", "ours-opt", "go-noopt", "go-opt", "ours-opt9", "ours-on-go-opt"]
+from benchmarks.common import RESULTS
+from benchmarks.hellobench.images import EXTRA_MODES
+from benchmarks.hellobench.images import MODES as DEFAULT_MODES
+
+MODES = DEFAULT_MODES + EXTRA_MODES
 
 
 def table(doc: dict) -> str:
@@ -100,8 +106,10 @@ def chart(doc: dict, png: Path) -> None:
     fig.savefig(png, dpi=110)
 
 
-def main() -> int:
-    path = Path(sys.argv[1])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("json", nargs="?", default=str(RESULTS / "hellobench.json"))
+    path = Path(ap.parse_args(argv).json)
     doc = json.loads(path.read_text())
     print(table(doc))
     try:

@@ -3,7 +3,7 @@
 
 The contract (arguments, errors, bounds) is documented once, in the pure-Python twin
 ``stargz.estargz._codec_py``; both backends must behave identically and
-``tests/test_native_codec.py`` holds them to it. This file only says why it does things the
+``tests/estargz/test_codec.py`` holds them to it. This file only says why it does things the
 way it does.
 
 All decompression and hashing for one call happens inside a single ``nogil`` block, so a

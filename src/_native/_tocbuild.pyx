@@ -16,8 +16,8 @@ Neither formats errors: on the first thing one does not accept it stops (``_Reje
 and the slow path runs on the same input (the twin on the entries; ``load_toc_doc`` and
 then `build` on the bytes), which raises the exact error with its message, or returns
 the reference result if it accepts what the fast path refused (the twin never changes
-the entries, so re-running is safe). ``tests/test_native_tocbuild.py`` and
-``tests/test_native_tocjson.py`` check that neither fast path refuses the corpus.
+the entries, so re-running is safe). ``tests/estargz/test_tocbuild.py`` and
+``tests/estargz/test_tocjson.py`` check that neither fast path refuses the corpus.
 """
 
 from cpython.array cimport array, clone
@@ -92,31 +92,32 @@ cdef array _Q = array("q")
 
 # A Node is made without running Node.__init__ (bytecode: ~40% of a node's cost): its
 # slots are set through their member descriptors, to what __init__ sets them to.
-# tests/test_native_tocjson.py compares every slot with the twin's nodes.
-_NODE_FIELDS = ("id", "path", "type", "mode", "size", "nlink", "children", "attrs", "offset",
-                "_entry")
+# tests/estargz/test_tocjson.py compares every slot with the twin's nodes.
+_NODE_FIELDS = ("id", "name", "parent", "type", "mode", "size", "nlink", "children", "attrs",
+                "offset", "_entry")
 if sorted(_NODE_FIELDS) != sorted(Node.__slots__):  # (then the twin is used: see _backend)
     raise ImportError(f"Node's slots changed to {Node.__slots__}: update _tocbuild._node")
 cdef tuple _NODE_SLOTS = tuple([Node.__dict__[k] for k in _NODE_FIELDS])
 cdef tuple _NO_ARGS = ()
 
 
-cdef object _node(object ident, str path, int t, object mode, int64_t size, object attrs,
-                  int64_t offset):
-    """Node(ident, path, _TYPE_NAMES[t], mode, size, attrs, offset)."""
+cdef object _node(object ident, str name, object parent, int t, object mode, int64_t size,
+                  object attrs, int64_t offset):
+    """Node(ident, name, parent, _TYPE_NAMES[t], mode, size, attrs, offset)."""
     cdef object node = (<PyTypeObject *>Node).tp_new(Node, <PyObject *>_NO_ARGS, NULL)
     cdef tuple d = _NODE_SLOTS
     cdef bint is_dir = t == T_DIR
     Py_TYPE(d[0]).tp_descr_set(d[0], node, ident)
-    Py_TYPE(d[1]).tp_descr_set(d[1], node, path)
-    Py_TYPE(d[2]).tp_descr_set(d[2], node, _TYPE_NAMES[t])
-    Py_TYPE(d[3]).tp_descr_set(d[3], node, mode)
-    Py_TYPE(d[4]).tp_descr_set(d[4], node, size)
-    Py_TYPE(d[5]).tp_descr_set(d[5], node, 2 if is_dir else 1)
-    Py_TYPE(d[6]).tp_descr_set(d[6], node, {} if is_dir else NO_CHILDREN)
-    Py_TYPE(d[7]).tp_descr_set(d[7], node, attrs)
-    Py_TYPE(d[8]).tp_descr_set(d[8], node, offset)
-    Py_TYPE(d[9]).tp_descr_set(d[9], node, None)
+    Py_TYPE(d[1]).tp_descr_set(d[1], node, name)
+    Py_TYPE(d[2]).tp_descr_set(d[2], node, parent)
+    Py_TYPE(d[3]).tp_descr_set(d[3], node, _TYPE_NAMES[t])
+    Py_TYPE(d[4]).tp_descr_set(d[4], node, mode)
+    Py_TYPE(d[5]).tp_descr_set(d[5], node, size)
+    Py_TYPE(d[6]).tp_descr_set(d[6], node, 2 if is_dir else 1)
+    Py_TYPE(d[7]).tp_descr_set(d[7], node, {} if is_dir else NO_CHILDREN)
+    Py_TYPE(d[8]).tp_descr_set(d[8], node, attrs)
+    Py_TYPE(d[9]).tp_descr_set(d[9], node, offset)
+    Py_TYPE(d[10]).tp_descr_set(d[10], node, None)
     return node
 
 
@@ -292,6 +293,13 @@ cdef str _clean(str name):
 # waiter asks only if the GIL changed hands for none of its 5 ms, and would not get it.)
 cdef enum:
     YIELD_EVERY = 255
+    # A name component of more characters may be longer than NAME_MAX bytes in UTF-8.
+    NAME_MAX_CHARS = 63
+
+cdef int64_t MAX_ID = _twin.MAX_ID
+cdef int64_t DEV_MAJOR_LIMIT = _twin.DEV_MAJOR_LIMIT
+cdef int64_t DEV_MINOR_LIMIT = _twin.DEV_MINOR_LIMIT
+cdef int64_t MODE_LIMIT = _twin.MODE_LIMIT
 
 cdef object _checkpoint = _twin.gil_checkpoint
 
@@ -310,7 +318,8 @@ cdef class _Builder:
     cdef int64_t last_dir_id
     cdef object root, out
     cdef int64_t cur, cur_size, expect_off, last_off, last_end
-    cdef int64_t payload_end, max_chunk_size
+    cdef int64_t payload_end, max_chunk_size, max_depth, names_left
+    cdef str cur_path  # the path of node `cur`
     cdef bint verify, copy
 
     def __dealloc__(self):
@@ -325,7 +334,13 @@ cdef class _Builder:
         PyMem_Free(self.trailing.p)
         PyMem_Free(self.digests.p)
 
-    def __init__(self, int64_t payload_end, bint verify, int64_t max_chunk_size, bint copy):
+    def __init__(self, int64_t payload_end, bint verify, int64_t max_chunk_size, bint copy,
+                 int64_t max_depth, int64_t max_name_bytes):
+        if max_depth < 1:
+            raise _Reject()  # (no entry but the root fits: the twin decides)
+        self.max_depth = max_depth
+        self.names_left = max_name_bytes
+        self.cur_path = ""
         self.payload_end = payload_end
         self.verify = verify
         self.max_chunk_size = max_chunk_size
@@ -354,27 +369,35 @@ cdef class _Builder:
         if m is None:
             m = mode
             self.ints[m] = m
-        node = _node(ident, path, t, m, size, attrs, offset)
+        pnode = self.nodes[parent] if parent >= 0 else None
+        node = _node(ident, base, pnode, t, m, size, attrs, offset)
         self.nodes.append(node)
         _push(&self.ntype, t)
         _push(&self.nsize, size)
         _push(&self.nlink, 2 if t == T_DIR else 1)
         PyDict_SetItem(self.by_path, path, ident)
         if parent >= 0:
-            self.nodes[parent].children[base] = ident
+            pnode.children[base] = ident
             if t == T_DIR:
                 self.nlink.p[parent] += 1
         return nid
 
     cdef int64_t dir_for(self, str path) except -1:
-        """The directory at ``path``, creating implicit parents top-down."""
+        """The directory at ``path``, creating implicit parents top-down. Rejects a path
+        whose entries would be deeper than max_depth (before walking it)."""
         cdef list missing = None
-        cdef PyObject *got = PyDict_GetItem(self.by_path, path)
+        cdef PyObject *got
         cdef Py_ssize_t j
         cdef int64_t nid
+        if path.count("/") + 2 > self.max_depth:
+            raise _Reject()
+        got = PyDict_GetItem(self.by_path, path)
         while got == NULL:
             if missing is None:
                 missing = []
+            self.names_left -= PyUnicode_GET_LENGTH(path)
+            if self.names_left < 0:
+                raise _Reject()
             missing.append(path)
             j = PyUnicode_FindChar(path, 0x2F, 0, PyUnicode_GET_LENGTH(path), -1)
             path = path[:j] if j >= 0 else ""
@@ -385,7 +408,10 @@ cdef class _Builder:
         if missing is not None:
             for sub in reversed(missing):
                 j = PyUnicode_FindChar(sub, 0x2F, 0, PyUnicode_GET_LENGTH(sub), -1)
-                nid = self.add(sub, T_DIR, 0o755, 0, None, 0, nid, sub[j + 1:])
+                base = sub[j + 1:]
+                if PyUnicode_GET_LENGTH(base) > NAME_MAX_CHARS and _twin.component_too_long(base):
+                    raise _Reject()
+                nid = self.add(sub, T_DIR, 0o755, 0, None, 0, nid, base)
         return nid
 
     cdef int set_dir(self, int64_t nid, Entry *e) except -1:
@@ -419,7 +445,7 @@ cdef class _Builder:
             self.trailing.p[self.trailing.n - 1] += 1
         if t == T_CHUNK:
             if self.cur < 0 or (
-                PyUnicode_GET_LENGTH(name) and _clean(name) != self.nodes[self.cur].path
+                PyUnicode_GET_LENGTH(name) and _clean(name) != self.cur_path
             ):
                 raise _Reject()
         else:
@@ -427,6 +453,14 @@ cdef class _Builder:
                 raise _Reject()
             self.cur = -1
             name = _clean(name)
+            # (the twin's check_values; fields left out are 0)
+            if not (0 <= e.num[K_UID] <= MAX_ID and 0 <= e.num[K_GID] <= MAX_ID
+                    and 0 <= e.num[K_DEVMAJ] < DEV_MAJOR_LIMIT
+                    and 0 <= e.num[K_DEVMIN] < DEV_MINOR_LIMIT
+                    and 0 <= e.num[K_MODE] < MODE_LIMIT and size >= 0):
+                raise _Reject()
+            if (t != T_REG or size == 0) and not (0 <= e.num[K_OFFSET] <= self.payload_end):
+                raise _Reject()
             if self.copy and name is raw:
                 name = _copy_str(name)  # a node's path and by_path key: not the JSON's
         if is_data and (t == T_CHUNK or size > 0):
@@ -442,6 +476,9 @@ cdef class _Builder:
             self.set_dir(0, e)
             return 0
         else:
+            self.names_left -= PyUnicode_GET_LENGTH(name)
+            if self.names_left < 0:
+                raise _Reject()
             j = PyUnicode_FindChar(name, 0x2F, 0, PyUnicode_GET_LENGTH(name), -1)
             if j < 0:
                 parent = 0
@@ -453,12 +490,12 @@ cdef class _Builder:
                 self.last_dir = name[:j]
                 self.last_dir_id = parent = self.dir_for(self.last_dir)
             base = name[j + 1:]
+            if PyUnicode_GET_LENGTH(base) > NAME_MAX_CHARS and _twin.component_too_long(base):
+                raise _Reject()
             if t == T_HARDLINK:
                 link = <object>e.obj[K_LINK] if has & (1u << K_LINK) else ""
                 self.pending.append((i, name, base, link))
                 return 0
-            if t == T_REG and size < 0:
-                raise _Reject()
             got = PyDict_GetItem(self.by_path, name)
             if got != NULL:
                 nid = <object>got
@@ -474,6 +511,7 @@ cdef class _Builder:
             if t == T_REG and size > 0:
                 self.cur = nid
                 self.cur_size = size
+                self.cur_path = name
             if t == T_REG and (has & (1u << K_DIGEST)) and e.dlen[0]:
                 if not (has & (1u << K_CDIGEST)) or e.dlen[0] != e.dlen[1] or memcmp(
                     e.dig[0], e.dig[1], e.dlen[0]
@@ -572,16 +610,19 @@ cdef int _dirents(_Builder st, object out) except -1:
 # --- front end 1: the entries as json.loads made them ----------------------------------
 
 
-def build(list entries, *, payload_end, verify, max_chunk_size):
+def build(list entries, *, payload_end, verify, max_chunk_size,
+          max_depth=_twin.DEFAULT_MAX_DEPTH, max_name_bytes=_twin.DEFAULT_MAX_NAME_BYTES):
     """See ``stargz.estargz._tocbuild_py.build``."""
     try:
-        return build_fast(entries, payload_end, verify, max_chunk_size)
+        return build_fast(entries, payload_end, verify, max_chunk_size, max_depth,
+                          max_name_bytes)
     except _Reject:
         pass
     except Exception:  # e.g. UnsafePathError from clean_name: the twin raises it in order
         pass
     return _twin.build(
-        entries, payload_end=payload_end, verify=verify, max_chunk_size=max_chunk_size
+        entries, payload_end=payload_end, verify=verify, max_chunk_size=max_chunk_size,
+        max_depth=max_depth, max_name_bytes=max_name_bytes,
     )
 
 
@@ -630,9 +671,12 @@ cdef int _fill_from_dict(Entry *e, object obj) except -1:
     return 0
 
 
-cpdef object build_fast(list entries, int64_t payload_end, bint verify, int64_t max_chunk_size):
+cpdef object build_fast(list entries, int64_t payload_end, bint verify, int64_t max_chunk_size,
+                        int64_t max_depth=_twin.DEFAULT_MAX_DEPTH,
+                        int64_t max_name_bytes=_twin.DEFAULT_MAX_NAME_BYTES):
     """The fast path: an `OpenedTOC`, or `_Reject` at the first doubtful entry."""
-    cdef _Builder b = _Builder(payload_end, verify, max_chunk_size, True)
+    cdef _Builder b = _Builder(payload_end, verify, max_chunk_size, True, max_depth,
+                               max_name_bytes)
     cdef Entry e
     cdef Py_ssize_t i
     for i in range(PyList_GET_SIZE(entries)):
@@ -1256,12 +1300,14 @@ cdef PyObject *_shared_text(const char *doc, Tok *t, Memo *memo, dict strings) e
     return got
 
 
-def build_json(data, *, payload_end, verify, max_chunk_size):
+def build_json(data, *, payload_end, verify, max_chunk_size,
+               max_depth=_twin.DEFAULT_MAX_DEPTH, max_name_bytes=_twin.DEFAULT_MAX_NAME_BYTES):
     """See ``stargz.estargz._tocbuild_py.build_json``."""
     global _fallbacks
     if PyBytes_CheckExact(data):
         try:
-            return build_json_fast(data, payload_end, verify, max_chunk_size)
+            return build_json_fast(data, payload_end, verify, max_chunk_size, max_depth,
+                                   max_name_bytes)
         except Exception:  # _Reject, or e.g. UnsafePathError: the slow path decides
             pass
     _fallbacks += 1
@@ -1270,6 +1316,8 @@ def build_json(data, *, payload_end, verify, max_chunk_size):
         payload_end=payload_end,
         verify=verify,
         max_chunk_size=max_chunk_size,
+        max_depth=max_depth,
+        max_name_bytes=max_name_bytes,
     )
 
 
@@ -1302,7 +1350,9 @@ def scan(bytes data not None):
 
 
 cpdef object build_json_fast(bytes data, int64_t payload_end, bint verify,
-                             int64_t max_chunk_size):
+                             int64_t max_chunk_size,
+                             int64_t max_depth=_twin.DEFAULT_MAX_DEPTH,
+                             int64_t max_name_bytes=_twin.DEFAULT_MAX_NAME_BYTES):
     """The fast path of `build_json`: an `OpenedTOC`, or `_Reject`."""
     cdef Scan sc
     cdef int rc = 1
@@ -1312,7 +1362,8 @@ cpdef object build_json_fast(bytes data, int64_t payload_end, bint verify,
     cdef Entry e
     cdef int code
     cdef uint32_t bit
-    cdef _Builder b = _Builder(payload_end, verify, max_chunk_size, False)
+    cdef _Builder b = _Builder(payload_end, verify, max_chunk_size, False, max_depth,
+                               max_name_bytes)
     cdef dict x
     cdef list hold = [None] * N_KEYS  # keeps the entry's strings alive while e borrows them
     cdef Memo memo[MEMO_SLOTS]

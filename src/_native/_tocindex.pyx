@@ -3,7 +3,7 @@
 
 The contract is documented in the pure-Python twin ``stargz.estargz._tocindex_py``; both
 backends must behave identically (same results, same errors with the same messages) and
-``tests/test_native_tocindex.py`` holds them to it.
+``tests/estargz/test_tocindex.py`` holds them to it.
 
 Layout. ``ChunkTable``: five int64 columns (file id, chunk offset, compressed offset, inner
 offset, size), the caller's digest bytes kept by reference (32 per row), a sorted array of

@@ -66,6 +66,16 @@ class BlobConfig:
     max_retries: int = _nonneg(5)
     min_wait_msec: int = _nonneg(30)
     max_wait_msec: int = _nonneg(300000)
+    # ours: refuse a blob whose TOC region (TOC offset to the blob's end) is bigger, before
+    # fetching it (0 = no bound); real TOCs are a few MiB
+    max_toc_bytes: int = _nonneg(64 << 20)
+
+    def __post_init__(self) -> None:
+        # zero means the default for the wait bounds (as in Go's NewResolver)
+        low = self.min_wait_msec or BlobConfig.min_wait_msec
+        high = self.max_wait_msec or BlobConfig.max_wait_msec
+        if low > high:
+            raise _bad("blob.min_wait_msec", f"({low}) exceeds blob.max_wait_msec ({high})")
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,9 @@ class FuseConfig:
     # prefetched data into the page cache with notify_store
     read_ahead_kb: int = _nonneg(1024)
     notify_store: bool = True
+    # ours: a sequential reader past the middle of a cached chunk has the next chunk's cache
+    # file read ahead (each chunk is its own file, so the disk's read-ahead stops at its end)
+    read_ahead_next_chunk: bool = True
 
 
 @dataclass(frozen=True)
@@ -109,7 +122,7 @@ class CRIKeychainConfig:
 
 @dataclass(frozen=True)
 class MirrorConfig:
-    host: str = ""
+    host: str = field(default="", metadata={"required": True})
     insecure: bool = False
     #: 0 = the resolver's default; < 0 = no timeout.
     request_timeout_sec: int = 0
@@ -165,6 +178,9 @@ class Config:
     disable_verification: bool = False
     max_concurrency: int = _nonneg(2)
     log_file_access: bool = False
+    # ours: at most this many bytes of a first-seen layer's prefetch start downloading while
+    # its TOC is parsed (0 = off)
+    head_start_max_bytes: int = _nonneg(64 << 20)
 
     blob: BlobConfig = field(default_factory=BlobConfig)
     directory_cache: DirectoryCacheConfig = field(default_factory=DirectoryCacheConfig)
@@ -290,6 +306,10 @@ def _build(cls: type, table: Mapping[str, Any], prefix: str) -> Any:
                     key, f'must be host:port like "127.0.0.1:8234" ({e}), got {value!r}'
                 ) from None
         kwargs[k] = value
+    for name, f in fields.items():
+        if f.metadata.get("required") and not kwargs.get(name):
+            key = f"{prefix}.{name}" if prefix else name
+            raise _bad(key, "must be set to a non-empty value")
     return cls(**kwargs)
 
 

@@ -88,6 +88,10 @@ class RegistryProtocolError(RegistryError):
     """The server answered something we cannot parse (bad Content-Range, multipart...)."""
 
 
+class RangeMismatch(RegistryProtocolError):
+    """A 206 answer's Content-Range does not start where we asked, or ends too early."""
+
+
 class InvalidReference(InvalidArgument):
     """An image reference that does not parse (``name[:tag][@digest]``)."""
 

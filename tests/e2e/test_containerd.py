@@ -26,7 +26,7 @@ def pull(c: Containerd, ref: str, ns: str = "e2e", **kw):
 
 
 def daemon_snapshots(sd: StargzDaemon) -> list[pb.Info]:
-    """Every snapshot the daemon holds (a request without namespace sees all)."""
+    """Every snapshot the daemon holds (one key space, whatever the namespace)."""
     with sd.channel() as ch:
         return [i for r in sd.stub(ch).List(pb.ListSnapshotsRequest(), timeout=30) for i in r.info]
 

@@ -163,7 +163,7 @@ def poll(what: str, probe, timeout: float):
 
 
 def daemon_list(sd: StargzDaemon) -> list[pb.Info]:
-    """The List RPC, straight to the daemon (a request without namespace sees all)."""
+    """The List RPC, straight to the daemon (one key space: it sees every snapshot)."""
     with sd.channel() as ch:
         return [i for r in sd.stub(ch).List(pb.ListSnapshotsRequest(), timeout=30) for i in r.info]
 

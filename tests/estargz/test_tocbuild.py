@@ -45,7 +45,14 @@ def agree(native, entries, **kw) -> None:
     assert got_err == want_err
     if want is not None:
         assert same(got, want) == []
-        fast = native.build_fast(entries, kw["payload_end"], kw["verify"], kw["max_chunk_size"])
+        fast = native.build_fast(
+            entries,
+            kw["payload_end"],
+            kw["verify"],
+            kw["max_chunk_size"],
+            kw.get("max_depth", tocbuild.python.DEFAULT_MAX_DEPTH),
+            kw.get("max_name_bytes", tocbuild.python.DEFAULT_MAX_NAME_BYTES),
+        )
         assert same(fast, want) == []
 
 
@@ -143,9 +150,10 @@ def test_bad_entries_same_error(native, case) -> None:
 def test_deep_path_is_not_a_recursion_error(native) -> None:
     deep = "/".join(["d"] * 5000)
     entries = [{"name": deep, "type": "dir"}, reg(deep + "/f")]
-    agree(native, entries)
-    built = native.build(entries, **KW)
+    agree(native, entries, max_depth=5001)
+    built = native.build(entries, **KW, max_depth=5001)
     assert len(built.nodes) == 5002
+    assert built.nodes[-1].path == deep + "/f"
 
 
 def test_good_shapes(native) -> None:
@@ -251,6 +259,6 @@ def test_nodes_share_what_they_can(which) -> None:
     assert link.link_name == "f1" and link.uid == 0 and link.modtime == common["modtime"]
     if which == "native":
         for node, obj in zip(built.nodes[1:], entries, strict=True):
-            assert node.path == obj["name"] and node.path is not obj["name"]
+            assert node.path == obj["name"] and node.name is not obj["name"]
             assert node.attrs[0] is not obj["modtime"]
         assert link.attrs[1] is not entries[3]["linkName"]

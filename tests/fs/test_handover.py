@@ -227,8 +227,10 @@ def test_clean_stop_keeps_the_mount_and_next_start_takes_it(fs_env, corners, hol
     l3 = corners.layers("esgz-64k")[0]
     m3 = fs_env.mount(l3)
     slots = json.loads((fs_env.root / "fuse-layers.json").read_text())
-    got = {d: r["slot"] for d, r in slots["layers"].items()}
-    assert got == {l1.digest: 1, l2.digest: 2, l3.digest: 3}
+    got = {key.split()[-1]: (r["slot"], r["name"]) for key, r in slots["layers"].items()}
+    assert got == {
+        l.digest: (i, l.digest.split(":")[1]) for i, l in enumerate((l1, l2, l3), 1)
+    }
     assert os.stat(m3 / "etc").st_ino >> 32 == 3
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from stargz.fs.layer import ChunkKeys
+from stargz.fs.chunks import ChunkKeys
 
 LAYER = "sha256:" + "c" * 64
 

@@ -161,3 +161,32 @@ def test_verification_failures_are_counted_and_outlive_the_layer(fs_env, corners
     s = scrape(fs_env, fs)
     assert not series(s, "stargz_fs_layer_verification_failures_total")
     assert value(s, "stargz_fs_verification_failures_total") == failures
+
+
+def test_one_layer_digest_from_two_repositories_is_one_series(fs_env, corners, corners_source):
+    """The same digest mounted from two repositories is two layers; each series still
+    appears once, with the counters of both."""
+    from stargz.fs.source import STARGZ_REFERENCE_LABEL
+
+    fs = fs_env.start(corners_source)
+    layer = corners.layers("esgz")[0]
+    a = fs_env.mount(layer, **{STARGZ_REFERENCE_LABEL: "one.test/img:1"})
+    b = fs_env.mount(layer, **{STARGZ_REFERENCE_LABEL: "two.test/img:1"})
+    la, lb = fs.layer(str(a)), fs.layer(str(b))
+    assert la is not lb
+    (a / "data/xattr-file").read_bytes()
+    (b / "data/text.txt").read_bytes()
+    text = fs_env.run(_render(fs)).decode()
+    d = layer.digest
+    mine = [x for x in text.splitlines() if f'layer="{d}"' in x]
+    assert mine
+    assert len(mine) == len({line.rsplit(" ", 1)[0] for line in mine}), "duplicate series"
+    samples = scrape(fs_env, fs)
+    got = value(
+        samples, "stargz_fs_operation_count", operation_type="on_demand_read_access_count", layer=d
+    )
+    assert got == la.metrics.reads + lb.metrics.reads > 0
+
+
+async def _render(fs) -> bytes:
+    return generate_latest(make_registry(fs))

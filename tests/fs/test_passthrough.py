@@ -88,11 +88,11 @@ def test_verified_files_are_read_by_the_kernel(fs_env, corners, corners_source):
         assert _sha(mp / p) == truth[p]["sha256"], p
     assert fs.metrics.passthrough_opens == opens + 2 * len(nonempty)
     assert lay.metrics.reads == reads
-    # merged copies live under <root>/passthrough and go away with the layer
-    merged = os.listdir(fs_env.root / "passthrough")
+    # merged copies are disk cache files: they stay after the layer is unmounted
+    merged = os.listdir(fs_env.root / "cache" / "merged")
     assert merged
     fs_env.run(fs.unmount(str(mp)))
-    assert os.listdir(fs_env.root / "passthrough") == []
+    assert sorted(os.listdir(fs_env.root / "cache" / "merged")) == sorted(merged)
 
 
 def test_an_open_file_keeps_its_mode(fs_env, corners, corners_source):
@@ -152,3 +152,139 @@ def test_corrupt_chunk_is_never_passed_through(fs_env, corners, tmp_path):
     assert _sha(mp / good) == truth[good]["sha256"]
     assert _wait_passthrough(fs, mp / good, 0)
     assert _sha(mp / good) == truth[good]["sha256"]
+
+
+# --- merged files across restarts and under the disk bound ------------------------------------
+
+TEXT = "data/text.txt"  # 34 chunks (2.2 MB) in the esgz-64k layer
+NOISE = "data/noise.bin"  # 81 chunks (5.3 MB)
+
+
+def _wait(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+def _merged_key(fs, layer, path: str) -> str:
+    lay = fs.layer(layer.digest)
+    return lay.index.merged_key(lay.reader.lookup(path).id)
+
+
+def _merge_once(fs_env, fs, mp, layer, truth) -> str:
+    """Read TEXT through the daemon, wait for its merged copy and a passthrough open."""
+    assert _sha(mp / TEXT) == truth[TEXT]["sha256"]
+    # (merged on a release that finds every chunk written: reopen until it passes through)
+    assert _wait_passthrough(fs, mp / TEXT, fs.metrics.passthrough_opens)
+    key = _merged_key(fs, layer, TEXT)
+    assert key in fs.disk
+    return key
+
+
+def test_merged_file_survives_a_restart_and_is_checked_first(fs_env, corners, corners_source):
+    layer = corners.layers("esgz-64k")[0]
+    truth = _regular(tar_tree(layer.path))
+    fs = _start(fs_env, corners_source)
+    mp = fs_env.mount(layer)
+    key = _merge_once(fs_env, fs, mp, layer, truth)
+    merged = fs.disk.path(key)
+    ino = os.stat(merged).st_ino
+    assert os.path.dirname(merged) == str(fs_env.root / "cache" / "merged")
+    fs_env.close_fs(unmount=False)
+
+    fs = _start(fs_env, corners_source)
+    fs_env.mount(layer, mp)
+    assert key in fs.disk and not fs.disk.is_verified(key)
+    # the first open is served by the daemon while the merged file is checked
+    assert _sha(mp / TEXT) == truth[TEXT]["sha256"]
+    assert fs.metrics.passthrough_opens == 0
+    assert _wait(lambda: fs.disk.is_verified(key))
+    assert _wait_passthrough(fs, mp / TEXT, 0)
+    assert os.stat(merged).st_ino == ino  # the kept file, not merged again
+    lay = fs.layer(layer.digest)
+    reads = lay.metrics.reads
+    fd = os.open(mp / TEXT, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert _sha(mp / TEXT) == truth[TEXT]["sha256"]
+    assert lay.metrics.reads == reads  # the kernel read the merged file itself
+    assert fs.metrics.cache_checksum_failures == 0
+
+
+def test_flipped_merged_file_is_dropped_and_merged_again(fs_env, corners, corners_source):
+    layer = corners.layers("esgz-64k")[0]
+    truth = _regular(tar_tree(layer.path))
+    fs = _start(fs_env, corners_source)
+    mp = fs_env.mount(layer)
+    key = _merge_once(fs_env, fs, mp, layer, truth)
+    merged = fs.disk.path(key)
+    fs_env.close_fs(unmount=False)
+    with open(merged, "r+b") as f:
+        f.seek(1 << 20)
+        b = f.read(1)
+        f.seek(1 << 20)
+        f.write(bytes([b[0] ^ 0x55]))
+
+    fs = _start(fs_env, corners_source)
+    fs_env.mount(layer, mp)
+    assert _sha(mp / TEXT) == truth[TEXT]["sha256"]
+    assert _wait(lambda: fs.metrics.cache_checksum_failures == 1)
+    assert fs.metrics.passthrough_opens == 0
+    # merged again from the (checked) chunks on a later release, then passed through
+    assert _wait_passthrough(fs, mp / TEXT, 0)
+    assert _sha(merged) == truth[TEXT]["sha256"]  # (the damaged one was deleted)
+    fd = os.open(mp / TEXT, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert _sha(mp / TEXT) == truth[TEXT]["sha256"]
+    assert fs.metrics.cache_checksum_failures == 1
+
+
+def test_merged_files_are_evicted_under_the_disk_bound(fs_env, corners, corners_source):
+    """A merged file counts toward max_size_bytes and leaves with the LRU; its node is then
+    served by the daemon again, but only once no passthrough open of it lasts (the kernel
+    would refuse a cached open next to one)."""
+    layer = corners.layers("esgz-64k")[0]
+    truth = _regular(tar_tree(layer.path))
+    bound = 3 << 20
+    fs = fs_env.start(corners_source, passthrough=True, disk_cache_max_bytes=bound)
+    if not fs._session.passthrough:
+        pytest.skip("this kernel does not offer FUSE passthrough (needs >= 6.9)")
+    mp = fs_env.mount(layer)
+    key = _merge_once(fs_env, fs, mp, layer, truth)
+    size = os.stat(fs.disk.path(key)).st_size
+    assert fs.disk.size_of(key) == size == truth[TEXT]["size"]
+    assert fs.disk.bytes <= bound
+
+    held = open(mp / TEXT, "rb")  # a passthrough open that lasts through the eviction
+    try:
+        opens = fs.metrics.passthrough_opens
+        assert opens > 0
+        # reading another big file pushes the merged file out of the cache
+        assert _sha(mp / NOISE) == truth[NOISE]["sha256"]
+        assert _wait(lambda: key not in fs.disk)
+        assert not os.path.exists(fs.disk.path(key))
+        assert fs.disk.bytes <= bound and fs.metrics.disk_evictions > 0
+        # while `held` lasts, new opens stay passthrough (same bytes, from the kernel's
+        # reference to the deleted file)
+        with open(mp / TEXT, "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == truth[TEXT]["sha256"]
+        assert fs.metrics.passthrough_opens == opens + 1
+        assert hashlib.sha256(held.read()).hexdigest() == truth[TEXT]["sha256"]
+    finally:
+        held.close()
+    slot = next(s for s, m in fs.ops.slots.items() if m.layer is fs.layer(layer.digest))
+    mounted = fs.ops.slots[slot]
+    node = fs.layer(layer.digest).reader.lookup(TEXT).id
+    assert _wait(lambda: node not in mounted.backing)  # let go once the last open closed
+    opens = fs.metrics.passthrough_opens
+    assert _sha(mp / TEXT) == truth[TEXT]["sha256"]  # the daemon serves it again
+    assert fs.metrics.passthrough_opens == opens
+    assert fs.disk.bytes <= bound

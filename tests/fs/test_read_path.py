@@ -147,7 +147,7 @@ def test_corrupt_chunk_gives_eio_and_the_fs_keeps_serving(fs_env, corners, tmp_p
     # (the kernel retries a failed readahead with a single-page read: 1 or 2 attempts)
     failures = m.verification_failures
     assert failures >= 1 and m.read_errors >= 1
-    key = fs.layer(layer.digest).keys[row]
+    key = fs.layer(layer.digest).index.keys[row]
     assert key not in fs.disk and key not in fs.memory
 
     # other files are fine, and the filesystem still answers
@@ -289,16 +289,11 @@ def _resident_pages(path) -> int:
 
 
 @pytest.mark.parametrize("read_ahead", [True, False])
-def test_sequential_read_warms_the_next_chunk_file(
-    fs_env, corners, corners_source, monkeypatch, read_ahead
-):
+def test_sequential_read_warms_the_next_chunk_file(fs_env, corners, corners_source, read_ahead):
     """Each chunk is its own cache file, so the disk's read-ahead stops at 4 MiB: a
     sequential reader past the middle of a chunk has the next chunk's file read ahead."""
-    from stargz.fs import layer as layer_mod
-
-    monkeypatch.setattr(layer_mod, "READ_AHEAD_NEXT_CHUNK", read_ahead)
     layer = corners.layers("esgz")[0]  # data/noise.bin: a 4 MiB chunk, then the rest
-    fs = fs_env.start(corners_source)
+    fs = fs_env.start(corners_source, read_ahead_next_chunk=read_ahead)
     mp = fs_env.mount(layer)
     path = mp / "data/noise.bin"
     want = _content(layer, "data/noise.bin")
@@ -308,10 +303,10 @@ def test_sequential_read_warms_the_next_chunk_file(
     lo, hi = lay.chunks.span(node)
     assert hi - lo == 2
     deadline = time.monotonic() + 10
-    while not all(fs.disk.is_verified(lay.keys[r]) for r in range(lo, hi)):
+    while not all(fs.disk.is_verified(lay.index.keys[r]) for r in range(lo, hi)):
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    second = fs.disk.path(lay.keys[lo + 1])
+    second = fs.disk.path(lay.index.keys[lo + 1])
     fs.memory.clear()
     fd = os.open(second, os.O_RDONLY)
     try:
@@ -335,3 +330,80 @@ def test_sequential_read_warms_the_next_chunk_file(
     while read_ahead and _resident_pages(second) == 0 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert (_resident_pages(second) > 0) == read_ahead
+
+
+class _CountingKeys:
+    """A layer's chunk keys, counting lookups (a walk over the layer's chunks shows up)."""
+
+    def __init__(self, keys) -> None:
+        self.keys, self.lookups = keys, 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, r: int) -> str:
+        self.lookups += 1
+        return self.keys[r]
+
+
+def test_fetched_size_is_a_counter_that_follows_eviction_by_another_layer(fs_env, corners):
+    """The state file (read on every GETATTR/READ of it) reports the fetched size without
+    walking the layer's chunks, and stays right when another layer's chunks evict ours
+    from the shared disk cache."""
+    import json
+
+    fs = fs_env.start(LocalLayerSource(layouts=[corners.root]), disk_cache_max_bytes=4 << 20)
+    a_layer, b_layer = corners.layers("esgz")[0], corners.layers("esgz-64k")[0]
+    a, b = fs_env.mount(a_layer), fs_env.mount(b_layer)
+    lay = fs.layer(str(a))
+    idx = lay.index
+    state_file = a / ".stargz-snapshotter" / f"{a_layer.digest}.json"
+
+    def reported() -> int:
+        return json.loads(_read(state_file, direct=True))["fetchedSize"]
+
+    async def truth() -> int:  # counted from scratch, on the loop (the cache index lives there)
+        on_disk = [
+            all(idx.keys[r] in fs.disk for r in idx.member_rows(m)) for m in range(idx.n_members)
+        ]
+        if all(on_disk):
+            return lay.size
+        held = sum(idx.m_end[m] - idx.m_start[m] for m in range(idx.n_members) if on_disk[m])
+        return lay.size - idx.toc_offset + held
+
+    base = reported()
+    assert base == fs_env.run(truth())
+    path = "data/text.txt"
+    assert _read(a / path) == _content(a_layer, path)
+    key = idx.keys[lay.chunks.span(lay.reader.lookup(path).id)[0]]
+    deadline = time.monotonic() + 10
+    while key not in fs.disk:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    with_text = reported()
+    assert with_text == fs_env.run(truth()) > base
+
+    # nothing changed in the cache: no walk over the chunks, however often it is asked
+    counting = _CountingKeys(idx.keys)
+    idx.keys = counting
+
+    async def ask(n: int) -> list[int]:
+        return [lay.fetched_size() for _ in range(n)]
+
+    try:
+        assert set(fs_env.run(ask(200))) == {with_text}
+        assert reported() == with_text
+        assert counting.lookups == 0
+    finally:
+        idx.keys = counting.keys
+
+    # another layer's chunks push ours out of the (4 MiB) disk cache
+    evictions = fs.metrics.disk_evictions
+    assert _read(b / "data/noise.bin") == _content(b_layer, "data/noise.bin")
+    deadline = time.monotonic() + 10
+    while key in fs.disk:
+        assert time.monotonic() < deadline, "the other layer's chunks did not evict ours"
+        time.sleep(0.02)
+    assert fs.metrics.disk_evictions > evictions
+    after = reported()
+    assert after == fs_env.run(truth()) < with_text

@@ -1,4 +1,4 @@
-"""The FUSE protocol as our session speaks it (`stargz.fs.session`), through real mounts:
+"""The FUSE protocol as our session speaks it (`stargz.fuse.session`), through real mounts:
 listings that need many READDIR(PLUS) answers, long names, reads larger than one request,
 and the answers a read-only mount gives to writes.
 
@@ -35,7 +35,7 @@ def _layer(tmp_path):
         tf.addfile(d)
         for i in range(N_FILES):
             stem = f"f{i:05d}-"
-            name = stem + "x" * (i % 250) if i % 7 else stem + "y" * (255 - len(stem))
+            name = stem + "x" * (i % 249) if i % 7 else stem + "y" * (255 - len(stem))
             data = f"file {i}\n".encode() * (i % 5)
             ti = tarfile.TarInfo(f"many/{name}")
             ti.size = len(data)
@@ -126,3 +126,64 @@ def test_missing_names_and_xattrs(mounted):
     assert os.listxattr(mp / "big.bin") == []
     st = os.statvfs(mp)
     assert st.f_namemax == 255
+
+
+_DIRECT_READER = r"""
+import mmap, os, sys
+buf = mmap.mmap(-1, 1 << 16)
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
+print("reading", flush=True)
+os.preadv(fd, [buf], 0)
+print("read", flush=True)
+"""
+
+
+def test_a_killed_reader_is_answered_at_once(fs_env, corners, corners_source):
+    """A reader killed while its read waits for a slow fetch: the kernel sends INTERRUPT,
+    the session answers EINTR and the process dies at once, not when the fetch ends.
+    (O_DIRECT: a read the reader waits on itself; readahead has no waiting process.)"""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    layer = corners.layers("esgz")[0]
+    fs = fs_env.start(corners_source, noprefetch=True)
+    mp = fs_env.mount(layer)
+    corners_source.latency = 4.0  # the registry answers slowly from now on
+    with subprocess.Popen(
+        [sys.executable, "-c", _DIRECT_READER, str(mp / "data/noise.bin")],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            assert proc.stdout.readline() == "reading\n"
+            deadline = time.monotonic() + 10
+            while fs._session.in_flight == 0:
+                assert time.monotonic() < deadline, "the read never reached the daemon"
+                time.sleep(0.01)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=20)
+            waited = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    # (before INTERRUPT was handled: the whole 4 s of the fetch)
+    assert waited < 2, f"the killed reader waited {waited:.1f} s for its answer"
+    deadline = time.monotonic() + 5
+    while fs._session.in_flight:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    # the fetch itself was not cancelled with the waiting read: when it ends, the file
+    # reads whole
+    corners_source.latency = 0.0
+    from stargz.estargz import open_file
+
+    with open_file(str(layer.path)) as r:
+        node = r.lookup("data/noise.bin")
+        want = r.read(node.id, 0, node.entry.size)
+    assert (mp / "data/noise.bin").read_bytes() == want
+    assert fs.metrics.handler_errors == 0

@@ -114,3 +114,14 @@ def lazy_stack(e2e_host: None) -> Iterator[LazyStack]:
             for d in started:  # containerd (pushed last) stops first
                 stack.callback(_show_log, d)
                 stack.callback(d.close)
+
+
+@pytest.fixture(scope="module")
+def snapshot_daemon() -> Iterator[StargzDaemon]:
+    """One real daemon per test module with lazy pulling off (``--no-lazy``): the snapshot
+    semantics and the gRPC service only. Tests keep apart by key prefix."""
+    d = StargzDaemon.start(extra_args=["--no-lazy"])
+    try:
+        yield d
+    finally:
+        d.close()

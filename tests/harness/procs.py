@@ -421,13 +421,23 @@ class Containerd(Daemon):
     --sync``), not on its own after N mutations: otherwise it collects, at a moment no test
     controls, every snapshot made with ``ctr snapshots prepare/view`` (they hold no lease).
     Pass ``gc_on_its_own=True`` for containerd's default scheduling.
+
+    With ``cri_registry="127.0.0.1:PORT"``, containerd's CRI plugin is on (its unpacker uses
+    the ``stargz`` snapshotter and sends the snapshot annotations a lazy pull needs; that
+    registry is reached over plain HTTP): see :meth:`cri_pull`. No CNI is configured, so
+    it pulls images but can't network pods.
     """
 
     name = "containerd"
 
     @classmethod
     def start(
-        cls, stargz_address: str, workdir: Path | None = None, *, gc_on_its_own: bool = False
+        cls,
+        stargz_address: str,
+        workdir: Path | None = None,
+        *,
+        gc_on_its_own: bool = False,
+        cri_registry: str | None = None,
     ) -> Containerd:
         self = cls(workdir or make_tempdir("sgz-c-"))
         self.address = str(self.workdir / "containerd.sock")
@@ -438,7 +448,7 @@ class Containerd(Daemon):
 root = "{root}"
 state = "{state}"
 disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
+{"" if cri_registry else '  "io.containerd.grpc.v1.cri",'}
   "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.devmapper",
@@ -457,6 +467,7 @@ disabled_plugins = [
 [plugins."io.containerd.internal.v1.opt"]
   path = "{root}/opt"
 {"" if gc_on_its_own else _MANUAL_GC}
+{_cri_config(root, cri_registry) if cri_registry else ""}
 [proxy_plugins]
   [proxy_plugins.stargz]
     type = "snapshot"
@@ -468,6 +479,16 @@ disabled_plugins = [
 
     def _answers(self) -> bool:
         return run(["ctr", "-a", self.address, "version"], check=False, timeout=5).returncode == 0
+
+    def cri_pull(self, ref: str, timeout: float = 120) -> str:
+        """CRI ``ImageService/PullImage`` of ``ref`` (as the kubelet sends it); returns the
+        image ID. The pull runs inside containerd, in namespace ``k8s.io``."""
+        import grpc
+
+        with grpc.insecure_channel(f"unix:{self.address}") as ch:
+            call = ch.unary_unary("/runtime.v1.ImageService/PullImage")
+            resp = call(_pb_message(1, _pb_message(1, ref.encode())), timeout=timeout)
+        return _pb_string_field(resp, 1)
 
     def ctr(
         self, *args: str, ns: str = "default", check: bool = True, timeout: float = 300
@@ -496,6 +517,64 @@ disabled_plugins = [
             with contextlib.suppress(Exception):
                 self.kill_tasks()
         super().close()
+
+
+def _cri_config(root: Path, registry: str) -> str:
+    return f"""
+[plugins."io.containerd.grpc.v1.cri"]
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "stargz"
+    disable_snapshot_annotations = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{root}/cni/bin"
+    conf_dir = "{root}/cni/conf"
+  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{registry}"]
+    endpoint = ["http://{registry}"]
+"""
+
+
+def _pb_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _pb_message(field: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field (CRI's request messages are a few strings; the
+    CRI API package is not installed here, so they are encoded by hand)."""
+    return _pb_varint(field << 3 | 2) + _pb_varint(len(payload)) + payload
+
+
+def _pb_string_field(data: bytes, field: int) -> str:
+    """The first length-delimited ``field`` of a protobuf message."""
+    i = 0
+    while i < len(data):
+        key, i = _pb_read_varint(data, i)
+        if key & 7 == 2:
+            n, i = _pb_read_varint(data, i)
+            if key >> 3 == field:
+                return data[i : i + n].decode()
+            i += n
+        elif key & 7 == 0:
+            _, i = _pb_read_varint(data, i)
+        else:
+            raise HarnessError(f"unexpected protobuf wire type {key & 7}")
+    raise HarnessError(f"protobuf field {field} missing")
+
+
+def _pb_read_varint(data: bytes, i: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        b = data[i]
+        i += 1
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return n, i
 
 
 def image_chain_id(c: Containerd, ref: str, ns: str, platform: str = "linux/amd64") -> str:

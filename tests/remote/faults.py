@@ -13,6 +13,7 @@ import asyncio
 import base64
 import re
 import secrets
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -34,14 +35,25 @@ class Seen:
     path: str
     query: dict[str, str]
     headers: CIMultiDictProxy[str]
+    body: bytes = b""
 
 
 class Proxy:
     """Forwards to ``upstream`` (``http://127.0.0.1:PORT``) unless ``hook`` answers."""
 
-    def __init__(self, upstream: str, hook: Hook | None = None, *, port: int = 0) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        hook: Hook | None = None,
+        *,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.upstream = upstream.rstrip("/")
         self.port = port
+        self.host = host
+        self.ssl_context = ssl_context
         self.hook = hook
         self.seen: list[Seen] = []
         self.netloc = ""
@@ -50,7 +62,7 @@ class Proxy:
 
     @property
     def url(self) -> str:
-        return f"http://{self.netloc}"
+        return f"{'https' if self.ssl_context else 'http'}://{self.netloc}"
 
     async def __aenter__(self) -> Proxy:
         app = web.Application()
@@ -59,10 +71,10 @@ class Proxy:
             app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
         await site.start()
         port = self._runner.addresses[0][1]
-        self.netloc = f"127.0.0.1:{port}"
+        self.netloc = f"{self.host}:{port}"
         self._session = aiohttp.ClientSession(auto_decompress=False)
         return self
 
@@ -81,7 +93,13 @@ class Proxy:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.seen.append(
-            Seen(request.method, request.path, dict(request.query), request.headers.copy())
+            Seen(
+                request.method,
+                request.path,
+                dict(request.query),
+                request.headers.copy(),
+                await request.read(),
+            )
         )
         if self.hook is not None:
             answer = await self.hook(self, request)
@@ -125,7 +143,8 @@ def repo_of(path: str) -> str | None:
 @dataclass
 class BearerAuth:
     """Registry API needs ``Bearer <token>``; tokens come from ``/token`` on the proxy,
-    which wants HTTP basic ``user:password`` when ``user`` is set."""
+    which wants HTTP basic ``user:password`` when ``user`` is set. ``realm`` points the
+    challenge at another token endpoint (default: this proxy's ``/token``)."""
 
     user: str | None = None
     password: str = ""
@@ -135,6 +154,7 @@ class BearerAuth:
     tokens: dict[str, float] = field(default_factory=dict)  # token -> expiry
     token_requests: list[dict[str, object]] = field(default_factory=list)
     challenges: int = 0
+    realm: str | None = None
 
     def revoke_all(self) -> None:
         self.tokens.clear()
@@ -183,8 +203,8 @@ class BearerAuth:
         return web.Response(
             status=401,
             headers={
-                "WWW-Authenticate": f'Bearer realm="{proxy.url}/token",service="test-registry"'
-                + scope
+                "WWW-Authenticate": f'Bearer realm="{self.realm or proxy.url + "/token"}",'
+                'service="test-registry"' + scope
             },
         )
 
@@ -218,6 +238,24 @@ class RedirectBlobs:
             location = f"{self.storage.url}/store/{m['repo']}/{m['digest']}?sig={sig}"
             return web.Response(status=307, headers={"Location": location})
         return None
+
+
+@dataclass
+class RedirectToken:
+    """``/token`` answers ``status`` to the same path and query on ``target`` (another
+    Proxy, e.g. on 127.0.0.2, or this one), once: the target sees ``hop=1``."""
+
+    target: Proxy
+    status: int = 302
+    redirects: int = 0
+
+    async def __call__(self, proxy: Proxy, request: web.Request) -> web.StreamResponse | None:
+        if request.path != "/token" or request.query.get("hop"):
+            return None
+        self.redirects += 1
+        sep = "&" if request.query_string else ""
+        location = f"{self.target.url}/token?{request.query_string}{sep}hop=1"
+        return web.Response(status=self.status, headers={"Location": location})
 
 
 @dataclass
@@ -290,6 +328,31 @@ class MultiRange:
                 headers={"Content-Type": "multipart/byteranges; boundary=XYZ"},
             )
         raise AssertionError(self.mode)
+
+
+@dataclass
+class ReshapeRange:
+    """Single-range blob GETs (not the ``0-0`` and suffix probes) are forwarded with another
+    range, and the registry's honest 206 for that one is returned: ``longer`` (to the
+    blob's end), ``earlier`` (starting ``by`` bytes before), ``shorter`` (ending ``by``
+    bytes early)."""
+
+    mode: str
+    by: int = 5
+    hits: int = 0
+
+    async def __call__(self, proxy: Proxy, request: web.Request) -> web.StreamResponse | None:
+        m = re.fullmatch(r"bytes=(\d+)-(\d+)", request.headers.get("Range", ""))
+        if not (m and _BLOB_RE.match(request.path)) or m.group(2) == "0":
+            return None
+        a, b = int(m.group(1)), int(m.group(2))
+        self.hits += 1
+        rng = {
+            "longer": f"bytes={a}-",
+            "earlier": f"bytes={max(0, a - self.by)}-{b}",
+            "shorter": f"bytes={a}-{b - self.by}",
+        }[self.mode]
+        return await proxy.forward(request, headers={"Range": rng})
 
 
 @dataclass

@@ -12,6 +12,7 @@ import time
 import pytest
 from aiohttp import web
 
+from stargz import config
 from stargz.errors import AuthError, BlobNotFound, RegistryError
 from stargz.remote import (
     BlobOptions,
@@ -34,6 +35,12 @@ from .faults import (
     Storage,
     chain,
 )
+
+
+def _resolver(table: dict) -> ResolverOptions:
+    """Resolver options from a ``[resolver]`` table, validated as the daemon's config is."""
+    return ResolverOptions.from_config(config.parse({"resolver": table}).resolver)
+
 
 FAST = BlobOptions(min_wait_msec=1, max_wait_msec=20, max_retries=3)
 
@@ -187,7 +194,7 @@ def test_redirect_to_storage_sends_no_credentials_or_headers(images, run_both):
         async with Proxy(images.registry.url, storage_hook) as storage:
             redirect = RedirectBlobs(storage)
             async with Proxy(images.registry.url, chain(auth, redirect)) as mirror:
-                resolver = ResolverOptions.from_mapping(
+                resolver = _resolver(
                     {
                         "host": {
                             images.registry.host: {
@@ -365,7 +372,7 @@ def test_merged_single_range_answer_is_used(images, run):
 
 
 def _mirrors(registry: str, *mirrors: dict) -> ResolverOptions:
-    return ResolverOptions.from_mapping({"host": {registry: {"mirrors": list(mirrors)}}})
+    return _resolver({"host": {registry: {"mirrors": list(mirrors)}}})
 
 
 def test_mirror_down_uses_the_registry(images, run):

@@ -106,14 +106,14 @@ def test_not_found_and_bad_digest(images, run):
 
 
 def test_fetch_blob_verifies(images, run, monkeypatch):
-    import stargz.remote.client as mod
+    import stargz.remote.images as mod
 
     async def main():
         async with client() as c:
             assert await c.blob_size(images.blob_ref, images.blob_digest) == len(images.blob)
             data = await c.fetch_blob(images.blob_ref, images.blob_digest)
             assert data == images.blob
-            monkeypatch.setattr(mod, "_digest_of", lambda data, like: "sha256:" + "f" * 64)
+            monkeypatch.setattr(mod, "digest_of", lambda data, like: "sha256:" + "f" * 64)
             with pytest.raises(DigestMismatch):
                 await c.fetch_blob(images.blob_ref, images.blob_digest)
 

@@ -10,11 +10,18 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from aiohttp import web
 
+from stargz import config
 from stargz.errors import BlobNotFound, InvalidArgument
 from stargz.remote import BlobOptions, Platform, RegistryClient, ResolverOptions
 from stargz.remote.client import TAIL_PROBE_SIZE
 
 from .faults import MultiRange, Proxy, RedirectBlobs, Storage
+
+
+def _resolver(table: dict) -> ResolverOptions:
+    """Resolver options from a ``[resolver]`` table, validated as the daemon's config is."""
+    return ResolverOptions.from_config(config.parse({"resolver": table}).resolver)
+
 
 FAST = BlobOptions(min_wait_msec=1, max_wait_msec=20, max_retries=3)
 
@@ -200,9 +207,7 @@ def test_mirror_without_the_blob_then_the_registry_gives_the_tail(images, run):
 
     async def main():
         async with Proxy(images.registry.url) as origin, Proxy(images.registry.url, no_blobs) as m:
-            resolver = ResolverOptions.from_mapping(
-                {"host": {origin.netloc: {"mirrors": [{"host": m.netloc}]}}}
-            )
+            resolver = _resolver({"host": {origin.netloc: {"mirrors": [{"host": m.netloc}]}}})
             async with client(resolver=resolver) as c:
                 b = await c.open_blob(f"{origin.netloc}/blobs", images.blob_digest)
                 assert b.location.host.netloc == origin.netloc
@@ -217,11 +222,11 @@ def test_mirror_without_the_blob_then_the_registry_gives_the_tail(images, run):
 
 @pytest.mark.parametrize("probe", [0, 100, TAIL_PROBE_SIZE, 1 << 20])
 def test_layer_tail_through_the_registry_source(images, run, probe):
-    """fs.layer.fetch_tail on a registry blob returns the bytes from the TOC to the end,
+    """fs.layer_open.fetch_tail on a registry blob returns the bytes from the TOC to the end,
     with the probe's tail used: a TOC inside the probed tail costs no request after the
     probe, a bigger one exactly one; a probed tail too short for a footer is ignored."""
     from stargz.estargz.footer import parse_footer
-    from stargz.fs.layer import TAIL_FETCH_SIZE, fetch_tail
+    from stargz.fs.layer_open import TAIL_FETCH_SIZE, fetch_tail
     from stargz.fs.registry import RegistryLayerSource
 
     layers = images.esgz_manifest["layers"]

@@ -183,6 +183,7 @@ def test_collector_exports_each_counter_under_its_name():
         "stargz_fs_passthrough_opens_total": f.passthrough_opens,
         "stargz_fs_disk_cache_evictions_total": f.disk_evictions,
         "stargz_fs_disk_cache_evicted_bytes_total": f.disk_evicted_bytes,
+        "stargz_fs_cache_checksum_failures_total": f.cache_checksum_failures,
         "stargz_fs_verification_failures_total": (
             f.closed_layers_verification_failures + m.verification_failures
         ),

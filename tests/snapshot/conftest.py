@@ -9,6 +9,7 @@ Both raise :mod:`stargz.errors` classes, so one suite asserts the same behaviour
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+from harness.fixtures import snapshot_daemon  # noqa: F401
 from harness.procs import StargzDaemon
 
 from stargz import errors
@@ -81,6 +83,8 @@ class LocalBackend:
     """The Snapshotter in this process."""
 
     name = "local"
+    #: What this backend puts before every key (see RPCBackend).
+    prefix = ""
 
     def __init__(self, sn: Snapshotter, run: Callable[[Coroutine[Any, Any, Any]], Any]) -> None:
         self.sn, self._run, self.root = sn, run, sn.root
@@ -90,146 +94,150 @@ class LocalBackend:
         key: str,
         parent: str = "",
         labels: Mapping[str, str] | None = None,
-        ns: str | None = "t",
     ) -> list[Mount]:
-        return self._run(self.sn.prepare(ns, key, parent, labels))
+        return self._run(self.sn.prepare(key, parent, labels))
 
     def view(
         self,
         key: str,
         parent: str = "",
         labels: Mapping[str, str] | None = None,
-        ns: str | None = "t",
     ) -> list[Mount]:
-        return self._run(self.sn.view(ns, key, parent, labels))
+        return self._run(self.sn.view(key, parent, labels))
 
-    def mounts(self, key: str, ns: str | None = "t") -> list[Mount]:
-        return self._run(self.sn.mounts(ns, key))
+    def mounts(self, key: str) -> list[Mount]:
+        return self._run(self.sn.mounts(key))
 
-    def commit(
-        self, name: str, key: str, labels: Mapping[str, str] | None = None, ns: str | None = "t"
-    ) -> None:
-        self._run(self.sn.commit(ns, name, key, labels))
+    def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
+        self._run(self.sn.commit(name, key, labels))
 
-    def remove(self, key: str, ns: str | None = "t") -> None:
-        self._run(self.sn.remove(ns, key))
+    def remove(self, key: str) -> None:
+        self._run(self.sn.remove(key))
 
-    def stat(self, key: str, ns: str | None = "t") -> Info:
-        return self._run(self.sn.stat(ns, key))
+    def stat(self, key: str) -> Info:
+        return self._run(self.sn.stat(key))
 
-    def update(self, info: Info, paths: Sequence[str] = (), ns: str | None = "t") -> Info:
-        return self._run(self.sn.update(ns, info, paths))
+    def update(self, info: Info, paths: Sequence[str] = ()) -> Info:
+        return self._run(self.sn.update(info, paths))
 
-    def list(self, *filters: str, ns: str | None = "t") -> list[Info]:
-        return self._run(self.sn.walk(ns, filters))
+    def list(self, *filters: str) -> list[Info]:
+        return self._run(self.sn.walk(filters))
 
-    def usage(self, key: str, ns: str | None = "t") -> Usage:
-        return self._run(self.sn.usage(ns, key))
+    def usage(self, key: str) -> Usage:
+        return self._run(self.sn.usage(key))
 
     def cleanup(self) -> None:
         self._run(self.sn.cleanup())
 
 
 class RPCBackend:
-    """The daemon process, over gRPC. Each test gets its own default namespace."""
+    """The daemon process, over gRPC, shared by the tests of a module.
+
+    Like containerd's metadata layer, each backend puts its own prefix before every key it
+    sends (``rpc<n>-<pid>-``) and takes it off what comes back (names, parents, error messages,
+    and ``List``, which only shows this backend's snapshots), so tests on one daemon never
+    meet each other's keys. Requests carry no ``containerd-namespace`` metadata, as
+    containerd's requests from ``ctr`` don't.
+    """
 
     name = "rpc"
-    _ns_counter = itertools.count()
+    _counter = itertools.count()
 
     def __init__(self, daemon: StargzDaemon) -> None:
         self.daemon = daemon
         self.root = daemon.root
         self.channel = daemon.channel()
         self.stub = daemon.stub(self.channel)
-        self.default_ns = f"t{next(self._ns_counter)}"
+        self.prefix = f"rpc{next(self._counter)}-{os.getpid()}-"
 
-    def _md(self, ns: str | None) -> tuple[tuple[str, str], ...]:
-        ns = self.default_ns if ns == "t" else ns
-        return () if ns is None else (("containerd-namespace", ns),)
+    def _in(self, key: str) -> str:
+        return self.prefix + key if key else key
 
-    def _call(self, method: str, request: Any, ns: str | None) -> Any:
+    def _out(self, key: str) -> str:
+        return key.removeprefix(self.prefix)
+
+    def _raise(self, e: grpc.RpcError) -> None:
+        cls = _CODES.get(e.code())
+        if cls is None:
+            raise e
+        raise cls((e.details() or "").replace(self.prefix, "")) from None
+
+    def _call(self, method: str, request: Any) -> Any:
         try:
-            return getattr(self.stub, method)(request, metadata=self._md(ns), timeout=30)
+            return getattr(self.stub, method)(request, timeout=30)
         except grpc.RpcError as e:
-            cls = _CODES.get(e.code())
-            if cls is None:
-                raise
-            raise cls(e.details()) from None
+            self._raise(e)
 
     @staticmethod
     def _mounts(resp: Any) -> list[Mount]:
         return [Mount(m.type, m.source, tuple(m.options), m.target) for m in resp.mounts]
 
-    @staticmethod
-    def _info(pbinfo: Any) -> Info:
-        return info_from_pb(pbinfo)
+    def _info(self, pbinfo: Any) -> Info:
+        info = info_from_pb(pbinfo)
+        return dataclasses.replace(info, name=self._out(info.name), parent=self._out(info.parent))
 
     def prepare(
         self,
         key: str,
         parent: str = "",
         labels: Mapping[str, str] | None = None,
-        ns: str | None = "t",
     ) -> list[Mount]:
-        req = pb.PrepareSnapshotRequest(key=key, parent=parent, labels=labels or {})
-        return self._mounts(self._call("Prepare", req, ns))
+        req = pb.PrepareSnapshotRequest(
+            key=self._in(key), parent=self._in(parent), labels=labels or {}
+        )
+        return self._mounts(self._call("Prepare", req))
 
     def view(
         self,
         key: str,
         parent: str = "",
         labels: Mapping[str, str] | None = None,
-        ns: str | None = "t",
     ) -> list[Mount]:
-        req = pb.ViewSnapshotRequest(key=key, parent=parent, labels=labels or {})
-        return self._mounts(self._call("View", req, ns))
+        req = pb.ViewSnapshotRequest(
+            key=self._in(key), parent=self._in(parent), labels=labels or {}
+        )
+        return self._mounts(self._call("View", req))
 
-    def mounts(self, key: str, ns: str | None = "t") -> list[Mount]:
-        return self._mounts(self._call("Mounts", pb.MountsRequest(key=key), ns))
+    def mounts(self, key: str) -> list[Mount]:
+        return self._mounts(self._call("Mounts", pb.MountsRequest(key=self._in(key))))
 
-    def commit(
-        self, name: str, key: str, labels: Mapping[str, str] | None = None, ns: str | None = "t"
-    ) -> None:
-        self._call("Commit", pb.CommitSnapshotRequest(name=name, key=key, labels=labels or {}), ns)
+    def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
+        req = pb.CommitSnapshotRequest(name=self._in(name), key=self._in(key), labels=labels or {})
+        self._call("Commit", req)
 
-    def remove(self, key: str, ns: str | None = "t") -> None:
-        self._call("Remove", pb.RemoveSnapshotRequest(key=key), ns)
+    def remove(self, key: str) -> None:
+        self._call("Remove", pb.RemoveSnapshotRequest(key=self._in(key)))
 
-    def stat(self, key: str, ns: str | None = "t") -> Info:
-        return self._info(self._call("Stat", pb.StatSnapshotRequest(key=key), ns).info)
+    def stat(self, key: str) -> Info:
+        return self._info(self._call("Stat", pb.StatSnapshotRequest(key=self._in(key))).info)
 
-    def update(self, info: Info, paths: Sequence[str] = (), ns: str | None = "t") -> Info:
-        req = pb.UpdateSnapshotRequest(info=info_to_pb(info))
+    def update(self, info: Info, paths: Sequence[str] = ()) -> Info:
+        sent = dataclasses.replace(info, name=self._in(info.name))
+        req = pb.UpdateSnapshotRequest(info=info_to_pb(sent))
         req.update_mask.paths.extend(paths)
-        return self._info(self._call("Update", req, ns).info)
+        return self._info(self._call("Update", req).info)
 
-    def list(self, *filters: str, ns: str | None = "t") -> list[Info]:
+    def list(self, *filters: str) -> list[Info]:
+        """This backend's snapshots that match (filters naming keys must add ``prefix``)."""
         req = pb.ListSnapshotsRequest(filters=list(filters))
         try:
-            stream = list(self.stub.List(req, metadata=self._md(ns), timeout=30))
+            stream = list(self.stub.List(req, timeout=30))
         except grpc.RpcError as e:
-            cls = _CODES.get(e.code())
-            if cls is None:
-                raise
-            raise cls(e.details()) from None
-        return [self._info(i) for resp in stream for i in resp.info]
+            self._raise(e)
+        mine = [i for resp in stream for i in resp.info if i.name.startswith(self.prefix)]
+        return [self._info(i) for i in mine]
 
-    def usage(self, key: str, ns: str | None = "t") -> Usage:
-        r = self._call("Usage", pb.UsageRequest(key=key), ns)
+    def usage(self, key: str) -> Usage:
+        r = self._call("Usage", pb.UsageRequest(key=self._in(key)))
         return Usage(r.size, r.inodes)
 
     def cleanup(self) -> None:
-        self._call("Cleanup", pb.CleanupRequest(), None)
+        self._call("Cleanup", pb.CleanupRequest())
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StargzDaemon]:
-    """One real daemon process per test module (tests separate by namespace)."""
-    d = StargzDaemon.start(extra_args=NO_LAZY)
-    try:
-        yield d
-    finally:
-        d.close()
+def daemon(snapshot_daemon: StargzDaemon) -> StargzDaemon:  # noqa: F811
+    return snapshot_daemon
 
 
 @pytest.fixture

@@ -60,7 +60,7 @@ CHILD = textwrap.dedent(
             self.c.close()
 
     def state(sn):
-        infos = asyncio.run(sn.walk(None))
+        infos = asyncio.run(sn.walk())
         return sorted([i.name, int(i.kind), i.parent] for i in infos)
 
     OPS = [
@@ -76,20 +76,20 @@ CHILD = textwrap.dedent(
         for k, (op, *args) in enumerate(OPS):
             Path(progress).write_text(str(k))
             if op == "prepare":
-                (m,) = await sn.prepare("ns", args[0], args[1])
+                (m,) = await sn.prepare(args[0], args[1])
                 Path(m.source if m.type == "bind" else
                      [o for o in m.options if o.startswith("upperdir=")][0][9:],
                      "f" + args[0]).write_text("data")
             elif op == "view":
-                await sn.view("ns", args[0], args[1])
+                await sn.view(args[0], args[1])
             elif op == "commit":
-                await sn.commit("ns", args[0], args[1])
+                await sn.commit(args[0], args[1])
             elif op == "remove":
-                await sn.remove("ns", args[0])
+                await sn.remove(args[0])
             else:
                 await sn.cleanup()
             states.append(sorted([i.name, int(i.kind), i.parent]
-                                 for i in await sn.walk(None)))
+                                 for i in await sn.walk()))
         Path(progress).write_text("done")
         await sn.close()
         print(json.dumps({"points": points, "states": states}))
@@ -119,18 +119,18 @@ def baseline(tmp_path_factory) -> dict:
 def check_recovered(root: Path, states_ok: list, run) -> None:
     sn = run(Snapshotter.open(root))
     try:
-        infos = run(sn.walk(None))
+        infos = run(sn.walk())
         got = sorted([i.name, int(i.kind), i.parent] for i in infos)
         assert got in states_ok
         snaps = root / "snapshots"
         for info in infos:
             (m,) = (
-                run(sn.view(info.namespace, "probe", info.name))
+                run(sn.view("probe", info.name))
                 if info.kind == Kind.COMMITTED
-                else run(sn.mounts(info.namespace, info.name))
+                else run(sn.mounts(info.name))
             )
             if info.kind == Kind.COMMITTED:
-                run(sn.remove(info.namespace, "probe"))
+                run(sn.remove("probe"))
         owned = {p.name for p in snaps.iterdir()}
         run(sn.cleanup())
         left = {p.name for p in snaps.iterdir()}
@@ -138,8 +138,8 @@ def check_recovered(root: Path, states_ok: list, run) -> None:
         assert len(left) == len(infos)
         for name in left:
             assert (snaps / name / "fs").is_dir()
-        run(sn.prepare("ns", "after-crash", ""))
-        run(sn.commit("ns", "after-crash-c", "after-crash"))
+        run(sn.prepare("after-crash", ""))
+        run(sn.commit("after-crash-c", "after-crash"))
         assert {p.name for p in snaps.iterdir()} > left
     finally:
         run(sn.close())

@@ -55,33 +55,33 @@ def test_fake_fs_satisfies_the_protocol(fakefs):
 def test_remote_prepare_commits_the_target_and_answers_already_exists(sn, run, fakefs, caplog):
     caplog.set_level(logging.DEBUG, "stargz.snapshot")
     with pytest.raises(AlreadyExists, match=f'target snapshot "{CHAIN}"'):
-        run(sn.prepare("ns", "extract-1 " + CHAIN, "", LAYER_LABELS))
-    info = run(sn.stat("ns", CHAIN))
+        run(sn.prepare("extract-1 " + CHAIN, "", LAYER_LABELS))
+    info = run(sn.stat(CHAIN))
     assert info.kind == Kind.COMMITTED
     assert dict(info.labels) == {**LAYER_LABELS, REMOTE_LABEL: REMOTE_LABEL_VALUE}
     with pytest.raises(NotFound):
-        run(sn.stat("ns", "extract-1 " + CHAIN))
+        run(sn.stat("extract-1 " + CHAIN))
     ((op, mountpoint),) = fakefs.calls
     assert op == "mount" and mountpoint.endswith("/fs")
     assert fakefs.labels[mountpoint] == LAYER_LABELS
     assert prepared(caplog) == ["true"]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert run(sn.usage("ns", CHAIN)).size == 0  # a lazy layer is not walked
+    assert run(sn.usage(CHAIN)).size == 0  # a lazy layer is not walked
 
     # The container's rootfs over the remote layer: Check is asked, then overlay mounts.
-    (m,) = run(sn.prepare("ns", "container", CHAIN))
+    (m,) = run(sn.prepare("container", CHAIN))
     assert m.type == "overlay" and f"lowerdir={mountpoint}" in m.options
     assert fakefs.calls[-1] == ("check", mountpoint)
-    run(sn.mounts("ns", "container"))
+    run(sn.mounts("container"))
     assert fakefs.calls[-1] == ("check", mountpoint)
 
 
 def test_mount_failure_falls_back_to_a_normal_snapshot(sn, run, fakefs, caplog):
     caplog.set_level(logging.DEBUG, "stargz.snapshot")
     fakefs.fail_mount = RuntimeError("not an eStargz layer")
-    (m,) = run(sn.prepare("ns", "extract-1", "", LAYER_LABELS))
+    (m,) = run(sn.prepare("extract-1", "", LAYER_LABELS))
     assert m.type == "bind" and m.options == ("rw", "rbind")
-    assert run(sn.stat("ns", "extract-1")).kind == Kind.ACTIVE
+    assert run(sn.stat("extract-1")).kind == Kind.ACTIVE
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "not an eStargz layer" in str(warnings[0].error)
@@ -90,15 +90,15 @@ def test_mount_failure_falls_back_to_a_normal_snapshot(sn, run, fakefs, caplog):
     assert prepared(caplog) == ["false"]
     # containerd then unpacks and commits as usual
     Path(m.source, "file").write_text("unpacked")
-    run(sn.commit("ns", CHAIN, "extract-1"))
-    assert REMOTE_LABEL not in run(sn.stat("ns", CHAIN)).labels
+    run(sn.commit(CHAIN, "extract-1"))
+    assert REMOTE_LABEL not in run(sn.stat(CHAIN)).labels
 
 
 def test_without_a_filesystem_prepare_always_falls_back_quietly(tmp_path, run, caplog):
     caplog.set_level(logging.DEBUG, "stargz.snapshot")
     sn = run(Snapshotter.open(tmp_path / "root"))
     try:
-        (m,) = run(sn.prepare("ns", "extract-1", "", LAYER_LABELS))
+        (m,) = run(sn.prepare("extract-1", "", LAYER_LABELS))
         assert m.type == "bind"
         assert prepared(caplog) == ["false"]
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -107,35 +107,35 @@ def test_without_a_filesystem_prepare_always_falls_back_quietly(tmp_path, run, c
 
 
 def test_prepare_without_target_label_never_asks_the_filesystem(sn, run, fakefs):
-    run(sn.prepare("ns", "plain", "", {"other": "label"}))
+    run(sn.prepare("plain", "", {"other": "label"}))
     assert fakefs.calls == []
 
 
 def test_target_committed_meanwhile_still_counts_as_success(sn, run, fakefs, caplog):
     caplog.set_level(logging.DEBUG, "stargz.snapshot")
     with pytest.raises(AlreadyExists):
-        run(sn.prepare("ns", "extract-1", "", LAYER_LABELS))
+        run(sn.prepare("extract-1", "", LAYER_LABELS))
     with pytest.raises(AlreadyExists, match="target snapshot"):
-        run(sn.prepare("ns", "extract-2", "", LAYER_LABELS))
+        run(sn.prepare("extract-2", "", LAYER_LABELS))
     assert prepared(caplog) == ["true", "true"]
     # as upstream, the second key stays (containerd's GC removes it, unmounting first)
-    assert run(sn.stat("ns", "extract-2")).kind == Kind.ACTIVE
+    assert run(sn.stat("extract-2")).kind == Kind.ACTIVE
 
 
 def test_unavailable_remote_layer_fails_mounts(sn, run, fakefs, caplog):
     with pytest.raises(AlreadyExists):
-        run(sn.prepare("ns", "extract-1", "", LAYER_LABELS))
-    run(sn.prepare("ns", "c1", CHAIN))
+        run(sn.prepare("extract-1", "", LAYER_LABELS))
+    run(sn.prepare("c1", CHAIN))
     fakefs.fail_check = OSError("registry unreachable")
     with pytest.raises(Unavailable, match="unavailable"):
-        run(sn.prepare("ns", "c2", CHAIN))
+        run(sn.prepare("c2", CHAIN))
     with pytest.raises(Unavailable):
-        run(sn.mounts("ns", "c1"))
+        run(sn.mounts("c1"))
     with pytest.raises(Unavailable):
-        run(sn.view("ns", "v", CHAIN))
+        run(sn.view("v", CHAIN))
     assert any("registry unreachable" in str(getattr(r, "error", "")) for r in caplog.records)
     fakefs.fail_check = None
-    run(sn.mounts("ns", "c1"))
+    run(sn.mounts("c1"))
 
 
 def test_check_runs_for_every_remote_layer_of_the_chain(sn, run, fakefs):
@@ -143,20 +143,20 @@ def test_check_runs_for_every_remote_layer_of_the_chain(sn, run, fakefs):
     for i in range(3):
         labels = {**LAYER_LABELS, TARGET_SNAPSHOT_LABEL: f"layer{i}"}
         with pytest.raises(AlreadyExists):
-            run(sn.prepare("ns", f"extract-{i}", parent, labels))
+            run(sn.prepare(f"extract-{i}", parent, labels))
         parent = f"layer{i}"
-    run(sn.prepare("ns", "local-key", parent))
-    run(sn.commit("ns", "local", "local-key"))  # a normally unpacked layer on top
+    run(sn.prepare("local-key", parent))
+    run(sn.commit("local", "local-key"))  # a normally unpacked layer on top
     fakefs.calls.clear()
-    run(sn.prepare("ns", "container", "local"))
+    run(sn.prepare("container", "local"))
     assert sorted(op for op, _ in fakefs.calls) == ["check"] * 3
 
 
 def test_remove_unmounts_the_remote_layer_before_deleting_it(sn, run, fakefs):
     with pytest.raises(AlreadyExists):
-        run(sn.prepare("ns", "extract-1", "", LAYER_LABELS))
+        run(sn.prepare("extract-1", "", LAYER_LABELS))
     mountpoint = fakefs.calls[0][1]
-    run(sn.remove("ns", CHAIN))
+    run(sn.remove(CHAIN))
     assert fakefs.calls[-1] == ("unmount", mountpoint)
     assert not Path(mountpoint).exists()
 
@@ -165,8 +165,8 @@ def test_restart_remounts_remote_snapshots(tmp_path, run, fakefs):
     root = tmp_path / "root"
     sn = run(Snapshotter.open(root, fakefs))
     with pytest.raises(AlreadyExists):
-        run(sn.prepare("ns", "extract-1", "", LAYER_LABELS))
-    run(sn.prepare("ns", "plain", ""))
+        run(sn.prepare("extract-1", "", LAYER_LABELS))
+    run(sn.prepare("plain", ""))
     mountpoint = fakefs.calls[0][1]
     run(sn.close(unmount_remote=True))
     assert fakefs.calls[-1] == ("unmount", mountpoint)
@@ -182,14 +182,14 @@ def test_failed_restore_stops_the_start_unless_invalid_mounts_are_allowed(tmp_pa
     root = tmp_path / "root"
     sn = run(Snapshotter.open(root, fakefs))
     with pytest.raises(AlreadyExists):
-        run(sn.prepare("ns", "extract-1", "", LAYER_LABELS))
+        run(sn.prepare("extract-1", "", LAYER_LABELS))
     run(sn.close())
     fakefs.fail_mount = RuntimeError("registry gone")
     with pytest.raises(Unavailable, match="registry gone"):
         run(Snapshotter.open(root, fakefs))
     sn = run(Snapshotter.open(root, fakefs, allow_invalid_mounts_on_restart=True))
     try:
-        assert run(sn.stat("ns", CHAIN)).kind == Kind.COMMITTED  # left for `ctr snapshot rm`
-        run(sn.remove("ns", CHAIN))
+        assert run(sn.stat(CHAIN)).kind == Kind.COMMITTED  # left for `ctr snapshot rm`
+        run(sn.remove(CHAIN))
     finally:
         run(sn.close())

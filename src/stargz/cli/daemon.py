@@ -39,8 +39,10 @@ import socket
 import sys
 from typing import Any
 
-from stargz import __version__, config
+from stargz import config
+from stargz.cli.version import VersionAction
 from stargz.errors import StargzError
+from stargz.remote.redact import redact_text
 
 DEFAULT_ADDRESS = "/run/containerd-stargz-grpc/containerd-stargz-grpc.sock"
 DEFAULT_ROOT = "/var/lib/containerd-stargz-grpc"
@@ -109,7 +111,7 @@ class JSONFormatter(logging.Formatter):
             doc[k if k not in doc else f"fields.{k}"] = _value(v)
         if record.exc_info and record.levelno >= logging.ERROR:
             doc["stack"] = self.formatException(record.exc_info)
-        return json.dumps(doc, ensure_ascii=False)
+        return redact_text(json.dumps(doc, ensure_ascii=False))
 
 
 class TextFormatter(logging.Formatter):
@@ -125,7 +127,7 @@ class TextFormatter(logging.Formatter):
         for k, v in _fields(record).items():
             text = json.dumps(_value(v), ensure_ascii=False)
             parts.append(f"{k}={text}")
-        return " ".join(parts)
+        return redact_text(" ".join(parts))
 
 
 def setup_logging(level: str, fmt: str) -> None:
@@ -165,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
         "when the unit has FileDescriptorStoreMax, a holder process outside systemd; "
         "off: the mount ends with the daemon)",
     )
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--version", action=VersionAction)
     return p
 
 

@@ -8,6 +8,7 @@ import json
 import sys
 import time
 
+from stargz.cli.version import VersionAction
 from stargz.errors import StargzError
 from stargz.estargz import reader as esgz_reader
 from stargz.estargz import writer
@@ -120,6 +121,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stargz", description=__doc__)
+    p.add_argument("--version", action=VersionAction)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     c = sub.add_parser("convert", help="convert an image in an OCI layout to eStargz")

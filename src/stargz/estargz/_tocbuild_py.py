@@ -36,9 +36,87 @@ _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
 ZERO_DIGEST = bytes(32)
 
 
+#: Most path components (the entry's own name included) a name may have. A deep name
+#: implies one directory per level, and paths of those directories cost the square of the
+#: depth while the layer opens; no real image comes near (PATH_MAX 4096 allows ~2048).
+DEFAULT_MAX_DEPTH = 256
+#: Characters all the layer's paths may add up to: every entry's name, and the path of
+#: every directory a name implies (which the TOC does not spell out). The reader's default
+#: is the TOC JSON's size plus this: the entries' names are in the JSON, so only implied
+#: directories can use the slack.
+DEFAULT_MAX_NAME_BYTES = 64 << 20
+#: Longest name component served (bytes). FUSE alone would carry 1024, but the mount
+#: reports 255 (statfs f_namemax), overlayfs refuses longer names (ENAMETOOLONG), and no
+#: Linux filesystem a layer is made from holds one.
+NAME_MAX = 255
+
+
+def short(name: str) -> str:
+    """``name``, cut in the middle when it is long (error messages name hostile entries)."""
+    return name if len(name) <= 200 else f"{name[:120]}...({len(name)} characters)...{name[-40:]}"
+
+
 def _where(i: int, name: str) -> str:
     # Built only when an error is raised: formatting it for every entry is measurable.
-    return f"TOC entry {i} ({name!r})"
+    return f"TOC entry {i} ({short(name)!r})"
+
+
+#: Owner ids a stat can carry: 32 bits, less (uid_t)-1, which chown(2) reads as "unchanged".
+MAX_ID = (1 << 32) - 2
+#: FUSE sends a 32-bit rdev, which the kernel splits as new_decode_dev does (and which
+#: os.makedev makes for these ranges): a 12-bit major, a 20-bit minor.
+DEV_MAJOR_LIMIT = 1 << 12
+DEV_MINOR_LIMIT = 1 << 20
+#: Mode bits a TOC may carry: permissions, setuid/setgid/sticky and (as some tar writers
+#: put them in the header's mode) the S_IFMT type bits; the type itself is ``type``.
+MODE_LIMIT = 1 << 16
+
+
+def check_values(i: int, name: str, obj: dict, payload_end: int, etype: str, size: int) -> None:
+    """Entry ``i``'s attributes fit what the mount sends the kernel (else a TOCError
+    naming the field, once at open, instead of a failure on every LOOKUP)."""
+    for key in ("uid", "gid"):
+        v = _get(obj, key, 0)
+        if not 0 <= v <= MAX_ID:
+            raise TOCError(f"{_where(i, name)}: {key} {v} is not a valid owner (0 to {MAX_ID})")
+    for key, limit in (("devMajor", DEV_MAJOR_LIMIT), ("devMinor", DEV_MINOR_LIMIT)):
+        v = _get(obj, key, 0)
+        if not 0 <= v < limit:
+            raise TOCError(
+                f"{_where(i, name)}: {key} {v} does not fit the 32-bit device number FUSE "
+                f"sends (major below {DEV_MAJOR_LIMIT}, minor below {DEV_MINOR_LIMIT})"
+            )
+    mode = _get(obj, "mode", 0)
+    if not 0 <= mode < MODE_LIMIT:
+        raise TOCError(f"{_where(i, name)}: mode {mode:#o} is not a file mode (0 to 0o177777)")
+    if size < 0:
+        raise TOCError(f"{_where(i, name)}: negative size {size}")
+    offset = _get(obj, "offset", 0)
+    if (etype != "reg" or size == 0) and not 0 <= offset <= payload_end:
+        # (a file's content offsets are checked with its chunks)
+        raise TOCError(
+            f"{_where(i, name)}: offset {offset} is outside the blob payload [0, {payload_end}]"
+        )
+
+
+def component_too_long(base: str) -> bool:
+    """Whether a name component is longer than `NAME_MAX` bytes in UTF-8."""
+    return len(base) > NAME_MAX // 4 and len(base.encode("utf-8", "surrogatepass")) > NAME_MAX
+
+
+def _long_component(i: int, name: str, base: str) -> TOCError:
+    n = len(base.encode("utf-8", "surrogatepass"))
+    return TOCError(
+        f"{_where(i, name)}: name component {short(base)!r} is {n} bytes, "
+        f"longer than NAME_MAX ({NAME_MAX} bytes)"
+    )
+
+
+def _too_many_names(i: int, name: str, limit: int) -> TOCError:
+    return TOCError(
+        f"{_where(i, name)}: the layer's paths (names and the directories they imply) "
+        f"exceed the limit of {limit} characters"
+    )
 
 
 def parse_digest(value: str, i: int, name: str, key: str) -> bytes:
@@ -102,9 +180,21 @@ def _get(obj: dict, key: str, default: Any) -> Any:
     return default if value is None else value
 
 
-def build(entries: list[Any], *, payload_end: int, verify: bool, max_chunk_size: int) -> OpenedTOC:
-    """Check and index a TOC's entries (see the module docstring)."""
-    root = Node(0, "", "dir", 0o755, 0, None)
+def build(
+    entries: list[Any],
+    *,
+    payload_end: int,
+    verify: bool,
+    max_chunk_size: int,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    max_name_bytes: int = DEFAULT_MAX_NAME_BYTES,
+) -> OpenedTOC:
+    """Check and index a TOC's entries (see the module docstring).
+
+    ``max_depth`` bounds the path components of a name, ``max_name_bytes`` the characters
+    of all paths (`DEFAULT_MAX_NAME_BYTES`): a few KB of TOC cannot take gigabytes.
+    """
+    root = Node(0, "", None, "dir", 0o755, 0, None)
     nodes: list[Node] = [root]
     by_path: dict[str, int] = {"": 0}
     out = OpenedTOC(nodes, by_path, None)
@@ -119,15 +209,21 @@ def build(entries: list[Any], *, payload_end: int, verify: bool, max_chunk_size:
     trailing = out.trailing
     last_comp = (-1, 0)  # (offset, inner end) of the previous data entry
     current: Node | None = None  # the file whose chunks are being listed
+    current_path = ""
+    names_left = max_name_bytes
     expect_off = 0
     pending_links: list[tuple[int, str, str, str]] = []  # (i, name, base, link target)
     strings: dict[Any, Any] = {}
 
     def dir_for(path: str, i: int, name: str) -> Node:
         """The directory node at ``path``, creating implicit parents as Go does."""
+        nonlocal names_left
         missing = []
         nid = by_path.get(path)
-        while nid is None:  # (a loop, not recursion: a path may have 100k components)
+        while nid is None:  # (the depth is checked: at most max_depth - 1 levels)
+            names_left -= len(path)
+            if names_left < 0:
+                raise _too_many_names(i, name, max_name_bytes)
             missing.append(path)
             path = path.rpartition("/")[0]
             nid = by_path.get(path)
@@ -135,10 +231,13 @@ def build(entries: list[Any], *, payload_end: int, verify: bool, max_chunk_size:
         if node.type != "dir":
             raise TOCError(f"{_where(i, name)}: parent {path!r} is a {node.type}, not a directory")
         for sub in reversed(missing):
-            child = Node(len(nodes), sub, "dir", 0o755, 0, None)
+            base = sub.rpartition("/")[2]
+            if len(base) > NAME_MAX // 4 and component_too_long(base):
+                raise _long_component(i, name, base)
+            child = Node(len(nodes), base, node, "dir", 0o755, 0, None)
             nodes.append(child)
             by_path[sub] = child.id
-            node.children[sub.rpartition("/")[2]] = child.id
+            node.children[base] = child.id
             node.nlink += 1
             node = child
         return node
@@ -153,7 +252,7 @@ def build(entries: list[Any], *, payload_end: int, verify: bool, max_chunk_size:
         if trailing and (not is_data or (etype == "reg" and size <= 0)):
             trailing[-1] += 1
         if etype == "chunk":
-            if current is None or (name and clean_name(name) != current.path):
+            if current is None or (name and clean_name(name) != current_path):
                 raise TOCError(f"{_where(i, name)}: chunk does not follow its file")
         else:
             if current is not None and expect_off != current.size:
@@ -162,6 +261,17 @@ def build(entries: list[Any], *, payload_end: int, verify: bool, max_chunk_size:
                 )
             current = None
             name = clean_name(name)
+            get = obj.get
+            if not (
+                0 <= (get("uid") or 0) <= MAX_ID
+                and 0 <= (get("gid") or 0) <= MAX_ID
+                and 0 <= (get("devMajor") or 0) < DEV_MAJOR_LIMIT
+                and 0 <= (get("devMinor") or 0) < DEV_MINOR_LIMIT
+                and 0 <= (get("mode") or 0) < MODE_LIMIT
+                and size >= 0
+                and (etype == "reg" and size or 0 <= (get("offset") or 0) <= payload_end)
+            ):  # (inline: a call per entry costs; check_values says what is wrong)
+                check_values(i, name, obj, payload_end, etype, size)
         if is_data and (etype == "chunk" or size > 0):
             if etype == "reg":
                 expect_off = 0
@@ -181,13 +291,22 @@ def build(entries: list[Any], *, payload_end: int, verify: bool, max_chunk_size:
             root.offset = _get(obj, "offset", 0)
             continue
         else:
+            depth = name.count("/") + 1
+            if depth > max_depth:
+                raise TOCError(
+                    f"{_where(i, name)}: {depth} path components, more than the limit "
+                    f"of {max_depth}"
+                )
+            names_left -= len(name)
+            if names_left < 0:
+                raise _too_many_names(i, name, max_name_bytes)
             head, _, base = name.rpartition("/")
+            if len(base) > NAME_MAX // 4 and component_too_long(base):
+                raise _long_component(i, name, base)
             parent = dir_for(head, i, name)
             if etype == "hardlink":
                 pending_links.append((i, name, base, _get(obj, "linkName", "")))
                 continue
-            if etype == "reg" and size < 0:
-                raise TOCError(f"{_where(i, name)}: negative size {size}")
             old = by_path.get(name)
             if old is not None:  # a later entry replaces an earlier one, as tar does
                 prev = nodes[old]
@@ -202,7 +321,8 @@ def build(entries: list[Any], *, payload_end: int, verify: bool, max_chunk_size:
             # rows stay sorted by file id.
             node = Node(
                 len(nodes),
-                name,
+                base,
+                parent,
                 etype,
                 _get(obj, "mode", 0),
                 size,
@@ -218,6 +338,7 @@ def build(entries: list[Any], *, payload_end: int, verify: bool, max_chunk_size:
                 out.landmark = name
             if etype == "reg" and size > 0:
                 current = node
+                current_path = name
             digest = obj.get("digest")
             if etype == "reg" and digest and digest != obj.get("chunkDigest"):
                 parse_digest(digest, i, name, "digest")  # (else checked as chunkDigest)
@@ -272,13 +393,23 @@ def build(entries: list[Any], *, payload_end: int, verify: bool, max_chunk_size:
     return out
 
 
-def build_json(data: bytes, *, payload_end: int, verify: bool, max_chunk_size: int) -> OpenedTOC:
+def build_json(
+    data: bytes,
+    *,
+    payload_end: int,
+    verify: bool,
+    max_chunk_size: int,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    max_name_bytes: int = DEFAULT_MAX_NAME_BYTES,
+) -> OpenedTOC:
     """`build` of the entries of TOC JSON bytes (see the module docstring)."""
     return build(
         load_toc_doc(data)[1],
         payload_end=payload_end,
         verify=verify,
         max_chunk_size=max_chunk_size,
+        max_depth=max_depth,
+        max_name_bytes=max_name_bytes,
     )
 
 

@@ -49,7 +49,8 @@ class Node:
 
     __slots__ = (
         "id",
-        "path",
+        "name",
+        "parent",
         "type",
         "mode",
         "size",
@@ -63,7 +64,8 @@ class Node:
     def __init__(
         self,
         id: int,
-        path: str,
+        name: str,
+        parent: Node | None,
         type: str,
         mode: int,
         size: int,
@@ -71,8 +73,11 @@ class Node:
         offset: int = 0,
     ) -> None:
         self.id = id
-        #: The first (canonical) path; "" for the root.
-        self.path = path
+        #: The last component of the first (canonical) path; "" for the root.
+        self.name = name
+        #: The directory of that path (None for the root). A node keeps its name and its
+        #: parent, never its whole path: a deep tree would cost the square of its depth.
+        self.parent = parent
         self.type = type
         self.mode = mode
         self.size = size
@@ -87,6 +92,18 @@ class Node:
 
     def __repr__(self) -> str:
         return f"Node({self.id}, {self.path!r}, {self.type})"
+
+    @property
+    def path(self) -> str:
+        """The first (canonical) path ("" for the root), made from the names on each call:
+        for log lines and errors, not for hot paths."""
+        names = []
+        node: Node | None = self
+        while node is not None and node.parent is not None:
+            names.append(node.name)
+            node = node.parent
+        names.reverse()
+        return "/".join(names)
 
     @property
     def entry(self) -> TOCEntry:
@@ -224,6 +241,8 @@ def same(a: OpenedTOC, b: OpenedTOC) -> list[str]:
         for x, y in zip(a.nodes, b.nodes, strict=True):
             fx = (x.id, x.path, x.type, x.mode, x.size, x.nlink, x.children, x.attrs, x.offset)
             fy = (y.id, y.path, y.type, y.mode, y.size, y.nlink, y.children, y.attrs, y.offset)
+            fx += (x.name, x.parent.id if x.parent is not None else None)
+            fy += (y.name, y.parent.id if y.parent is not None else None)
             if fx != fy:
                 out.append(f"node {x.id}: {fx!r} != {fy!r}")
                 break

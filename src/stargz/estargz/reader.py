@@ -41,6 +41,9 @@ ReadAt = Callable[[int, int], bytes]
 DEFAULT_TAIL_SIZE = 64 << 10  # one read usually brings the footer and the whole TOC
 DEFAULT_MAX_TOC_SIZE = 512 << 20  # uncompressed TOC JSON; ~5M entries
 DEFAULT_MAX_CHUNK_SIZE = 256 << 20  # largest chunk decoded in one piece
+DEFAULT_MAX_DEPTH = tocbuild.python.DEFAULT_MAX_DEPTH  # path components of a name
+#: Slack for implied directories' paths, on top of the TOC JSON's size (see `Reader`).
+DEFAULT_MAX_NAME_BYTES = tocbuild.python.DEFAULT_MAX_NAME_BYTES
 _ZERO_DIGEST = bytes(32)
 _TRAILING_PER_ENTRY = 8 << 10  # generous tar header + PAX records of one entry
 
@@ -60,6 +63,8 @@ class Reader:
         tail_size: int = DEFAULT_TAIL_SIZE,
         max_toc_size: int = DEFAULT_MAX_TOC_SIZE,
         max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+        max_name_bytes: int | None = None,
         on_close: Callable[[], None] | None = None,
         keep_toc: bool = True,
         on_toc_json: Callable[[bytes], None] | None = None,
@@ -73,7 +78,18 @@ class Reader:
         errors), and `toc` is not available. ``on_toc_json`` sees the TOC JSON once its
         digest is checked, before the (longer) parse: the daemon starts the prefetch
         download from it.
+
+        Bounds on what a (hostile) TOC may make the reader keep: ``max_depth`` path
+        components in a name; ``max_name_bytes`` characters of paths in all (every name,
+        and every directory a name implies without an entry of its own), by default the
+        TOC JSON's size plus `DEFAULT_MAX_NAME_BYTES` (the names are in the JSON, so only
+        implied directories can use the slack). A name component longer than 255 bytes
+        (NAME_MAX: overlayfs would not look it up) is refused too.
         """
+        if max_depth < 1:
+            raise ValueError(f"max_depth must be at least 1, got {max_depth}")
+        if max_name_bytes is not None and max_name_bytes < 0:
+            raise ValueError(f"max_name_bytes must not be negative, got {max_name_bytes}")
         self._read_at = read_at
         self._on_close = on_close
         self.blob_size = blob_size
@@ -94,6 +110,10 @@ class Reader:
             )
         if on_toc_json is not None:
             on_toc_json(toc_json)
+        self.max_depth = max_depth
+        self.max_name_bytes = (
+            len(toc_json) + DEFAULT_MAX_NAME_BYTES if max_name_bytes is None else max_name_bytes
+        )
         self._toc: TOC | None = None
         if keep_toc:
             self._toc_version, self._entries = load_toc_doc(toc_json)
@@ -131,6 +151,12 @@ class Reader:
         else:
             raw = self._read(f.toc_offset, end - f.toc_offset)
         if f.kind == "zstd":
+            footer_start = self.blob_size - f.footer_size
+            if end != footer_start:
+                raise TOCError(
+                    f"{footer_start - end} bytes between the zstd TOC (which ends at {end}) "
+                    f"and the footer (at {footer_start}): junk after the TOC"
+                )
             return _inflate_zstd_toc(raw, f.toc_uncompressed_size, max_toc_size)
         return _untar_gzip_toc(raw, max_toc_size)
 
@@ -144,6 +170,8 @@ class Reader:
             "payload_end": self.footer.toc_offset,
             "verify": self.verify,
             "max_chunk_size": self.max_chunk_size,
+            "max_depth": self.max_depth,
+            "max_name_bytes": self.max_name_bytes,
         }
         paused = gc.isenabled()
         gc.disable()
@@ -298,6 +326,12 @@ def _untar_gzip_toc(raw: bytes, max_size: int) -> bytes:
         raise TOCError(f"TOC is larger than the limit of {max_size} bytes")
     if not d.eof:
         raise TOCError("TOC gzip stream is truncated")
+    if d.unused_data:
+        # The TOC member must end where the footer starts (Go writes nothing between).
+        raise TOCError(
+            f"{len(d.unused_data)} bytes between the TOC gzip member and the footer "
+            f"(starting {d.unused_data[:8]!r}): junk after the TOC"
+        )
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
             member = tf.next()
@@ -313,6 +347,12 @@ def _untar_gzip_toc(raw: bytes, max_size: int) -> bytes:
         raise TOCError(f"TOC tar stream is malformed: {e}") from e
     if len(out) != member.size:
         raise TOCError("TOC tar entry is truncated")
+    end = member.offset_data + -(-member.size // 512) * 512
+    if data.count(0, end) != len(data) - end:  # only end-of-archive zero blocks may follow
+        raise TOCError(
+            f"TOC tar stream holds {len(data[end:].rstrip(bytes(1)))} bytes after the "
+            f"{TOC_TAR_NAME} entry: junk after the TOC"
+        )
     if len(out) > max_size:  # the inflate bound above leaves room for the tar framing
         raise TOCError(f"TOC of {len(out)} bytes is larger than the limit of {max_size} bytes")
     return out
@@ -323,6 +363,12 @@ def _inflate_zstd_toc(raw: bytes, declared: int, max_size: int) -> bytes:
 
     if declared > max_size:
         raise TOCError(f"TOC of {declared} bytes is larger than the limit of {max_size} bytes")
+    frame = _zstd_frame_size(raw)
+    if frame != len(raw):
+        raise TOCError(
+            f"the zstd TOC frame is {frame} bytes, followed by {len(raw) - frame} more bytes "
+            f"up to the footer: junk after the TOC"
+        )
     out = bytearray()
     try:
         with zstandard.ZstdDecompressor().stream_reader(raw) as r:
@@ -336,6 +382,31 @@ def _inflate_zstd_toc(raw: bytes, declared: int, max_size: int) -> bytes:
     if len(out) != declared:
         raise TOCError(f"zstd TOC inflated to {len(out)}+ bytes, the footer says {declared}")
     return bytes(out)
+
+
+def _zstd_frame_size(raw: bytes) -> int:
+    """Compressed bytes of the zstd frame at the start of ``raw`` (RFC 8878 §3.1.1: the
+    header, then block headers say their sizes), without decompressing it."""
+    if raw[:4] != b"\x28\xb5\x2f\xfd" or len(raw) < 6:
+        raise TOCError("zstd TOC does not start with a zstd frame")
+    fhd = raw[4]
+    fcs_flag, single, has_checksum, did_flag = fhd >> 6, (fhd >> 5) & 1, (fhd >> 2) & 1, fhd & 3
+    fcs_size = (1 if single else 0, 2, 4, 8)[fcs_flag]
+    pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[did_flag] + fcs_size
+    while True:
+        if pos + 3 > len(raw):
+            raise TOCError("zstd TOC frame is truncated")
+        header = int.from_bytes(raw[pos : pos + 3], "little")
+        last, kind, size = header & 1, (header >> 1) & 3, header >> 3
+        if kind == 3:
+            raise TOCError("zstd TOC frame has a reserved block type")
+        pos += 3 + (1 if kind == 1 else size)  # an RLE block stores its one byte
+        if last:
+            break
+    pos += 4 if has_checksum else 0
+    if pos > len(raw):
+        raise TOCError("zstd TOC frame is truncated")
+    return pos
 
 
 def open_file(path: str, **kwargs) -> Reader:

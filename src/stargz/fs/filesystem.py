@@ -1,10 +1,14 @@
 """`StargzFileSystem`: the `stargz.snapshot.FileSystem` the snapshotter mounts layers with.
 
 One FUSE mount per daemon, at ``<root>/fuse``, served from ``/dev/fuse`` on the daemon's
-event loop (asyncio or uvloop) by `stargz.fs.session.Session`. Each mounted layer is a
+event loop (asyncio or uvloop) by `stargz.fuse.Session`. Each mounted layer is a
 subtree ``<root>/fuse/<digest hex>/``, bind-mounted (read-only) onto the snapshot
 directory containerd uses as an overlayfs lower dir. A layer mounted at several snapshot
-directories is opened once.
+directories is opened once per source repository: layers are keyed by (repository,
+digest), so a later mount of a digest never reads through another image's registry and
+credentials, and each repository has its own in-flight fetch table (one image's stalling
+registry can't hold up another's reads). The disk cache, holding verified chunks only,
+stays shared.
 
 ``mount``: labels -> `LayerSpec` -> `LayerSource.resolve` (30 s) -> `Layer.open` (footer,
 TOC, verified against the label's TOC digest) -> subtree -> bind mount -> prefetch and
@@ -19,9 +23,9 @@ With a ``handover`` (`stargz.fuse.handover`: a holder process, or systemd's fd s
 ``/dev/fuse`` descriptor is kept outside the process from the first mount on, so a
 daemon that dies (or stops with ``close(unmount=False)``) leaves the mount alive: the
 kernel queues requests until the next daemon takes the descriptor back in `start`,
-reopens every layer in its old inode slot (`stargz.fs.slots`), asks the kernel to resend
-what the dead daemon had read but not answered, and only then reads the device. The
-snapshot bind mounts stay as they were (``connection_kept``).
+reopens every layer in its old inode slot under its old name (`stargz.fs.slots`), asks
+the kernel to resend what the dead daemon had read but not answered, and only then reads
+the device. The snapshot bind mounts stay as they were (``connection_kept``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -41,29 +46,45 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stargz import mountinfo
+from stargz.config import Config
 from stargz.errors import (
     DigestMismatch,
     FailedPrecondition,
     InvalidArgument,
+    InvalidReference,
     NotFound,
     Unavailable,
 )
 from stargz.fs import memory, mounts
 from stargz.fs.cache import DiskCache, MemoryLRU
-from stargz.fs.kernel import ROOT_INODE
 from stargz.fs.layer import Layer
 from stargz.fs.metrics import FsMetrics
 from stargz.fs.ops import Operations
 from stargz.fs.options import FsOptions
 from stargz.fs.passthrough import Passthrough
 from stargz.fs.scheduler import Scheduler
-from stargz.fs.session import Session
 from stargz.fs.slots import SlotTable
 from stargz.fs.source import LayerSource, LayerSpec, layer_spec
 from stargz.fs.tree import Tree
+from stargz.fuse import ROOT_INODE, Connection, Session
+from stargz.fuse import mount as fuse_mount
 from stargz.fuse.handover import Handover, Kept, connected
+from stargz.private import private_dir
+from stargz.remote.reference import parse_reference
 
 log = logging.getLogger("stargz.fs")
+
+
+#: A layer table key: (source repository, layer digest).
+LayerKey = tuple[str, str]
+
+
+def source_of(spec: LayerSpec) -> str:
+    """The repository a layer is read from (``host/repository`` of its image reference)."""
+    try:
+        return parse_reference(spec.ref).locator
+    except InvalidReference:
+        return spec.ref
 
 
 @dataclass(eq=False)
@@ -71,6 +92,7 @@ class _LayerRef:
     layer: Layer
     name: bytes
     spec: LayerSpec
+    key: LayerKey
     mountpoints: set[str] = field(default_factory=set)
 
 
@@ -78,6 +100,7 @@ class _LayerRef:
 class _MountRecord:
     digest: str
     labels: Mapping[str, str]
+    key: LayerKey
 
 
 class StargzFileSystem:
@@ -109,10 +132,11 @@ class StargzFileSystem:
             self.metrics,
         )
         self.ops = Operations(self.options, self.metrics)
-        self._layers: dict[str, _LayerRef] = {}
-        self._inflight: dict[str, asyncio.Future[bytes]] = {}
+        self._layers: dict[LayerKey, _LayerRef] = {}
+        #: Source repository -> its chunk key -> future of the chunk while being fetched.
+        self._inflight: dict[str, dict[str, asyncio.Future[bytes]]] = {}
         self._mounts: dict[str, _MountRecord] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[LayerKey, asyncio.Lock] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._writer: ThreadPoolExecutor | None = None
         self._scheduler: Scheduler | None = None
@@ -135,7 +159,7 @@ class StargzFileSystem:
     def from_config(
         cls,
         root: str,
-        cfg: Any,
+        cfg: Config,
         source: LayerSource | None = None,
         *,
         handover: Handover | None = None,
@@ -173,12 +197,16 @@ class StargzFileSystem:
             self._scheduler = Scheduler(
                 o.max_concurrency, o.background_silence_sec, o.background_read_silence_sec
             )
+            # the mount is allow_other: the root's 0700 is what keeps host users out of it
+            await loop.run_in_executor(None, private_dir, self.root)
             await loop.run_in_executor(self._executor, self.disk.load)
             kept = None
             if self.handover is not None:
                 kept = await loop.run_in_executor(None, self._take_over)
             if kept is not None:
-                session = await self._serve_kept(loop, *kept)
+                session = Session(self.ops, kept, on_handler_error=self._handler_error)
+                await loop.run_in_executor(None, self.slots.load)
+                self.connection_kept = True
             else:
                 session = await self._mount(loop)
             self._session = session
@@ -191,6 +219,7 @@ class StargzFileSystem:
                         session.backing_open,
                         session.backing_close,
                         self._writer,
+                        self.disk,
                         ids_path=os.path.join(self.root, "passthrough-ids"),
                         inherited=self.connection_kept,
                     ),
@@ -202,6 +231,7 @@ class StargzFileSystem:
             self._started = True
             try:
                 if kept is not None:
+                    # every layer back in its slot before the first queued request is read
                     await self._reopen_layers()
                     resent = session.resend()
                     session.start(loop)
@@ -231,39 +261,56 @@ class StargzFileSystem:
         """A new FUSE mount at ``fuse_dir`` (serving at once), handed to the keeper."""
         # a daemon that died leaves a dead FUSE mount ("transport endpoint is not connected")
         await loop.run_in_executor(None, _detach_all, self.fuse_dir)
-        await loop.run_in_executor(None, lambda: os.makedirs(self.fuse_dir, exist_ok=True))
+        await loop.run_in_executor(None, private_dir, self.fuse_dir)
         await loop.run_in_executor(None, self.slots.reset)
         # read-only, nosuid, nodev, allow_other and default_permissions: the kernel
         # checks mode bits itself, so a host user who can reach the mount reads only
         # what the layer's modes allow
-        session = Session(self.ops, self.fuse_dir, passthrough=self.options.passthrough)
-        await loop.run_in_executor(None, session.mount)
+        o = self.options
+        conn = await loop.run_in_executor(
+            None, lambda: fuse_mount(self.fuse_dir, passthrough=o.passthrough)
+        )
+        session = Session(self.ops, conn, on_handler_error=self._handler_error)
         try:
             dev = await loop.run_in_executor(None, _mount_dev, self.fuse_dir)
             if dev is None:
                 raise OSError(errno.ENOENT, f"{self.fuse_dir} is not in the mount table")
             self.fuse_dev = dev
             if self.handover is not None:
-                state = json.dumps({**session.state(), "dev": _dev_str(dev)}).encode()
-                await loop.run_in_executor(None, self.handover.keep, session.fd, state)
+                state = {
+                    "proto_minor": conn.proto_minor,
+                    "flags": conn.flags,
+                    "offered": conn.offered,
+                    "dev": _dev_str(dev),
+                }
+                await loop.run_in_executor(
+                    None, self.handover.keep, conn.fd, json.dumps(state).encode()
+                )
         except BaseException:
             session.close()
             raise
         session.start(loop)
         return session
 
-    def _take_over(self) -> tuple[int, dict[str, Any]] | None:
-        """The kept descriptor and its INIT state if its connection still serves
-        ``fuse_dir``; otherwise let it go (the mount is then made anew)."""
+    def _take_over(self) -> Connection | None:
+        """The kept connection if it still serves ``fuse_dir``; otherwise let it go (the
+        mount is then made anew)."""
         assert self.handover is not None
         kept: Kept | None = self.handover.take()
         if kept is None:
             return None
         why = None
+        conn = None
         try:
             state = json.loads(kept.state)
             dev = state["dev"]
-            state["proto_minor"], state["passthrough"], state["offered"]  # noqa: B018
+            conn = Connection(
+                kept.fd,
+                int(state["proto_minor"]),
+                int(state["flags"]),
+                self.fuse_dir,
+                offered=int(state["offered"]),
+            )
         except (ValueError, KeyError, TypeError):
             why, dev = "its INIT state is missing or damaged", None
         if why is None and not _is_fuse_device(kept.fd):
@@ -272,30 +319,19 @@ class StargzFileSystem:
             why = "the connection has ended"
         if why is None and _dev_str(_mount_dev(self.fuse_dir)) != dev:
             why = f"{self.fuse_dir} is no longer that connection's mount"
-        if why is not None:
+        if why is not None or conn is None:
             log.warning("not taking over the kept FUSE connection: %s", why)
             os.close(kept.fd)
             self.handover.release()
             return None
         self.fuse_dev = _parse_dev(dev)
-        return kept.fd, state
-
-    async def _serve_kept(
-        self, loop: asyncio.AbstractEventLoop, fd: int, state: dict[str, Any]
-    ) -> Session:
-        """A session on the descriptor a previous daemon left; not reading it yet."""
-        session = Session(self.ops, self.fuse_dir, passthrough=self.options.passthrough)
-        session.adopt(fd, state)
-        await loop.run_in_executor(None, self.slots.load)
-        self.connection_kept = True
-        return session
+        return conn
 
     async def _reopen_layers(self) -> None:
-        """Open again, in their old slots, the layers the previous daemon showed (before
-        the device is read: a queued request may name any of their inodes)."""
+        """Open again, in their old slots, the layers the previous daemon showed."""
         records = list(self.slots.layers.items())
 
-        async def one(digest: str, labels: Mapping[str, str]) -> None:
+        async def one(key: str, labels: Mapping[str, str]) -> None:
             try:
                 await self._acquire(self._spec(labels), labels)
             except Exception as e:
@@ -303,10 +339,13 @@ class StargzFileSystem:
                 # tries again; meanwhile its inodes answer ENOENT/EIO
                 log.error(
                     "cannot reopen a layer of the kept FUSE connection",
-                    extra={"layer": digest, "error": str(e)},
+                    extra={"layer": key, "error": str(e)},
                 )
 
-        await asyncio.gather(*(one(d, r.labels) for d, r in records))
+        await asyncio.gather(*(one(k, r.labels) for k, r in records))
+
+    def _handler_error(self, opcode: int) -> None:
+        self.metrics.handler_errors += 1
 
     async def _serve(self) -> None:
         assert self._session is not None
@@ -396,7 +435,7 @@ class StargzFileSystem:
                     await self._release(ref)
                     raise
                 ref.mountpoints.add(mp)
-                self._mounts[mp] = _MountRecord(spec.digest, dict(labels))
+                self._mounts[mp] = _MountRecord(spec.digest, dict(labels), ref.key)
             if self.options.wait_prefetch_on_mount:
                 await self._wait_prefetch(ref.layer)
         except BaseException:
@@ -423,9 +462,11 @@ class StargzFileSystem:
         )
 
     async def _acquire(self, spec: LayerSpec, labels: Mapping[str, str]) -> _LayerRef:
-        lock = self._locks.setdefault(spec.digest, asyncio.Lock())
+        source = source_of(spec)
+        key = (source, spec.digest)
+        lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
-            ref = self._layers.get(spec.digest)
+            ref = self._layers.get(key)
             if ref is not None:
                 if spec.toc_digest is not None and spec.toc_digest != ref.layer.reader.toc_digest:
                     raise DigestMismatch(
@@ -457,8 +498,9 @@ class StargzFileSystem:
                     disk=self.disk,
                     executor=self._executor,
                     scheduler=self._scheduler,
-                    inflight=self._inflight,
+                    inflight=self._inflight.setdefault(source, {}),
                     writer=self._writer,
+                    cache_scope=source,
                 )
                 tree = await asyncio.get_running_loop().run_in_executor(
                     self._executor, Tree, layer.reader, o.opaque_xattr
@@ -479,13 +521,19 @@ class StargzFileSystem:
                 raise
             # the parsed TOC is garbage now: give its pages back (off the mount's path)
             asyncio.get_running_loop().run_in_executor(self._executor, memory.trim)
-            name = spec.digest.partition(":")[2].encode()
-            # recorded before the layer is visible: a daemon that takes the connection
-            # over must find it in the same slot
-            slot = self.slots.slot_for(spec.digest, labels)
-            self.ops.add(name, layer, tree, slot)
-            ref = _LayerRef(layer, name, spec)
-            self._layers[spec.digest] = ref
+            # the slot (and name) are recorded before the layer is visible: a daemon that
+            # takes the connection over must show it in the same slot under the same name
+            rec = self.slots.get(_slot_key(key))
+            if rec is None:
+                name = spec.digest.partition(":")[2].encode()
+                if name in self.ops.names or self.slots.has_name(name.decode()):
+                    # the same layer from another repository
+                    name += b"-" + hashlib.sha256(source.encode()).hexdigest()[:16].encode()
+                rec = self.slots.add(_slot_key(key), name.decode(), labels)
+            name = rec.name.encode()
+            self.ops.add(name, layer, tree, rec.slot)
+            ref = _LayerRef(layer, name, spec, key)
+            self._layers[key] = ref
             layer.start_prefetch(self._prefetch_size(layer, spec))
             if not o.no_background_fetch:
                 layer.start_background_fetch()
@@ -506,16 +554,20 @@ class StargzFileSystem:
             ref.mountpoints.discard(mp)
         if ref.mountpoints:
             return
-        self._layers.pop(ref.layer.digest, None)
+        self._layers.pop(ref.key, None)
         self.metrics.closed_layers_verification_failures += ref.layer.metrics.verification_failures
         self.ops.remove(ref.name)
-        self.slots.remove(ref.layer.digest)
+        self.slots.remove(_slot_key(ref.key))
         if self._session is not None and not self._closed:
             # in a worker thread: the kernel may need a request answered meanwhile
             asyncio.get_running_loop().run_in_executor(
                 None, self._session.invalidate_entry, ROOT_INODE, ref.name
             )
         await ref.layer.close()
+        # (after the close: it takes the layer's fetches off the table)
+        source = ref.key[0]
+        if not self._inflight.get(source, True) and all(k[0] != source for k in self._layers):
+            del self._inflight[source]
 
     async def _wait_prefetch(self, layer: Layer) -> None:
         o = self.options
@@ -538,7 +590,7 @@ class StargzFileSystem:
         self.metrics.checks += 1
         mp = _norm(mountpoint)
         rec = self._mounts.get(mp)
-        ref = self._layers.get(rec.digest) if rec is not None else None
+        ref = self._layers.get(rec.key) if rec is not None else None
         if ref is None:
             self.metrics.check_failures += 1
             raise Unavailable(f"{mountpoint} is not a mounted stargz layer")
@@ -603,7 +655,7 @@ class StargzFileSystem:
         if rec is None:
             return
         self.metrics.unmounts += 1
-        ref = self._layers.get(rec.digest)
+        ref = self._layers.get(rec.key)
         if ref is not None:
             await self._release(ref, mp)
 
@@ -617,22 +669,22 @@ class StargzFileSystem:
 
     # --- introspection -----------------------------------------------------------------------
 
-    def layer(self, digest_or_mountpoint: str) -> Layer:
-        """The open layer with this digest, or mounted at this path."""
-        ref = self._layers.get(digest_or_mountpoint)
-        if ref is None:
-            rec = self._mounts.get(_norm(digest_or_mountpoint))
-            ref = self._layers.get(rec.digest) if rec is not None else None
-        if ref is None:
-            raise NotFound(f"no mounted layer {digest_or_mountpoint!r}")
-        return ref.layer
+    def _ref(self, digest_or_mountpoint: str) -> _LayerRef:
+        rec = self._mounts.get(_norm(digest_or_mountpoint))
+        if rec is not None and rec.key in self._layers:
+            return self._layers[rec.key]
+        for ref in self._layers.values():  # (the first opened, if several sources have it)
+            if ref.layer.digest == digest_or_mountpoint:
+                return ref
+        raise NotFound(f"no mounted layer {digest_or_mountpoint!r}")
 
-    def subtree(self, digest: str) -> str:
+    def layer(self, digest_or_mountpoint: str) -> Layer:
+        """The open layer mounted at this path, or with this digest."""
+        return self._ref(digest_or_mountpoint).layer
+
+    def subtree(self, digest_or_mountpoint: str) -> str:
         """The layer's directory inside the FUSE mount."""
-        ref = self._layers.get(digest)
-        if ref is None:
-            raise NotFound(f"no mounted layer {digest!r}")
-        return os.path.join(self.fuse_dir, ref.name.decode())
+        return os.path.join(self.fuse_dir, self._ref(digest_or_mountpoint).name.decode())
 
     @property
     def mountpoints(self) -> dict[str, str]:
@@ -640,7 +692,7 @@ class StargzFileSystem:
         return {mp: rec.digest for mp, rec in self._mounts.items()}
 
     def layer_metrics(self) -> dict[str, dict[str, Any]]:
-        return {d: r.layer.metrics.as_dict() for d, r in self._layers.items()}
+        return {r.layer.digest: r.layer.metrics.as_dict() for r in self._layers.values()}
 
     def open_layers(self) -> list[tuple[Layer, tuple[str, ...]]]:
         """Every open layer with the snapshot mount points it is bound to (for the
@@ -658,6 +710,10 @@ def _background_thread() -> None:
     """Lower this thread's CPU priority (Linux threads are tasks with their own nice)."""
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+
+
+def _slot_key(key: LayerKey) -> str:
+    return f"{key[0]} {key[1]}"
 
 
 def _mount_dev(path: str) -> int | None:

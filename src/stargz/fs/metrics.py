@@ -74,6 +74,9 @@ class FsMetrics:
     #: Chunk files evicted from the disk cache to stay under its byte bound.
     disk_evictions: int = 0
     disk_evicted_bytes: int = 0
+    #: Disk cache files (chunks, merged passthrough files, TOC tails) found at start whose
+    #: bytes did not match their checksum: deleted and fetched again, never served.
+    cache_checksum_failures: int = 0
     #: Verification failures of layers no longer open (an open layer counts its own), so
     #: the daemon-wide total does not drop when a layer is unmounted.
     closed_layers_verification_failures: int = 0

@@ -8,10 +8,11 @@ restart that takes the connection over) and ``local`` is 1 for the hidden state 
 node 0). The FUSE root is inode 1 (slot 0). So every handler finds its layer with one
 dict lookup and its node by arithmetic, and ``forget`` has nothing to do.
 
-Handlers are plain functions called by `stargz.fs.session.Session` as each request
+Handlers are plain functions called by `stargz.fuse.Session` as each request
 arrives; only ``read`` may return an awaitable (a chunk that must be fetched first).
 ``FUSEError`` answers with an errno; other exceptions are logged, counted in
-``FsMetrics.handler_errors`` and answered with EIO.
+``FsMetrics.handler_errors`` (the filesystem wires the session's ``on_handler_error``)
+and answered with EIO.
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stargz.errors import StargzError, VerificationError
-from stargz.fs.kernel import (
+from stargz.fs.layer import Layer, LayerClosed
+from stargz.fs.metrics import FsMetrics
+from stargz.fs.options import FsOptions
+from stargz.fs.passthrough import Passthrough
+from stargz.fs.tree import BLOCK_SIZE, Tree
+from stargz.fuse.protocol import (
     ROOT_INODE,
     DirBuffer,
     EntryAttributes,
@@ -36,11 +42,6 @@ from stargz.fs.kernel import (
     StatvfsData,
     pack_entry,
 )
-from stargz.fs.layer import Layer, LayerClosed
-from stargz.fs.metrics import FsMetrics
-from stargz.fs.options import FsOptions
-from stargz.fs.passthrough import Passthrough
-from stargz.fs.tree import BLOCK_SIZE, Tree
 
 log = logging.getLogger("stargz.fs")
 
@@ -76,13 +77,12 @@ class Mounted:
     attrs: dict[int, Attr] = field(default_factory=dict)
     pushed: set[int] = field(default_factory=set)
     accessed: set[int] = field(default_factory=set)
-    #: Passthrough backing ids by node, and how many opens of a node are NOT passthrough
-    #: (the kernel refuses to mix the two modes on one inode while both are open).
+    #: Passthrough backing ids by node, and how many opens of a node are NOT passthrough,
+    #: and how many are (the kernel refuses to mix the two modes on one inode while both
+    #: are open; see `stargz.fs.passthrough`).
     backing: dict[int, int] = field(default_factory=dict)
     cached_opens: dict[int, int] = field(default_factory=dict)
-    #: Merged whole-file copies of multi-chunk files (see `stargz.fs.passthrough`).
-    merged: dict[int, str] = field(default_factory=dict)
-    merging: set[int] = field(default_factory=set)
+    pt_opens: dict[int, int] = field(default_factory=dict)
 
     @property
     def state_name(self) -> bytes:
@@ -318,6 +318,9 @@ class Operations:
 
     def release(self, fh: int) -> None:
         if fh & PASSTHROUGH_FH:
+            m = self.slots.get((fh & ~PASSTHROUGH_FH) >> SLOT_SHIFT)
+            if m is not None and self.passthrough is not None:
+                self.passthrough.closed(m, (fh & LOCAL_MASK) - NODE_BASE)
             return
         m = self.slots.get(fh >> SLOT_SHIFT)
         local = fh & LOCAL_MASK
@@ -361,7 +364,7 @@ class Operations:
 
     async def _read_later(self, m: Mounted, local: int, off: int, size: int) -> bytes:
         try:
-            return await m.layer.read(local - NODE_BASE, off, size)
+            return await m.layer.read_later(local - NODE_BASE, off, size)
         except Exception as e:
             raise self._read_error(m, local, e) from None
 

@@ -1,8 +1,10 @@
-"""The knobs of the filesystem, read from the daemon's `stargz.config.Config`.
+"""The knobs of the filesystem, built from the daemon's loaded `stargz.config.Config`.
 
-Upstream keys (SPEC §3) keep their names and defaults. Keys that are ours (not in the Go
-snapshotter) are marked "ours" below; `from_config` reads each with ``getattr`` so this
-module works whether or not `stargz.config` declares them yet.
+`stargz.config` is the one source of the keys, their defaults and their validation; the
+defaults below are read from it. Upstream keys (SPEC §3) keep their names and meaning
+(``[blob]`` numbers where 0 means the default are read through
+`stargz.remote.options.BlobOptions`, like the registry client's); keys that are ours are
+marked "ours". Fields under "scheduling" have no config key.
 """
 
 from __future__ import annotations
@@ -10,54 +12,58 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from stargz.config import Config
+from stargz.remote.options import BlobOptions
+
 MiB = 1 << 20
-GiB = 1 << 30
+_C = Config()
+_BLOB = BlobOptions.from_config(_C.blob)
 
 
 @dataclass(frozen=True)
 class FsOptions:
     # --- top level (upstream) ---
-    prefetch_size: int = 0
-    prefetch_timeout_sec: float = 10.0
+    prefetch_size: int = _C.prefetch_size
+    prefetch_timeout_sec: float = float(_C.prefetch_timeout_sec)
     #: Prefetches larger than this do not hold up Check (0 = always wait).
-    prefetch_async_size: int = 0
-    noprefetch: bool = False
-    no_background_fetch: bool = False
-    allow_no_verification: bool = False
-    disable_verification: bool = False
+    prefetch_async_size: int = _C.prefetch_async_size
+    noprefetch: bool = _C.noprefetch
+    no_background_fetch: bool = _C.no_background_fetch
+    allow_no_verification: bool = _C.allow_no_verification
+    disable_verification: bool = _C.disable_verification
     #: Concurrent background-fetch tasks across all layers.
-    max_concurrency: int = 2
-    log_file_access: bool = False
+    max_concurrency: int = _C.max_concurrency
+    log_file_access: bool = _C.log_file_access
     #: Seconds Mount waits for the source to resolve a layer (Go: 30 s, not configurable).
     resolve_timeout_sec: float = 30.0
     # --- [blob] (upstream) ---
     #: Fetch granularity: small on-demand fetches are widened to this many bytes.
-    chunk_size: int = 50000
+    chunk_size: int = _BLOB.chunk_size
     #: Per-request timeout of a chunk fetch.
-    fetching_timeout_sec: float = 300.0
+    fetching_timeout_sec: float = float(_BLOB.fetching_timeout_sec)
     #: Largest single GET of a prefetch (0 = one request for the whole prefetch range).
-    prefetch_chunk_size: int = 0
+    prefetch_chunk_size: int = _BLOB.prefetch_chunk_size
     #: Seconds between connectivity re-checks in Check (0 = always check).
-    valid_interval: float = 60.0
+    valid_interval: float = _BLOB.check_interval
     # --- [directory_cache] ---
-    max_cache_fds: int = 10
+    max_cache_fds: int = _C.directory_cache.max_cache_fds
     #: Resolve reads only once the chunk is on disk (upstream ``sync_add``).
-    sync_add: bool = False
+    sync_add: bool = _C.directory_cache.sync_add
     #: ours (``[directory_cache] max_size_bytes``): disk cache bound; 0 = unbounded.
-    disk_cache_max_bytes: int = 10 * GiB
+    disk_cache_max_bytes: int = _C.directory_cache.max_size_bytes
     #: ours (``[directory_cache] max_memory_bytes``): memory LRU of decompressed chunks.
-    memory_cache_bytes: int = 64 * MiB
+    memory_cache_bytes: int = _C.directory_cache.max_memory_bytes
     # --- [fuse] ---
-    attr_timeout: float = 1.0
-    entry_timeout: float = 1.0
+    attr_timeout: float = float(_C.fuse.attr_timeout)
+    entry_timeout: float = float(_C.fuse.entry_timeout)
     #: ours (``[fuse] read_ahead_kb``): set on the FUSE bdi after mounting (0 = leave as is).
-    read_ahead_kb: int = 1024
+    read_ahead_kb: int = _C.fuse.read_ahead_kb
     #: ours (``[fuse] notify_store``): push cached chunks into the page cache on open.
-    notify_store: bool = True
+    notify_store: bool = _C.fuse.notify_store
     #: ``[fuse] passthrough``: the kernel reads verified single-chunk files straight from
     #: the disk cache (needs kernel >= 6.9 with CONFIG_FUSE_PASSTHROUGH and CAP_SYS_ADMIN;
     #: without them the daemon serves every read, as with false).
-    passthrough: bool = False
+    passthrough: bool = _C.fuse.passthrough
     #: "trusted" or "user": which opaque xattr marks `.wh..wh..opq` dirs (userxattr overlay).
     opaque_xattr: str = "trusted"
     # --- scheduling (ours, not configurable upstream) ---
@@ -73,44 +79,50 @@ class FsOptions:
     decode_threads: int = 4
     #: Wait for the prefetch in Mount as well as in Check (Go waits only in Check).
     wait_prefetch_on_mount: bool = False
+    #: ours (``head_start_max_bytes``): at most this many bytes of a prefetch start
+    #: downloading while the TOC is parsed (`stargz.fs.headstart`; 0 = off, for A/B runs:
+    #: bench_hellobench.py ``ours-opt-nohs``).
+    head_start_max_bytes: int = _C.head_start_max_bytes
+    #: ours (``[fuse] read_ahead_next_chunk``): a sequential reader past the middle of a
+    #: cached chunk has the next chunk's cache file read ahead (A/B: bench_read_ahead.py).
+    read_ahead_next_chunk: bool = _C.fuse.read_ahead_next_chunk
+    #: ours (``[blob] max_toc_bytes``): refuse a blob whose TOC region (TOC offset to the
+    #: blob's end) is bigger, before fetching it (0 = no bound). Real TOCs are a few MiB;
+    #: the Go estargz reader has no such bound.
+    max_toc_bytes: int = _C.blob.max_toc_bytes
 
     @classmethod
-    def from_config(cls, cfg: Any, **overrides: Any) -> FsOptions:
-        """Options from a `stargz.config.Config` (or anything shaped like it)."""
-
-        def get(obj: Any, name: str, default: Any) -> Any:
-            return getattr(obj, name, default) if obj is not None else default
-
-        d = cls()
-        blob = get(cfg, "blob", None)
-        dc = get(cfg, "directory_cache", None)
-        fuse = get(cfg, "fuse", None)
-        interval = get(blob, "valid_interval", d.valid_interval)
-        if get(blob, "check_always", False):
-            interval = 0
-        values = dict(
-            prefetch_size=get(cfg, "prefetch_size", d.prefetch_size),
-            prefetch_timeout_sec=get(cfg, "prefetch_timeout_sec", d.prefetch_timeout_sec),
-            prefetch_async_size=get(cfg, "prefetch_async_size", d.prefetch_async_size),
-            noprefetch=get(cfg, "noprefetch", d.noprefetch),
-            no_background_fetch=get(cfg, "no_background_fetch", d.no_background_fetch),
-            allow_no_verification=get(cfg, "allow_no_verification", d.allow_no_verification),
-            disable_verification=get(cfg, "disable_verification", d.disable_verification),
-            max_concurrency=get(cfg, "max_concurrency", d.max_concurrency),
-            log_file_access=get(cfg, "log_file_access", d.log_file_access),
-            chunk_size=get(blob, "chunk_size", d.chunk_size),
-            fetching_timeout_sec=get(blob, "fetching_timeout_sec", d.fetching_timeout_sec),
-            prefetch_chunk_size=get(blob, "prefetch_chunk_size", d.prefetch_chunk_size),
-            valid_interval=interval,
-            max_cache_fds=get(dc, "max_cache_fds", d.max_cache_fds),
-            sync_add=get(dc, "sync_add", d.sync_add),
-            disk_cache_max_bytes=get(dc, "max_size_bytes", d.disk_cache_max_bytes),
-            memory_cache_bytes=get(dc, "max_memory_bytes", d.memory_cache_bytes),
-            attr_timeout=get(fuse, "attr_timeout", d.attr_timeout),
-            entry_timeout=get(fuse, "entry_timeout", d.entry_timeout),
-            read_ahead_kb=get(fuse, "read_ahead_kb", d.read_ahead_kb),
-            notify_store=get(fuse, "notify_store", d.notify_store),
-            passthrough=get(fuse, "passthrough", d.passthrough),
+    def from_config(cls, cfg: Config | None = None, **overrides: Any) -> FsOptions:
+        """Options from a loaded `stargz.config.Config` (defaults without one)."""
+        cfg = cfg or _C
+        blob = BlobOptions.from_config(cfg.blob)
+        dc, fuse = cfg.directory_cache, cfg.fuse
+        values: dict[str, Any] = dict(
+            prefetch_size=cfg.prefetch_size,
+            prefetch_timeout_sec=float(cfg.prefetch_timeout_sec),
+            prefetch_async_size=cfg.prefetch_async_size,
+            noprefetch=cfg.noprefetch,
+            no_background_fetch=cfg.no_background_fetch,
+            allow_no_verification=cfg.allow_no_verification,
+            disable_verification=cfg.disable_verification,
+            max_concurrency=cfg.max_concurrency,
+            log_file_access=cfg.log_file_access,
+            head_start_max_bytes=cfg.head_start_max_bytes,
+            chunk_size=blob.chunk_size,
+            fetching_timeout_sec=float(blob.fetching_timeout_sec),
+            prefetch_chunk_size=blob.prefetch_chunk_size,
+            valid_interval=blob.check_interval,
+            max_toc_bytes=cfg.blob.max_toc_bytes,
+            max_cache_fds=dc.max_cache_fds,
+            sync_add=dc.sync_add,
+            disk_cache_max_bytes=dc.max_size_bytes,
+            memory_cache_bytes=dc.max_memory_bytes,
+            attr_timeout=float(fuse.attr_timeout),
+            entry_timeout=float(fuse.entry_timeout),
+            read_ahead_kb=fuse.read_ahead_kb,
+            notify_store=fuse.notify_store,
+            passthrough=fuse.passthrough,
+            read_ahead_next_chunk=fuse.read_ahead_next_chunk,
         )
         values.update(overrides)
         return cls(**values)

@@ -1,32 +1,42 @@
 """FUSE passthrough (``[fuse] passthrough = true``): which files the kernel reads itself.
 
-A file qualifies once every byte of it is in the disk cache and verified:
+A file qualifies once every byte of it is in the disk cache and checked in this process:
 
 - a file that is one whole chunk (most files of an image) is, byte for byte, that
-  chunk's cache file: it is registered as the backing file as it is;
-- a file of several chunks is merged into one file under ``<root>/passthrough/`` after a
-  read of it ended (a RELEASE) with all its chunks cached, in the cache-writer thread;
-  the next open passes through. Merged files are the files a workload actually read, so
-  they cost disk only for those; they are deleted with their layer and at start-up (a new
-  daemon does not trust what it did not verify itself).
+  chunk's cache file: it is registered as the backing file as it is (a chunk file found
+  at start is checked by the read path first, so the first open after a start is served
+  by the daemon);
+- a file of several chunks is merged into one disk cache file (``merged/``, key
+  `ChunkIndex.merged_key`: layer digest + node) after a read of it ended (a RELEASE)
+  with all its chunks cached, in the cache-writer thread, with its xxh3 recorded; the
+  next open passes through. Merged files are the files a workload actually read. They
+  are cache files like chunks: kept across unmounts and restarts, counted in the cache's
+  byte bound and evicted with its LRU. One found at start is checked against its xxh3 (in
+  the cache-writer thread, started by the first open, which the daemon serves) before it
+  backs an open; a damaged one is deleted and counted, and made again later.
 
 The kernel refuses to mix modes on one inode (a passthrough open while a cached open of
 the same inode lasts, or the reverse, fails with EIO), so a node switches to passthrough
 only while no cached open of it is outstanding, and stays so while its backing lives.
+When the cache drops a file that backs a node (eviction, damage), the node is served by
+the daemon again once its passthrough opens are all closed: until then, further opens
+keep the backing id (the kernel holds the deleted file's bytes, which were checked).
 
 Backing ids belong to the FUSE connection, not to the daemon: when a daemon takes a kept
 connection over (`stargz.fuse.handover`), the ids the previous one registered are still
 there, and so may be open files using them and cached opens the new daemon never saw.
-The kernel also refuses a second, different backing for an inode that has one (EBUSY).
-So every id is appended to ``ids_path`` (``slot node id`` lines) when registered, and a
-daemon that took over (``inherited``) serves passthrough only for the nodes listed there,
-with their old ids, and every other node from the daemon: mixing can't happen. The old
-ids stay registered until their layer is unmounted or the connection ends.
+The kernel refuses a second, different backing for an inode that has one (EBUSY) and
+mixing modes on an inode (both: the open fails with EIO). So every id is appended to
+``ids_path`` (``slot node id`` lines) when registered, and a daemon that took over
+(``inherited``) passes through only the nodes listed there, with their old ids, and
+serves every other node itself. The old ids stay registered until their layer is
+unmounted or the connection ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -34,33 +44,49 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
+import xxhash
+
+from stargz.fs.cache import CHECK_BAD, CHECK_OK, XATTR, DiskCache, checksum
+from stargz.private import FILE_MODE
+
 log = logging.getLogger("stargz.fs")
 
 
 class Passthrough:
-    """Backing files for the nodes of mounted layers (one instance per FUSE session)."""
+    """Backing files for the nodes of mounted layers (one instance per FUSE session).
+
+    ``legacy_dir`` is where earlier versions merged files (named by mount slot, so of no
+    use to a new daemon): it is deleted.
+    """
 
     def __init__(
         self,
-        root: str,
+        legacy_dir: str,
         backing_open: Callable[[int], int],
         backing_close: Callable[[int], None],
         executor: Executor | None,
+        disk: DiskCache,
         *,
         ids_path: str | None = None,
         inherited: bool = False,
     ) -> None:
-        self.dir = root
         self._open = backing_open
         self._close = backing_close
         self._executor = executor
+        self.disk = disk
         self.enabled = True
+        shutil.rmtree(legacy_dir, ignore_errors=True)
+        #: backing id -> the cache key of its file; cache key -> the nodes it backs.
+        self._key_of: dict[int, str] = {}
+        self._users: dict[str, set[tuple[Any, int]]] = {}
+        #: Nodes whose backing file left the cache while passthrough opens of them last.
+        self._stale: set[tuple[Any, int]] = set()
+        self._checking: set[str] = set()
+        self._merging: set[str] = set()
+        disk.on_discard = self._discarded
         #: After a take-over: (slot, node) -> backing id registered by the previous daemon;
         #: only these nodes pass through (see the module docstring).
         self.inherited: dict[tuple[int, int], int] | None = None
-        # (merged files an inherited id uses stay alive in the kernel once unlinked)
-        shutil.rmtree(root, ignore_errors=True)
-        os.makedirs(root, exist_ok=True)
         self._ids_fd = -1
         if ids_path is not None:
             if inherited:
@@ -68,27 +94,39 @@ class Passthrough:
             flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
             self._ids_fd = os.open(ids_path, flags | (0 if inherited else os.O_TRUNC), 0o600)
 
+    def close(self) -> None:
+        if self._ids_fd >= 0:
+            os.close(self._ids_fd)
+            self._ids_fd = -1
+
     # --- the open path (event loop thread) ---------------------------------------------------
 
     def backing_for(self, m: Any, node: int) -> int:
-        """A backing id for ``node`` of mounted layer ``m``, or 0 (serve it ourselves)."""
+        """A backing id for ``node`` of mounted layer ``m``, or 0 (serve it ourselves).
+        A nonzero answer counts as a passthrough open until `closed`."""
         bid = m.backing.get(node)
-        if bid is not None:
-            return bid
-        if self.inherited is not None:
+        if bid is None and self.inherited is not None:
             bid = self.inherited.pop((m.slot, node), 0)
-            if bid:
-                m.backing[node] = bid
-            return bid
-        if not self.enabled or m.cached_opens.get(node):
-            return 0
-        path = m.merged.get(node)
-        if path is None:
-            path = self._single_chunk_file(m.layer, node)
-            if path is None:
+            if not bid:
                 return 0
+            m.backing[node] = bid
+        elif bid is None:
+            if not self.enabled or m.cached_opens.get(node):
+                return 0
+            bid = self._new_backing(m, node)
+            if not bid:
+                return 0
+        else:
+            self.disk.touch(self._key_of.get(bid, ""))
+        m.pt_opens[node] = m.pt_opens.get(node, 0) + 1
+        return bid
+
+    def _new_backing(self, m: Any, node: int) -> int:
+        key = self._backing_key(m.layer, node)
+        if key is None:
+            return 0
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.disk.path(key), os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return 0
         try:
@@ -108,80 +146,118 @@ class Passthrough:
                 os.write(self._ids_fd, f"{m.slot} {node} {bid}\n".encode())
             except OSError as e:
                 log.warning("cannot record a passthrough backing id: %s", e)
+        self._key_of[bid] = key
+        self._users.setdefault(key, set()).add((m, node))
+        self.disk.touch(key)
         return bid
+
+    def _backing_key(self, layer: Any, node: int) -> str | None:
+        """The cache key of a checked file holding exactly ``node``'s bytes, or None."""
+        lo, hi = layer.chunks.span(node)
+        if hi - lo == 1:
+            files = layer.chunk_files(node)
+            return layer.index.keys[lo] if files else None
+        if hi - lo < 2:
+            return None
+        key = layer.index.merged_key(node)
+        disk = self.disk
+        if key not in disk:
+            return None
+        if not disk.is_verified(key):
+            self._check(key)  # (found at start: this open is served by the daemon)
+            return None
+        return key
+
+    def closed(self, m: Any, node: int) -> None:
+        """A passthrough open of ``node`` ended."""
+        left = m.pt_opens.get(node, 0) - 1
+        if left > 0:
+            m.pt_opens[node] = left
+            return
+        m.pt_opens.pop(node, None)
+        if (m, node) in self._stale:
+            self._stale.discard((m, node))
+            self._unback(m, node)
 
     def released(self, m: Any, node: int) -> None:
         """A cached open of ``node`` ended: merge the file if it is now wholly cached."""
-        if (
-            not self.enabled
-            or self.inherited is not None
-            or node in m.merged
-            or node in m.merging
-            or self._executor is None
-            or m.layer.closed
-        ):
+        if not self.enabled or self._executor is None or m.layer.closed:
             return
-        keys = self._chunk_files(m.layer, node)
-        if keys is None or len(keys) < 2:
+        layer = m.layer
+        lo, hi = layer.chunks.span(node)
+        if hi - lo < 2:
             return
-        m.merging.add(node)
-        dest = os.path.join(self.dir, f"{m.slot}-{node}")
+        key = layer.index.merged_key(node)
+        if key in self.disk or key in self._merging:
+            return
+        files = layer.chunk_files(node)
+        if not files:
+            return
+        self._merging.add(key)
+        disk = self.disk
+        parts = [(f.path, f.size) for f in files]
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._executor, _merge, keys, dest)
+        fut = loop.run_in_executor(self._executor, _merge, parts, disk, key)
 
-        def done(f: asyncio.Future[bool]) -> None:
-            m.merging.discard(node)
-            ok = not f.cancelled() and f.exception() is None and f.result()
-            if ok and not m.layer.closed:
-                m.merged[node] = dest
-            else:
-                _unlink(dest)
+        def done(f: asyncio.Future[int | None]) -> None:
+            self._merging.discard(key)
+            size = None if f.cancelled() or f.exception() is not None else f.result()
+            if size is not None:
+                disk.commit(key, size)
 
         fut.add_done_callback(done)
 
-    def close(self) -> None:
-        if self._ids_fd >= 0:
-            os.close(self._ids_fd)
-            self._ids_fd = -1
-
     def drop(self, m: Any) -> None:
-        """Layer ``m`` is unmounted: close its backing ids, delete its merged files."""
-        for bid in m.backing.values():
+        """Layer ``m`` is unmounted: close its backing ids (its merged files stay cached)."""
+        for node, bid in m.backing.items():
             self._close(bid)  # open files keep their own reference
+            key = self._key_of.pop(bid, None)
+            users = self._users.get(key) if key is not None else None
+            if users is not None:
+                users.discard((m, node))
+                if not users:
+                    del self._users[key]
+            self._stale.discard((m, node))
         m.backing.clear()
-        for path in m.merged.values():
-            _unlink(path)
-        m.merged.clear()
 
-    # --- what is cached -----------------------------------------------------------------------
+    # --- the cache's side (event loop thread) ------------------------------------------------
 
-    @staticmethod
-    def _chunk_files(layer: Any, node: int) -> list[tuple[str, int]] | None:
-        """(cache file, size) of each chunk of ``node`` in order, if all are cached and
-        verified; else None."""
-        size = layer.reader.nodes[node].size
-        if size <= 0:
-            return None
-        lo, hi = layer.chunks.cover(node, 0, size)
-        disk = layer.disk
-        out = []
-        expect = 0
-        for r in range(lo, hi):
-            key = layer.keys[r]
-            n = layer.row_size[r]
-            if layer.row_coff[r] != expect or disk.size_of(key) != n:
-                return None
-            if layer.verify_keys and not disk.is_verified(key):
-                return None
-            out.append((disk.path(key), n))
-            expect += n
-        return out if expect == size else None
+    def _check(self, key: str) -> None:
+        """Check a merged file found at start against its xxh3 (in the writer thread)."""
+        if key in self._checking or self._executor is None:
+            return
+        self._checking.add(key)
+        disk = self.disk
+        fut = asyncio.get_running_loop().run_in_executor(self._executor, _check_file, disk, key)
 
-    def _single_chunk_file(self, layer: Any, node: int) -> str | None:
-        files = self._chunk_files(layer, node)
-        if files is None or len(files) != 1:
-            return None
-        return files[0][0]
+        def done(f: asyncio.Future[str | None]) -> None:
+            self._checking.discard(key)
+            verdict = None if f.cancelled() or f.exception() is not None else f.result()
+            if key not in disk or disk.is_verified(key):  # (gone, or merged anew meanwhile)
+                return
+            if verdict == CHECK_OK:
+                disk.mark_verified(key)
+            elif verdict == CHECK_BAD:
+                disk.damaged(key, "merged passthrough file")
+            else:  # no record, or unreadable: nothing vouches for it
+                disk.discard(key)
+
+        fut.add_done_callback(done)
+
+    def _discarded(self, key: str) -> None:
+        """The cache dropped ``key``'s file: the nodes it backs go back to the daemon
+        (at once, or when their last passthrough open closes)."""
+        for m, node in self._users.pop(key, ()):
+            if m.pt_opens.get(node, 0):
+                self._stale.add((m, node))
+            else:
+                self._unback(m, node)
+
+    def _unback(self, m: Any, node: int) -> None:
+        bid = m.backing.pop(node, None)
+        if bid is not None:
+            self._key_of.pop(bid, None)
+            self._close(bid)
 
 
 def _read_ids(path: str) -> dict[tuple[int, int], int]:
@@ -190,43 +266,65 @@ def _read_ids(path: str) -> dict[tuple[int, int], int]:
         with open(path) as f:
             for line in f:
                 parts = line.split()
-                if len(parts) == 3 and all(p.isdigit() for p in parts):
+                if len(parts) == 3 and all(x.isdigit() for x in parts):
                     out[(int(parts[0]), int(parts[1]))] = int(parts[2])
     except OSError:
         pass
     return out
 
 
-def _merge(parts: list[tuple[str, int]], dest: str) -> bool:
-    """Concatenate chunk files into ``dest`` (kernel-side copies). Blocking."""
-    tmp = f"{dest}.tmp"
+def _check_file(disk: DiskCache, key: str) -> str | None:
     try:
-        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        return disk.read_checked(key, want=False)[0]
+    except OSError:
+        return None
+
+
+def _record_of(fd: int) -> bytes | None:
+    try:
+        return os.getxattr(fd, XATTR)
+    except OSError as e:
+        if e.errno == errno.ENODATA:  # (a chunk file written before checksums existed)
+            return None
+        raise
+
+
+def _merge(parts: list[tuple[str, int]], disk: DiskCache, key: str) -> int | None:
+    """Concatenate chunk files into ``key``'s merged file, its xxh3 recorded; its size,
+    or None. Each piece is checked against its chunk file's own record on the way, so
+    the record describes checked bytes. Blocking."""
+    tmp = disk.tmp_path("merge")
+    total = xxhash.xxh3_128()
+    size = 0
+    try:
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
         try:
-            for path, size in parts:
+            for path, n in parts:
                 src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 try:
-                    left = size
-                    while left:
-                        n = os.copy_file_range(src, out, left)
-                        if n <= 0:
-                            raise OSError(f"{path} is shorter than {size} bytes")
-                        left -= n
+                    data = os.pread(src, n, 0)
+                    if len(data) != n:
+                        raise OSError(f"{path} is shorter than {n} bytes")
+                    rec = _record_of(src) if disk.xattrs else None
+                    if rec is not None and checksum(data) != rec:
+                        raise OSError(f"{path} does not match its checksum")
                 finally:
                     os.close(src)
+                total.update(data)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(out, view) :]
+                size += n
+            disk.record(out, total.digest())
         finally:
             os.close(out)
-        os.rename(tmp, dest)
-        return True
+        disk.place(tmp, key)
+        return size
     except OSError as e:
         # a chunk evicted meanwhile, a full disk: the file stays served by the daemon
-        log.debug("merging %s for passthrough failed: %s", dest, e)
-        _unlink(tmp)
-        return False
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+        log.debug("merging %s for passthrough failed: %s", key, e)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return None

@@ -18,6 +18,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from stargz.config import Config
 from stargz.fs.source import Blob
 
 
@@ -34,15 +35,15 @@ class RegistryLayerSource:
         self._cache: dict[tuple[str, str], tuple[float, Blob]] = {}
 
     @classmethod
-    def from_config(cls, cfg: Any) -> RegistryLayerSource:
+    def from_config(cls, cfg: Config) -> RegistryLayerSource:
         """Client options from the daemon config's ``[resolver]`` and ``[blob]`` tables."""
         from stargz.remote import BlobOptions, RegistryClient, ResolverOptions
 
         client = RegistryClient(
-            resolver=ResolverOptions.from_mapping(getattr(cfg, "resolver", None)),
-            blob=BlobOptions.from_mapping(getattr(cfg, "blob", None)),
+            resolver=ResolverOptions.from_config(cfg.resolver),
+            blob=BlobOptions.from_config(cfg.blob),
         )
-        return cls(client, ttl=float(getattr(cfg, "resolve_result_entry_ttl_sec", 120)))
+        return cls(client, ttl=float(cfg.resolve_result_entry_ttl_sec))
 
     async def resolve(self, ref: str, digest: str, labels: Mapping[str, str]) -> Blob:
         key = (ref, digest)

@@ -7,9 +7,13 @@ kernel caches inode numbers (dentries, open files, overlayfs lower inodes), so a
 take-over each layer must come back in its old slot, and no slot may ever be given to
 another layer while the connection lives.
 
-The file, ``<root>/fuse-layers.json`` (0600): ``{"next_slot": n, "layers": {digest:
-{"slot": s, "labels": {...}}}}``. It is rewritten (temp file + rename) before a layer
-becomes visible in the FUSE root and after it left it. No fsync: a machine crash ends the
+The file, ``<root>/fuse-layers.json`` (0600): ``{"next_slot": n, "layers": {key:
+{"slot": s, "name": ..., "labels": {...}}}}``, where ``key`` is ``"<source> <digest>"``
+(layers are opened per source repository) and ``name`` the layer's directory in the FUSE
+root (the digest's hex, suffixed when another source has the same digest: which one got
+the plain name depends on the order they were mounted in, so it is recorded too). It is
+rewritten (temp file + rename) before a layer becomes visible in the FUSE root and after
+it left it. No fsync: a machine crash ends the
 FUSE connection too, and then the table starts over.
 """
 
@@ -27,11 +31,12 @@ log = logging.getLogger("stargz.fs")
 @dataclass(frozen=True)
 class SlotRecord:
     slot: int
+    name: str
     labels: Mapping[str, str]
 
 
 class SlotTable:
-    """Layer digest -> slot (and the labels to open the layer again), persisted."""
+    """Layer key -> slot, name (and the labels to open the layer again), persisted."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -50,8 +55,12 @@ class SlotTable:
             with open(self.path, "rb") as f:
                 doc = json.loads(f.read())
             layers = {
-                str(d): SlotRecord(int(r["slot"]), {str(k): str(v) for k, v in r["labels"].items()})
-                for d, r in doc["layers"].items()
+                str(key): SlotRecord(
+                    int(r["slot"]),
+                    str(r["name"]),
+                    {str(k): str(v) for k, v in r["labels"].items()},
+                )
+                for key, r in doc["layers"].items()
             }
             next_slot = int(doc["next_slot"])
         except FileNotFoundError:
@@ -63,26 +72,30 @@ class SlotTable:
         self.layers = layers
         self.next_slot = max(next_slot, top + 1)
 
-    def slot_for(self, digest: str, labels: Mapping[str, str]) -> int:
-        """The layer's slot: its recorded one, or a new one recorded now."""
-        rec = self.layers.get(digest)
-        if rec is not None:
-            return rec.slot
-        slot = self.next_slot
-        self.next_slot += 1
-        self.layers[digest] = SlotRecord(slot, dict(labels))
-        self._save()
-        return slot
+    def get(self, key: str) -> SlotRecord | None:
+        return self.layers.get(key)
 
-    def remove(self, digest: str) -> None:
-        if self.layers.pop(digest, None) is not None:
+    def has_name(self, name: str) -> bool:
+        return any(r.name == name for r in self.layers.values())
+
+    def add(self, key: str, name: str, labels: Mapping[str, str]) -> SlotRecord:
+        """Record a layer shown for the first time on this connection, in a new slot."""
+        rec = SlotRecord(self.next_slot, name, dict(labels))
+        self.next_slot += 1
+        self.layers[key] = rec
+        self._save()
+        return rec
+
+    def remove(self, key: str) -> None:
+        if self.layers.pop(key, None) is not None:
             self._save()
 
     def _save(self) -> None:
         doc = {
             "next_slot": self.next_slot,
             "layers": {
-                d: {"slot": r.slot, "labels": dict(r.labels)} for d, r in self.layers.items()
+                key: {"slot": r.slot, "name": r.name, "labels": dict(r.labels)}
+                for key, r in self.layers.items()
             },
         }
         tmp = f"{self.path}.tmp"

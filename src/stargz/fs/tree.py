@@ -9,6 +9,9 @@ What the tar/TOC says and what the mount shows differ in a few places (Go
   xattr ``trusted.overlay.opaque`` (``user.overlay.opaque`` in userxattr mode) with ``y``.
 - No other ``.wh.*`` name can be looked up or listed; the prefetch landmarks are hidden at
   the layer root.
+- Xattrs of the overlayfs namespaces (``trusted.overlay.*``, ``user.overlay.*``) that the TOC
+  carries are dropped: overlayfs would obey them (redirect, metacopy, origin, opaque...), and a
+  layer must never steer it. The opaque xattr above is the tree's own, not the TOC's.
 - Attributes: mtime from the TOC ``modtime`` (atime and ctime the same), st_blocks in 512-byte
   units of the size, st_blksize 4096, symlink size = length of the target, nlink from the
   TOC (hardlinks share one node, so one inode).
@@ -26,6 +29,11 @@ WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 BLOCK_SIZE = 4096
 _HIDDEN_AT_ROOT = {PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK}
+
+
+#: Xattr name prefixes overlayfs acts on (``trusted.`` by default, ``user.`` in userxattr
+#: mode); never served from a TOC.
+OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 
 
 def _enc(name: str) -> bytes:
@@ -112,7 +120,7 @@ class Tree:
         return node.st_mode, node.nlink or 1, node.uid, node.gid, rdev, size
 
     def fill_attr(self, attr: Any, node_id: int, mtime_ns: int) -> None:
-        """Set the stat fields of a `stargz.fs.kernel.EntryAttributes` (not st_ino/timeouts)."""
+        """Set the stat fields of a `stargz.fuse.EntryAttributes` (not st_ino/timeouts)."""
         mode, nlink, uid, gid, rdev, size = self.stat_of(node_id)
         attr.st_mode, attr.st_nlink, attr.st_uid, attr.st_gid = mode, nlink, uid, gid
         attr.st_rdev, attr.st_size = rdev, size
@@ -123,7 +131,11 @@ class Tree:
     def xattrs(self, node_id: int) -> dict[bytes, bytes]:
         if node_id in self.whiteouts:
             return {}
-        out = {_enc(k): v for k, v in self.nodes[node_id].xattrs.items()}
+        out = {
+            _enc(k): v
+            for k, v in self.nodes[node_id].xattrs.items()
+            if not k.startswith(OVERLAY_XATTR_PREFIXES)
+        }
         if node_id in self.opaque:
             out[self.opaque_name] = b"y"
         return out

@@ -4,8 +4,9 @@ The asyncio (aiohttp) side of the project, usable on uvloop. It uses
 :mod:`stargz.estargz` (to open layers), never the other way round, and knows nothing of
 FUSE or gRPC.
 
-    async with RegistryClient(resolver=ResolverOptions.from_mapping(cfg["resolver"]),
-                              blob=BlobOptions.from_mapping(cfg["blob"])) as client:
+    cfg = stargz.config.load(path)
+    async with RegistryClient(resolver=ResolverOptions.from_config(cfg.resolver),
+                              blob=BlobOptions.from_config(cfg.blob)) as client:
         manifest = await client.get_manifest("127.0.0.1:5000/app:esgz")
         layer = manifest.layers[0]
         blob = await client.open_layer("127.0.0.1:5000/app:esgz", layer)
@@ -24,9 +25,10 @@ from stargz.remote.auth import (
     parse_www_authenticate,
 )
 from stargz.remote.blob import MAX_RANGES_PER_REQUEST, BlobReader
-from stargz.remote.client import BlobLocation, RegistryClient, retryable_status
+from stargz.remote.client import RegistryClient
 from stargz.remote.hosts import RegistryHost, is_localhost, registry_hosts
 from stargz.remote.layer import open_reader
+from stargz.remote.locate import BlobLocation
 from stargz.remote.manifest import (
     TOC_DIGEST_ANNOTATION,
     Descriptor,
@@ -37,6 +39,7 @@ from stargz.remote.manifest import (
 from stargz.remote.options import BlobOptions, HostOptions, MirrorOptions, ResolverOptions
 from stargz.remote.reference import Reference, api_host, parse_reference
 from stargz.remote.stats import FetchStats
+from stargz.remote.transport import retryable_status
 
 __all__ = [
     "MAX_RANGES_PER_REQUEST",

@@ -43,12 +43,13 @@ from urllib.parse import urlsplit
 from stargz.errors import (
     BlobNotFound,
     InvalidArgument,
+    RangeMismatch,
     RangeNotSatisfiable,
     RegistryError,
     RegistryProtocolError,
     StargzError,
 )
-from stargz.remote.client import BlobLocation, Exchange, RegistryClient, pull_scope
+from stargz.remote.locate import TAIL_PROBE_SIZE, BlobLocation, probe_blob
 from stargz.remote.multipart import (
     Part,
     Region,
@@ -59,8 +60,10 @@ from stargz.remote.multipart import (
     parse_content_range,
     range_header,
 )
+from stargz.remote.redact import redact_url
 from stargz.remote.reference import Reference
 from stargz.remote.stats import FetchStats
+from stargz.remote.transport import Exchange, Transport, pull_scope
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +98,30 @@ async def _gather(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
 class BlobReader:
     """One blob of one repository, opened on the first host that serves it.
 
-    Made by :meth:`RegistryClient.open_blob`; it does not own a connection, so there is
+    Made by :meth:`stargz.remote.RegistryClient.open_blob` (``client`` is that client's
+    transport); it does not own a connection, so there is
     nothing to close. ``stats`` counts this blob's traffic.
     """
 
     def __init__(
-        self, client: RegistryClient, ref: Reference, digest: str, size: int | None = None
+        self,
+        client: Transport,
+        ref: Reference,
+        digest: str,
+        size: int | None = None,
+        *,
+        redirect_ttl: float = 300.0,
+        tail_probe_size: int = TAIL_PROBE_SIZE,
     ) -> None:
+        """``redirect_ttl``: seconds a redirect target (a pre-signed storage URL) is reused
+        before the registry is asked again. ``tail_probe_size``: how many of the blob's last
+        bytes :meth:`open`'s probe fetches and keeps (:meth:`take_tail`); 0 probes
+        ``bytes=0-0`` only."""
+        if tail_probe_size < 0:
+            raise InvalidArgument(f"tail_probe_size {tail_probe_size} is negative")
         self.client = client
+        self.redirect_ttl = redirect_ttl
+        self.tail_probe_size = tail_probe_size
         self.ref = ref
         self.digest = digest
         self.options = client.blob_options
@@ -145,8 +164,8 @@ class BlobReader:
 
     async def open(self) -> None:
         """Find the first host (mirrors first) that serves the blob; keep its last
-        ``client.tail_probe_size`` bytes if that host sent them with the probe."""
-        await self._locate_from(0, tail=self.client.tail_probe_size)
+        ``tail_probe_size`` bytes if that host sent them with the probe."""
+        await self._locate_from(0, tail=self.tail_probe_size)
 
     def take_tail(self) -> tuple[int, bytes] | None:
         """``(offset, bytes)``: the blob's last bytes as fetched by :meth:`open`'s probe,
@@ -158,8 +177,14 @@ class BlobReader:
         size = self._loc.size if self._loc is not None else self._expected_size
 
         async def probe(i: int, _host: object) -> tuple[BlobLocation, bytes | None]:
-            return await self.client.probe_blob(
-                self.ref, self.digest, host_index=i, size=size, stats=(self.stats,), tail=tail
+            return await probe_blob(
+                self.client,
+                self.ref,
+                self.digest,
+                host_index=i,
+                size=size,
+                stats=(self.stats,),
+                tail=tail,
             )
 
         loc, data = await self.client.over_hosts(
@@ -168,9 +193,7 @@ class BlobReader:
         if data is not None:
             self._tail = (loc.size - len(data), data)
         self._loc = loc
-        self._loc_expires = (
-            time.monotonic() + self.client.redirect_ttl if loc.redirected else float("inf")
-        )
+        self._loc_expires = time.monotonic() + self.redirect_ttl if loc.redirected else float("inf")
         if loc.redirected:
             log.debug("blob %s@%s redirects to %s", self.ref, self.digest, urlsplit(loc.url).netloc)
         return loc
@@ -279,9 +302,9 @@ class BlobReader:
             except _StaleLocation as e:
                 if stale_refreshes >= 1:
                     raise RegistryError(
-                        f"blob {self.ref.locator}@{self.digest}: storage refuses {loc.url} "
-                        "even after asking the registry again",
-                        url=loc.url,
+                        f"blob {self.ref.locator}@{self.digest}: storage refuses "
+                        f"{redact_url(loc.url)} even after asking the registry again",
+                        url=redact_url(loc.url),
                     ) from e
                 stale_refreshes += 1
                 await self._refresh(loc, next_host=False)
@@ -331,7 +354,7 @@ class BlobReader:
                 raise RegistryProtocolError(
                     f"blob {self.ref.locator}@{self.digest}: the answer to bytes "
                     f"{g[0]}-{g[1] - 1} does not hold them",
-                    url=loc.url,
+                    url=redact_url(loc.url),
                 )
             data = found[g]
             out[r] = data if r == g else data[r[0] - g[0] : r[1] - g[0]]
@@ -352,7 +375,7 @@ class BlobReader:
             status = ex.status
             if status == 206:
                 try:
-                    parts = await self._parts_206(ex, wanted, len(regions))
+                    parts = await self._parts_206(ex, regions, wanted)
                 except RegistryProtocolError as e:
                     if multi:
                         raise _MultiRangeRefused(f"unparsable answer: {e}") from e
@@ -381,16 +404,30 @@ class BlobReader:
         )
 
     @staticmethod
-    async def _parts_206(ex: Exchange, wanted: int, nranges: int) -> list[Part]:
+    async def _parts_206(ex: Exchange, regions: list[Region], wanted: int) -> list[Part]:
+        """The parts of a 206 answer. A single range is read only up to the end of what was
+        asked for, however long the server says it is (the connection is then closed)."""
         boundary = multipart_boundary(ex.resp.headers.get("Content-Type"))
         if boundary is not None:
-            body = await ex.read(wanted + _MULTIPART_OVERHEAD_PER_PART * nranges + 65536)
+            body = await ex.read(wanted + _MULTIPART_OVERHEAD_PER_PART * len(regions) + 65536)
             return parse_byteranges(body, boundary)
-        start, end, _ = parse_content_range(ex.resp.headers.get("Content-Range"))
-        body = await ex.read(end - start)
-        if len(body) != end - start:
+        value = ex.resp.headers.get("Content-Range")
+        start, end, _ = parse_content_range(value)
+        shown = (value or "").strip()
+        lo, hi = regions[0][0], regions[-1][1]
+        if start != lo or end < hi:
+            raise RangeMismatch(
+                f"asked for bytes {lo}-{hi - 1}, the server answered {shown}",
+                status=206,
+                url=redact_url(ex.url),
+            )
+        body = await ex.read_prefix(hi - start)
+        if len(body) != hi - start:
             raise RegistryProtocolError(
-                f"Content-Range says {end - start} bytes, the body has {len(body)}"
+                f"Content-Range {shown} promises bytes {lo}-{hi - 1}, "
+                f"the body ends after {len(body)}",
+                status=206,
+                url=redact_url(ex.url),
             )
         return [Part(start, memoryview(body))]
 

@@ -28,6 +28,7 @@ open, as in Go.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -44,6 +45,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from stargz.config import split_tcp_address
 from stargz.errors import FailedPrecondition
+from stargz.fs.metrics import LayerMetrics
 
 if TYPE_CHECKING:
     from stargz.fs.filesystem import StargzFileSystem
@@ -134,6 +136,12 @@ FS_COUNTERS = (
         "disk_evicted_bytes",
         "Bytes of the chunk files evicted from the disk cache.",
     ),
+    (
+        "stargz_fs_cache_checksum_failures",
+        "cache_checksum_failures",
+        "Disk cache files (chunks, merged passthrough files, TOC tails) found after a start "
+        "whose bytes did not match their checksum: deleted and fetched again, never served.",
+    ),
 )
 
 
@@ -143,20 +151,32 @@ class FsCollector(Collector):
 
     def __init__(self, fs: StargzFileSystem) -> None:
         self.fs = fs
-        #: digest -> (disk cache version, fetched size): `Layer.fetched_size` walks the
-        #: layer's chunk index (~1.6 µs a chunk) unless the layer is complete, so it is
-        #: computed again only when the disk cache's set of chunks has changed.
-        self._fetched: dict[str, tuple[tuple[int, int], int]] = {}
 
     def collect(self) -> Iterator[Metric]:
         fs = self.fs
         layers = fs.open_layers()
-        open_digests = {layer.digest for layer, _ in layers}
-        for d in [d for d in self._fetched if d not in open_digests]:
-            del self._fetched[d]
         yield from self._go_compatible(layers)
         yield from self._per_layer(layers)
         yield from self._daemon_wide(layers)
+
+    @staticmethod
+    def _by_digest(layers) -> list[tuple[str, LayerMetrics, bool]]:
+        """``(digest, metrics, prefetch done)`` once per layer digest: the same digest
+        mounted from two repositories is two layers, and a series must appear once (the
+        counters add up; the durations are the longest)."""
+        out: dict[str, tuple[str, LayerMetrics, bool]] = {}
+        for layer, _ in layers:
+            d, m, done = layer.digest, layer.metrics, layer.prefetch_done.is_set()
+            seen = out.get(d)
+            if seen is None:
+                out[d] = (d, m, done)
+                continue
+            merged = LayerMetrics()
+            for f in dataclasses.fields(LayerMetrics):
+                a, b = getattr(seen[1], f.name), getattr(m, f.name)
+                setattr(merged, f.name, max(a, b) if f.name.endswith("_seconds") else a + b)
+            out[d] = (d, merged, seen[2] or done)
+        return list(out.values())
 
     def _go_compatible(self, layers) -> Iterator[Metric]:
         ops = UnknownMetricFamily(
@@ -186,33 +206,23 @@ class FsCollector(Collector):
             "Total size of the layer (compressed blob)",
             labels=["digest", "mountpoint"],
         )
-        for layer, mountpoints in layers:
-            m, d = layer.metrics, layer.digest
+        for d, m, _ in self._by_digest(layers):
             for op, field in OPERATION_COUNTS:
                 ops.add_metric([op, d], getattr(m, field))
             for op, field in BYTES_SERVED:
                 served.add_metric([op, d], getattr(m, field))
+        for layer, mountpoints in layers:
+            d = layer.digest
             if not mountpoints:
                 continue
-            fetched_size = self._fetched_size(layer)
+            # (a counter the layer keeps as chunks reach or leave the disk cache)
+            fetched_size = layer.fetched_size()
             prefetched = layer.prefetch_size if layer.prefetch_done.is_set() else 0
             for mp in mountpoints:
                 fetched.add_metric([d, mp], fetched_size)
                 prefetch.add_metric([d, mp], prefetched)
                 size.add_metric([d, mp], layer.size)
         yield from (ops, served, fetched, prefetch, size)
-
-    def _fetched_size(self, layer) -> int:
-        disk = self.fs.disk
-        # discard() bumps the generation, commit() of a new chunk grows the count: the pair
-        # changes whenever the set of cached chunks does
-        version = (disk.generation, len(disk))
-        known = self._fetched.get(layer.digest)
-        if known is not None and known[0] == version:
-            return known[1]
-        size = layer.fetched_size()
-        self._fetched[layer.digest] = (version, size)
-        return size
 
     def _per_layer(self, layers) -> Iterator[Metric]:
         by_kind = CounterMetricFamily(
@@ -243,8 +253,7 @@ class FsCollector(Collector):
             "Time the layer's prefetch took (present once it has finished).",
             labels=["layer"],
         )
-        for layer, _ in layers:
-            m, d = layer.metrics, layer.digest
+        for d, m, prefetch_done in self._by_digest(layers):
             kinds = {
                 "on_demand": m.on_demand_bytes_fetched,
                 "prefetch": m.prefetch_bytes,
@@ -259,7 +268,7 @@ class FsCollector(Collector):
                 family.add_metric([d], getattr(m, field))
             for step, field in OPEN_STEPS:
                 open_steps.add_metric([d, step], getattr(m, field))
-            if layer.prefetch_done.is_set():
+            if prefetch_done:
                 prefetch_seconds.add_metric([d], m.prefetch_seconds)
         yield from (by_kind, lookups, *(f for f, _ in counters), open_steps, prefetch_seconds)
 
@@ -284,10 +293,14 @@ class FsCollector(Collector):
             value=sum(len(mps) for _, mps in layers),
         )
         yield GaugeMetricFamily(
-            "stargz_fs_disk_cache_bytes", "Bytes of chunk files in the disk cache.", fs.disk.bytes
+            "stargz_fs_disk_cache_bytes",
+            "Bytes of the files in the disk cache (chunks and merged passthrough files).",
+            fs.disk.bytes,
         )
         yield GaugeMetricFamily(
-            "stargz_fs_disk_cache_chunks", "Chunk files in the disk cache.", len(fs.disk)
+            "stargz_fs_disk_cache_chunks",
+            "Files in the disk cache (chunks and merged passthrough files).",
+            len(fs.disk),
         )
         yield GaugeMetricFamily(
             "stargz_fs_memory_cache_bytes",

@@ -1,5 +1,5 @@
-"""The daemon's gRPC server on a unix socket: wiring a Snapshotter (and, later, a
-FileSystem) to containerd.
+"""The daemon's gRPC server on a unix socket: wiring a Snapshotter and its FileSystem (the
+lazy FUSE filesystem, or None when every layer is unpacked) to containerd.
 
 Socket rules: the socket's directory, when the daemon creates it, is 0700, and the socket
 is 0600, so only root (containerd) can talk to it. A stale socket file left by a crash is

@@ -1,8 +1,9 @@
 """containerd's Snapshots gRPC service over a :class:`stargz.snapshot.Snapshotter`.
 
 Like containerd's ``contrib/snapshotservice``, the request's ``snapshotter`` field is
-ignored: this daemon serves one snapshotter. The namespace comes from the gRPC metadata
-``containerd-namespace`` (absent = every namespace, see :mod:`stargz.snapshot.types`).
+ignored: this daemon serves one snapshotter. The gRPC metadata ``containerd-namespace`` is
+logged with each call and nothing else: keys live in one key space, whichever namespace a
+request names or whether it names one at all (see :mod:`stargz.snapshot.types`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ LIST_BATCH = 100
 
 
 def namespace_of(context: grpc.aio.ServicerContext) -> str | None:
+    """The request's ``containerd-namespace`` metadata, for the log only."""
     for k, v in context.invocation_metadata() or ():
         if k == NAMESPACE_METADATA_KEY:
             return v if isinstance(v, str) else v.decode()
@@ -76,7 +78,7 @@ def info_from_pb(info: pb.Info) -> Info:
 
 
 class _Logged:
-    """Logs each call at debug level: method, namespace, key, duration and outcome."""
+    """Logs each call at debug level: method, namespace (as sent), key, duration, outcome."""
 
     def __init__(self, method: str, context: grpc.aio.ServicerContext, **fields: str) -> None:
         self.method, self.context, self.fields = method, context, fields
@@ -111,61 +113,59 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
             key=request.key,
             parent=request.parent,
             labels=sorted(request.labels),
-        ) as c:
-            mounts = await self.sn.prepare(c.ns, request.key, request.parent, request.labels)
+        ):
+            mounts = await self.sn.prepare(request.key, request.parent, request.labels)
         return pb.PrepareSnapshotResponse(mounts=_mounts_pb(mounts))
 
     @grpc_errors
     async def View(self, request: pb.ViewSnapshotRequest, context):
-        with _Logged("View", context, key=request.key, parent=request.parent) as c:
-            mounts = await self.sn.view(c.ns, request.key, request.parent, request.labels)
+        with _Logged("View", context, key=request.key, parent=request.parent):
+            mounts = await self.sn.view(request.key, request.parent, request.labels)
         return pb.ViewSnapshotResponse(mounts=_mounts_pb(mounts))
 
     @grpc_errors
     async def Mounts(self, request: pb.MountsRequest, context):
-        with _Logged("Mounts", context, key=request.key) as c:
-            mounts = await self.sn.mounts(c.ns, request.key)
+        with _Logged("Mounts", context, key=request.key):
+            mounts = await self.sn.mounts(request.key)
         return pb.MountsResponse(mounts=_mounts_pb(mounts))
 
     @grpc_errors
     async def Commit(self, request: pb.CommitSnapshotRequest, context):
-        with _Logged("Commit", context, key=request.key, **{"commit-name": request.name}) as c:
-            await self.sn.commit(c.ns, request.name, request.key, request.labels)
+        with _Logged("Commit", context, key=request.key, **{"commit-name": request.name}):
+            await self.sn.commit(request.name, request.key, request.labels)
         return empty_pb2.Empty()
 
     @grpc_errors
     async def Remove(self, request: pb.RemoveSnapshotRequest, context):
-        with _Logged("Remove", context, key=request.key) as c:
-            await self.sn.remove(c.ns, request.key)
+        with _Logged("Remove", context, key=request.key):
+            await self.sn.remove(request.key)
         return empty_pb2.Empty()
 
     @grpc_errors
     async def Stat(self, request: pb.StatSnapshotRequest, context):
-        with _Logged("Stat", context, key=request.key) as c:
-            info = await self.sn.stat(c.ns, request.key)
+        with _Logged("Stat", context, key=request.key):
+            info = await self.sn.stat(request.key)
         return pb.StatSnapshotResponse(info=info_to_pb(info))
 
     @grpc_errors
     async def Update(self, request: pb.UpdateSnapshotRequest, context):
-        with _Logged("Update", context, key=request.info.name) as c:
-            info = await self.sn.update(
-                c.ns, info_from_pb(request.info), list(request.update_mask.paths)
-            )
+        with _Logged("Update", context, key=request.info.name):
+            info = await self.sn.update(info_from_pb(request.info), list(request.update_mask.paths))
         return pb.UpdateSnapshotResponse(info=info_to_pb(info))
 
     @grpc_errors
     async def List(
         self, request: pb.ListSnapshotsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ListSnapshotsResponse]:
-        with _Logged("List", context, filters=",".join(request.filters)) as c:
-            infos = await self.sn.walk(c.ns, list(request.filters))
+        with _Logged("List", context, filters=",".join(request.filters)):
+            infos = await self.sn.walk(list(request.filters))
         for i in range(0, len(infos), LIST_BATCH):
             yield pb.ListSnapshotsResponse(info=[info_to_pb(x) for x in infos[i : i + LIST_BATCH]])
 
     @grpc_errors
     async def Usage(self, request: pb.UsageRequest, context):
-        with _Logged("Usage", context, key=request.key) as c:
-            usage = await self.sn.usage(c.ns, request.key)
+        with _Logged("Usage", context, key=request.key):
+            usage = await self.sn.usage(request.key)
         return pb.UsageResponse(size=usage.size, inodes=usage.inodes)
 
     @grpc_errors

@@ -1,7 +1,7 @@
 """containerd snapshot semantics: SQLite metadata, overlay mounts, and the FileSystem seam.
 
-See :mod:`stargz.snapshot.types` for the contract (kinds, keys and names, namespaces,
-remote snapshots) and :mod:`stargz.snapshot.snapshotter` for the crash-safety rules.
+See :mod:`stargz.snapshot.types` for the contract (kinds, keys and names, the one key
+space, remote snapshots) and :mod:`stargz.snapshot.snapshotter` for the crash-safety rules.
 """
 
 from .snapshotter import Snapshotter

@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from stargz.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from stargz.private import private_dir
 
 from . import filters, osutil
 from .store import MetaStore, Snapshot, Tx, _Changed, q
@@ -69,8 +70,8 @@ def validate_labels(labels: Mapping[str, str] | None) -> None:
 class Snapshotter:
     """One snapshotter root. Create it with :meth:`open`; every method is a coroutine.
 
-    ``ns`` is the containerd namespace of the request, or ``None`` for a request that came
-    without one (see :mod:`stargz.snapshot.types`).
+    Keys live in one key space (see :mod:`stargz.snapshot.types`): no method takes a
+    namespace.
     """
 
     def __init__(
@@ -112,8 +113,8 @@ class Snapshotter:
         return self
 
     def _open_sync(self) -> None:
-        os.makedirs(self.root, 0o700, exist_ok=True)
-        os.makedirs(self.snapshots_dir, 0o700, exist_ok=True)
+        private_dir(self.root)
+        private_dir(self.snapshots_dir)
         self._store = MetaStore(os.path.join(self.root, "metadata.db"))
         self._index_off = osutil.supports_overlay_index()
         self._userxattr = osutil.needs_userxattr()
@@ -163,25 +164,25 @@ class Snapshotter:
 
     # --- queries --------------------------------------------------------------------
 
-    async def stat(self, ns: str | None, key: str) -> Info:
-        _, info, _ = await self._db(self._read(lambda tx: tx.get_info(ns, key)))
+    async def stat(self, key: str) -> Info:
+        _, info, _ = await self._db(self._read(lambda tx: tx.get_info(key)))
         return info
 
-    async def walk(self, ns: str | None, filter_strings: Sequence[str] = ()) -> list[Info]:
-        """Every snapshot of ``ns`` (all namespaces for ``None``) that matches any filter."""
+    async def walk(self, filter_strings: Sequence[str] = ()) -> list[Info]:
+        """Every snapshot that matches any filter."""
         match = filters.parse(filter_strings)
-        infos = await self._db(self._read(lambda tx: tx.walk(ns)))
+        infos = await self._db(self._read(lambda tx: tx.walk()))
         return [i for i in infos if match(i)]
 
-    async def usage(self, ns: str | None, key: str) -> Usage:
+    async def usage(self, key: str) -> Usage:
         """Active snapshots are measured now; committed ones report what Commit measured."""
-        sid, info, usage = await self._db(self._read(lambda tx: tx.get_info(ns, key)))
+        sid, info, usage = await self._db(self._read(lambda tx: tx.get_info(key)))
         if info.kind == Kind.ACTIVE:
             usage = await asyncio.to_thread(osutil.disk_usage, self._upper(sid))
         return usage
 
-    async def mounts(self, ns: str | None, key: str) -> list[Mount]:
-        snap = await self._db(self._read(lambda tx: tx.get_snapshot(ns, key)))
+    async def mounts(self, key: str) -> list[Mount]:
+        snap = await self._db(self._read(lambda tx: tx.get_snapshot(key)))
         await self._check_availability(
             snap.id, list(zip(snap.parent_ids, snap.parent_labels, strict=True))
         )
@@ -189,22 +190,22 @@ class Snapshotter:
 
     # --- changes --------------------------------------------------------------------
 
-    async def update(self, ns: str | None, info: Info, fieldpaths: Sequence[str] = ()) -> Info:
+    async def update(self, info: Info, fieldpaths: Sequence[str] = ()) -> Info:
         validate_labels(info.labels)
         now = time.time_ns()
         return await self._db(
-            self._write(lambda tx: tx.update_info(ns, info.name, info.labels, fieldpaths, now))
+            self._write(lambda tx: tx.update_info(info.name, info.labels, fieldpaths, now))
         )
 
     async def view(
-        self, ns: str | None, key: str, parent: str, labels: Mapping[str, str] | None = None
+        self, key: str, parent: str, labels: Mapping[str, str] | None = None
     ) -> list[Mount]:
-        snap = await self._create(ns, Kind.VIEW, key, parent, labels)
+        snap = await self._create(Kind.VIEW, key, parent, labels)
         await self._check_parents(snap)
         return self._mounts(snap)
 
     async def prepare(
-        self, ns: str | None, key: str, parent: str, labels: Mapping[str, str] | None = None
+        self, key: str, parent: str, labels: Mapping[str, str] | None = None
     ) -> list[Mount]:
         """Create an active snapshot; or, for a layer a FileSystem can mount, a remote one.
 
@@ -213,7 +214,7 @@ class Snapshotter:
         how containerd learns it can skip downloading the layer (SPEC §7.3).
         """
         labels = dict(labels or {})
-        snap = await self._create(ns, Kind.ACTIVE, key, parent, labels)
+        snap = await self._create(Kind.ACTIVE, key, parent, labels)
         target = labels.get(TARGET_SNAPSHOT_LABEL)
         if target is not None:
             fields = {"key": key, "parent": parent, "target": target}
@@ -225,7 +226,7 @@ class Snapshotter:
             elif await self._mount_remote(snap, labels, fields):
                 remote_labels = {**labels, REMOTE_LABEL: REMOTE_LABEL_VALUE}
                 try:
-                    await self._commit(ns, target, key, remote_labels, measure=False)
+                    await self._commit(target, key, remote_labels, measure=False)
                 except AlreadyExists:
                     pass  # someone committed the target first: it exists, which is the point
                 except Exception as e:
@@ -242,14 +243,12 @@ class Snapshotter:
         await self._check_parents(snap)
         return self._mounts(snap)
 
-    async def commit(
-        self, ns: str | None, name: str, key: str, labels: Mapping[str, str] | None = None
-    ) -> None:
-        await self._commit(ns, name, key, labels, measure=True)
+    async def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
+        await self._commit(name, key, labels, measure=True)
 
-    async def remove(self, ns: str | None, key: str) -> None:
+    async def remove(self, key: str) -> None:
         def txn(tx: Tx) -> list[str]:
-            tx.remove(ns, key)
+            tx.remove(key)
             return [] if self.async_remove else self._orphan_dirs(tx)
 
         for d in await self._db(self._write(txn)):
@@ -268,19 +267,16 @@ class Snapshotter:
 
     async def _create(
         self,
-        ns: str | None,
         kind: Kind,
         key: str,
         parent: str,
         labels: Mapping[str, str] | None,
     ) -> Snapshot:
         validate_labels(labels)
-        return await self._db(
-            lambda: self._create_sync("" if ns is None else ns, kind, key, parent, labels)
-        )
+        return await self._db(lambda: self._create_sync(kind, key, parent, labels))
 
     def _create_sync(
-        self, ns: str, kind: Kind, key: str, parent: str, labels: Mapping[str, str] | None
+        self, kind: Kind, key: str, parent: str, labels: Mapping[str, str] | None
     ) -> Snapshot:
         temp: str | None = None
         final: str | None = None
@@ -290,7 +286,7 @@ class Snapshotter:
                 os.mkdir(os.path.join(temp, "fs"), 0o755)
                 if kind == Kind.ACTIVE:
                     os.mkdir(os.path.join(temp, "work"), 0o711)
-                snap = tx.create_snapshot(ns, kind, key, parent, labels, time.time_ns())
+                snap = tx.create_snapshot(kind, key, parent, labels, time.time_ns())
                 if snap.parent_ids:
                     st = os.stat(self._upper(snap.parent_ids[0]))
                     os.lchown(os.path.join(temp, "fs"), st.st_uid, st.st_gid)
@@ -316,7 +312,6 @@ class Snapshotter:
 
     async def _commit(
         self,
-        ns: str | None,
         name: str,
         key: str,
         labels: Mapping[str, str] | None,
@@ -330,7 +325,7 @@ class Snapshotter:
             # operations must not wait for it. The id check below catches a key that was
             # removed and prepared again meanwhile.
             try:
-                expect, info, _ = await self._db(self._read(lambda tx: tx.get_info(ns, key)))
+                expect, info, _ = await self._db(self._read(lambda tx: tx.get_info(key)))
             except NotFound:
                 measure = False  # commit_active reports it, in containerd's order of checks
         for _ in range(5):
@@ -340,7 +335,7 @@ class Snapshotter:
                 await self._db(
                     self._write(
                         lambda tx, u=usage, e=expect: tx.commit_active(
-                            ns, key, name, u, labels, time.time_ns(), e
+                            key, name, u, labels, time.time_ns(), e
                         )
                     )
                 )
@@ -417,9 +412,9 @@ class Snapshotter:
     def _remote_snapshots(self) -> list[tuple[int, Info]]:
         with self._tx(False) as tx:
             out = []
-            for info in tx.walk(None):
+            for info in tx.walk():
                 if REMOTE_LABEL in info.labels:
-                    sid, _, _ = tx.get_info(info.namespace, info.name)
+                    sid, _, _ = tx.get_info(info.name)
                     out.append((sid, info))
             return out
 
@@ -455,7 +450,7 @@ class Snapshotter:
             for mp in still:
                 log.warning("cannot unmount stale mount", extra={"mount-point": mp})
         for sid, info in await self._db(self._remote_snapshots):
-            fields = {"key": info.name, "namespace": info.namespace, "id": sid}
+            fields = {"key": info.name, "id": sid}
             try:
                 if self.fs is None:
                     raise Unavailable("no remote filesystem configured")

@@ -3,16 +3,20 @@
 The rules are containerd's ``snapshots/storage`` (the bolt MetaStore the overlay snapshotter
 uses), carried over to SQL:
 
-- ``(namespace, key)`` is unique. A commit keeps the row (and so the ``id`` that names the
-  snapshot's directory) and renames ``key`` to the committed ``name``.
-- ``parent_id`` points to a committed row of the same namespace. A row with children can't
-  be removed.
+- ``key`` is unique: one key space for the whole daemon, as in containerd's MetaStore (it has
+  no namespaces; containerd's metadata layer prefixes keys itself). A commit keeps the row
+  (and so the ``id`` that names the snapshot's directory) and renames ``key`` to the
+  committed ``name``.
+- ``parent_id`` points to a committed row. A row with children can't be removed.
 - Ids come from ``AUTOINCREMENT``, so an id is never handed out twice while it is committed,
   and a directory being deleted for a removed snapshot can't be confused with a new one.
 - Labels with an empty value are dropped when written, as containerd's ``WriteLabels`` does.
 
 The database runs in WAL mode with ``synchronous=FULL``: once a transaction returns, the
 snapshot survives a crash of the daemon or of the machine.
+
+Schema 1 kept ``(namespace, key)`` unique; opening such a database migrates it (see
+``migrate.py``).
 """
 
 from __future__ import annotations
@@ -25,32 +29,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from stargz.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from stargz.private import narrow_file, private_file
 
+from . import migrate
 from .types import Info, Kind, Usage
 
-SCHEMA_VERSION = 1
-
-_SCHEMA = (
-    """
-CREATE TABLE IF NOT EXISTS snapshots (
-    id        INTEGER PRIMARY KEY AUTOINCREMENT,
-    namespace TEXT    NOT NULL,
-    key       TEXT    NOT NULL,
-    kind      INTEGER NOT NULL,
-    parent_id INTEGER REFERENCES snapshots (id),
-    labels    TEXT    NOT NULL DEFAULT '{}',
-    created   INTEGER NOT NULL,
-    updated   INTEGER NOT NULL,
-    size      INTEGER NOT NULL DEFAULT 0,
-    inodes    INTEGER NOT NULL DEFAULT 0,
-    UNIQUE (namespace, key)
-)
-""",
-    "CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots (parent_id)",
-)
+#: The metadata schema this daemon writes (see migrate.py).
+SCHEMA_VERSION = migrate.SCHEMA_VERSION
 
 _SELECT = """
-SELECT s.id, s.namespace, s.key, s.kind, p.key, s.labels, s.created, s.updated, s.size, s.inodes
+SELECT s.id, s.key, s.kind, p.key, s.labels, s.created, s.updated, s.size, s.inodes
 FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id
 """
 
@@ -82,7 +70,7 @@ class _Row:
 
 
 def _row(r: tuple) -> _Row:
-    sid, ns, key, kind, parent, labels, created, updated, size, inodes = r
+    sid, key, kind, parent, labels, created, updated, size, inodes = r
     info = Info(
         name=key,
         kind=Kind(kind),
@@ -90,7 +78,6 @@ def _row(r: tuple) -> _Row:
         labels=json.loads(labels),
         created_ns=created,
         updated_ns=updated,
-        namespace=ns,
     )
     return _Row(sid, info, Usage(size, inodes))
 
@@ -100,29 +87,19 @@ def _labels_json(labels: Mapping[str, str] | None) -> str:
 
 
 class Tx:
-    """Operations inside one transaction. ``ns=None`` looks a key up in every namespace."""
+    """Operations inside one transaction."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._c = conn
 
     # --- lookups --------------------------------------------------------------------
 
-    def _find(self, ns: str | None, key: str) -> _Row | None:
-        if ns is not None:
-            r = self._c.execute(_SELECT + "WHERE s.namespace = ? AND s.key = ?", (ns, key))
-            row = r.fetchone()
-            return _row(row) if row else None
-        rows = self._c.execute(_SELECT + "WHERE s.key = ?", (key,)).fetchall()
-        if len(rows) > 1:
-            spaces = ", ".join(sorted(q(r[1]) for r in rows))
-            raise InvalidArgument(
-                f"snapshot {q(key)} exists in namespaces {spaces}; "
-                "the request must name one in containerd-namespace"
-            )
-        return _row(rows[0]) if rows else None
+    def _find(self, key: str) -> _Row | None:
+        row = self._c.execute(_SELECT + "WHERE s.key = ?", (key,)).fetchone()
+        return _row(row) if row else None
 
-    def _get(self, ns: str | None, key: str) -> _Row:
-        row = self._find(ns, key)
+    def _get(self, key: str) -> _Row:
+        row = self._find(key)
         if row is None:
             raise NotFound(f"snapshot {q(key)}")
         return row
@@ -143,13 +120,13 @@ class Tx:
         ).fetchall()
         return [(i, json.loads(lb)) for i, lb in rows]
 
-    def get_info(self, ns: str | None, key: str) -> tuple[int, Info, Usage]:
-        row = self._get(ns, key)
+    def get_info(self, key: str) -> tuple[int, Info, Usage]:
+        row = self._get(key)
         return row.id, row.info, row.usage
 
-    def get_snapshot(self, ns: str | None, key: str) -> Snapshot:
+    def get_snapshot(self, key: str) -> Snapshot:
         """The snapshot to mount; only an active snapshot or a view has mounts."""
-        row = self._find(ns, key)
+        row = self._find(key)
         if row is None:
             raise NotFound(f"snapshot {q(key)} does not exist")
         if row.info.kind not in (Kind.ACTIVE, Kind.VIEW):
@@ -159,16 +136,12 @@ class Tx:
             row.id, row.info.kind, tuple(i for i, _ in chain), tuple(lb for _, lb in chain)
         )
 
-    def chain_labels(self, ns: str | None, key: str) -> list[tuple[int, dict[str, str]]]:
+    def chain_labels(self, key: str) -> list[tuple[int, dict[str, str]]]:
         """``key`` and every snapshot under it, nearest first, with their labels."""
-        return self._chain(self._get(ns, key).id)
+        return self._chain(self._get(key).id)
 
-    def walk(self, ns: str | None) -> list[Info]:
-        if ns is None:
-            rows = self._c.execute(_SELECT + "ORDER BY s.key, s.namespace")
-        else:
-            rows = self._c.execute(_SELECT + "WHERE s.namespace = ? ORDER BY s.key", (ns,))
-        return [_row(r).info for r in rows]
+    def walk(self) -> list[Info]:
+        return [_row(r).info for r in self._c.execute(_SELECT + "ORDER BY s.key")]
 
     def ids(self) -> set[int]:
         return {i for (i,) in self._c.execute("SELECT id FROM snapshots")}
@@ -177,7 +150,6 @@ class Tx:
 
     def create_snapshot(
         self,
-        ns: str,
         kind: Kind,
         key: str,
         parent: str,
@@ -194,19 +166,19 @@ class Tx:
         parent_id = None
         chain: list[tuple[int, dict[str, str]]] = []
         if parent:
-            prow = self._find(ns, parent)
+            prow = self._find(parent)
             if prow is None:
                 raise NotFound(f"missing parent {q(parent)}")
             if prow.info.kind != Kind.COMMITTED:
                 raise InvalidArgument(f"parent {q(parent)} is not committed snapshot")
             parent_id = prow.id
             chain = self._chain(parent_id)
-        if self._find(ns, key) is not None:
+        if self._find(key) is not None:
             raise AlreadyExists(f"snapshot {q(key)}")
         cur = self._c.execute(
-            "INSERT INTO snapshots (namespace, key, kind, parent_id, labels, created, updated) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (ns, key, int(kind), parent_id, _labels_json(labels), now_ns, now_ns),
+            "INSERT INTO snapshots (key, kind, parent_id, labels, created, updated) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (key, int(kind), parent_id, _labels_json(labels), now_ns, now_ns),
         )
         assert cur.lastrowid is not None
         return Snapshot(
@@ -215,7 +187,6 @@ class Tx:
 
     def commit_active(
         self,
-        ns: str | None,
         key: str,
         name: str,
         usage: Usage,
@@ -226,13 +197,11 @@ class Tx:
         """Freeze active ``key`` as ``name`` (labels are replaced, not inherited)."""
         if not name:
             raise InvalidArgument("committed snapshot name must not be empty")
-        if ns is not None and self._find(ns, name) is not None:
+        if self._find(name) is not None:
             raise AlreadyExists(f"committed snapshot {q(name)}")
-        row = self._find(ns, key)
+        row = self._find(key)
         if row is None:
             raise NotFound(f"failed to get active snapshot {q(key)}")
-        if ns is None and self._find(row.info.namespace, name) is not None:
-            raise AlreadyExists(f"committed snapshot {q(name)}")
         if row.info.kind != Kind.ACTIVE:
             raise FailedPrecondition(f"snapshot {q(key)} is not active")
         if expect_id is not None and row.id != expect_id:
@@ -253,8 +222,8 @@ class Tx:
         )
         return row.id
 
-    def remove(self, ns: str | None, key: str) -> tuple[int, Kind]:
-        row = self._get(ns, key)
+    def remove(self, key: str) -> tuple[int, Kind]:
+        row = self._get(key)
         child = self._c.execute(
             "SELECT key FROM snapshots WHERE parent_id = ? LIMIT 1", (row.id,)
         ).fetchone()
@@ -265,14 +234,13 @@ class Tx:
 
     def update_info(
         self,
-        ns: str | None,
         name: str,
         labels: Mapping[str, str] | None,
         fieldpaths: Sequence[str],
         now_ns: int,
     ) -> Info:
         """Update the mutable fields (only labels) of ``name``, as containerd's UpdateInfo."""
-        row = self._get(ns, name)
+        row = self._get(name)
         given = dict(labels or {})
         updated = dict(row.info.labels)
         if fieldpaths:
@@ -297,7 +265,6 @@ class Tx:
             labels=json.loads(text),
             created_ns=row.info.created_ns,
             updated_ns=now_ns,
-            namespace=row.info.namespace,
         )
 
 
@@ -315,27 +282,26 @@ class MetaStore:
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()
+        # SQLite gives the -wal and -shm files the mode of the database file
+        private_file(path)
+        for side in (f"{path}-wal", f"{path}-shm", f"{path}-journal"):
+            narrow_file(side)
         self._c = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._c.execute("PRAGMA journal_mode = WAL")
         self._c.execute("PRAGMA synchronous = FULL")
-        self._c.execute("PRAGMA foreign_keys = ON")
         self._c.execute("PRAGMA busy_timeout = 10000")
         with self._lock:
+            # Foreign keys off while an older schema's table is rebuilt (SQLite ignores this
+            # pragma inside a transaction).
+            self._c.execute("PRAGMA foreign_keys = OFF")
             self._c.execute("BEGIN IMMEDIATE")
             try:
-                (version,) = self._c.execute("PRAGMA user_version").fetchone()
-                if version > SCHEMA_VERSION:
-                    raise FailedPrecondition(
-                        f"{path}: metadata schema {version} is newer than this daemon "
-                        f"understands ({SCHEMA_VERSION})"
-                    )
-                for statement in _SCHEMA:
-                    self._c.execute(statement)
-                self._c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                migrate.upgrade(self._c, path)
                 self._c.execute("COMMIT")
             except BaseException:
                 self._c.execute("ROLLBACK")
                 raise
+            self._c.execute("PRAGMA foreign_keys = ON")
 
     @contextmanager
     def transaction(self, write: bool) -> Iterator[Tx]:

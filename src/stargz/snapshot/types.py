@@ -10,15 +10,17 @@ are three kinds:
   that can be a parent.
 
 ``key`` names an active snapshot or a view. ``name`` names a committed snapshot. Both live
-in one key space per namespace, so a key and a name never collide. ``parent`` is always the
-name of a committed snapshot. Once a committed snapshot has children, it cannot be removed.
+in one key space, so a key and a name never collide. ``parent`` is always the name of a
+committed snapshot. Once a committed snapshot has children, it cannot be removed.
 
-containerd's metadata layer scopes keys itself (``<namespace>/<n>/<key>``) and also sends
-the namespace as gRPC metadata ``containerd-namespace``. This store keeps snapshots
-separate by that namespace. A request *without* a namespace — containerd's garbage
-collector sends ``List``, ``Remove`` and ``Cleanup`` that way — sees every namespace:
-lookups find a key wherever it lives (it must be unique), and ``List`` returns all of them.
-Creating a snapshot without a namespace uses the empty namespace ``""``.
+There is ONE key space for the whole daemon, as in containerd's own snapshotters (their
+MetaStore has no namespaces). containerd's metadata layer scopes the keys it sends itself
+(``<namespace>/<n>/<key>``); the one exception is the chain-ID name of a remote snapshot
+(the ``containerd.io/snapshot.ref`` target), which is global on purpose: every namespace
+that pulls the layer finds the same committed snapshot. The gRPC metadata
+``containerd-namespace`` arrives on some paths only (CRI's in-process calls carry it,
+requests that reach containerd over its API, like ``ctr``'s, and its garbage collector's do
+not), so the daemon may log it but never lets it split keys.
 
 Remote snapshots (SPEC §2): when ``Prepare`` carries the label ``containerd.io/snapshot.ref``
 (the chainID containerd wants), the snapshotter asks a :class:`FileSystem` to mount that
@@ -73,7 +75,6 @@ class Info:
     labels: Mapping[str, str] = field(default_factory=dict)
     created_ns: int = 0
     updated_ns: int = 0
-    namespace: str = ""
 
 
 @dataclass(frozen=True)

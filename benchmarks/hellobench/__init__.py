@@ -1,0 +1,1 @@
+"""HelloBench: container start-up time side by side with the Go snapshotter."""

@@ -1,0 +1,20 @@
+"""Filesystem options built from the loaded config."""
+
+from __future__ import annotations
+
+from stargz.fs import FsOptions
+
+
+def test_options_from_config():
+    from stargz import config
+
+    cfg = config.loads(
+        "noprefetch = true\nprefetch_timeout_sec = 3\n"
+        "[blob]\nchunk_size = 1000\ncheck_always = true\n"
+        "[fuse]\nattr_timeout = 5\n[directory_cache]\nmax_cache_fds = 3\n"
+    )
+    o = FsOptions.from_config(cfg)
+    assert o.noprefetch and o.prefetch_timeout_sec == 3 and o.chunk_size == 1000
+    assert o.valid_interval == 0 and o.attr_timeout == 5 and o.max_cache_fds == 3
+    assert FsOptions.from_config(None) == FsOptions() == FsOptions.from_config(config.Config())
+    assert FsOptions.from_config(cfg, noprefetch=False).noprefetch is False
