@@ -228,9 +228,7 @@ def test_clean_stop_keeps_the_mount_and_next_start_takes_it(fs_env, corners, hol
     m3 = fs_env.mount(l3)
     slots = json.loads((fs_env.root / "fuse-layers.json").read_text())
     got = {key.split()[-1]: (r["slot"], r["name"]) for key, r in slots["layers"].items()}
-    assert got == {
-        x.digest: (i, x.digest.split(":")[1]) for i, x in enumerate((l1, l2, l3), 1)
-    }
+    assert got == {x.digest: (i, x.digest.split(":")[1]) for i, x in enumerate((l1, l2, l3), 1)}
     assert os.stat(m3 / "etc").st_ino >> 32 == 3
 
 
