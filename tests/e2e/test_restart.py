@@ -10,6 +10,7 @@ and started once more. The FUSE connection is kept by the holder process in betw
 - not one read fails or returns a wrong byte;
 - reads issued while no daemon runs wait in the kernel and complete after the restart;
 - the bind mounts of the layers are the very same mounts after every restart;
+- a final SIGINT unmounts everything and the holder exits;
 - the longest stall of a read is reported (and bounded).
 
 ``RESTARTS`` defaults to 10 (the full run, ~1 min here); ``STARGZ_TEST_RESTARTS=3`` gives
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -111,7 +113,10 @@ def test_running_container_reads_through_kill9_restarts(logged_registry, lazy_st
     )  # fmt: skip
     poll("the reader's first pass", lambda: _passes(log) >= 1, 60)
     snapshots = Path(sd.root) / "snapshots"
-    mounts_before = {mp: (m.fstype, m.root) for mp, m in mounts_under(snapshots).items()}
+    # (mount ids too: the very same mounts, not new binds of the same subtrees)
+    mounts_before = {
+        mp: (m.mount_id, m.fstype, m.root) for mp, m in mounts_under(snapshots).items()
+    }
     assert len(mounts_before) == len(layers)
     holder = sd.holder_pid()
     assert holder is not None
@@ -127,7 +132,7 @@ def test_running_container_reads_through_kill9_restarts(logged_registry, lazy_st
         sd.restart()
         gaps.append((t_down, _uptime()))
         assert sd.holder_pid() == holder  # the same holder kept the connection throughout
-        now = {mp: (m.fstype, m.root) for mp, m in mounts_under(snapshots).items()}
+        now = {mp: (m.mount_id, m.fstype, m.root) for mp, m in mounts_under(snapshots).items()}
         assert now == mounts_before
         n = _passes(log)
         poll("a full pass of the reader after the restart", lambda n=n: _passes(log) >= n + 1, 60)
@@ -153,3 +158,13 @@ def test_running_container_reads_through_kill9_restarts(logged_registry, lazy_st
     assert [r for r in sd.log_records() if r["msg"] == "FUSE connection taken over"]
     errors = [r for r in sd.log_records() if r["level"] in ("error", "critical", "fatal")]
     assert not errors, errors[:3]
+
+    # SIGINT ("cleanup"): the snapshots are unmounted, the connection ends, the holder exits
+    poll("the reader's task to exit", lambda: not _running(c), 30)
+    assert sd.stop(signal.SIGINT) == 0
+    poll("the holder to exit", lambda: sd.holder_pid() is None, 10)
+    assert not mounts_under(Path(sd.root))
+
+
+def _running(c) -> bool:
+    return "RUNNING" in c.ctr("tasks", "ls", ns=NS, check=False).stdout

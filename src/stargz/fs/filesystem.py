@@ -283,9 +283,18 @@ class StargzFileSystem:
                     "offered": conn.offered,
                     "dev": _dev_str(dev),
                 }
-                await loop.run_in_executor(
-                    None, self.handover.keep, conn.fd, json.dumps(state).encode()
-                )
+                try:
+                    await loop.run_in_executor(
+                        None, self.handover.keep, conn.fd, json.dumps(state).encode()
+                    )
+                except OSError as e:
+                    # serving matters more than surviving the next restart
+                    log.warning(
+                        "cannot keep the FUSE connection outside the daemon: a restart "
+                        "will end the mounts of running containers",
+                        extra={"keeper": getattr(self.handover, "kind", ""), "error": str(e)},
+                    )
+                    self.handover = None
         except BaseException:
             session.close()
             raise
