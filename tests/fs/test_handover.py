@@ -402,3 +402,28 @@ def test_passthrough_ids_of_the_previous_daemon_are_reused(fs_env, corners, hold
     held_through.close()
     held_cached.close()
     assert cached.read_bytes() == want[cached]
+
+
+def test_same_digest_from_two_repositories_keeps_its_names(fs_env, corners, holder_dir):
+    """Which repository's copy of a digest got the plain name depends on mount order; a
+    take-over reopens the layers concurrently, so the names come from the slot table."""
+    from stargz.fs.source import STARGZ_REFERENCE_LABEL
+
+    keeper = handover.HolderHandover(str(holder_dir))
+    layer = corners.layers("esgz")[0]
+    a = labels_for(layer)
+    b = {**a, STARGZ_REFERENCE_LABEL: "other.test/copy:1"}
+    fs = _start_kept(fs_env, LocalLayerSource(layouts=[corners.root]), keeper)
+    ma, mb = fs_env.mountpoint(), fs_env.mountpoint()
+    fs_env.run(fs.mount(str(ma), a))
+    fs_env.run(fs.mount(str(mb), b))
+    roots = {mp: _mount_ids(mp)[-1][1] for mp in (ma, mb)}
+    assert len(set(roots.values())) == 2
+    ino = {mp: os.stat(mp / "etc").st_ino for mp in (ma, mb)}
+    assert ino[ma] != ino[mb]
+    fs_env.close_fs(unmount=False)
+
+    fs = _start_kept(fs_env, LocalLayerSource(layouts=[corners.root]), keeper)
+    assert fs.connection_kept
+    assert {mp: os.stat(mp / "etc").st_ino for mp in (ma, mb)} == ino
+    assert sorted(os.listdir(fs_env.root / "fuse")) == sorted(r[1:] for r in roots.values())
