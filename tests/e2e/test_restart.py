@@ -19,6 +19,7 @@ a shorter CI run.
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import signal
@@ -122,8 +123,10 @@ def test_running_container_reads_through_kill9_restarts(logged_registry, lazy_st
     assert holder is not None
 
     gaps: list[tuple[float, float]] = []
+    downs: list[float] = []  # wall clock, to compare with the daemon's log times
     for i in range(RESTARTS + 1):
         t_down = _uptime()
+        downs.append(time.time())
         if i < RESTARTS:
             sd.kill9()
         else:
@@ -149,13 +152,18 @@ def test_running_container_reads_through_kill9_restarts(logged_registry, lazy_st
     assert len(in_gap) >= RESTARTS, (len(in_gap), gaps)
     stall = max(r[2] - r[1] for r in records)
     gap = max(end - start for start, end in gaps)
+    taken = [_log_time(r["time"]) for r in sd.log_records() if r["msg"] == _TAKEN_OVER]
+    assert len(taken) == RESTARTS + 1
+    serving = sorted(t - d for d, t in zip(downs, taken, strict=True))
+    to_serving, median = serving[-1], serving[len(serving) // 2]
     print(
         f"restarts={RESTARTS}+1 reads={len(records)} bad=0 reads_spanning_a_restart="
-        f"{len(in_gap)} longest_read={stall:.2f}s longest_restart={gap:.2f}s"
+        f"{len(in_gap)} longest_read={stall:.2f}s longest_restart={gap:.2f}s "
+        f"(down -> serving the kept connection again: median {median:.2f}s, max "
+        f"{to_serving:.2f}s, of which 0.3 s the test waits before starting the daemon)"
     )
     # no read waits much longer than the restart it spanned
     assert stall <= gap + 2.0, (stall, gap)
-    assert [r for r in sd.log_records() if r["msg"] == "FUSE connection taken over"]
     errors = [r for r in sd.log_records() if r["level"] in ("error", "critical", "fatal")]
     assert not errors, errors[:3]
 
@@ -164,6 +172,13 @@ def test_running_container_reads_through_kill9_restarts(logged_registry, lazy_st
     assert sd.stop(signal.SIGINT) == 0
     poll("the holder to exit", lambda: sd.holder_pid() is None, 10)
     assert not mounts_under(Path(sd.root))
+
+
+_TAKEN_OVER = "FUSE connection taken over"
+
+
+def _log_time(text: str) -> float:
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def _running(c) -> bool:

