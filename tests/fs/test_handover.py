@@ -427,3 +427,27 @@ def test_same_digest_from_two_repositories_keeps_its_names(fs_env, corners, hold
     assert fs.connection_kept
     assert {mp: os.stat(mp / "etc").st_ino for mp in (ma, mb)} == ino
     assert sorted(os.listdir(fs_env.root / "fuse")) == sorted(r[1:] for r in roots.values())
+
+
+def test_clean_stop_with_a_read_waiting_for_a_fetch(fs_env, corners, merged_truth, holder_dir):
+    """SIGTERM while a READ waits for its chunk: the stopping daemon must not answer it
+    (an EIO from a closing layer would reach the container); the next one gets it again."""
+    keeper = handover.HolderHandover(str(holder_dir))
+    slow = LocalLayerSource(layouts=[corners.root])
+    fs = _start_kept(fs_env, slow, keeper)
+    mp = fs_env.mount(corners.layers("esgz")[0])
+    slow.latency = 3.0  # (the TOC is read already: only the file's chunks are slow)
+    got: dict[str, Any] = {}
+    reader = _reader(mp / NOISE, got)
+    deadline = time.monotonic() + 5
+    while fs._session is not None and fs._session.in_flight == 0:
+        assert time.monotonic() < deadline, "the READ never reached the daemon"
+        time.sleep(0.01)
+    fs_env.close_fs(unmount=False)
+    assert reader.is_alive() and not got, got
+
+    _start_kept(fs_env, LocalLayerSource(layouts=[corners.root]), keeper)
+    reader.join(20)
+    assert not reader.is_alive()
+    assert "error" not in got, got
+    assert got["sha"] == merged_truth["entries"][NOISE]["sha256"]
