@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerate the Python code for containerd's Snapshots API from proto/.
+# Regenerate the Python code for containerd's Snapshots API and our own Status API
+# (stargz.v1) from proto/.
 #
 #   scripts/gen_proto.sh [OUTDIR]     (default: src/stargz/service/proto)
 #
@@ -18,16 +19,18 @@ cd "$top/proto"
 "$py" -m grpc_tools.protoc -I . \
   --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
   containerd/types/mount.proto \
-  containerd/services/snapshots/v1/snapshots.proto
+  containerd/services/snapshots/v1/snapshots.proto \
+  stargz/v1/status.proto
 
 # protoc writes absolute imports of the proto package ("from containerd.types import
 # mount_pb2"); make them imports inside our package.
-find "$out/containerd" -name '*.py' -o -name '*.pyi' | sort | while read -r f; do
-  sed -i -E "s/^from containerd\./from $pkg.containerd./; s/^import containerd\./import $pkg.containerd./" "$f"
+find "$out/containerd" "$out/stargz" -name '*.py' -o -name '*.pyi' | sort | while read -r f; do
+  sed -i -E "s/^from (containerd|stargz)\./from $pkg.\1./; s/^import (containerd|stargz)\./import $pkg.\1./" "$f"
 done
 
 for d in "$out" "$out/containerd" "$out/containerd/types" "$out/containerd/services" \
-  "$out/containerd/services/snapshots" "$out/containerd/services/snapshots/v1"; do
+  "$out/containerd/services/snapshots" "$out/containerd/services/snapshots/v1" \
+  "$out/stargz" "$out/stargz/v1"; do
   : >"$d/__init__.py"
 done
 "$py" -c 'import grpc_tools, importlib.metadata as m; print("grpcio-tools", m.version("grpcio-tools"))' \

@@ -92,6 +92,11 @@ class RangeMismatch(RegistryProtocolError):
     """A 206 answer's Content-Range does not start where we asked, or ends too early."""
 
 
+class NoTOCDigest(InvalidArgument):
+    """The snapshot labels carry no TOC digest: a plain layer, or an eStargz layer whose
+    image lost the annotation; either way it cannot be verified, so it is not mounted."""
+
+
 class InvalidReference(InvalidArgument):
     """An image reference that does not parse (``name[:tag][@digest]``)."""
 

@@ -109,3 +109,17 @@ def test_names_are_containerds():
     )
     mask = pb.UpdateSnapshotRequest.DESCRIPTOR.fields_by_name["update_mask"]
     assert mask.message_type.full_name == "google.protobuf.FieldMask"
+
+
+def test_status_service_names_are_stable():
+    """``stargz status`` of one version talks to the daemon of another: the service and
+    method names and the field numbers it relies on never change."""
+    from stargz.service.proto.stargz.v1 import status_pb2 as st
+
+    assert st.DESCRIPTOR.package == "stargz.v1"
+    service = st.DESCRIPTOR.services_by_name["Status"]
+    assert service.full_name == "stargz.v1.Status"
+    assert {m.name: m.output_type.name for m in service.methods} == {"Get": "GetStatusResponse"}
+    assert fields(st.GetStatusResponse) == {"daemon": 1, "layers": 2, "refused": 3}
+    assert fields(st.LayerStatus)["digest"] == 1 and fields(st.LayerStatus)["ref"] == 2
+    assert fields(st.RefusedLayer)["reason"] == 5

@@ -1,4 +1,5 @@
-"""The ``stargz`` command: convert images, and extract or inspect eStargz blobs."""
+"""The ``stargz`` command: convert images, extract or inspect eStargz blobs, and show what
+the running daemon is doing (``stargz status``)."""
 
 from __future__ import annotations
 
@@ -157,6 +158,10 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--json", action="store_true")
         s.add_argument("--no-verify", action="store_true", help="allow blobs without chunk digests")
         s.set_defaults(func=func)
+
+    from stargz.cli import status
+
+    status.add_parser(sub)
     return p
 
 

@@ -190,6 +190,7 @@ class Delivery:
             fut = self._table.owned_future(k)
             if err is not None or data is None:
                 self.metrics.verification_failures += 1
+                self.metrics.note_error(f"chunk {k} failed verification: {err}")
                 log.warning(
                     "chunk failed verification, not served",
                     extra={

@@ -434,6 +434,7 @@ class Fetcher:
                     "fetching %d range(s) of layer %s failed: %s", len(ranges), self.digest, e
                 )
                 err = Unavailable(f"fetching layer {self.digest} failed: {e}")
+                self.metrics.note_error(f"fetching {len(ranges)} range(s) failed: {e}")
                 self._fail(jobs, err)
                 return err
             n = sum(len(d) for d in datas)

@@ -637,6 +637,7 @@ class StargzFileSystem:
                 )
                 await blob.check()
             except Exception as e:
+                layer.metrics.note_error(f"connectivity check failed: {e}")
                 raise Unavailable(f"layer {layer.digest} is unreachable: {e}") from e
             if blob.size != layer.size:
                 raise Unavailable(
@@ -702,6 +703,15 @@ class StargzFileSystem:
 
     def layer_metrics(self) -> dict[str, dict[str, Any]]:
         return {r.layer.digest: r.layer.metrics.as_dict() for r in self._layers.values()}
+
+    def layer_status(self) -> list[tuple[Layer, str, str, tuple[str, ...]]]:
+        """Every open layer with its image reference, its source repository and the
+        snapshot mount points it is bound to (for ``stargz status``; call it on the event
+        loop thread)."""
+        return [
+            (r.layer, r.spec.ref, r.key[0], tuple(sorted(r.mountpoints)))
+            for r in self._layers.values()
+        ]
 
     def open_layers(self) -> list[tuple[Layer, tuple[str, ...]]]:
         """Every open layer with the snapshot mount points it is bound to (for the

@@ -8,7 +8,14 @@ Names follow the Go snapshotter's operation types where one exists (SPEC §5):
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+from stargz.remote.redact import redact_text
+
+#: A kept error message is cut here.
+MAX_ERROR_MESSAGE = 500
 
 
 @dataclass
@@ -47,6 +54,18 @@ class LayerMetrics:
     tree_seconds: float = 0.0
     open_parse_seconds: float = 0.0
     prefetch_seconds: float = 0.0
+
+    #: The last read, fetch or verification failure and its wall-clock time, for
+    #: ``stargz status``. Not counters, so not dataclass fields (exporters walk the fields);
+    #: the class values are the "none yet" defaults, `note_error` sets the instance's.
+    last_error: ClassVar[str] = ""
+    last_error_time: ClassVar[float] = 0.0
+
+    def note_error(self, message: str) -> None:
+        """Keep ``message`` as the layer's last error: URLs redacted (a pre-signed URL's
+        query is a credential), cut to a bound."""
+        self.last_error = redact_text(message)[:MAX_ERROR_MESSAGE]  # type: ignore[misc]
+        self.last_error_time = time.time()  # type: ignore[misc]
 
     @property
     def cache_hits(self) -> int:

@@ -374,6 +374,7 @@ class Operations:
             return e
         m.layer.metrics.read_errors += 1
         path = m.tree.nodes[local - NODE_BASE].path
+        m.layer.metrics.note_error(f"read of {path} failed: {e}")
         if isinstance(e, (VerificationError, LayerClosed)):
             log.debug("read of %s failed: %s", path, e)
         elif isinstance(e, (StargzError, OSError, TimeoutError)):

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from stargz.errors import InvalidArgument, NotFound, Unavailable
+from stargz.errors import InvalidArgument, NotFound, NoTOCDigest, Unavailable
 
 CRI_IMAGE_REF_LABEL = "containerd.io/snapshot/cri.image-ref"
 CRI_LAYER_DIGEST_LABEL = "containerd.io/snapshot/cri.layer-digest"
@@ -119,7 +119,7 @@ def layer_spec(
     if toc_digest is not None and not _DIGEST_RE.match(toc_digest):
         raise InvalidArgument(f"TOC digest {toc_digest!r} is not a sha256 digest")
     if toc_digest is None and not (disable_verification or (skip and allow_no_verification)):
-        raise InvalidArgument(f"digest of TOC JSON must be passed (label {TOC_DIGEST_LABEL})")
+        raise NoTOCDigest(f"digest of TOC JSON must be passed (label {TOC_DIGEST_LABEL})")
     prefetch: int | None = None
     raw = labels.get(PREFETCH_SIZE_LABEL)
     if raw is not None:

@@ -1,5 +1,6 @@
 """The daemon's gRPC server on a unix socket: wiring a Snapshotter and its FileSystem (the
-lazy FUSE filesystem, or None when every layer is unpacked) to containerd.
+lazy FUSE filesystem, or None when every layer is unpacked) to containerd, plus our own
+read-only ``stargz.v1.Status`` service for ``stargz status`` (`stargz.service.status`).
 
 Socket rules: the socket's directory, when the daemon creates it, is 0700, and the socket
 is 0600, so only root (containerd) can talk to it. A stale socket file left by a crash is
@@ -20,6 +21,7 @@ import grpc
 from stargz.errors import FailedPrecondition
 from stargz.snapshot import FileSystem, Snapshotter
 
+from . import status
 from .proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from .snapshots import SnapshotsService
 
@@ -89,6 +91,7 @@ class Server:
                 ]
             )
             pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
+            status.add_to_server(server, snapshotter, fs)  # `stargz status`, same socket
             old_umask = os.umask(0o177)  # the socket is born 0600
             try:
                 if server.add_insecure_port(f"unix:{address}") == 0:

@@ -38,6 +38,7 @@ from stargz.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from stargz.private import private_dir
 
 from . import filters, osutil
+from .refusals import Refusals, reason_of
 from .store import MetaStore, Snapshot, Tx, _Changed, q
 from .types import (
     MAX_LABEL_SIZE,
@@ -90,6 +91,8 @@ class Snapshotter:
         #: Layers unpacked normally because the FileSystem refused them, by reason (the
         #: exception's class name, e.g. FooterError, DigestMismatch, RegistryError).
         self.fallbacks: collections.Counter[str] = collections.Counter()
+        #: The last refusals with their reason code, per target snapshot (`stargz status`).
+        self.refusals = Refusals()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="stargz-snapshot-db")
         self._store: MetaStore | None = None
         self._index_off = False
@@ -188,6 +191,10 @@ class Snapshotter:
         )
         return self._mounts(snap)
 
+    async def remote_snapshot_names(self) -> dict[str, str]:
+        """Mount point -> name of every remote snapshot (for ``stargz status``)."""
+        return {self._upper(sid): info.name for sid, info in await self._db(self._remote_snapshots)}
+
     # --- changes --------------------------------------------------------------------
 
     async def update(self, info: Info, fieldpaths: Sequence[str] = ()) -> Info:
@@ -223,6 +230,7 @@ class Snapshotter:
                     "no remote filesystem: preparing a normal snapshot",
                     extra={**fields, REMOTE_SNAPSHOT_LOG_KEY: "false"},
                 )
+                self.refusals.record(target, key, labels, "lazy-disabled", "")
             elif await self._mount_remote(snap, labels, fields):
                 remote_labels = {**labels, REMOTE_LABEL: REMOTE_LABEL_VALUE}
                 try:
@@ -355,11 +363,13 @@ class Snapshotter:
         except Exception as e:  # any refusal means: unpack normally
             reason = type(e).__name__
             self.fallbacks[reason] += 1
+            self.refusals.record(fields["target"], fields["key"], labels, reason_of(e), str(e))
             log.warning(
                 "failed to prepare remote snapshot",
                 extra={**fields, REMOTE_SNAPSHOT_LOG_KEY: "false", "reason": reason, "error": e},
             )
             return False
+        self.refusals.forget(fields["target"])
         return True
 
     async def _check_parents(self, snap: Snapshot) -> None:
