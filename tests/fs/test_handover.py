@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 
 from stargz import mountinfo
+from stargz.errors import FailedPrecondition
 from stargz.fs import FsOptions, LocalLayerSource, StargzFileSystem, mounts
 from stargz.fuse import fdstore, handover
 from stargz.fuse.holder import HolderClient
@@ -451,3 +452,23 @@ def test_clean_stop_with_a_read_waiting_for_a_fetch(fs_env, corners, merged_trut
     assert not reader.is_alive()
     assert "error" not in got, got
     assert got["sha"] == merged_truth["entries"][NOISE]["sha256"]
+
+
+def test_a_second_daemon_on_the_root_does_not_take_the_connection(fs_env, corners, holder_dir):
+    keeper = handover.HolderHandover(str(holder_dir))
+    _start_kept(fs_env, LocalLayerSource(layouts=[corners.root]), keeper)
+    mp = fs_env.mount(corners.layers("esgz")[0])
+
+    async def second() -> None:
+        fs2 = StargzFileSystem(
+            str(fs_env.root), LocalLayerSource(layouts=[corners.root]), handover=keeper
+        )
+        try:
+            await fs2.start()
+        finally:
+            await fs2.close(unmount=False)
+
+    with pytest.raises(FailedPrecondition, match="another daemon serves"):
+        fs_env.run(second())
+    assert (mp / NOISE).stat().st_size > 0  # the first one still serves
+    assert keeper.client.pid() is not None

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -151,6 +152,7 @@ class StargzFileSystem:
         #: True when `start` took over a live connection (its snapshot mounts are valid).
         self.connection_kept = False
         self.slots = SlotTable(os.path.join(self.root, "fuse-layers.json"))
+        self._root_lock = -1
         self.read_ahead_kb: tuple[int | None, int] | None = None
         #: Close ``source`` in `close` (set by `from_config`, which made it).
         self.owns_source = False
@@ -202,6 +204,9 @@ class StargzFileSystem:
             await loop.run_in_executor(self._executor, self.disk.load)
             kept = None
             if self.handover is not None:
+                # one server per connection: a second daemon started on this root by
+                # mistake must not read requests the running one is answering
+                self._root_lock = await loop.run_in_executor(None, _lock_root, self.root)
                 kept = await loop.run_in_executor(None, self._take_over)
             if kept is not None:
                 session = Session(self.ops, kept, on_handler_error=self._handler_error)
@@ -250,7 +255,8 @@ class StargzFileSystem:
                     old = mounts.set_read_ahead_kb(self.fuse_dev, o.read_ahead_kb)
                     self.read_ahead_kb = (old, o.read_ahead_kb)
             except Exception:
-                await self.close()
+                # (a connection taken over stays kept: the next start may do better)
+                await self.close(unmount=not self.connection_kept)
                 raise
             log.info(
                 "FUSE mounted",
@@ -400,6 +406,9 @@ class StargzFileSystem:
         if self.handover is not None and not keep:
             # nothing to hand on: the keeper's copy would keep a mount nobody serves
             await loop.run_in_executor(None, self.handover.release)
+        if self._root_lock >= 0:
+            os.close(self._root_lock)  # (after the session: its fd is handed on by now)
+            self._root_lock = -1
         self.disk.close()
         for ex in (self._executor, self._writer):
             if ex is not None:
@@ -729,6 +738,20 @@ def _background_thread() -> None:
     """Lower this thread's CPU priority (Linux threads are tasks with their own nice)."""
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+
+
+def _lock_root(root: str) -> int:
+    """An exclusive flock on ``<root>/fuse.lock``, held while this filesystem lives (the
+    kernel drops it when the process dies, even by SIGKILL)."""
+    fd = os.open(os.path.join(root, "fuse.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FailedPrecondition(
+            f"another daemon serves the FUSE connection of {root}; not taking it over"
+        ) from None
+    return fd
 
 
 def _slot_key(key: LayerKey) -> str:
