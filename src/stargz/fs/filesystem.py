@@ -33,12 +33,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import hashlib
-import json
 import logging
 import os
-import stat
 import threading
 import time
 from collections.abc import Mapping
@@ -46,7 +43,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from stargz import mountinfo
 from stargz.config import Config
 from stargz.errors import (
     DigestMismatch,
@@ -56,7 +52,7 @@ from stargz.errors import (
     NotFound,
     Unavailable,
 )
-from stargz.fs import memory, mounts
+from stargz.fs import memory, mounts, takeover
 from stargz.fs.cache import DiskCache, MemoryLRU
 from stargz.fs.layer import Layer
 from stargz.fs.metrics import FsMetrics
@@ -69,7 +65,7 @@ from stargz.fs.source import LayerSource, LayerSpec, layer_spec
 from stargz.fs.tree import Tree
 from stargz.fuse import ROOT_INODE, Connection, Session
 from stargz.fuse import mount as fuse_mount
-from stargz.fuse.handover import Handover, Kept, connected
+from stargz.fuse.handover import Handover
 from stargz.private import private_dir
 from stargz.remote.reference import parse_reference
 
@@ -206,7 +202,7 @@ class StargzFileSystem:
             if self.handover is not None:
                 # one server per connection: a second daemon started on this root by
                 # mistake must not read requests the running one is answering
-                self._root_lock = await loop.run_in_executor(None, _lock_root, self.root)
+                self._root_lock = await loop.run_in_executor(None, takeover.lock_root, self.root)
                 kept = await loop.run_in_executor(None, self._take_over)
             if kept is not None:
                 session = Session(self.ops, kept, on_handler_error=self._handler_error)
@@ -278,21 +274,14 @@ class StargzFileSystem:
         )
         session = Session(self.ops, conn, on_handler_error=self._handler_error)
         try:
-            dev = await loop.run_in_executor(None, _mount_dev, self.fuse_dir)
+            dev = await loop.run_in_executor(None, takeover.mount_dev, self.fuse_dir)
             if dev is None:
                 raise OSError(errno.ENOENT, f"{self.fuse_dir} is not in the mount table")
             self.fuse_dev = dev
             if self.handover is not None:
-                state = {
-                    "proto_minor": conn.proto_minor,
-                    "flags": conn.flags,
-                    "offered": conn.offered,
-                    "dev": _dev_str(dev),
-                }
+                state = takeover.state_of(conn, dev)
                 try:
-                    await loop.run_in_executor(
-                        None, self.handover.keep, conn.fd, json.dumps(state).encode()
-                    )
+                    await loop.run_in_executor(None, self.handover.keep, conn.fd, state)
                 except OSError as e:
                     # serving matters more than surviving the next restart
                     log.warning(
@@ -311,35 +300,16 @@ class StargzFileSystem:
         """The kept connection if it still serves ``fuse_dir``; otherwise let it go (the
         mount is then made anew)."""
         assert self.handover is not None
-        kept: Kept | None = self.handover.take()
+        kept = self.handover.take()
         if kept is None:
             return None
-        why = None
-        conn = None
-        try:
-            state = json.loads(kept.state)
-            dev = state["dev"]
-            conn = Connection(
-                kept.fd,
-                int(state["proto_minor"]),
-                int(state["flags"]),
-                self.fuse_dir,
-                offered=int(state["offered"]),
-            )
-        except (ValueError, KeyError, TypeError):
-            why, dev = "its INIT state is missing or damaged", None
-        if why is None and not _is_fuse_device(kept.fd):
-            why = "the kept descriptor is not /dev/fuse"
-        if why is None and not connected(kept.fd):
-            why = "the connection has ended"
-        if why is None and _dev_str(_mount_dev(self.fuse_dir)) != dev:
-            why = f"{self.fuse_dir} is no longer that connection's mount"
-        if why is not None or conn is None:
-            log.warning("not taking over the kept FUSE connection: %s", why)
+        checked = takeover.check(kept, self.fuse_dir)
+        if isinstance(checked, str):
+            log.warning("not taking over the kept FUSE connection: %s", checked)
             os.close(kept.fd)
             self.handover.release()
             return None
-        self.fuse_dev = _parse_dev(dev)
+        conn, self.fuse_dev = checked
         return conn
 
     async def _reopen_layers(self) -> None:
@@ -446,7 +416,9 @@ class StargzFileSystem:
                     loop = asyncio.get_running_loop()
                     if not (
                         self.connection_kept
-                        and await loop.run_in_executor(None, self._bound, mp, ref.name)
+                        and await loop.run_in_executor(
+                            None, takeover.bound, mp, self.fuse_dev, "/" + ref.name.decode()
+                        )
                     ):
                         await loop.run_in_executor(None, _bind, src, mp)
                 except BaseException:
@@ -678,14 +650,6 @@ class StargzFileSystem:
         if ref is not None:
             await self._release(ref, mp)
 
-    def _bound(self, mp: str, name: bytes) -> bool:
-        """Whether ``mp`` is already a bind of layer ``name``'s subtree of our connection
-        (made by the daemon this one took over from: it stays, containers use it)."""
-        target = os.path.join(os.path.realpath(os.path.dirname(mp)), os.path.basename(mp))
-        dev, root = _dev_str(self.fuse_dev), "/" + name.decode()
-        found = [e for e in mountinfo.entries() if e[0] == target]
-        return bool(found) and found[-1][1] == dev and found[-1][2] == root
-
     # --- introspection -----------------------------------------------------------------------
 
     def _ref(self, digest_or_mountpoint: str) -> _LayerRef:
@@ -740,47 +704,8 @@ def _background_thread() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
 
 
-def _lock_root(root: str) -> int:
-    """An exclusive flock on ``<root>/fuse.lock``, held while this filesystem lives (the
-    kernel drops it when the process dies, even by SIGKILL)."""
-    fd = os.open(os.path.join(root, "fuse.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise FailedPrecondition(
-            f"another daemon serves the FUSE connection of {root}; not taking it over"
-        ) from None
-    return fd
-
-
 def _slot_key(key: LayerKey) -> str:
     return f"{key[0]} {key[1]}"
-
-
-def _mount_dev(path: str) -> int | None:
-    """The device of the mount at ``path`` (the last one stacked there), from the mount
-    table: a stat would be a FUSE request, and nobody may be answering yet."""
-    target = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
-    found = [e for e in mountinfo.entries() if e[0] == target and e[3] == "fuse.stargz"]
-    return _parse_dev(found[-1][1]) if found else None
-
-
-def _is_fuse_device(fd: int) -> bool:
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        return False
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.stat("/dev/fuse").st_rdev
-
-
-def _parse_dev(text: str) -> int:
-    major, _, minor = text.partition(":")
-    return os.makedev(int(major), int(minor))
-
-
-def _dev_str(dev: int | None) -> str:
-    return "" if dev is None else f"{os.major(dev)}:{os.minor(dev)}"
 
 
 def _norm(path: str) -> str:
