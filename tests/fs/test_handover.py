@@ -33,7 +33,7 @@ import pytest
 
 from stargz import mountinfo
 from stargz.errors import FailedPrecondition
-from stargz.fs import FsOptions, LocalLayerSource, StargzFileSystem, mounts
+from stargz.fs import FsOptions, LocalLayerSource, StargzFileSystem, mounts, takeover
 from stargz.fuse import fdstore, handover
 from stargz.fuse.holder import HolderClient
 
@@ -141,10 +141,19 @@ def _sha(data: bytes) -> str:
 
 
 def _reader(path: Path, out: dict[str, Any]) -> threading.Thread:
+    """Read ``path`` whole in a thread, with O_DIRECT: every READ's answer (an error too)
+    reaches the reader; a buffered read would retry a failed read-ahead by itself."""
+
     def run() -> None:
         try:
-            with open(path, "rb") as f:
-                out["sha"] = _sha(f.read())
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            try:
+                parts = []
+                while chunk := os.read(fd, 1 << 20):
+                    parts.append(chunk)
+            finally:
+                os.close(fd)
+            out["sha"] = _sha(b"".join(parts))
         except OSError as e:
             out["error"] = e
         out["t"] = time.monotonic()
@@ -472,3 +481,35 @@ def test_a_second_daemon_on_the_root_does_not_take_the_connection(fs_env, corner
         fs_env.run(second())
     assert (mp / NOISE).stat().st_size > 0  # the first one still serves
     assert keeper.client.pid() is not None
+
+
+def test_clean_stop_on_a_kernel_without_resend_drains_first(
+    fs_env, corners, merged_truth, holder_dir
+):
+    """Before 6.9 the kernel cannot resend (no FUSE_HAS_RESEND at INIT): a clean stop must
+    then answer the READ waiting for a fetch before it lets go. The kernel here is newer,
+    so the INIT offer is edited to what an older kernel offers: the one faked part."""
+    from stargz.fuse.protocol import HAS_RESEND
+
+    keeper = handover.HolderHandover(str(holder_dir))
+    slow = LocalLayerSource(layouts=[corners.root])
+    fs = _start_kept(fs_env, slow, keeper)
+    assert fs._session is not None
+    conn = fs._session.conn
+    conn.offered &= ~HAS_RESEND
+    keeper.keep(conn.fd, takeover.state_of(conn, fs.fuse_dev))  # what an old kernel left
+    mp = fs_env.mount(corners.layers("esgz")[0])
+    slow.latency = 0.5
+    got: dict[str, Any] = {}
+    reader = _reader(mp / NOISE, got)
+    deadline = time.monotonic() + 5
+    while fs._session.in_flight == 0:
+        assert time.monotonic() < deadline, "the READ never reached the daemon"
+        time.sleep(0.01)
+    fs_env.close_fs(unmount=False)
+    # the READ in flight was answered before the stop; the next ones wait for a daemon
+    reader.join(0.2)
+    assert reader.is_alive() and not got
+    _start_kept(fs_env, LocalLayerSource(layouts=[corners.root]), keeper)
+    reader.join(20)
+    assert got.get("sha") == merged_truth["entries"][NOISE]["sha256"], got

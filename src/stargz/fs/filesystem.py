@@ -66,6 +66,7 @@ from stargz.fs.tree import Tree
 from stargz.fuse import ROOT_INODE, Connection, Session
 from stargz.fuse import mount as fuse_mount
 from stargz.fuse.handover import Handover
+from stargz.fuse.protocol import HAS_RESEND
 from stargz.private import private_dir
 from stargz.remote.reference import parse_reference
 
@@ -357,10 +358,21 @@ class StargzFileSystem:
                 except OSError as e:
                     log.warning("cannot unmount %s: %s", mp, e)
             self._mounts.clear()
+        keep = self.handover is not None and not unmount
+        session = self._session
+        if keep and session is not None:
+            if not session.conn.offered & HAS_RESEND:
+                # a kernel before 6.9 cannot resend what we leave unanswered: let the
+                # reads that wait for a fetch finish first (bounded)
+                deadline = loop.time() + KEEP_DRAIN_SEC
+                while session.in_flight and loop.time() < deadline:
+                    await asyncio.sleep(0.01)
+            # stop answering before the layers close: a read failing with LayerClosed
+            # must stay unanswered (the next daemon answers it), never become an EIO
+            session.close(keep_mount=True)
         for ref in list(self._layers.values()):
             await ref.layer.close()
         self._layers.clear()
-        keep = self.handover is not None and not unmount
         if self.ops.passthrough is not None:
             self.ops.passthrough.close()
         if self._session is not None:
@@ -691,6 +703,10 @@ class StargzFileSystem:
         metrics exporter; call it on the event loop thread)."""
         return [(r.layer, tuple(sorted(r.mountpoints))) for r in self._layers.values()]
 
+
+#: How long a stop that keeps the FUSE connection waits for requests still being answered,
+#: on a kernel that cannot resend them to the next daemon.
+KEEP_DRAIN_SEC = 10.0
 
 #: CPU niceness of the cache-writer thread. Its work (thousands of small chunk files after
 #: a prefetch) is never waited for by a read, and it used to compete for the CPU with the
