@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         d.mkdir()
 
     async def make() -> StargzFileSystem:
-        fs = StargzFileSystem(
-            str(base / "root"), LocalLayerSource(layouts=[OCI]), FsOptions(no_background_fetch=True)
-        )
+        # the read-ahead is the daemon's: passthrough off, or the kernel reads merged copies
+        opts = FsOptions(no_background_fetch=True, passthrough=False)
+        fs = StargzFileSystem(str(base / "root"), LocalLayerSource(layouts=[OCI]), opts)
         await fs.start()
         return fs
 

@@ -53,7 +53,8 @@ SPEC_DEFAULTS = {
     "directory_cache.max_memory_bytes": 64 << 20,  # ours, not upstream
     "fuse.attr_timeout": 1,
     "fuse.entry_timeout": 1,
-    "fuse.passthrough": False,
+    # ours: upstream's default is false; "auto" is on where the kernel offers it
+    "fuse.passthrough": "auto",
     "fuse.merge_buffer_size": 419430400,
     "fuse.merge_worker_count": 10,
     "fuse.read_ahead_kb": 1024,  # ours, not upstream
@@ -156,6 +157,10 @@ def test_every_key_can_be_set():
         ("max_concurrency = -1", "max_concurrency", "must be >= 0"),
         ('metadata_store = "bolt"', "metadata_store", "must be one of memory, db"),
         ("blob = 1", "blob", "must be a table"),
+        ('[fuse]\npassthrough = "on"', "fuse.passthrough", 'must be true, false or "auto"'),
+        ('[fuse]\npassthrough = "AUTO"', "fuse.passthrough", 'got "AUTO"'),
+        ("[fuse]\npassthrough = 1", "fuse.passthrough", 'must be true, false or "auto", got 1'),
+        ("[fuse]\npassthrough = []", "fuse.passthrough", "got an array"),
         ('[fuse_manager]\naddress = "x.sock"', "fuse_manager.address", "absolute path"),
         (
             '[[resolver.host."r.io".mirrors]]\nhots = "m"',
@@ -233,6 +238,16 @@ def test_load_names_the_file(tmp_path):
     p.write_text("[blob]\nchunk_size = 'x'\n")
     with pytest.raises(ConfigError, match=f'{p}: key "blob.chunk_size"'):
         config.load(str(p))
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("", "auto"), ('passthrough = "auto"', "auto"), ("passthrough = true", True)]
+    + [("passthrough = false", False)],
+)
+def test_passthrough_takes_upstreams_booleans_and_auto(text, value):
+    got = config.loads(f"[fuse]\n{text}").fuse.passthrough
+    assert got == value and type(got) is type(value)
 
 
 def test_packaged_example_config_is_the_defaults():

@@ -79,7 +79,9 @@ def test_cache_files_and_dirs_are_private(tmp_path):
         cache.write_file("ab" + "0" * 62, b"chunk")
         cache.write_tail("sha256:" + "1" * 64, 10, 20, b"x" * 10)
         part = (cache.path("ab" + "0" * 62), 5)
-        assert _merge([part, part], cache, "m-" + "2" * 64 + "-7") == 10
+        merged = _merge([part, part], cache, "m-" + "2" * 64 + "-7")
+        assert merged is not None and merged[1] == 10
+        assert cache.commit("m-" + "2" * 64 + "-7", 10, merged[0])
     found = {str(p.relative_to(tmp_path)): oct(mode(p)) for p in tmp_path.rglob("*")}
     assert found == {
         "cache": "0o700",

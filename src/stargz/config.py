@@ -94,7 +94,10 @@ class DirectoryCacheConfig:
 class FuseConfig:
     attr_timeout: int = _nonneg(1)
     entry_timeout: int = _nonneg(1)
-    passthrough: bool = False
+    # upstream: a bool, false by default. Ours: "auto" by default (on where the kernel
+    # offers FUSE passthrough and lets the daemon register backing files); true and false
+    # mean what they mean upstream
+    passthrough: bool | str = field(default="auto", metadata={"one_of": (True, False, "auto")})
     merge_buffer_size: int = _nonneg(419430400)
     merge_worker_count: int = _nonneg(10)
     # ours: the FUSE bdi read-ahead after mounting (0 = kernel default) and pushing
@@ -272,6 +275,17 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
+def _toml(value: object) -> str:
+    """``value`` as it is written in TOML (for messages)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, int | float):
+        return repr(value)
+    return _type_name(value)
+
+
 def _example(tp: Any) -> Any:
     origin = typing.get_origin(tp)
     return {bool: False, int: 0, float: 0.0, str: "", list: [], dict: {}}.get(origin or tp, tp)
@@ -290,6 +304,10 @@ def _build(cls: type, table: Mapping[str, Any], prefix: str) -> Any:
         key = f"{prefix}.{_quote_key(k)}" if prefix else _quote_key(k)
         if k not in fields:
             raise ConfigError(key, f'unknown key "{key}"')
+        one_of = fields[k].metadata.get("one_of")
+        if one_of is not None and not any(type(v) is type(c) and v == c for c in one_of):
+            names = ", ".join(_toml(c) for c in one_of[:-1]) + f" or {_toml(one_of[-1])}"
+            raise _bad(key, f"must be {names}, got {_toml(v)}")
         value = _convert(hints[k], v, key)
         low = fields[k].metadata.get("min")
         if low is not None and value < low:

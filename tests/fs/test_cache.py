@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
 
+import pytest
 import xxhash
 
 from stargz.fs.cache import DiskCache, MemoryLRU
@@ -105,3 +108,26 @@ def test_disk_cache_checksums_merged_files_and_tails(tmp_path):
         f.write(struct.pack("<8sQQ", b"STGZTAIL", 90, 100) + b"v" * 10)
     assert again.read_tail(digest, 100) == (90, b"v" * 10)
     again.close()
+
+
+def test_a_write_to_a_full_cache_disk_leaves_no_partial_file(fuse_host, tmp_path):
+    """The cache directory on a 64 KiB tmpfs: a 200 KiB chunk (and a blob tail) cannot be
+    written (ENOSPC), and the half-written temp files are gone, so the space they took is
+    free for the chunks that fit. (They stayed until the next start: a disk that filled up
+    once stayed full of halves.)"""
+    root = tmp_path / "cache"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(root)], check=True)
+    try:
+        dc = DiskCache(str(root), max_bytes=1 << 30)
+        dc.load()
+        with pytest.raises(OSError) as e:
+            dc.write_file("dd" + "0" * 62, b"x" * (200 << 10))
+        assert e.value.errno == errno.ENOSPC
+        with pytest.raises(OSError):
+            dc.write_tail("sha256:" + "e" * 64, 0, 200 << 10, b"t" * (200 << 10))
+        assert os.listdir(root / "tmp") == []
+        assert dc.write_file("ee" + "0" * 62, b"y" * (16 << 10)) == 16 << 10  # room again
+        dc.close()
+    finally:
+        subprocess.run(["umount", "-l", str(root)], check=False)

@@ -53,7 +53,7 @@ def series(samples, name: str) -> list[dict[str, str]]:
 
 
 def test_a_read_shows_up_under_the_go_names(fs_env, corners, corners_source):
-    fs = fs_env.start(corners_source)
+    fs = fs_env.start(corners_source, passthrough=False)  # reads and bytes served by the daemon
     layer = corners.layers("esgz")[0]
     d = layer.digest
     mp = fs_env.mount(layer)

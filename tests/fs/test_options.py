@@ -18,3 +18,18 @@ def test_options_from_config():
     assert o.valid_interval == 0 and o.attr_timeout == 5 and o.max_cache_fds == 3
     assert FsOptions.from_config(None) == FsOptions() == FsOptions.from_config(config.Config())
     assert FsOptions.from_config(cfg, noprefetch=False).noprefetch is False
+
+
+def test_passthrough_mode_from_config_and_checked():
+    import pytest
+
+    from stargz import config
+    from stargz.errors import InvalidArgument
+
+    assert FsOptions().passthrough == "auto"
+    for text, want in (("false", False), ("true", True), ('"auto"', "auto")):
+        got = FsOptions.from_config(config.loads(f"[fuse]\npassthrough = {text}")).passthrough
+        assert got == want and type(got) is type(want)
+    for bad in ("on", 1, None):
+        with pytest.raises(InvalidArgument, match="passthrough must be"):
+            FsOptions(passthrough=bad)

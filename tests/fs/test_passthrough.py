@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import shutil
+import subprocess
 import time
 
 import pytest
@@ -288,3 +290,113 @@ def test_merged_files_are_evicted_under_the_disk_bound(fs_env, corners, corners_
     assert _sha(mp / TEXT) == truth[TEXT]["sha256"]  # the daemon serves it again
     assert fs.metrics.passthrough_opens == opens
     assert fs.disk.bytes <= bound
+
+
+# --- the mode: [fuse] passthrough = "auto" (the default), true, false --------------------------
+
+
+def _mode_lines(caplog) -> list:
+    return [r for r in caplog.records if r.getMessage().startswith("FUSE passthrough")]
+
+
+def _offered(fs) -> bool:
+    from stargz.fuse import protocol
+
+    return bool(fs._session.conn.offered & protocol.PASSTHROUGH)
+
+
+def test_the_default_is_auto_and_on_where_the_kernel_offers_it(
+    fs_env, corners, corners_source, caplog
+):
+    caplog.set_level(logging.INFO, logger="stargz.fs")
+    layer = corners.layers("esgz-64k")[0]
+    truth = _regular(tar_tree(layer.path))
+    path = next(p for p, rec in truth.items() if 0 < rec["size"] <= 64 << 10)
+    fs = fs_env.start(corners_source)  # the product's defaults, nothing about passthrough
+    (line,) = _mode_lines(caplog)
+    assert line.mode == "auto"
+    if not _offered(fs):
+        # an older kernel: off, and no warning (nobody asked for it)
+        assert fs.ops.passthrough is None and line.passthrough is False
+        assert line.levelno == logging.INFO and "does not offer" in line.reason
+        return
+    assert fs.ops.passthrough is not None and fs._session.passthrough
+    assert line.passthrough is True and line.levelno == logging.INFO
+    mp = fs_env.mount(layer)
+    assert _sha(mp / path) == truth[path]["sha256"]  # fetched and verified by the daemon
+    assert _wait_passthrough(fs, mp / path, fs.metrics.passthrough_opens)
+    assert _sha(mp / path) == truth[path]["sha256"]
+
+
+def test_false_keeps_every_read_in_the_daemon(fs_env, corners, corners_source, caplog):
+    caplog.set_level(logging.INFO, logger="stargz.fs")
+    layer = corners.layers("esgz-64k")[0]
+    truth = _regular(tar_tree(layer.path))
+    path = next(p for p, rec in truth.items() if 0 < rec["size"] <= 64 << 10)
+    fs = fs_env.start(corners_source, passthrough=False)
+    (line,) = _mode_lines(caplog)
+    assert (line.mode, line.passthrough, line.levelno) == ("false", False, logging.INFO)
+    assert fs.ops.passthrough is None and not fs._session.passthrough  # not even asked in INIT
+    mp = fs_env.mount(layer)
+    lay = fs.layer(layer.digest)
+    assert _sha(mp / path) == truth[path]["sha256"]
+    time.sleep(0.3)  # the chunk is on disk and verified: passthrough could take it now
+    reads = lay.metrics.reads
+    for _ in range(3):
+        fd = os.open(mp / path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            assert os.read(fd, 1 << 16)
+        finally:
+            os.close(fd)
+    assert fs.metrics.passthrough_opens == 0
+    assert lay.metrics.reads >= reads + 3
+
+
+def _overlay(lower: str, target, *more: str) -> subprocess.CompletedProcess:
+    opts = "lowerdir=" + ":".join([lower, *more])
+    return subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", opts, str(target)],
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize("mode", ["auto", True])
+def test_a_cache_on_overlayfs_cannot_back_files(fs_env, corners, corners_source, caplog, mode):
+    """FUSE takes a backing file only from a file system stacked less deep than itself:
+    a daemon root on overlayfs (a daemon in a container) gets ELOOP. "auto" sees the
+    overlayfs and does not ask for passthrough in INIT (asking would cost the mount a level
+    of stacking for nothing); true asks, the start-up probe is refused, and it warns.
+    Either way the mount serves every read instead of failing opens later."""
+    caplog.set_level(logging.INFO, logger="stargz.fs")
+    dirs = {n: fs_env.base / n for n in ("lower", "upper", "work", "empty", "o1", "o2")}
+    for d in dirs.values():
+        d.mkdir()
+    fs_env.root.mkdir()
+    opts = f"lowerdir={dirs['lower']},upperdir={dirs['upper']},workdir={dirs['work']}"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, fs_env.root], check=True)
+    layer = corners.layers("esgz-64k")[0]
+    truth = _regular(tar_tree(layer.path))
+    path = next(p for p, rec in truth.items() if 0 < rec["size"] <= 64 << 10)
+    fs = fs_env.start(corners_source, passthrough=mode)
+    if not _offered(fs):
+        pytest.skip("this kernel does not offer FUSE passthrough (needs >= 6.9)")
+    (line,) = _mode_lines(caplog)
+    assert line.passthrough is False and fs.ops.passthrough is None
+    if mode == "auto":
+        assert line.levelno == logging.INFO and "is on overlayfs" in line.reason, line.reason
+        assert not fs._session.passthrough  # not asked for in INIT
+        # so the FUSE mount stacks like one without passthrough: overlayfs twice over it
+        assert _overlay(fs.fuse_dir, dirs["o1"], str(dirs["empty"])).returncode == 0
+        nested = _overlay(str(dirs["o1"]), dirs["o2"], str(dirs["empty"]))
+        assert nested.returncode == 0, nested.stderr
+    else:
+        assert line.levelno == logging.WARNING, line
+        assert "refused a backing file" in line.reason, line.reason
+        probes = [n for n in os.listdir(fs.disk.tmp_path("x").rpartition("/")[0]) if "probe" in n]
+        assert probes == []  # the probe cleaned up
+    mp = fs_env.mount(layer)
+    for _ in range(3):
+        assert _sha(mp / path) == truth[path]["sha256"]
+        time.sleep(0.1)
+    assert fs.metrics.passthrough_opens == 0 and fs.metrics.handler_errors == 0

@@ -6,6 +6,7 @@ reach it, and a small read must fetch a small part of the blob.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -49,7 +50,8 @@ def _content(layout_layer, path: str) -> bytes:
 
 
 def test_small_read_fetches_little_and_second_read_hits_cache(fs_env, corners, corners_source):
-    fs = fs_env.start(corners_source)
+    # the daemon serves every read (with passthrough the kernel would read the cache file)
+    fs = fs_env.start(corners_source, passthrough=False)
     layer = corners.layers("esgz")[0]
     mp = fs_env.mount(layer)
     after_mount = corners_source.bytes_by_digest[layer.digest]
@@ -77,7 +79,7 @@ def test_small_read_fetches_little_and_second_read_hits_cache(fs_env, corners, c
 
 def test_disk_cache_survives_restart(fs_env, corners, corners_source):
     layer = corners.layers("esgz-64k")[0]
-    fs = fs_env.start(corners_source)
+    fs = fs_env.start(corners_source, passthrough=False)  # disk hits are counted by the daemon
     mp = fs_env.mount(layer)
     want = _content(layer, "data/text.txt")
     assert _read(mp / "data/text.txt") == want
@@ -94,7 +96,7 @@ def test_disk_cache_survives_restart(fs_env, corners, corners_source):
         _read(mp / "data/noise.bin")
     assert e.value.errno == errno.ENOTCONN
     # a new daemon mounts the layer again at the same place, from its disk cache
-    fs = fs_env.start(corners_source)
+    fs = fs_env.start(corners_source, passthrough=False)
     fs_env.mount(layer, mp)
     assert _read(mp / "data/text.txt") == want
     m = fs.layer(layer.digest).metrics
@@ -164,10 +166,69 @@ def test_corrupt_chunk_gives_eio_and_the_fs_keeps_serving(fs_env, corners, tmp_p
     assert fs.metrics.handler_errors == 0
 
 
+class _FlipOnce:
+    """A blob whose first range read, once ``armed``, comes back with one byte inverted (a
+    bit flipped on the way); every other read is the blob's own bytes."""
+
+    def __init__(self, blob) -> None:
+        self._blob = blob
+        self.armed = False
+        self.flipped = 0
+
+    @property
+    def size(self) -> int:
+        return self._blob.size
+
+    async def read_ranges(self, ranges):
+        datas = await self._blob.read_ranges(ranges)
+        if self.armed and not self.flipped and datas and len(datas[0]) > 1:
+            self.flipped += 1
+            d = bytearray(datas[0])
+            d[len(d) // 2] ^= 0xFF
+            datas = [bytes(d), *datas[1:]]
+        return datas
+
+    async def check(self) -> None:
+        await self._blob.check()
+
+    def close(self) -> None:
+        self._blob.close()
+
+
+class _FlipOnceSource(LocalLayerSource):
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.blobs_made: list[_FlipOnce] = []
+
+    async def resolve(self, ref, digest, labels):
+        blob = _FlipOnce(await super().resolve(ref, digest, labels))
+        self.blobs_made.append(blob)
+        return blob
+
+
+def test_a_chunk_damaged_once_on_the_way_is_fetched_again_not_an_eio(fs_env, corners):
+    """One answer comes back with a flipped byte: the chunk fails its digest, is neither
+    served nor cached, and is fetched once more; the read gets the right bytes. (It was an
+    EIO, though a second fetch would have succeeded; a chunk that fails twice is still an
+    EIO: test_corrupt_chunk_gives_eio_and_the_fs_keeps_serving.)"""
+    layer = corners.layers("esgz")[0]
+    source = _FlipOnceSource(layouts=[corners.root])
+    fs = fs_env.start(source)
+    mp = fs_env.mount(layer)
+    (blob,) = source.blobs_made
+    blob.armed = True
+    assert _read(mp / "data/noise.bin", direct=True) == _content(layer, "data/noise.bin")
+    assert blob.flipped == 1
+    m = fs.layer(layer.digest).metrics
+    assert m.verification_failures == 1 and m.read_errors == 0
+
+
 def test_prefetch_landmark_and_notify_store(fs_env, busybox):
     layer = next(x for x in busybox.layers("opt"))
     source = LocalLayerSource(layouts=[busybox.root])
-    fs = fs_env.start(source)
+    # notify_store is how the daemon serves a prefetched file; with passthrough the kernel
+    # reads the verified cache file itself and nothing is pushed
+    fs = fs_env.start(source, passthrough=False)
     mp = fs_env.mount(layer)
     fs_env.run(fs.check(str(mp), {}))  # waits for the prefetch
     lay = fs.layer(layer.digest)
@@ -293,7 +354,9 @@ def test_sequential_read_warms_the_next_chunk_file(fs_env, corners, corners_sour
     """Each chunk is its own cache file, so the disk's read-ahead stops at 4 MiB: a
     sequential reader past the middle of a chunk has the next chunk's file read ahead."""
     layer = corners.layers("esgz")[0]  # data/noise.bin: a 4 MiB chunk, then the rest
-    fs = fs_env.start(corners_source, read_ahead_next_chunk=read_ahead)
+    # the read-ahead is the daemon's: with passthrough, a reopened file whose chunks are all
+    # cached is read by the kernel from a merged copy and the daemon sees no READ
+    fs = fs_env.start(corners_source, read_ahead_next_chunk=read_ahead, passthrough=False)
     mp = fs_env.mount(layer)
     path = mp / "data/noise.bin"
     want = _content(layer, "data/noise.bin")
@@ -407,3 +470,88 @@ def test_fetched_size_is_a_counter_that_follows_eviction_by_another_layer(fs_env
     assert fs.metrics.disk_evictions > evictions
     after = reported()
     assert after == fs_env.run(truth()) < with_text
+
+
+class _WatchingWriter:
+    """The cache writer executor, measuring the disk cache's files on disk right after each
+    write job, in the writer thread: before the event loop has run the job's commit."""
+
+    def __init__(self, inner, cache_dir: str) -> None:
+        self.inner, self.cache_dir = inner, cache_dir
+        self.peak = self.jobs = 0
+
+    def _on_disk(self) -> int:
+        total = 0
+        for sub in ("chunks", "merged"):
+            for dp, _, fns in os.walk(os.path.join(self.cache_dir, sub)):
+                for fn in fns:
+                    with contextlib.suppress(OSError):
+                        total += os.lstat(os.path.join(dp, fn)).st_size
+        return total
+
+    def submit(self, fn, *args, **kw):
+        def job():
+            try:
+                return fn(*args, **kw)
+            finally:
+                self.jobs += 1
+                self.peak = max(self.peak, self._on_disk())
+
+        return self.inner.submit(job)
+
+    def shutdown(self, *a, **kw) -> None:
+        self.inner.shutdown(*a, **kw)
+
+
+def test_disk_cache_files_never_pass_the_bound_while_a_write_is_in_flight(fs_env, corners):
+    """The chunk files on disk stay within ``max_size_bytes`` at every moment, not only
+    once the commit after a write has evicted: a full 1 MiB cache receiving a batch of
+    64 KiB chunks (a sequential read of the 5.2 MB noise.bin) is measured right after each
+    write job and before its commit. (When the writer renamed each chunk into chunks/
+    itself, chunks/ held the whole batch on top of a full cache until the commit.)"""
+    bound = 1 << 20
+    fs = fs_env.start(LocalLayerSource(layouts=[corners.root]), disk_cache_max_bytes=bound)
+    watch = _WatchingWriter(fs._writer, fs.cache_dir)
+    fs._writer = watch
+    layer = corners.layers("esgz-64k")[0]
+    mp = fs_env.mount(layer)
+    want = _content(layer, "data/noise.bin")
+    for _ in range(2):
+        assert _read(mp / "data/noise.bin", direct=True) == want
+    deadline = time.monotonic() + 10
+    lay = fs.layer(str(mp))
+    while fs_env.run(_busy(lay)):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert watch.jobs > 2 and fs.metrics.disk_evictions > 0
+    assert watch.peak <= bound, (watch.peak, bound)
+    assert fs.disk.bytes <= bound
+
+
+async def _busy(layer) -> bool:
+    return layer.fetcher.busy
+
+
+def test_disk_cache_bound_counts_the_blocks_tiny_files_take(fs_env, corners):
+    """``max_size_bytes`` bounds the disk space of the cache's files: 64 chunk files of
+    100 bytes each take a filesystem block apiece (4 KiB here), so a 16 KiB bound keeps 4
+    of them, and their blocks on disk (``st_blocks``) stay within it. (Counted by their
+    length, all 64 fitted: 6.4 KB counted, 256 KiB on disk.)"""
+    bound = 16 << 10
+    fs = fs_env.start(LocalLayerSource(layouts=[corners.root]), disk_cache_max_bytes=bound)
+    block = os.statvfs(fs.cache_dir).f_frsize
+    assert block > 100
+
+    async def fill() -> None:
+        for i in range(64):
+            key = hashlib.sha256(str(i).encode()).hexdigest()
+            assert fs.disk.commit(key, 100, fs.disk.write_tmp(key, bytes([i]) * 100))
+
+    fs_env.run(fill())
+    on_disk = 0
+    for dp, _, fns in os.walk(os.path.join(fs.cache_dir, "chunks")):
+        for fn in fns:
+            on_disk += os.lstat(os.path.join(dp, fn)).st_blocks * 512
+    assert on_disk <= bound, (on_disk, bound)
+    assert len(fs.disk) == bound // block and fs.disk.bytes <= bound
+    assert fs.metrics.disk_evictions == 64 - bound // block

@@ -480,6 +480,13 @@ disabled_plugins = [
     def _answers(self) -> bool:
         return run(["ctr", "-a", self.address, "version"], check=False, timeout=5).returncode == 0
 
+    def restart(self) -> None:
+        """Stop (SIGTERM, by PID) and start again on the same root, state and socket; wait
+        until it answers. Its tasks' shims and our snapshotter are left running."""
+        self.stop()
+        self._spawn(["containerd", "--config", str(self.workdir / "config.toml")])
+        self.wait_ready(self._answers)
+
     def cri_pull(self, ref: str, timeout: float = 120) -> str:
         """CRI ``ImageService/PullImage`` of ``ref`` (as the kubelet sends it); returns the
         image ID. The pull runs inside containerd, in namespace ``k8s.io``."""

@@ -15,13 +15,13 @@ import subprocess
 
 import aiohttp
 import pytest
+from harness.faults import BearerAuth, Proxy, RedirectBlobs, RedirectToken, Storage, chain
 
 from stargz.cli.daemon import JSONFormatter, TextFormatter
 from stargz.errors import AuthError, RegistryError
 from stargz.remote import Credentials, RegistryClient, StaticKeychain
 from stargz.remote.redact import redact_text, redact_url
 
-from .faults import BearerAuth, Proxy, RedirectBlobs, RedirectToken, Storage, chain
 from .test_faults import FAST, client
 
 OTHER_HOST = "127.0.0.2"

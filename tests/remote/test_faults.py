@@ -1,4 +1,4 @@
-"""Behaviours the real registry cannot show on its own, with a proxy (tests/remote/faults.py)
+"""Behaviours the real registry cannot show on its own, with a proxy (tests/harness/faults.py)
 in front of it: token and basic auth, redirects to storage, 5xx/429, stalls, servers that
 refuse, ignore, merge or garble multi-range requests, and mirrors."""
 
@@ -11,6 +11,17 @@ import time
 
 import pytest
 from aiohttp import web
+from harness.faults import (
+    BasicAuth,
+    BearerAuth,
+    FailFirst,
+    MultiRange,
+    Proxy,
+    RedirectBlobs,
+    Stall,
+    Storage,
+    chain,
+)
 
 from stargz import config
 from stargz.errors import AuthError, BlobNotFound, RegistryError
@@ -24,17 +35,6 @@ from stargz.remote import (
 )
 
 from .conftest import free_port
-from .faults import (
-    BasicAuth,
-    BearerAuth,
-    FailFirst,
-    MultiRange,
-    Proxy,
-    RedirectBlobs,
-    Stall,
-    Storage,
-    chain,
-)
 
 
 def _resolver(table: dict) -> ResolverOptions:

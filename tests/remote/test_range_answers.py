@@ -1,17 +1,17 @@
 """Range answers are read only as far as the request asked, and a range answer that is not
 the range asked for is a typed error, never wrong bytes.
 
-The real registry serves every byte; the fault proxy (tests/remote/faults.py) asks it for
+The real registry serves every byte; the fault proxy (tests/harness/faults.py) asks it for
 another range than the client did and passes its honest 206 on.
 """
 
 from __future__ import annotations
 
 import pytest
+from harness.faults import MultiRange, PerRequest, Proxy, ReshapeRange
 
 from stargz.errors import RangeMismatch, RegistryProtocolError
 
-from .faults import MultiRange, Proxy, ReshapeRange
 from .test_faults import client
 
 
@@ -49,6 +49,23 @@ def test_a_206_for_another_range_is_a_typed_error_naming_both(images, run, mode)
     answered = "bytes 995-1009/" if mode == "earlier" else "bytes 1000-1004/"
     assert "bytes 1000-1009" in msg and answered in msg, msg
     assert issubclass(RangeMismatch, RegistryProtocolError)
+
+
+@pytest.mark.parametrize("mode", ["earlier", "shorter"])
+def test_a_206_for_another_range_once_is_retried(images, run, mode):
+    """A cache on the way answers one request with another range: the read is asked again
+    (a retry, as for a cut body) and gets the right bytes, instead of failing at once."""
+    reshape = PerRequest(ReshapeRange(mode, by=5), times=1)
+
+    async def main():
+        async with Proxy(images.registry.url, reshape) as p:
+            async with client() as c:
+                b = await c.open_blob(f"{p.netloc}/blobs", images.blob_digest)
+                assert await b.read_at(1000, 10) == images.blob[1000:1010]
+                assert b.stats.retries == 1
+
+    run(main)
+    assert reshape.hits == 1
 
 
 def test_a_200_answer_to_a_range_request_is_read_only_to_the_range_end(images, run):

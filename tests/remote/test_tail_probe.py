@@ -1,6 +1,6 @@
 """The blob probe brings the blob's last bytes (``Range: bytes=-N``), and opening a layer
 uses them: resolve + footer + TOC in fewer requests. Against the real docker-registry,
-with the fault proxy (tests/remote/faults.py) where the registry cannot misbehave."""
+with the fault proxy (tests/harness/faults.py) where the registry cannot misbehave."""
 
 from __future__ import annotations
 
@@ -9,13 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from aiohttp import web
+from harness.faults import MultiRange, Proxy, RedirectBlobs, Storage
 
 from stargz import config
 from stargz.errors import BlobNotFound, InvalidArgument
 from stargz.remote import BlobOptions, Platform, RegistryClient, ResolverOptions
 from stargz.remote.client import TAIL_PROBE_SIZE
-
-from .faults import MultiRange, Proxy, RedirectBlobs, Storage
 
 
 def _resolver(table: dict) -> ResolverOptions:

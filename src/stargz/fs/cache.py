@@ -16,8 +16,10 @@ The directory cache (``<root>/cache``)::
                          emptied at start (a crash leaves nothing half-written in chunks/)
 
 It is bounded in bytes (``max_bytes``; 0 = unbounded): past the bound, the least recently
-used files (chunks and merged files alike) are deleted. Recency is kept in memory; at
-start the order is rebuilt from the files' mtimes.
+used files (chunks and merged files alike) are deleted. A file counts as the whole
+filesystem blocks it takes (the daemon's cache probes the block size), so a cache of tiny
+chunks is bounded in disk space too. Recency is kept in memory; at start the order is
+rebuilt from the files' mtimes.
 
 Checksums. Every chunk and merged file carries the xxh3-128 of its bytes in the xattr
 ``user.stargz.xxh3``, set on the temporary file before it is renamed into place: the
@@ -35,9 +37,12 @@ process is; one found at start is checked on first use (`read_checked`; for chun
 layer does that, see ``Fetcher.start_disk_verify``). A file whose bytes do not match is
 deleted and counted in ``FsMetrics.cache_checksum_failures``.
 
-Threads: ``write_file``, ``read_file``, ``pread_fresh`` and ``load`` may run in worker
-threads; ``pread`` (cached fds) and everything that changes the index (``commit``,
-``discard``, eviction) run on the event loop thread.
+Threads: ``write_file``, ``write_tmp``, ``read_file``, ``pread_fresh`` and ``load`` may run
+in worker threads; ``pread`` (cached fds) and everything that changes the index (``commit``,
+``discard``, eviction) run on the event loop thread. Files written while the daemon runs
+wait in tmp/ until their commit, which evicts to make room and only then renames them into
+place: what chunks/ and merged/ hold never passes the bound (tmp/ holds the writes in
+flight, at most the writer's backlog).
 """
 
 from __future__ import annotations
@@ -126,10 +131,20 @@ class DiskCache:
     """Content-addressed chunk files under ``root``, bounded by ``max_bytes`` (0 = no bound)."""
 
     def __init__(
-        self, root: str, max_bytes: int = 0, max_fds: int = 16, metrics: FsMetrics | None = None
+        self,
+        root: str,
+        max_bytes: int = 0,
+        max_fds: int = 16,
+        metrics: FsMetrics | None = None,
+        block: int | None = 1,
     ) -> None:
         self.root = root
         self.max_bytes = max(0, max_bytes)
+        #: Files are counted in whole blocks of this size, what they take on disk (a
+        #: 100-byte chunk file takes a 4 KiB block: counted by its length, a cache of tiny
+        #: chunks used 13x its bound of disk space). None: the cache filesystem's block
+        #: size, probed by `load`; 1: file lengths.
+        self.block = block
         # open fds are cheap and a random read over a big file touches many chunk files:
         # Go's default of 10 would make nearly every read reopen its file
         self.max_fds = max(MIN_OPEN_FDS, max_fds)
@@ -145,6 +160,10 @@ class DiskCache:
         self._verified: set[str] = set()
         self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._fd_lock = threading.Lock()
+        #: Temporary files that could not be deleted when their write or placing failed
+        #: (a cache dir gone read-only): deleted once a later write succeeds.
+        self._orphans: set[str] = set()
+        self._orphans_lock = threading.Lock()
         self._chunks = os.path.join(root, "chunks")
         self._merged = os.path.join(root, "merged")
         self._layers = os.path.join(root, "layers")
@@ -169,6 +188,11 @@ class DiskCache:
                 os.unlink(e.path)
             except OSError:
                 pass
+        if self.block is None:
+            try:
+                self.block = max(1, os.statvfs(self.root).f_frsize)
+            except OSError:
+                self.block = 4096
         self.xattrs = self._probe_xattrs()
         if not self.xattrs:
             log.warning(
@@ -201,7 +225,7 @@ class DiskCache:
         self.bytes = 0
         for _, name, size in found:
             self._index[name] = size
-            self.bytes += size
+            self.bytes += self.cost(size)
         self._evict()
 
     def close(self) -> None:
@@ -231,22 +255,45 @@ class DiskCache:
         if key in self._index:
             self._index.move_to_end(key)
 
-    def commit(self, key: str, size: int) -> None:
-        """Record a chunk file that `write_file` put in place (and trust it)."""
+    def commit(self, key: str, size: int, tmp: str | None = None) -> bool:
+        """Record a chunk file (and trust it); whether it is now in the cache.
+
+        With ``tmp`` (a finished file from `write_tmp`), room is made first and the file is
+        then renamed into place, here on the loop thread: the files under chunks/ and
+        merged/ never add up to more than ``max_bytes``, even for a moment (a file placed
+        by a worker thread before its commit was on disk, uncounted, until the commit
+        evicted for it). A file bigger than the whole bound is not kept. Without ``tmp``,
+        the file is already in place (`write_file`)."""
+        if tmp is not None:
+            if key in self._index:  # the same content, placed meanwhile (another layer)
+                self._drop_tmp(tmp)
+                self.touch(key)
+                return True
+            if self.max_bytes and self.cost(size) > self.max_bytes:
+                self._drop_tmp(tmp)
+                return False
+            self._evict(incoming=self.cost(size))
+            try:
+                self.place(tmp, key)
+            except OSError as e:
+                self._drop_tmp(tmp)
+                log.warning("cannot place a file in the disk cache: %s", e)
+                return False
         old = self._index.pop(key, None)
         if old is not None:
-            self.bytes -= old
+            self.bytes -= self.cost(old)
         self._index[key] = size
-        self.bytes += size
+        self.bytes += self.cost(size)
         self._verified.add(key)
         self.commits += 1
         self._evict(keep=key)
+        return True
 
     def discard(self, key: str) -> None:
         """Forget a file and delete it (it is damaged, or being evicted)."""
         size = self._index.pop(key, None)
         if size is not None:
-            self.bytes -= size
+            self.bytes -= self.cost(size)
             self.generation += 1
         self._verified.discard(key)
         with self._fd_lock:
@@ -272,10 +319,17 @@ class DiskCache:
             log.debug("damaged disk cache file %s (%s)", self.path(key), what)
         self.discard(key)
 
-    def _evict(self, keep: str | None = None) -> None:
+    def cost(self, size: int) -> int:
+        """What a file of ``size`` bytes counts against the bound: its whole blocks."""
+        b = self.block or 1
+        return -(-size // b) * b
+
+    def _evict(self, keep: str | None = None, incoming: int = 0) -> None:
+        """Delete least recently used files until the index (plus ``incoming`` bytes about
+        to be placed) fits the bound."""
         if not self.max_bytes:
             return
-        while self.bytes > self.max_bytes and self._index:
+        while self.bytes + incoming > self.max_bytes and self._index:
             key = next(iter(self._index))
             if key == keep:
                 if len(self._index) == 1:
@@ -288,6 +342,23 @@ class DiskCache:
             self.metrics.disk_evicted_bytes += size
 
     # --- files (any thread) --------------------------------------------------------------
+
+    def _drop_tmp(self, tmp: str) -> None:
+        """Delete a temporary file; one that can't be deleted now is retried later."""
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            with self._orphans_lock:
+                self._orphans.add(tmp)
+
+    def _retry_orphans(self) -> None:
+        with self._orphans_lock:
+            left = list(self._orphans)
+            self._orphans.clear()
+        for tmp in left:
+            self._drop_tmp(tmp)
 
     def path(self, key: str) -> str:
         if key.startswith(MERGED_PREFIX):
@@ -336,24 +407,38 @@ class DiskCache:
 
     def write_file(self, key: str, data: bytes | memoryview, *, sync: bool = False) -> int:
         """Write a chunk to tmp/, record its checksum, rename it into place; returns its
-        size. Blocking."""
+        size. Blocking. (The fetch path uses `write_tmp` and ``commit(..., tmp)``, which
+        keep the bound while it writes.)"""
+        tmp = self.write_tmp(key, data, sync=sync)
+        try:
+            self.place(tmp, key)
+        except BaseException:
+            self._drop_tmp(tmp)
+            raise
+        return len(data)
+
+    def write_tmp(self, key: str, data: bytes | memoryview, *, sync: bool = False) -> str:
+        """Write a chunk to a new file in tmp/ with its checksum recorded; returns its path,
+        for ``commit(key, size, tmp)``. Blocking."""
         tmp = self.tmp_path(key)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
         try:
-            view = memoryview(data)
-            self.record(fd, checksum(view))
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            if sync:
-                os.fsync(fd)
+            try:
+                view = memoryview(data)
+                self.record(fd, checksum(view))
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                if sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
         except BaseException:
-            os.close(fd)
-            _unlink(tmp)
+            self._drop_tmp(tmp)  # a full disk must not fill up further with halves
             raise
-        os.close(fd)
-        self.place(tmp, key)
-        return len(data)
+        if self._orphans:  # the cache dir takes writes again
+            self._retry_orphans()
+        return tmp
 
     def add_record(self, key: str, data: bytes) -> None:
         """Record the checksum of a file written without one, whose ``data`` was just
@@ -493,10 +578,14 @@ class DiskCache:
     def write_tail(self, digest: str, start: int, blob_size: int, data: bytes) -> None:
         tmp = self.tmp_path("tail")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-        with open(fd, "wb") as f:
-            f.write(_TAIL_HEAD.pack(_TAIL_MAGIC, start, blob_size, checksum(data)))
-            f.write(data)
-        os.rename(tmp, self._tail_path(digest))
+        try:
+            with open(fd, "wb") as f:
+                f.write(_TAIL_HEAD.pack(_TAIL_MAGIC, start, blob_size, checksum(data)))
+                f.write(data)
+            os.rename(tmp, self._tail_path(digest))
+        except BaseException:
+            self._drop_tmp(tmp)
+            raise
 
 
 def _read_all(fd: int) -> bytes:

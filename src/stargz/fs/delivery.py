@@ -173,13 +173,13 @@ class Delivery:
 
         wfut.add_done_callback(done)
 
-    def _commit_written(self, fut: asyncio.Future[list[tuple[int, str, int]]]) -> None:
+    def _commit_written(self, fut: asyncio.Future[list[tuple[int, str, int, str]]]) -> None:
         if fut.cancelled() or fut.exception() is not None:
             return
         rows = []
-        for r, k, size in fut.result():
-            self.disk.commit(k, size)
-            rows.append(r)
+        for r, k, size, tmp in fut.result():
+            if self.disk.commit(k, size, tmp):
+                rows.append(r)
         self.fetched.committed(rows)
 
     def _resolve(self, batch: list[Decoded], to_memory: bool) -> list[tuple[int, str, bytes]]:
@@ -229,11 +229,12 @@ class Delivery:
                 out.append((r, k, None, e))
         return out
 
-    def _write(self, items: list[tuple[int, str, bytes]]) -> list[tuple[int, str, int]]:
+    def _write(self, items: list[tuple[int, str, bytes]]) -> list[tuple[int, str, int, str]]:
+        """Write chunks to tmp/ (their commit places them: see `DiskCache.commit`)."""
         done = []
         for r, k, data in items:
             try:
-                done.append((r, k, self.disk.write_file(k, data)))
+                done.append((r, k, len(data), self.disk.write_tmp(k, data)))
             except OSError as e:
                 log.warning("cannot write chunk %s to the disk cache: %s", k, e)
         return done

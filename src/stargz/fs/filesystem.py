@@ -52,13 +52,12 @@ from stargz.errors import (
     NotFound,
     Unavailable,
 )
-from stargz.fs import memory, mounts, takeover
+from stargz.fs import memory, mounts, passthrough, takeover
 from stargz.fs.cache import DiskCache, MemoryLRU
 from stargz.fs.layer import Layer
 from stargz.fs.metrics import FsMetrics
 from stargz.fs.ops import Operations
 from stargz.fs.options import FsOptions
-from stargz.fs.passthrough import Passthrough
 from stargz.fs.scheduler import Scheduler
 from stargz.fs.slots import SlotTable
 from stargz.fs.source import LayerSource, LayerSpec, layer_spec
@@ -128,6 +127,7 @@ class StargzFileSystem:
             self.options.disk_cache_max_bytes,
             self.options.max_cache_fds,
             self.metrics,
+            block=None,
         )
         self.ops = Operations(self.options, self.metrics)
         self._layers: dict[LayerKey, _LayerRef] = {}
@@ -199,6 +199,9 @@ class StargzFileSystem:
             # the mount is allow_other: the root's 0700 is what keeps host users out of it
             await loop.run_in_executor(None, private_dir, self.root)
             await loop.run_in_executor(self._executor, self.disk.load)
+            refused = await loop.run_in_executor(
+                None, passthrough.init_refusal, o.passthrough, self.cache_dir
+            )
             kept = None
             if self.handover is not None:
                 # one server per connection: a second daemon started on this root by
@@ -210,26 +213,22 @@ class StargzFileSystem:
                 await loop.run_in_executor(None, self.slots.load)
                 self.connection_kept = True
             else:
-                session = await self._mount(loop)
+                session = await self._mount(loop, passthrough=refused is None)
             self._session = session
             self.ops.notify_store = session.notify_store
-            if session.passthrough:
-                self.ops.passthrough = await loop.run_in_executor(
-                    None,
-                    lambda: Passthrough(
-                        os.path.join(self.root, "passthrough"),
-                        session.backing_open,
-                        session.backing_close,
-                        self._writer,
-                        self.disk,
-                        ids_path=os.path.join(self.root, "passthrough-ids"),
-                        inherited=self.connection_kept,
-                    ),
-                )
-            elif o.passthrough:
-                log.warning(
-                    "the kernel does not offer FUSE passthrough; reads go through the daemon"
-                )
+            self.ops.passthrough = await loop.run_in_executor(
+                None,
+                lambda: passthrough.start(
+                    o.passthrough,
+                    session,
+                    os.path.join(self.root, "passthrough"),
+                    self._writer,
+                    self.disk,
+                    refused=refused,
+                    ids_path=os.path.join(self.root, "passthrough-ids"),
+                    inherited=self.connection_kept,
+                ),
+            )
             self._started = True
             try:
                 if kept is not None:
@@ -260,7 +259,7 @@ class StargzFileSystem:
                 extra={"mountpoint": self.fuse_dir, "cached_chunks": len(self.disk)},
             )
 
-    async def _mount(self, loop: asyncio.AbstractEventLoop) -> Session:
+    async def _mount(self, loop: asyncio.AbstractEventLoop, *, passthrough: bool) -> Session:
         """A new FUSE mount at ``fuse_dir`` (serving at once), handed to the keeper."""
         # a daemon that died leaves a dead FUSE mount ("transport endpoint is not connected")
         await loop.run_in_executor(None, _detach_all, self.fuse_dir)
@@ -269,9 +268,8 @@ class StargzFileSystem:
         # read-only, nosuid, nodev, allow_other and default_permissions: the kernel
         # checks mode bits itself, so a host user who can reach the mount reads only
         # what the layer's modes allow
-        o = self.options
         conn = await loop.run_in_executor(
-            None, lambda: fuse_mount(self.fuse_dir, passthrough=o.passthrough)
+            None, lambda: fuse_mount(self.fuse_dir, passthrough=passthrough)
         )
         session = Session(self.ops, conn, on_handler_error=self._handler_error)
         try:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stargz.config import Config
+from stargz.errors import InvalidArgument
 from stargz.remote.options import BlobOptions
 
 MiB = 1 << 20
@@ -60,10 +61,11 @@ class FsOptions:
     read_ahead_kb: int = _C.fuse.read_ahead_kb
     #: ours (``[fuse] notify_store``): push cached chunks into the page cache on open.
     notify_store: bool = _C.fuse.notify_store
-    #: ``[fuse] passthrough``: the kernel reads verified single-chunk files straight from
-    #: the disk cache (needs kernel >= 6.9 with CONFIG_FUSE_PASSTHROUGH and CAP_SYS_ADMIN;
-    #: without them the daemon serves every read, as with false).
-    passthrough: bool = _C.fuse.passthrough
+    #: ``[fuse] passthrough``: the kernel reads verified cache files straight from disk
+    #: (needs kernel >= 6.9 with CONFIG_FUSE_PASSTHROUGH and CAP_SYS_ADMIN). "auto" (ours,
+    #: the default; upstream's is false): on where the kernel offers it, quietly off where
+    #: not; True: wanted, a warning where the kernel lacks it; False: off.
+    passthrough: bool | str = _C.fuse.passthrough
     #: "trusted" or "user": which opaque xattr marks `.wh..wh..opq` dirs (userxattr overlay).
     opaque_xattr: str = "trusted"
     # --- scheduling (ours, not configurable upstream) ---
@@ -90,6 +92,12 @@ class FsOptions:
     #: blob's end) is bigger, before fetching it (0 = no bound). Real TOCs are a few MiB;
     #: the Go estargz reader has no such bound.
     max_toc_bytes: int = _C.blob.max_toc_bytes
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.passthrough, bool) or self.passthrough == "auto"):
+            raise InvalidArgument(
+                f'passthrough must be True, False or "auto", not {self.passthrough!r}'
+            )
 
     @classmethod
     def from_config(cls, cfg: Config | None = None, **overrides: Any) -> FsOptions:

@@ -36,6 +36,7 @@ unmounted or the connection ends.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import logging
 import os
@@ -50,6 +51,8 @@ from stargz.fs.cache import CHECK_BAD, CHECK_OK, XATTR, DiskCache, checksum
 from stargz.private import FILE_MODE
 
 log = logging.getLogger("stargz.fs")
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
 
 
 class Passthrough:
@@ -199,11 +202,12 @@ class Passthrough:
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self._executor, _merge, parts, disk, key)
 
-        def done(f: asyncio.Future[int | None]) -> None:
+        def done(f: asyncio.Future[tuple[str, int] | None]) -> None:
             self._merging.discard(key)
-            size = None if f.cancelled() or f.exception() is not None else f.result()
-            if size is not None:
-                disk.commit(key, size)
+            got = None if f.cancelled() or f.exception() is not None else f.result()
+            if got is not None:
+                tmp, size = got
+                disk.commit(key, size, tmp)
 
         fut.add_done_callback(done)
 
@@ -289,10 +293,11 @@ def _record_of(fd: int) -> bytes | None:
         raise
 
 
-def _merge(parts: list[tuple[str, int]], disk: DiskCache, key: str) -> int | None:
-    """Concatenate chunk files into ``key``'s merged file, its xxh3 recorded; its size,
-    or None. Each piece is checked against its chunk file's own record on the way, so
-    the record describes checked bytes. Blocking."""
+def _merge(parts: list[tuple[str, int]], disk: DiskCache, key: str) -> tuple[str, int] | None:
+    """Concatenate chunk files into a new file in tmp/, its xxh3 recorded; its path and
+    size (for ``disk.commit``, which places it within the bound), or None. Each piece is
+    checked against its chunk file's own record on the way, so the record describes
+    checked bytes. Blocking."""
     tmp = disk.tmp_path("merge")
     total = xxhash.xxh3_128()
     size = 0
@@ -318,8 +323,7 @@ def _merge(parts: list[tuple[str, int]], disk: DiskCache, key: str) -> int | Non
             disk.record(out, total.digest())
         finally:
             os.close(out)
-        disk.place(tmp, key)
-        return size
+        return tmp, size
     except OSError as e:
         # a chunk evicted meanwhile, a full disk: the file stays served by the daemon
         log.debug("merging %s for passthrough failed: %s", key, e)
@@ -328,3 +332,113 @@ def _merge(parts: list[tuple[str, int]], disk: DiskCache, key: str) -> int | Non
         except OSError:
             pass
         return None
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# --- turning it on (``[fuse] passthrough``) ---------------------------------------------------
+
+
+#: statfs(2) f_type of stacking file systems: the kernel refuses a backing file on one
+#: (ELOOP), so "auto" does not ask for passthrough in INIT there (asking costs the mount
+#: one level of file-system stacking).
+_STACKED_FS = {0x794C7630: "overlayfs", 0xF15F: "ecryptfs"}
+
+
+def init_refusal(mode: bool | str, root: str) -> str | None:
+    """Why not to ask for FUSE passthrough in INIT at all (None: ask). Blocking."""
+    if mode is False:
+        return "[fuse] passthrough = false"
+    if mode == "auto":
+        kind = _STACKED_FS.get(_fs_type(root))
+        if kind is not None:
+            return f"{root} is on {kind}: the kernel refuses backing files there"
+    return None
+
+
+def start(
+    mode: bool | str,
+    session: Any,
+    legacy_dir: str,
+    executor: Executor | None,
+    disk: DiskCache,
+    *,
+    refused: str | None = None,
+    ids_path: str | None = None,
+    inherited: bool = False,
+) -> Passthrough | None:
+    """The session's `Passthrough`, or None where ``mode`` or the kernel rule it out.
+
+    ``mode`` is ``[fuse] passthrough``: "auto" is on exactly where INIT agreed to FUSE
+    passthrough and the kernel lets us register a backing file (CAP_SYS_ADMIN in the
+    initial user namespace, the cache on a file system that is not itself stacked); True
+    is the same, but its absence is a warning. ``refused`` is `init_refusal`'s answer
+    when passthrough was not asked for in INIT. Logs the outcome in one line. Blocking.
+    """
+    shown = "auto" if mode == "auto" else str(bool(mode)).lower()
+    if refused is None and mode is False:
+        refused = "[fuse] passthrough = false"
+    if refused is not None:
+        reason = refused
+    elif not session.passthrough:
+        reason = (
+            "the kernel does not offer FUSE passthrough (needs >= 6.9, CONFIG_FUSE_PASSTHROUGH)"
+        )
+    else:
+        pt = Passthrough(
+            legacy_dir,
+            session.backing_open,
+            session.backing_close,
+            executor,
+            disk,
+            ids_path=ids_path,
+            inherited=inherited,
+        )
+        reason = _probe(pt)
+        if reason is not None:
+            disk.on_discard = None
+            pt.close()
+        if reason is None:
+            log.info("FUSE passthrough on", extra={"mode": shown, "passthrough": True})
+            return pt
+    log.log(
+        logging.WARNING if mode is True else logging.INFO,
+        "FUSE passthrough off; reads go through the daemon",
+        extra={"mode": shown, "passthrough": False, "reason": reason},
+    )
+    return None
+
+
+def _fs_type(path: str) -> int:
+    """statfs(2) f_type of the file system holding ``path`` (0 if it can't be read)."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    if _libc.statfs(os.fsencode(path), buf) != 0:
+        return 0
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def _probe(pt: Passthrough) -> str | None:
+    """Why the kernel would refuse backing files in the disk cache, or None if it takes one."""
+    path = pt.disk.tmp_path("probe")
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        _unlink(path)
+        return f"cannot create {path}: {e.strerror}"
+    try:
+        bid = pt._open(fd)
+    except OSError as e:
+        # EPERM: no CAP_SYS_ADMIN in the initial user namespace; ELOOP: the cache is on a
+        # stacked file system (overlayfs) deeper than FUSE allows a backing file to be
+        return f"the kernel refused a backing file: {e.strerror or e}"
+    finally:
+        os.close(fd)
+        _unlink(path)
+    pt._close(bid)
+    return None

@@ -9,6 +9,8 @@
                                            found at start: checked once first, see
                                            `Fetcher.start_disk_verify`)
     -> miss: the fetch engine              (`stargz.fs.fetch`): fetch, decode, verify
+                                          (a chunk that fails verification: fetched
+                                          once more, then EIO)
 
 `read_now` answers what needs no waiting (one chunk, in memory or verified on disk)
 without a coroutine; everything else goes to the one slow path, `read_later`.
@@ -24,6 +26,7 @@ from stargz.errors import Unavailable
 from stargz.estargz.reader import Reader
 from stargz.fs.cache import DiskCache, MemoryLRU
 from stargz.fs.chunks import ChunkIndex
+from stargz.fs.delivery import ChunkVerifyError
 from stargz.fs.fetch import Fetcher, LayerClosed
 from stargz.fs.metrics import LayerMetrics
 
@@ -195,12 +198,22 @@ class ReadPath:
 
     async def _slice(self, row: int, key: str, a: int, b: int, got: Any) -> bytes:
         fetcher = self.fetcher
+        refetched = False
         for _ in range(3):
             if isinstance(got, bytes):
                 return got[a:b]
             if isinstance(got, asyncio.Future):
                 if fetcher.is_mine(got):
-                    data = await asyncio.shield(got)
+                    try:
+                        data = await asyncio.shield(got)
+                    except ChunkVerifyError:
+                        # bytes damaged on the way (a flipped bit, a cache in between) were
+                        # never served nor cached: fetch them once more before the EIO
+                        if refetched or fetcher.closed:
+                            raise
+                        refetched = True
+                        got = self._refetch(row, key)
+                        continue
                     return data[a:b]
                 # another layer's fetch of the same chunk: wait through a future of ours
                 # (our close answers it), and if theirs fails, fetch with our own blob
@@ -225,12 +238,16 @@ class ReadPath:
                 self.disk.discard(key)
                 self.metrics.disk_cache_rejects += 1
             # gone from the cache meanwhile, or a shared fetch failed: fetch it again
-            self.metrics.cache_misses += 1
-            got = self._lookup(row, key, False)
-            if got is _MISSING:
-                fetcher.fetch_rows([row], "demand")
-                got = self._lookup(row, key, False)
+            got = self._refetch(row, key)
         raise Unavailable(f"chunk {key} of layer {self.digest} keeps disappearing from the cache")
+
+    def _refetch(self, row: int, key: str) -> Any:
+        self.metrics.cache_misses += 1
+        got = self._lookup(row, key, False)
+        if got is _MISSING:
+            self.fetcher.fetch_rows([row], "demand")
+            got = self._lookup(row, key, False)
+        return got
 
 
 __all__ = ["INLINE_PREAD_MAX", "ReadPath", "SEQUENTIAL_READ_MIN"]

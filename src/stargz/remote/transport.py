@@ -9,8 +9,9 @@ them.
 
 Every request goes through :meth:`Transport.request`:
 
-- **Retries**: connection errors, timeouts, truncated bodies, 429 and 5xx (but 501) are
-  retried up to ``max_retries`` times with exponential backoff
+- **Retries**: connection errors, timeouts, truncated bodies, 206 answers for another
+  range than asked (:class:`RangeMismatch`, raised by the consumer), 429 and 5xx (but 501)
+  are retried up to ``max_retries`` times with exponential backoff
   ``min(min_wait * 2**n, max_wait)`` plus up to as much jitter (``Retry-After`` wins for
   429/503). Other 4xx are final.
 - **Timeouts**: each attempt is bounded by the host's ``request_timeout_sec`` (body
@@ -46,6 +47,7 @@ from yarl import URL
 from stargz.errors import (
     AuthError,
     NotFound,
+    RangeMismatch,
     RangeNotSatisfiable,
     RegistryError,
     RegistryProtocolError,
@@ -340,6 +342,12 @@ class Transport:
                 raise RegistryError(
                     f"{method} {redact_url(url)}: {redact_text(str(e))}", url=redact_url(url)
                 ) from e
+            except RangeMismatch:
+                # a cache or proxy on the way that answered for another request: the same
+                # request again usually gets the right bytes (the last mismatch is final)
+                if attempt >= max_retries:
+                    raise
+                delay = self.backoff(attempt)
             except (aiohttp.ClientError, TimeoutError) as e:
                 if attempt >= max_retries:
                     reason = (

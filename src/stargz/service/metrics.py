@@ -294,7 +294,8 @@ class FsCollector(Collector):
         )
         yield GaugeMetricFamily(
             "stargz_fs_disk_cache_bytes",
-            "Bytes of the files in the disk cache (chunks and merged passthrough files).",
+            "Disk space of the files in the disk cache (chunks and merged passthrough "
+            "files), in whole filesystem blocks: what max_size_bytes bounds.",
             fs.disk.bytes,
         )
         yield GaugeMetricFamily(

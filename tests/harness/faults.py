@@ -2,21 +2,34 @@
 
 The real docker-registry serves every byte; the proxy only adds what a test needs and
 the registry will not do: a bearer-token or basic auth gate, redirects to a second
-"storage" server, 503s, refusing or ignoring multi-range requests, merging ranges,
-unparsable multipart bodies, stalls. It records every request it sees (method, path,
-query, headers) so tests can assert on what reached which server.
+"storage" server (with signatures that expire), 5xx and 429 with ``Retry-After``, reset
+connections, stalls before or in the middle of a body, cut or bit-flipped bodies, 206
+answers for another range, refusing or ignoring multi-range requests, merging ranges,
+unparsable multipart bodies, and going away altogether (:meth:`Proxy.down`). It records
+every request it sees (method, path, query, headers) so tests can assert on what reached
+which server.
+
+Used by the registry-client tests (on the test's own loop) and by the daemon fault matrix
+(:mod:`harness.faultmatrix`, on a loop thread of its own: :class:`ProxyThread`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import collections
+import concurrent.futures
+import logging
 import re
 import secrets
+import socket
 import ssl
+import struct
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -25,6 +38,11 @@ from multidict import CIMultiDict, CIMultiDictProxy
 _HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "authorization"}
 _BLOB_RE = re.compile(r"^/v2/(?P<repo>.+)/blobs/(?P<digest>[a-z0-9]+:[a-f0-9]+)$")
 _REPO_RE = re.compile(r"^/v2/(?P<repo>.+)/(?:blobs|manifests)/")
+#: A range read of a blob's bytes (not the ``0-0`` liveness probe, not a suffix probe).
+_DATA_RANGE_RE = re.compile(r"bytes=(\d+)-(\d+)$")
+T = TypeVar("T")
+#: :class:`Body` ``flip`` inverts one byte in this many.
+FLIP_STRIDE = 64
 
 Hook = Callable[["Proxy", web.Request], Awaitable[web.StreamResponse | None]]
 
@@ -58,7 +76,10 @@ class Proxy:
         self.seen: list[Seen] = []
         self.netloc = ""
         self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
         self._session: aiohttp.ClientSession | None = None
+        #: While set, the port is closed and requests on kept-alive connections are reset.
+        self.is_down = False
 
     @property
     def url(self) -> str:
@@ -71,10 +92,10 @@ class Proxy:
             app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.netloc = f"{self.host}:{port}"
+        self._site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
+        await self._site.start()
+        self.port = self._runner.addresses[0][1]
+        self.netloc = f"{self.host}:{self.port}"
         self._session = aiohttp.ClientSession(auto_decompress=False)
         return self
 
@@ -91,7 +112,24 @@ class Proxy:
             if (method is None or s.method == method) and re.search(path_re, s.path)
         ]
 
+    async def down(self) -> None:
+        """Go away: the port refuses connections, and a request on a connection the client
+        kept alive is answered with a reset (as when the host behind it dies)."""
+        self.is_down = True
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
+
+    async def up(self) -> None:
+        """Listen again on the same port."""
+        assert self._runner is not None
+        self._site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
+        await self._site.start()
+        self.is_down = False
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if self.is_down:
+            return await Reset()(self, request)
         self.seen.append(
             Seen(
                 request.method,
@@ -229,12 +267,17 @@ class RedirectBlobs:
 
     storage: Proxy
     redirects: int = 0
+    #: When given, each signature handed out is recorded here with its time of issue
+    #: (:class:`Storage` ``max_age`` reads it).
+    issued: dict[str, float] | None = None
 
     async def __call__(self, proxy: Proxy, request: web.Request) -> web.StreamResponse | None:
         m = _BLOB_RE.match(request.path)
         if m and request.method == "GET":
             self.redirects += 1
             sig = secrets.token_hex(4)
+            if self.issued is not None:
+                self.issued[sig] = time.monotonic()
             location = f"{self.storage.url}/store/{m['repo']}/{m['digest']}?sig={sig}"
             return web.Response(status=307, headers={"Location": location})
         return None
@@ -261,10 +304,15 @@ class RedirectToken:
 @dataclass
 class Storage:
     """Serves ``/store/<repo>/<digest>`` from the registry; refuses (400) any request
-    carrying Authorization or an ``X-`` header, and 403s signatures in ``expired``."""
+    carrying Authorization or an ``X-`` header, and 403s signatures in ``expired``, and
+    (with ``max_age``) those issued (``issued``, shared with :class:`RedirectBlobs`) more
+    than ``max_age`` seconds ago."""
 
     expired: set[str] = field(default_factory=set)
     leaks: list[str] = field(default_factory=list)
+    issued: dict[str, float] = field(default_factory=dict)
+    max_age: float | None = None
+    refused: int = 0
 
     async def __call__(self, proxy: Proxy, request: web.Request) -> web.StreamResponse | None:
         leaked = [
@@ -273,7 +321,14 @@ class Storage:
         if leaked:
             self.leaks.extend(leaked)
             return web.Response(status=400, text=f"leaked headers: {leaked}")
-        if request.query.get("sig") in self.expired:
+        sig = request.query.get("sig", "")
+        too_old = (
+            self.max_age is not None
+            and sig in self.issued
+            and time.monotonic() - self.issued[sig] > self.max_age
+        )
+        if sig in self.expired or too_old:
+            self.refused += 1
             return web.Response(status=403, text="signature expired")
         repo, _, digest = request.path[len("/store/") :].rpartition("/")
         return await proxy.forward(request, path=f"/v2/{repo}/blobs/{digest}")
@@ -382,3 +437,225 @@ def chain(*hooks: Hook) -> Hook:
         return None
 
     return hook
+
+
+# --- faults of one answer (for the daemon fault matrix) ----------------------------------------
+
+
+def is_data_range(request: web.Request) -> bool:
+    """A GET of blob bytes ``a-b`` (not the ``0-0`` liveness probe), on the registry or on
+    storage: the requests a read of a lazily mounted file makes."""
+    if request.method != "GET":
+        return False
+    if not (_BLOB_RE.match(request.path) or request.path.startswith("/store/")):
+        return False
+    m = _DATA_RANGE_RE.match(request.headers.get("Range", ""))
+    return bool(m) and m.group(2) != "0"
+
+
+@dataclass
+class Reset:
+    """The connection is reset (TCP RST) before any answer."""
+
+    hits: int = 0
+
+    async def __call__(self, proxy: Proxy, request: web.Request) -> web.StreamResponse | None:
+        self.hits += 1
+        transport = request.transport
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            transport.abort()
+        return web.Response(status=500)  # never sent: the connection is gone
+
+
+@dataclass
+class Status:
+    """Answer ``status`` (with ``Retry-After`` when given) instead of the registry."""
+
+    status: int = 503
+    retry_after: str | None = None
+    hits: int = 0
+
+    async def __call__(self, proxy: Proxy, request: web.Request) -> web.StreamResponse | None:
+        self.hits += 1
+        headers = {"Retry-After": self.retry_after} if self.retry_after else None
+        return web.Response(status=self.status, text="injected", headers=headers)
+
+
+@dataclass
+class Delay:
+    """Hold the request ``seconds`` before the registry answers it (a stall before the
+    answer's headers)."""
+
+    seconds: float
+    hits: int = 0
+
+    async def __call__(self, proxy: Proxy, request: web.Request) -> web.StreamResponse | None:
+        self.hits += 1
+        await asyncio.sleep(self.seconds)
+        return None
+
+
+@dataclass
+class Body:
+    """The registry's answer, with its body damaged on the way:
+
+    - ``stall``: headers and the first half of the body, then ``seconds`` of silence,
+      then the rest;
+    - ``cut``: headers (the full ``Content-Length``) and the first half, then a reset;
+    - ``flip``: every byte there, one in every FLIP_STRIDE inverted (the middle one among
+      them), so that each chunk in the answer is damaged, the one a read waits for too.
+    """
+
+    mode: str
+    seconds: float = 0.0
+    hits: int = 0
+
+    async def __call__(self, proxy: Proxy, request: web.Request) -> web.StreamResponse | None:
+        answer = await proxy.forward(request)
+        body = bytes(answer.body or b"")
+        if answer.status not in (200, 206) or len(body) < 2:
+            return answer
+        self.hits += 1
+        half = len(body) // 2
+        if self.mode == "flip":
+            damaged = bytearray(body)
+            for i in range(half % FLIP_STRIDE, len(damaged), FLIP_STRIDE):
+                damaged[i] ^= 0xFF
+            answer.body = bytes(damaged)
+            return answer
+        resp = web.StreamResponse(status=answer.status, headers=answer.headers)
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        await resp.write(body[:half])
+        if self.mode == "cut":
+            await Reset()(proxy, request)
+            return resp
+        if self.mode != "stall":
+            raise AssertionError(self.mode)
+        await asyncio.sleep(self.seconds)
+        await resp.write(body[half:])
+        await resp.write_eof()
+        return resp
+
+
+@dataclass
+class PerRequest:
+    """``fault`` on the first ``times`` tries of each distinct blob range read (method,
+    path, Range): a transient fault that ``times`` retries get past. Other requests (and
+    later tries) reach the registry untouched."""
+
+    fault: Hook
+    times: int = 1
+    tries: collections.Counter[tuple[str, str, str]] = field(default_factory=collections.Counter)
+    hits: int = 0
+
+    async def __call__(self, proxy: Proxy, request: web.Request) -> web.StreamResponse | None:
+        if not is_data_range(request):
+            return None
+        key = (request.method, request.path, request.headers.get("Range", ""))
+        self.tries[key] += 1
+        if self.tries[key] > self.times:
+            return None
+        self.hits += 1
+        return await self.fault(proxy, request)
+
+
+@dataclass
+class PerRegion:
+    """``fault`` on a blob range read unless its bytes overlap a range it already hit:
+    each part of the blob is damaged at most once (a bad moment on the wire, not a bad
+    disk), however the reader cuts its requests."""
+
+    fault: Hook
+    hit_ranges: list[tuple[str, int, int]] = field(default_factory=list)
+    hits: int = 0
+
+    async def __call__(self, proxy: Proxy, request: web.Request) -> web.StreamResponse | None:
+        if not is_data_range(request):
+            return None
+        m = _DATA_RANGE_RE.match(request.headers.get("Range", ""))
+        assert m is not None
+        blob, a, b = request.path.rsplit("/", 1)[-1], int(m.group(1)), int(m.group(2))
+        if any(d == blob and a <= hi and lo <= b for d, lo, hi in self.hit_ranges):
+            return None
+        self.hit_ranges.append((blob, a, b))
+        self.hits += 1
+        return await self.fault(proxy, request)
+
+
+@dataclass
+class Every:
+    """``fault`` on every blob range read (a fault that lasts until it is taken away)."""
+
+    fault: Hook
+    hits: int = 0
+
+    async def __call__(self, proxy: Proxy, request: web.Request) -> web.StreamResponse | None:
+        if not is_data_range(request):
+            return None
+        self.hits += 1
+        return await self.fault(proxy, request)
+
+
+class Switch:
+    """A hook whose fault is swapped while the proxy runs: ``base`` always answers first
+    (an auth gate, redirects), then ``fault`` when one is set."""
+
+    def __init__(self, *base: Hook) -> None:
+        self.base = base
+        self.fault: Hook | None = None
+
+    async def __call__(self, proxy: Proxy, request: web.Request) -> web.StreamResponse | None:
+        fault = self.fault
+        if fault is not None:
+            answer = await fault(proxy, request)
+            if answer is not None:
+                return answer
+        for h in self.base:
+            answer = await h(proxy, request)
+            if answer is not None:
+                return answer
+        return None
+
+
+class ProxyThread:
+    """Proxies served from an event loop of their own thread, for callers that block (a
+    test reading files of a FUSE mount). :meth:`run` executes a coroutine there."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="proxy", daemon=True)
+        self.thread.start()
+        self.proxies: list[Proxy] = []
+        # a reset connection or a client that gave up is the point here, not news
+        logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self, upstream: str, hook: Hook | None = None, **kw: Any) -> Proxy:
+        proxy = Proxy(upstream, hook, **kw)
+        self.run(proxy.__aenter__())
+        self.proxies.append(proxy)
+        return proxy
+
+    def close(self) -> None:
+        for p in reversed(self.proxies):
+            try:
+                self.run(p.__aexit__(None, None, None))
+            except (concurrent.futures.TimeoutError, RuntimeError):
+                pass
+        self.proxies.clear()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+    def __enter__(self) -> ProxyThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
