@@ -25,3 +25,14 @@ def mount_points() -> list[str]:
     """Every mount point, in mount order (a path mounted twice appears twice)."""
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         return [_unescape(line.split(" ", 5)[4]) for line in f]
+
+
+def entries() -> list[tuple[str, str, str, str]]:
+    """``(mount point, "major:minor", root, fstype)`` of every mount, in mount order."""
+    out = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.rstrip("\n").split(" ")
+            sep = fields.index("-", 6)
+            out.append((_unescape(fields[4]), fields[2], _unescape(fields[3]), fields[sep + 1]))
+    return out

@@ -488,7 +488,9 @@ def test_every_file_readable_after_registry_stops_once_fully_fetched(
 def test_kill9_restart_remounts_and_does_not_refetch_cached_chunks(
     logged_registry, lazy_stack, shared
 ):
-    """Background fetch off. A container of busybox ``opt`` + ``oci-corners:esgz`` reads
+    """Background fetch off, and no keeper of the FUSE connection (``--fuse-handover off``:
+    the path a first start, a holder that is gone or a reboot takes; with a keeper, see
+    test_restart.py). A container of busybox ``opt`` + ``oci-corners:esgz`` reads
     the greeting and the whole 5.2 MB incompressible ``/data/noise.bin`` (so the busybox
     prefetch region, ~1 MB, and noise.bin's chunks, ~5.2 MB, are in the disk cache). Then
     the daemon is killed with SIGKILL (its FUSE mounts die with it) and restarted on the same
@@ -502,7 +504,7 @@ def test_kill9_restart_remounts_and_does_not_refetch_cached_chunks(
       most a 1-byte probe and a footer+TOC tail (1 B + 64 KiB; today only the probe), far
       below what re-reading the busybox prefetch or noise.bin's chunks would cost.
     """
-    sd, c = lazy_stack(NO_BACKGROUND)
+    sd, c = lazy_stack(NO_BACKGROUND, ("--fuse-handover", "off"))
     fixtures = shared / "fixtures"
     layout = stack_images(
         sd.workdir / "stack",

@@ -8,8 +8,9 @@
 - ``containerd`` (function): containerd 1.6 whose ``stargz`` proxy plugin is that daemon.
 - ``logged_registry`` (function): a docker-registry of the test's own, with its access log
   on (``Registry.blob_requests``: what it served), which the test may stop.
-- ``lazy_stack`` (function): ``lazy_stack(config_text)`` starts our daemon with lazy pulling
-  on (no ``--no-lazy``) and that TOML config, plus a containerd using it; returns
+- ``lazy_stack`` (function): ``lazy_stack(config_text, extra_args)`` starts our daemon with
+  lazy pulling on (no ``--no-lazy``), that TOML config and those extra command-line
+  arguments, plus a containerd using it; returns
   ``(daemon, containerd)``. Both are stopped by PID at teardown.
 """
 
@@ -97,8 +98,10 @@ def lazy_stack(e2e_host: None) -> Iterator[LazyStack]:
     # Lazy pulling (issue 4): our daemon mounts eStargz layers from the registry via FUSE.
     started: list[Daemon] = []
 
-    def start(config_text: str = "") -> tuple[StargzDaemon, Containerd]:
-        sd = StargzDaemon.start(config_text=config_text)
+    def start(
+        config_text: str = "", extra_args: tuple[str, ...] = ()
+    ) -> tuple[StargzDaemon, Containerd]:
+        sd = StargzDaemon.start(config_text=config_text, extra_args=extra_args)
         started.append(sd)
         c = Containerd.start(sd.address)
         started.append(c)

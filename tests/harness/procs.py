@@ -374,6 +374,33 @@ class StargzDaemon(Daemon):
                     out.append(json.loads(line))
         return out
 
+    def holder_pid(self) -> int | None:
+        """The pid of the process keeping this daemon's FUSE connection, if one lives."""
+        from stargz.fuse.holder import HolderClient
+
+        return HolderClient(os.path.join(self.root, "holder")).pid()
+
+    def release_fuse(self) -> None:
+        """Let the holder go (it closes the kept connection and exits), by its pid."""
+        from stargz.fuse.holder import HolderClient
+
+        client = HolderClient(os.path.join(self.root, "holder"))
+        pid = client.pid()
+        client.drop()
+        if pid is not None and client.pid() is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        """Stop, let the FUSE holder go (after SIGTERM it keeps a mount nobody serves, which
+        would hang any walk of the work dir), then unmount and delete as `Daemon.close`."""
+        try:
+            self.stop()
+        finally:
+            if hasattr(self, "root"):
+                self.release_fuse()
+            super().close()
+
     def snapshot_dirs(self) -> set[str]:
         d = Path(self.root) / "snapshots"
         return {p.name for p in d.iterdir()} if d.is_dir() else set()

@@ -16,8 +16,14 @@ With ``metrics_address`` set (and not ``no_prometheus``), Prometheus metrics are
 listen on stops the start (exit 1, an error naming the key).
 
 Signals: SIGTERM and SIGINT both stop accepting calls, let in-flight calls finish, and
-exit 0. SIGINT additionally unmounts remote snapshots (the Go daemon's "cleanup" signal);
-SIGTERM leaves them for the next start. Snapshot data is never deleted on shutdown.
+exit 0. SIGINT additionally unmounts remote snapshots and ends the FUSE connection (the Go
+daemon's "cleanup" signal); SIGTERM leaves them for the next start. Snapshot data is never
+deleted on shutdown.
+
+Restarts: the ``/dev/fuse`` descriptor is kept outside the daemon (``--fuse-handover``:
+systemd's fd store when the unit has one, else a holder process under the root), so after
+SIGTERM, ``kill -9`` or a crash the next start takes the live connection over and running
+containers only see their reads wait (`stargz.fuse.handover`).
 """
 
 from __future__ import annotations
@@ -153,6 +159,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="never mount layers from the registry; containerd unpacks every layer",
     )
+    p.add_argument(
+        "--fuse-handover",
+        default="auto",
+        choices=("auto", "holder", "systemd", "off"),
+        help="who keeps the FUSE connection across a restart (auto: systemd's fd store "
+        "when the unit has FileDescriptorStoreMax, a holder process outside systemd; "
+        "off: the mount ends with the daemon)",
+    )
     p.add_argument("--version", action=VersionAction)
     return p
 
@@ -181,8 +195,6 @@ def sd_notify(state: str) -> None:
 
 
 async def _serve(args: argparse.Namespace, cfg: config.Config) -> int:
-    from stargz.service.server import Server  # grpc is imported only when serving
-
     loop = asyncio.get_running_loop()
     stopped: asyncio.Future[signal.Signals] = loop.create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -193,6 +205,10 @@ async def _serve(args: argparse.Namespace, cfg: config.Config) -> int:
     sig: signal.Signals | None = None
     metrics = None
     try:
+        # grpc is imported only when serving, and after the filesystem started: a restart
+        # that took the FUSE connection over serves it ~0.4 s sooner
+        from stargz.service.server import Server
+
         metrics = await _start_metrics(cfg, fs)
         server = await Server.start(
             args.address,
@@ -209,9 +225,9 @@ async def _serve(args: argparse.Namespace, cfg: config.Config) -> int:
         if metrics is not None:
             await metrics.stop()
         if fs is not None:
-            # The FUSE mount ends with this process either way; SIGINT also unbinds the
-            # snapshot mounts (Go's "graceful cleanup"), other signals leave them for the
-            # restart to replace.
+            # SIGINT unbinds the snapshot mounts and ends the FUSE connection (Go's
+            # "graceful cleanup"); other signals leave both to the next start, which takes
+            # the connection over from its keeper (or, without one, mounts anew).
             await fs.close(unmount=sig == signal.SIGINT)
     log.info("stopped")
     return 0
@@ -241,9 +257,29 @@ async def _start_filesystem(args: argparse.Namespace, cfg: config.Config):
         return None
     from stargz.fs.filesystem import StargzFileSystem
 
-    fs = StargzFileSystem.from_config(args.root, cfg)
+    fs = StargzFileSystem.from_config(args.root, cfg, handover=_handover(args))
     await fs.start()
     return fs
+
+
+def _handover(args: argparse.Namespace):
+    """Who keeps the FUSE descriptor across a restart (`stargz.fuse.handover`), or None."""
+    from stargz.fuse import handover
+
+    root = os.path.abspath(args.root)
+    if args.fuse_handover == "off":
+        return None
+    if args.fuse_handover == "holder":
+        return handover.HolderHandover(os.path.join(root, "holder"))
+    if args.fuse_handover == "systemd":
+        return handover.SystemdHandover(os.path.join(root, "fuse-handover.json"))
+    chosen = handover.choose(root)
+    if chosen is None:
+        log.warning(
+            "running under systemd without a file-descriptor store: a restart ends the FUSE "
+            "mounts of running containers (set FileDescriptorStoreMax=1 in the unit)"
+        )
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,14 @@ prefetch. ``unmount``: unbind, and drop the layer when no snapshot uses it any m
 
 `close` ends the session and unmounts; a new instance may then start on the same root
 (a daemon restart in one process, as the tests do).
+
+With a ``handover`` (`stargz.fuse.handover`: a holder process, or systemd's fd store), the
+``/dev/fuse`` descriptor is kept outside the process from the first mount on, so a
+daemon that dies (or stops with ``close(unmount=False)``) leaves the mount alive: the
+kernel queues requests until the next daemon takes the descriptor back in `start`,
+reopens every layer in its old inode slot under its old name (`stargz.fs.slots`), asks
+the kernel to resend what the dead daemon had read but not answered, and only then reads
+the device. The snapshot bind mounts stay as they were (``connection_kept``).
 """
 
 from __future__ import annotations
@@ -44,17 +52,20 @@ from stargz.errors import (
     NotFound,
     Unavailable,
 )
-from stargz.fs import memory, mounts, passthrough
+from stargz.fs import memory, mounts, passthrough, takeover
 from stargz.fs.cache import DiskCache, MemoryLRU
 from stargz.fs.layer import Layer
 from stargz.fs.metrics import FsMetrics
 from stargz.fs.ops import Operations
 from stargz.fs.options import FsOptions
 from stargz.fs.scheduler import Scheduler
+from stargz.fs.slots import SlotTable
 from stargz.fs.source import LayerSource, LayerSpec, layer_spec
 from stargz.fs.tree import Tree
-from stargz.fuse import ROOT_INODE, Session
+from stargz.fuse import ROOT_INODE, Connection, Session
 from stargz.fuse import mount as fuse_mount
+from stargz.fuse.handover import Handover
+from stargz.fuse.protocol import HAS_RESEND
 from stargz.private import private_dir
 from stargz.remote.reference import parse_reference
 
@@ -96,7 +107,14 @@ class StargzFileSystem:
     survives restarts). ``source`` resolves layers (see `stargz.fs.source`).
     """
 
-    def __init__(self, root: str, source: LayerSource, options: FsOptions | None = None) -> None:
+    def __init__(
+        self,
+        root: str,
+        source: LayerSource,
+        options: FsOptions | None = None,
+        *,
+        handover: Handover | None = None,
+    ) -> None:
         self.root = os.path.abspath(root)
         self.source = source
         self.options = options or FsOptions()
@@ -126,13 +144,24 @@ class StargzFileSystem:
         self._started = False
         self._closed = False
         self.fuse_dev: int | None = None
+        #: Keeps the FUSE descriptor outside this process (None: the mount ends with it).
+        self.handover = handover
+        #: True when `start` took over a live connection (its snapshot mounts are valid).
+        self.connection_kept = False
+        self.slots = SlotTable(os.path.join(self.root, "fuse-layers.json"))
+        self._root_lock = -1
         self.read_ahead_kb: tuple[int | None, int] | None = None
         #: Close ``source`` in `close` (set by `from_config`, which made it).
         self.owns_source = False
 
     @classmethod
     def from_config(
-        cls, root: str, cfg: Config, source: LayerSource | None = None
+        cls,
+        root: str,
+        cfg: Config,
+        source: LayerSource | None = None,
+        *,
+        handover: Handover | None = None,
     ) -> StargzFileSystem:
         """The daemon's filesystem: options from ``cfg`` (a `stargz.config.Config`), layers
         from the registry (`stargz.fs.registry.RegistryLayerSource`) unless ``source``."""
@@ -141,7 +170,7 @@ class StargzFileSystem:
             from stargz.fs.registry import RegistryLayerSource
 
             source = RegistryLayerSource.from_config(cfg)
-        fs = cls(root, source, FsOptions.from_config(cfg))
+        fs = cls(root, source, FsOptions.from_config(cfg), handover=handover)
         fs.owns_source = owns
         return fs
 
@@ -167,23 +196,24 @@ class StargzFileSystem:
             self._scheduler = Scheduler(
                 o.max_concurrency, o.background_silence_sec, o.background_read_silence_sec
             )
-            # a daemon that died leaves a dead FUSE mount ("transport endpoint is not connected")
-            await loop.run_in_executor(None, _detach_all, self.fuse_dir)
             # the mount is allow_other: the root's 0700 is what keeps host users out of it
             await loop.run_in_executor(None, private_dir, self.root)
-            await loop.run_in_executor(None, private_dir, self.fuse_dir)
             await loop.run_in_executor(self._executor, self.disk.load)
-            # read-only, nosuid, nodev, allow_other and default_permissions: the kernel
-            # checks mode bits itself, so a host user who can reach the mount reads only
-            # what the layer's modes allow
             refused = await loop.run_in_executor(
                 None, passthrough.init_refusal, o.passthrough, self.cache_dir
             )
-            conn = await loop.run_in_executor(
-                None, lambda: fuse_mount(self.fuse_dir, passthrough=refused is None)
-            )
-            session = Session(self.ops, conn, on_handler_error=self._handler_error)
-            session.start(loop)
+            kept = None
+            if self.handover is not None:
+                # one server per connection: a second daemon started on this root by
+                # mistake must not read requests the running one is answering
+                self._root_lock = await loop.run_in_executor(None, takeover.lock_root, self.root)
+                kept = await loop.run_in_executor(None, self._take_over)
+            if kept is not None:
+                session = Session(self.ops, kept, on_handler_error=self._handler_error)
+                await loop.run_in_executor(None, self.slots.load)
+                self.connection_kept = True
+            else:
+                session = await self._mount(loop, passthrough=refused is None)
             self._session = session
             self.ops.notify_store = session.notify_store
             self.ops.passthrough = await loop.run_in_executor(
@@ -195,22 +225,108 @@ class StargzFileSystem:
                     self._writer,
                     self.disk,
                     refused=refused,
+                    ids_path=os.path.join(self.root, "passthrough-ids"),
+                    inherited=self.connection_kept,
                 ),
             )
-            self._main = loop.create_task(self._serve(), name="stargz-fuse")
             self._started = True
             try:
-                self.fuse_dev = await loop.run_in_executor(None, mounts.device_of, self.fuse_dir)
+                if kept is not None:
+                    # every layer back in its slot before the first queued request is read
+                    await self._reopen_layers()
+                    resent = session.resend()
+                    session.start(loop)
+                    log.info(
+                        "FUSE connection taken over",
+                        extra={
+                            "mountpoint": self.fuse_dir,
+                            "layers": len(self._layers),
+                            "keeper": getattr(self.handover, "kind", ""),
+                            "resent": resent,
+                        },
+                    )
+                self._main = loop.create_task(self._serve(), name="stargz-fuse")
                 if o.read_ahead_kb:
+                    assert self.fuse_dev is not None
                     old = mounts.set_read_ahead_kb(self.fuse_dev, o.read_ahead_kb)
                     self.read_ahead_kb = (old, o.read_ahead_kb)
             except Exception:
-                await self.close()
+                # (a connection taken over stays kept: the next start may do better)
+                await self.close(unmount=not self.connection_kept)
                 raise
             log.info(
                 "FUSE mounted",
                 extra={"mountpoint": self.fuse_dir, "cached_chunks": len(self.disk)},
             )
+
+    async def _mount(self, loop: asyncio.AbstractEventLoop, *, passthrough: bool) -> Session:
+        """A new FUSE mount at ``fuse_dir`` (serving at once), handed to the keeper."""
+        # a daemon that died leaves a dead FUSE mount ("transport endpoint is not connected")
+        await loop.run_in_executor(None, _detach_all, self.fuse_dir)
+        await loop.run_in_executor(None, private_dir, self.fuse_dir)
+        await loop.run_in_executor(None, self.slots.reset)
+        # read-only, nosuid, nodev, allow_other and default_permissions: the kernel
+        # checks mode bits itself, so a host user who can reach the mount reads only
+        # what the layer's modes allow
+        conn = await loop.run_in_executor(
+            None, lambda: fuse_mount(self.fuse_dir, passthrough=passthrough)
+        )
+        session = Session(self.ops, conn, on_handler_error=self._handler_error)
+        try:
+            dev = await loop.run_in_executor(None, takeover.mount_dev, self.fuse_dir)
+            if dev is None:
+                raise OSError(errno.ENOENT, f"{self.fuse_dir} is not in the mount table")
+            self.fuse_dev = dev
+            if self.handover is not None:
+                state = takeover.state_of(conn, dev)
+                try:
+                    await loop.run_in_executor(None, self.handover.keep, conn.fd, state)
+                except OSError as e:
+                    # serving matters more than surviving the next restart
+                    log.warning(
+                        "cannot keep the FUSE connection outside the daemon: a restart "
+                        "will end the mounts of running containers",
+                        extra={"keeper": getattr(self.handover, "kind", ""), "error": str(e)},
+                    )
+                    self.handover = None
+        except BaseException:
+            session.close()
+            raise
+        session.start(loop)
+        return session
+
+    def _take_over(self) -> Connection | None:
+        """The kept connection if it still serves ``fuse_dir``; otherwise let it go (the
+        mount is then made anew)."""
+        assert self.handover is not None
+        kept = self.handover.take()
+        if kept is None:
+            return None
+        checked = takeover.check(kept, self.fuse_dir)
+        if isinstance(checked, str):
+            log.warning("not taking over the kept FUSE connection: %s", checked)
+            os.close(kept.fd)
+            self.handover.release()
+            return None
+        conn, self.fuse_dev = checked
+        return conn
+
+    async def _reopen_layers(self) -> None:
+        """Open again, in their old slots, the layers the previous daemon showed."""
+        records = list(self.slots.layers.items())
+
+        async def one(key: str, labels: Mapping[str, str]) -> None:
+            try:
+                await self._acquire(self._spec(labels), labels)
+            except Exception as e:
+                # its slot stays reserved: a later mount of it (the snapshotter's restore)
+                # tries again; meanwhile its inodes answer ENOENT/EIO
+                log.error(
+                    "cannot reopen a layer of the kept FUSE connection",
+                    extra={"layer": key, "error": str(e)},
+                )
+
+        await asyncio.gather(*(one(k, r.labels) for k, r in records))
 
     def _handler_error(self, opcode: int) -> None:
         self.metrics.handler_errors += 1
@@ -226,7 +342,9 @@ class StargzFileSystem:
             raise
 
     async def close(self, *, unmount: bool = True) -> None:
-        """Stop serving. With ``unmount``, unbind every snapshot mount first."""
+        """Stop serving. With ``unmount``, unbind every snapshot mount first and end the
+        FUSE connection; without, a ``handover`` keeps the connection for the next start
+        (otherwise it ends with this process)."""
         if self._closed:
             return
         self._closed = True
@@ -238,18 +356,39 @@ class StargzFileSystem:
                 except OSError as e:
                     log.warning("cannot unmount %s: %s", mp, e)
             self._mounts.clear()
+        keep = self.handover is not None and not unmount
+        session = self._session
+        if keep and session is not None:
+            if not session.conn.offered & HAS_RESEND:
+                # a kernel before 6.9 cannot resend what we leave unanswered: let the
+                # reads that wait for a fetch finish first (bounded)
+                deadline = loop.time() + KEEP_DRAIN_SEC
+                while session.in_flight and loop.time() < deadline:
+                    await asyncio.sleep(0.01)
+            # stop answering before the layers close: a read failing with LayerClosed
+            # must stay unanswered (the next daemon answers it), never become an EIO
+            session.close(keep_mount=True)
         for ref in list(self._layers.values()):
             await ref.layer.close()
         self._layers.clear()
+        if self.ops.passthrough is not None:
+            self.ops.passthrough.close()
         if self._session is not None:
             self.ops.notify_store = self.ops.passthrough = None
-            self._session.close()
+            self._session.close(keep_mount=keep)
             if self._main is not None:
                 try:
                     await asyncio.wait_for(asyncio.shield(self._main), 10)
                 except (TimeoutError, Exception):
                     self._main.cancel()
-            await loop.run_in_executor(None, _detach_all, self.fuse_dir)
+            if not keep:
+                await loop.run_in_executor(None, _detach_all, self.fuse_dir)
+        if self.handover is not None and not keep:
+            # nothing to hand on: the keeper's copy would keep a mount nobody serves
+            await loop.run_in_executor(None, self.handover.release)
+        if self._root_lock >= 0:
+            os.close(self._root_lock)  # (after the session: its fd is handed on by now)
+            self._root_lock = -1
         self.disk.close()
         for ex in (self._executor, self._writer):
             if ex is not None:
@@ -284,7 +423,14 @@ class StargzFileSystem:
                 ref = await self._acquire(spec, labels)
                 try:
                     src = os.path.join(self.fuse_dir, ref.name.decode())
-                    await asyncio.get_running_loop().run_in_executor(None, _bind, src, mp)
+                    loop = asyncio.get_running_loop()
+                    if not (
+                        self.connection_kept
+                        and await loop.run_in_executor(
+                            None, takeover.bound, mp, self.fuse_dev, "/" + ref.name.decode()
+                        )
+                    ):
+                        await loop.run_in_executor(None, _bind, src, mp)
                 except BaseException:
                     await self._release(ref)
                     raise
@@ -375,10 +521,17 @@ class StargzFileSystem:
                 raise
             # the parsed TOC is garbage now: give its pages back (off the mount's path)
             asyncio.get_running_loop().run_in_executor(self._executor, memory.trim)
-            name = spec.digest.partition(":")[2].encode()
-            if name in self.ops.names:  # the same layer from another repository
-                name += b"-" + hashlib.sha256(source.encode()).hexdigest()[:16].encode()
-            self.ops.add(name, layer, tree)
+            # the slot (and name) are recorded before the layer is visible: a daemon that
+            # takes the connection over must show it in the same slot under the same name
+            rec = self.slots.get(_slot_key(key))
+            if rec is None:
+                name = spec.digest.partition(":")[2].encode()
+                if name in self.ops.names or self.slots.has_name(name.decode()):
+                    # the same layer from another repository
+                    name += b"-" + hashlib.sha256(source.encode()).hexdigest()[:16].encode()
+                rec = self.slots.add(_slot_key(key), name.decode(), labels)
+            name = rec.name.encode()
+            self.ops.add(name, layer, tree, rec.slot)
             ref = _LayerRef(layer, name, spec, key)
             self._layers[key] = ref
             layer.start_prefetch(self._prefetch_size(layer, spec))
@@ -404,6 +557,7 @@ class StargzFileSystem:
         self._layers.pop(ref.key, None)
         self.metrics.closed_layers_verification_failures += ref.layer.metrics.verification_failures
         self.ops.remove(ref.name)
+        self.slots.remove(_slot_key(ref.key))
         if self._session is not None and not self._closed:
             # in a worker thread: the kernel may need a request answered meanwhile
             asyncio.get_running_loop().run_in_executor(
@@ -548,6 +702,10 @@ class StargzFileSystem:
         return [(r.layer, tuple(sorted(r.mountpoints))) for r in self._layers.values()]
 
 
+#: How long a stop that keeps the FUSE connection waits for requests still being answered,
+#: on a kernel that cannot resend them to the next daemon.
+KEEP_DRAIN_SEC = 10.0
+
 #: CPU niceness of the cache-writer thread. Its work (thousands of small chunk files after
 #: a prefetch) is never waited for by a read, and it used to compete for the CPU with the
 #: container that just started (measured: ~0.45 s of writer time during a gcc HelloBench run).
@@ -558,6 +716,10 @@ def _background_thread() -> None:
     """Lower this thread's CPU priority (Linux threads are tasks with their own nice)."""
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+
+
+def _slot_key(key: LayerKey) -> str:
+    return f"{key[0]} {key[1]}"
 
 
 def _norm(path: str) -> str:

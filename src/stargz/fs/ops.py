@@ -1,8 +1,9 @@
 """FUSE request handlers: one FUSE mount whose root holds one directory per layer.
 
 Inode numbers are computed, never allocated: ``(slot << 32) | local`` where ``slot`` is
-the mounted layer's number (never reused while the process lives, so a stale kernel
-inode can't reach another layer) and ``local`` is 1 for the hidden state directory,
+the mounted layer's number (never reused while the FUSE connection lives, so a stale
+kernel inode can't reach another layer; `stargz.fs.slots` keeps it across a daemon
+restart that takes the connection over) and ``local`` is 1 for the hidden state directory,
 2 for its JSON file, and ``node id + 3`` for the layer's TOC nodes (the layer root is
 node 0). The FUSE root is inode 1 (slot 0). So every handler finds its layer with one
 dict lookup and its node by arithmetic, and ``forget`` has nothing to do.
@@ -106,9 +107,15 @@ class Operations:
 
     # --- the layer table (called by the FileSystem) ---------------------------------------
 
-    def add(self, name: bytes, layer: Layer, tree: Tree | None = None) -> Mounted:
-        slot = self._next_slot
-        self._next_slot += 1
+    def add(
+        self, name: bytes, layer: Layer, tree: Tree | None = None, slot: int | None = None
+    ) -> Mounted:
+        """Show ``layer`` as ``name`` in the FUSE root, in ``slot`` (default: the next)."""
+        if slot is None:
+            slot = self._next_slot
+        elif slot in self.slots:
+            raise ValueError(f"inode slot {slot} is in use")
+        self._next_slot = max(self._next_slot, slot + 1)
         if tree is None:
             tree = Tree(layer.reader, self.options.opaque_xattr)
         m = Mounted(slot, name, layer, tree)

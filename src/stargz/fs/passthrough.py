@@ -21,6 +21,16 @@ only while no cached open of it is outstanding, and stays so while its backing l
 When the cache drops a file that backs a node (eviction, damage), the node is served by
 the daemon again once its passthrough opens are all closed: until then, further opens
 keep the backing id (the kernel holds the deleted file's bytes, which were checked).
+
+Backing ids belong to the FUSE connection, not to the daemon: when a daemon takes a kept
+connection over (`stargz.fuse.handover`), the ids the previous one registered are still
+there, and so may be open files using them and cached opens the new daemon never saw.
+The kernel refuses a second, different backing for an inode that has one (EBUSY) and
+mixing modes on an inode (both: the open fails with EIO). So every id is appended to
+``ids_path`` (``slot node id`` lines) when registered, and a daemon that took over
+(``inherited``) passes through only the nodes listed there, with their old ids, and
+serves every other node itself. The old ids stay registered until their layer is
+unmounted or the connection ends.
 """
 
 from __future__ import annotations
@@ -59,6 +69,9 @@ class Passthrough:
         backing_close: Callable[[int], None],
         executor: Executor | None,
         disk: DiskCache,
+        *,
+        ids_path: str | None = None,
+        inherited: bool = False,
     ) -> None:
         self._open = backing_open
         self._close = backing_close
@@ -74,6 +87,20 @@ class Passthrough:
         self._checking: set[str] = set()
         self._merging: set[str] = set()
         disk.on_discard = self._discarded
+        #: After a take-over: (slot, node) -> backing id registered by the previous daemon;
+        #: only these nodes pass through (see the module docstring).
+        self.inherited: dict[tuple[int, int], int] | None = None
+        self._ids_fd = -1
+        if ids_path is not None:
+            if inherited:
+                self.inherited = _read_ids(ids_path)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+            self._ids_fd = os.open(ids_path, flags | (0 if inherited else os.O_TRUNC), 0o600)
+
+    def close(self) -> None:
+        if self._ids_fd >= 0:
+            os.close(self._ids_fd)
+            self._ids_fd = -1
 
     # --- the open path (event loop thread) ---------------------------------------------------
 
@@ -81,7 +108,12 @@ class Passthrough:
         """A backing id for ``node`` of mounted layer ``m``, or 0 (serve it ourselves).
         A nonzero answer counts as a passthrough open until `closed`."""
         bid = m.backing.get(node)
-        if bid is None:
+        if bid is None and self.inherited is not None:
+            bid = self.inherited.pop((m.slot, node), 0)
+            if not bid:
+                return 0
+            m.backing[node] = bid
+        elif bid is None:
             if not self.enabled or m.cached_opens.get(node):
                 return 0
             bid = self._new_backing(m, node)
@@ -112,6 +144,11 @@ class Passthrough:
         finally:
             os.close(fd)
         m.backing[node] = bid
+        if self._ids_fd >= 0:
+            try:
+                os.write(self._ids_fd, f"{m.slot} {node} {bid}\n".encode())
+            except OSError as e:
+                log.warning("cannot record a passthrough backing id: %s", e)
         self._key_of[bid] = key
         self._users.setdefault(key, set()).add((m, node))
         self.disk.touch(key)
@@ -227,6 +264,19 @@ class Passthrough:
             self._close(bid)
 
 
+def _read_ids(path: str) -> dict[tuple[int, int], int]:
+    out: dict[tuple[int, int], int] = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 3 and all(x.isdigit() for x in parts):
+                    out[(int(parts[0]), int(parts[1]))] = int(parts[2])
+    except OSError:
+        pass
+    return out
+
+
 def _check_file(disk: DiskCache, key: str) -> str | None:
     try:
         return disk.read_checked(key, want=False)[0]
@@ -319,6 +369,8 @@ def start(
     disk: DiskCache,
     *,
     refused: str | None = None,
+    ids_path: str | None = None,
+    inherited: bool = False,
 ) -> Passthrough | None:
     """The session's `Passthrough`, or None where ``mode`` or the kernel rule it out.
 
@@ -338,10 +390,19 @@ def start(
             "the kernel does not offer FUSE passthrough (needs >= 6.9, CONFIG_FUSE_PASSTHROUGH)"
         )
     else:
-        pt = Passthrough(legacy_dir, session.backing_open, session.backing_close, executor, disk)
+        pt = Passthrough(
+            legacy_dir,
+            session.backing_open,
+            session.backing_close,
+            executor,
+            disk,
+            ids_path=ids_path,
+            inherited=inherited,
+        )
         reason = _probe(pt)
         if reason is not None:
             disk.on_discard = None
+            pt.close()
         if reason is None:
             log.info("FUSE passthrough on", extra={"mode": shown, "passthrough": True})
             return pt

@@ -4,7 +4,9 @@
 - `stargz.fuse.connection`: opening the device, mount(2) and the INIT handshake;
 - `stargz.fuse.session`: serving a connection's requests on an asyncio loop;
 - `stargz.fuse.operations`: the handler object a filesystem implements;
-- `stargz.fuse.stepping`: running a handler's coroutine after its inline first step.
+- `stargz.fuse.stepping`: running a handler's coroutine after its inline first step;
+- `stargz.fuse.handover`: keeping a connection's fd across a restart of the server (a
+  holder process, `stargz.fuse.holder`, or systemd's fd store, `stargz.fuse.fdstore`).
 
 `stargz.fs` builds the lazily pulled filesystem on it; nothing here knows about layers.
 """

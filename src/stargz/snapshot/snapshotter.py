@@ -448,10 +448,17 @@ class Snapshotter:
         osutil.remove_tree(path)
 
     async def _restore(self) -> None:
-        """After a restart: drop stale mounts, then mount every remote snapshot again."""
-        still = await asyncio.to_thread(osutil.unmount_all_under, self.snapshots_dir)
-        for mp in still:
-            log.warning("cannot unmount stale mount", extra={"mount-point": mp})
+        """After a restart: drop stale mounts, then mount every remote snapshot again.
+
+        When the filesystem took over the previous daemon's live FUSE connection
+        (``connection_kept``), the remote snapshots' bind mounts are still valid and in use
+        by running containers (as overlayfs lower dirs): they stay, and ``mount`` only
+        registers them again.
+        """
+        if not getattr(self.fs, "connection_kept", False):
+            still = await asyncio.to_thread(osutil.unmount_all_under, self.snapshots_dir)
+            for mp in still:
+                log.warning("cannot unmount stale mount", extra={"mount-point": mp})
         for sid, info in await self._db(self._remote_snapshots):
             fields = {"key": info.name, "id": sid}
             try:

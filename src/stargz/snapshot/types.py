@@ -110,6 +110,11 @@ class FileSystem(Protocol):
       snapshotter then answers ``UNAVAILABLE``.
     - ``unmount(mountpoint)`` is called before a remote snapshot's directory is removed, and
       on graceful shutdown. It must tolerate a mountpoint that is not mounted.
+
+    Optional attribute (read with ``getattr``): ``connection_kept``, True when the
+    filesystem took over a previous daemon's live mounts; the snapshotter's restore then
+    leaves the existing mounts in place and ``mount`` must accept a mountpoint that is
+    already a mount of that layer.
     """
 
     async def mount(self, mountpoint: str, labels: Mapping[str, str]) -> None: ...
