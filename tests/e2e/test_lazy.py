@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import subprocess
@@ -189,10 +190,12 @@ def pread_direct(path: Path, offset: int, size: int = 4096) -> bytes:
     """One read that bypasses the page cache (and so the kernel's read-ahead): exactly the
     bytes asked for reach the filesystem."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, size)  # (aligned, as a passthrough file's disk would require)
     try:
-        return os.pread(fd, size, offset)
+        return buf[: os.preadv(fd, [buf], offset)]
     finally:
         os.close(fd)
+        buf.close()
 
 
 # --- 1. the Go client lazily pulls the reference images -----------------------------------
