@@ -1,4 +1,4 @@
-"""Lazy pulling end to end (issue 4): real containerd 1.6 + runc, a real docker-registry,
+"""Lazy pulling end to end: real containerd 1.6 + runc, a real docker-registry,
 Debian's Go ``ctr-remote i rpull`` (the client that sets the remote-snapshot labels), and
 our daemon started WITHOUT ``--no-lazy``, so eStargz layers are mounted from the registry
 through our FUSE filesystem instead of being downloaded and unpacked.

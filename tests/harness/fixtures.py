@@ -62,7 +62,7 @@ def _show_log(d: Daemon, lines: int = 60) -> None:
 
 @pytest.fixture
 def stargz_daemon(e2e_host: None) -> Iterator[StargzDaemon]:
-    # The snapshotter on its own (issue 3): containerd unpacks every layer.
+    # The snapshotter on its own: containerd unpacks every layer.
     d = StargzDaemon.start(extra_args=["--no-lazy"])
     try:
         yield d
@@ -95,7 +95,7 @@ LazyStack = Callable[..., tuple[StargzDaemon, Containerd]]
 
 @pytest.fixture
 def lazy_stack(e2e_host: None) -> Iterator[LazyStack]:
-    # Lazy pulling (issue 4): our daemon mounts eStargz layers from the registry via FUSE.
+    # Lazy pulling: our daemon mounts eStargz layers from the registry via FUSE.
     started: list[Daemon] = []
 
     def start(

@@ -28,7 +28,7 @@ from stargz.snapshot import Info, Kind, Mount, Snapshotter, Usage
 
 T = TypeVar("T")
 
-#: These tests cover the snapshotter itself (issue 3): containerd unpacks every layer.
+#: These tests cover the snapshotter itself: containerd unpacks every layer.
 NO_LAZY = ["--no-lazy"]
 
 _CODES = {
