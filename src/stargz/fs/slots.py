@@ -7,7 +7,7 @@ kernel caches inode numbers (dentries, open files, overlayfs lower inodes), so a
 take-over each layer must come back in its old slot, and no slot may ever be given to
 another layer while the connection lives.
 
-The file, ``<root>/fuse-layers.json`` (0600): ``{"next_slot": n, "layers": {key:
+The file, ``<root>/fuse-layers.json`` (0600): ``{"format": 1, "next_slot": n, "layers": {key:
 {"slot": s, "name": ..., "labels": {...}}}}``, where ``key`` is ``"<source> <digest>"``
 (layers are opened per source repository) and ``name`` the layer's directory in the FUSE
 root (the digest's hex, suffixed when another source has the same digest: which one got
@@ -26,6 +26,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 log = logging.getLogger("stargz.fs")
+
+#: Version of the file's layout. A daemon reads the versions it knows (a file without one is
+#: version 1) and treats a newer one as unreadable, so an upgrade that changes the layout
+#: must keep reading the old one.
+FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,8 @@ class SlotTable:
         try:
             with open(self.path, "rb") as f:
                 doc = json.loads(f.read())
+            if int(doc.get("format", 1)) > FORMAT:
+                raise ValueError(f"format {doc['format']} is newer than this daemon's {FORMAT}")
             layers = {
                 str(key): SlotRecord(
                     int(r["slot"]),
@@ -92,6 +99,7 @@ class SlotTable:
 
     def _save(self) -> None:
         doc = {
+            "format": FORMAT,
             "next_slot": self.next_slot,
             "layers": {
                 key: {"slot": r.slot, "name": r.name, "labels": dict(r.labels)}

@@ -22,10 +22,16 @@ from stargz.fuse.handover import Kept, connected
 FSTYPE = "fuse.stargz"
 
 
+#: Version of the state kept with the descriptor (a state without one is version 1). A
+#: daemon never serves a connection whose state is newer than it knows.
+STATE_FORMAT = 1
+
+
 def state_of(conn: Connection, dev: int) -> bytes:
     """What is kept with the descriptor of ``conn``, mounted as device ``dev``."""
     return json.dumps(
         {
+            "format": STATE_FORMAT,
             "proto_minor": conn.proto_minor,
             "flags": conn.flags,
             "offered": conn.offered,
@@ -38,6 +44,8 @@ def check(kept: Kept, fuse_dir: str) -> tuple[Connection, int] | str:
     """The connection to serve and its device, or why ``kept`` must not be served."""
     try:
         state = json.loads(kept.state)
+        if int(state.get("format", 1)) > STATE_FORMAT:
+            return f"its INIT state has format {state['format']}, newer than this daemon's"
         dev = parse_dev(state["dev"])
         conn = Connection(
             kept.fd,
@@ -46,7 +54,7 @@ def check(kept: Kept, fuse_dir: str) -> tuple[Connection, int] | str:
             fuse_dir,
             offered=int(state["offered"]),
         )
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return "its INIT state is missing or damaged"
     if not _is_fuse_device(kept.fd):
         return "the kept descriptor is not /dev/fuse"
