@@ -150,6 +150,22 @@ def _mounts_under(path: str) -> list[str]:
     return sorted(found, key=lambda p: -p.count("/"))
 
 
+def corrupt_first_chunk(layer: Any, dest: Path, path: str) -> Path:
+    """A copy of ``layer``'s blob at ``dest`` with one byte flipped in the middle of the
+    compressed member of ``path``'s first chunk: that chunk fails its digest."""
+    from stargz.estargz import open_file
+
+    shutil.copyfile(layer.path, dest)
+    with open_file(str(dest)) as r:
+        start, end = r.chunk_span(r.chunk_rows(r.lookup(path).id, 0, 1)[0])
+    with open(dest, "r+b") as f:
+        f.seek((start + end) // 2)
+        byte = f.read(1)
+        f.seek((start + end) // 2)
+        f.write(bytes([byte[0] ^ 0x55]))
+    return dest
+
+
 def labels_for(layer: Any, *, cri: bool = False, toc: bool = True, **extra: str) -> dict[str, str]:
     """Snapshot labels containerd (CRI set) or ctr-remote (stargz set) would pass."""
     if cri:

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 
 import pytest
 
 from stargz.fs import LocalLayerSource
 from stargz.fs.metrics import MAX_ERROR_MESSAGE, LayerMetrics
+
+from .conftest import corrupt_first_chunk
 
 
 def test_note_error_redacts_urls_and_is_bounded():
@@ -30,19 +31,8 @@ def test_layer_status_names_ref_mounts_and_the_last_failed_read(fs_env, corners,
     """A layer whose chunk was corrupted: before any read its last error is empty; a read
     of that chunk fails with EIO and the layer's last error then names the file, with the
     verification failure counted."""
-    from stargz.estargz import open_file
-
     layer = corners.layers("esgz")[0]
-    bad = tmp_path / "bad-blob"
-    shutil.copyfile(layer.path, bad)
-    with open_file(str(bad)) as r:
-        row = r.chunk_rows(r.lookup("data/noise.bin").id, 0, 1)[0]
-        start, end = r.chunk_span(row)
-    with open(bad, "r+b") as f:
-        f.seek((start + end) // 2)
-        byte = f.read(1)
-        f.seek((start + end) // 2)
-        f.write(bytes([byte[0] ^ 0x55]))
+    bad = corrupt_first_chunk(layer, tmp_path / "bad-blob", "data/noise.bin")
     fs = fs_env.start(LocalLayerSource(blobs={layer.digest: bad}))
     mp = fs_env.mount(layer)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
-import shutil
 import time
 
 import pytest
@@ -15,6 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stargz.fs import LocalLayerSource
 from stargz.service.metrics import make_registry
+
+from .conftest import corrupt_first_chunk
 
 
 def scrape(fs_env, fs, registry=None, *, digest: str | None = None):
@@ -128,19 +129,8 @@ def test_a_read_shows_up_under_the_go_names(fs_env, corners, corners_source):
 
 
 def test_verification_failures_are_counted_and_outlive_the_layer(fs_env, corners, tmp_path):
-    from stargz.estargz import open_file
-
     layer = corners.layers("esgz")[0]
-    bad = tmp_path / "bad-blob"
-    shutil.copyfile(layer.path, bad)
-    with open_file(str(bad)) as r:
-        row = r.chunk_rows(r.lookup("data/noise.bin").id, 0, 1)[0]
-        start, end = r.chunk_span(row)
-    with open(bad, "r+b") as f:
-        f.seek((start + end) // 2)
-        byte = f.read(1)
-        f.seek((start + end) // 2)
-        f.write(bytes([byte[0] ^ 0x55]))
+    bad = corrupt_first_chunk(layer, tmp_path / "bad-blob", "data/noise.bin")
     fs = fs_env.start(LocalLayerSource(blobs={layer.digest: bad}))
     mp = fs_env.mount(layer)
     fd = os.open(mp / "data/noise.bin", os.O_RDONLY | os.O_DIRECT)

@@ -13,7 +13,6 @@ import errno
 import hashlib
 import logging
 import os
-import shutil
 import subprocess
 import time
 
@@ -22,6 +21,8 @@ from conftest import tar_tree
 
 from stargz.estargz.toc import TOC_TAR_NAME
 from stargz.fs.tree import _HIDDEN_AT_ROOT
+
+from .conftest import corrupt_first_chunk
 
 
 def _sha(path) -> str:
@@ -123,7 +124,6 @@ def test_an_open_file_keeps_its_mode(fs_env, corners, corners_source):
 
 def test_corrupt_chunk_is_never_passed_through(fs_env, corners, tmp_path):
     """A chunk that fails its digest is never cached, so never becomes a backing file."""
-    from stargz.estargz import open_file
     from stargz.fs import LocalLayerSource
 
     layer = corners.layers("esgz-64k")[0]
@@ -131,16 +131,7 @@ def test_corrupt_chunk_is_never_passed_through(fs_env, corners, tmp_path):
     victim = max(
         (p for p, rec in truth.items() if rec["size"] <= 64 << 10), key=lambda p: truth[p]["size"]
     )
-    bad = tmp_path / "bad-blob"
-    shutil.copyfile(layer.path, bad)
-    with open_file(str(bad)) as r:
-        node = r.lookup(victim)
-        start, end = r.chunk_span(r.chunk_rows(node.id, 0, 1)[0])
-    with open(bad, "r+b") as f:
-        f.seek((start + end) // 2)
-        byte = f.read(1)
-        f.seek((start + end) // 2)
-        f.write(bytes([byte[0] ^ 0x55]))
+    bad = corrupt_first_chunk(layer, tmp_path / "bad-blob", victim)
     fs = _start(fs_env, LocalLayerSource(blobs={layer.digest: bad}))
     mp = fs_env.mount(layer)
     for _ in range(3):

@@ -10,13 +10,14 @@ import contextlib
 import errno
 import hashlib
 import os
-import shutil
 import time
 
 import pytest
 
 from stargz.errors import Unavailable
 from stargz.fs import LocalLayerSource
+
+from .conftest import corrupt_first_chunk
 
 
 def _read(path, *, direct: bool = False) -> bytes:
@@ -127,17 +128,9 @@ def test_corrupt_chunk_gives_eio_and_the_fs_keeps_serving(fs_env, corners, tmp_p
     from stargz.estargz import open_file
 
     layer = corners.layers("esgz")[0]
-    bad = tmp_path / "bad-blob"
-    shutil.copyfile(layer.path, bad)
+    bad = corrupt_first_chunk(layer, tmp_path / "bad-blob", "data/noise.bin")
     with open_file(str(bad)) as r:
-        node = r.lookup("data/noise.bin")
-        row = r.chunk_rows(node.id, 0, 1)[0]
-        start, end = r.chunk_span(row)
-    with open(bad, "r+b") as f:
-        f.seek((start + end) // 2)
-        byte = f.read(1)
-        f.seek((start + end) // 2)
-        f.write(bytes([byte[0] ^ 0x55]))
+        row = r.chunk_rows(r.lookup("data/noise.bin").id, 0, 1)[0]
     source = LocalLayerSource(blobs={layer.digest: bad})
     fs = fs_env.start(source)
     mp = fs_env.mount(layer)
