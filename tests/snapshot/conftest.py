@@ -268,3 +268,22 @@ def upper(root: str, mount_source: str) -> str:
 
 
 __all__ = ["FakeFS", "Kind", "LocalBackend", "RPCBackend", "upper"]
+
+
+#: The table exactly as schema 1 daemons created it.
+SCHEMA_1 = """
+CREATE TABLE snapshots (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    namespace TEXT    NOT NULL,
+    key       TEXT    NOT NULL,
+    kind      INTEGER NOT NULL,
+    parent_id INTEGER REFERENCES snapshots (id),
+    labels    TEXT    NOT NULL DEFAULT '{}',
+    created   INTEGER NOT NULL,
+    updated   INTEGER NOT NULL,
+    size      INTEGER NOT NULL DEFAULT 0,
+    inodes    INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (namespace, key)
+);
+CREATE INDEX snapshots_parent ON snapshots (parent_id);
+"""

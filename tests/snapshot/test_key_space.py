@@ -25,6 +25,8 @@ from harness.procs import Registry, StargzDaemon, make_tempdir, run, shared_dir,
 from stargz.service.proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from stargz.snapshot.types import REMOTE_LABEL, TARGET_SNAPSHOT_LABEL
 
+from .conftest import SCHEMA_1
+
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 K8S = (("containerd-namespace", "k8s.io"),)
@@ -221,25 +223,7 @@ def _downgrade_to_schema_1_with_a_second_namespace(db: Path) -> None:
         "SELECT id, key, kind, parent_id, labels, created, updated, size, inodes FROM snapshots"
     ).fetchall()
     seq = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'snapshots'").fetchone()[0]
-    c.executescript(
-        """
-        DROP TABLE snapshots;
-        CREATE TABLE snapshots (
-            id        INTEGER PRIMARY KEY AUTOINCREMENT,
-            namespace TEXT    NOT NULL,
-            key       TEXT    NOT NULL,
-            kind      INTEGER NOT NULL,
-            parent_id INTEGER REFERENCES snapshots (id),
-            labels    TEXT    NOT NULL DEFAULT '{}',
-            created   INTEGER NOT NULL,
-            updated   INTEGER NOT NULL,
-            size      INTEGER NOT NULL DEFAULT 0,
-            inodes    INTEGER NOT NULL DEFAULT 0,
-            UNIQUE (namespace, key)
-        );
-        CREATE INDEX snapshots_parent ON snapshots (parent_id);
-        """
-    )
+    c.executescript("DROP TABLE snapshots;\n" + SCHEMA_1)
     insert = (
         "INSERT INTO snapshots (id, namespace, key, kind, parent_id, labels, created, updated, "
         "size, inodes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"

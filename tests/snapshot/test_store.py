@@ -11,6 +11,8 @@ from stargz.errors import AlreadyExists, FailedPrecondition, InvalidArgument, No
 from stargz.snapshot import Kind, Usage
 from stargz.snapshot.store import SCHEMA_VERSION, MetaStore
 
+from .conftest import SCHEMA_1
+
 
 @pytest.fixture
 def store(tmp_path):
@@ -115,24 +117,6 @@ def test_newer_schema_is_refused(tmp_path):
 
 
 # --- upgrade from schema 1 (keys split by containerd-namespace) --------------------------
-
-#: The table exactly as schema 1 daemons created it.
-SCHEMA_1 = """
-CREATE TABLE snapshots (
-    id        INTEGER PRIMARY KEY AUTOINCREMENT,
-    namespace TEXT    NOT NULL,
-    key       TEXT    NOT NULL,
-    kind      INTEGER NOT NULL,
-    parent_id INTEGER REFERENCES snapshots (id),
-    labels    TEXT    NOT NULL DEFAULT '{}',
-    created   INTEGER NOT NULL,
-    updated   INTEGER NOT NULL,
-    size      INTEGER NOT NULL DEFAULT 0,
-    inodes    INTEGER NOT NULL DEFAULT 0,
-    UNIQUE (namespace, key)
-);
-CREATE INDEX snapshots_parent ON snapshots (parent_id);
-"""
 
 REMOTE = '{"containerd.io/snapshot/remote": "remote snapshot"}'
 
