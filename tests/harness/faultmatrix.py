@@ -692,6 +692,15 @@ def _up(t: Trial) -> None:
     t.world.proxies.run(t.world.proxy.up())
 
 
+def _fill_cache(t: Trial) -> None:
+    """Leave the cache's tmpfs almost full, so the first chunk writes fail (ENOSPC) whatever
+    the read pattern (the daemon only looks inside its own subdirectories)."""
+    st = os.statvfs(t.cache)
+    room = st.f_bavail * st.f_frsize - (16 << 10)
+    with open(t.cache / "filler", "wb") as f:
+        f.write(b"\0" * max(room, 0))
+
+
 def _cache_read_only(t: Trial) -> None:
     run(["mount", "-o", "remount,ro", str(t.cache)])
 
@@ -785,6 +794,7 @@ def faults(timing: Timing, outage_sec: float) -> list[Fault]:
             "ok",
             _noop,
             _noop,
+            setup=_fill_cache,
             node="cache-tmpfs",
             cache_bytes=1 << 20,
             ci=True,
