@@ -83,6 +83,16 @@ def assert_reads_lazily(c: Containerd, ref: str, ns: str, shared: Path) -> None:
     assert out == busybox_expected_output(shared)
 
 
+def assert_one_remote_snapshot_and_nothing_else(sd: StargzDaemon) -> None:
+    """The second namespace's pull found the layer: its unpack left no active snapshot
+    and no second FUSE mount of it behind (containers' snapshots wait for containerd's GC)."""
+    infos = daemon_list(sd)
+    assert [i.name for i in infos if i.kind == pb.ACTIVE and "/extract-" in i.name] == []
+    # one FUSE session at <root>/fuse, and one bind of it per mounted layer
+    layers = [m for m in mounts_under(sd.root).values() if m.fstype == "fuse.stargz"]
+    assert len([m for m in layers if m.root != "/"]) == 1, layers
+
+
 def test_cri_pull_then_ctr_view_and_run_in_k8s_io_and_a_pull_in_default(
     registry, cri_stack, shared
 ):
@@ -104,6 +114,7 @@ def test_cri_pull_then_ctr_view_and_run_in_k8s_io_and_a_pull_in_default(
     chain = image_chain_id(c, ref, "default")
     committed = [i for i in daemon_list(sd) if i.kind == pb.COMMITTED and i.name == chain]
     assert len(committed) == 1  # both namespaces stand on the same remote snapshot
+    assert_one_remote_snapshot_and_nothing_else(sd)
 
 
 def test_rpull_in_k8s_io_then_view_and_run_and_a_pull_in_default(lazy_stack, registry, shared):
@@ -117,3 +128,4 @@ def test_rpull_in_k8s_io_then_view_and_run_and_a_pull_in_default(lazy_stack, reg
     assert_reads_lazily(c, ref, "k8s.io", shared)
     rpull(c, ref, "default")
     assert_reads_lazily(c, ref, "default", shared)
+    assert_one_remote_snapshot_and_nothing_else(sd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -111,15 +112,52 @@ def test_prepare_without_target_label_never_asks_the_filesystem(sn, run, fakefs)
     assert fakefs.calls == []
 
 
-def test_target_committed_meanwhile_still_counts_as_success(sn, run, fakefs, caplog):
+def test_a_target_that_exists_is_answered_without_creating_or_mounting(sn, run, fakefs, caplog):
+    """Another namespace pulling the same layer: its Prepare gets AlreadyExists and leaves
+    no active snapshot or second mount behind (upstream leaves both until containerd's GC)."""
     caplog.set_level(logging.DEBUG, "stargz.snapshot")
     with pytest.raises(AlreadyExists):
         run(sn.prepare("extract-1", "", LAYER_LABELS))
+    mounts = [c for c in fakefs.calls if c[0] == "mount"]
     with pytest.raises(AlreadyExists, match="target snapshot"):
         run(sn.prepare("extract-2", "", LAYER_LABELS))
+    assert prepared(caplog) == ["true"]
+    assert [c for c in fakefs.calls if c[0] == "mount"] == mounts
+    with pytest.raises(NotFound):
+        run(sn.stat("extract-2"))
+    assert run(sn.stat(CHAIN)).kind == Kind.COMMITTED
+
+
+def test_target_committed_meanwhile_still_counts_as_success(sn, run, fakefs, caplog):
+    """Two Prepares of one layer race past the check: both succeed, the loser drops its own
+    active snapshot and unmounts its copy."""
+    caplog.set_level(logging.DEBUG, "stargz.snapshot")
+    gate = asyncio.Event()
+    mount = fakefs.mount
+
+    async def slow_mount(mountpoint, labels):
+        await mount(mountpoint, labels)
+        if len([c for c in fakefs.calls if c[0] == "mount"]) == 2:
+            gate.set()
+        await gate.wait()
+
+    fakefs.mount = slow_mount
+
+    async def both():
+        return await asyncio.gather(
+            sn.prepare("extract-1", "", LAYER_LABELS),
+            sn.prepare("extract-2", "", LAYER_LABELS),
+            return_exceptions=True,
+        )
+
+    results = run(both())
+    assert [type(r) for r in results] == [AlreadyExists, AlreadyExists]
     assert prepared(caplog) == ["true", "true"]
-    # as upstream, the second key stays (containerd's GC removes it, unmounting first)
-    assert run(sn.stat("extract-2")).kind == Kind.ACTIVE
+    for key in ("extract-1", "extract-2"):
+        with pytest.raises(NotFound):
+            run(sn.stat(key))
+    assert len([c for c in fakefs.calls if c[0] == "unmount"]) == 1
+    assert run(sn.stat(CHAIN)).kind == Kind.COMMITTED
 
 
 def test_unavailable_remote_layer_fails_mounts(sn, run, fakefs, caplog):

@@ -171,6 +171,15 @@ class Snapshotter:
         _, info, _ = await self._db(self._read(lambda tx: tx.get_info(key)))
         return info
 
+    async def _is_committed(self, name: str) -> bool:
+        def txn(tx: Tx) -> bool:
+            try:
+                return tx.get_info(name)[1].kind == Kind.COMMITTED
+            except NotFound:
+                return False
+
+        return await self._db(self._read(txn))
+
     async def walk(self, filter_strings: Sequence[str] = ()) -> list[Info]:
         """Every snapshot that matches any filter."""
         match = filters.parse(filter_strings)
@@ -221,8 +230,13 @@ class Snapshotter:
         how containerd learns it can skip downloading the layer (SPEC §7.3).
         """
         labels = dict(labels or {})
-        snap = await self._create(Kind.ACTIVE, key, parent, labels)
         target = labels.get(TARGET_SNAPSHOT_LABEL)
+        if target is not None and await self._is_committed(target):
+            # Another namespace (or client) already has this layer: containerd links its
+            # record to the existing snapshot, so nothing is created or mounted for `key`.
+            log.debug("target snapshot exists", extra={"key": key, "target": target})
+            raise AlreadyExists(f"target snapshot {q(target)}")
+        snap = await self._create(Kind.ACTIVE, key, parent, labels)
         if target is not None:
             fields = {"key": key, "parent": parent, "target": target}
             if self.fs is None:
@@ -236,7 +250,12 @@ class Snapshotter:
                 try:
                     await self._commit(target, key, remote_labels, measure=False)
                 except AlreadyExists:
-                    pass  # someone committed the target first: it exists, which is the point
+                    # Someone committed the target first: it exists, which is the point.
+                    # Our own mount of it is not needed: drop it with its active snapshot.
+                    try:
+                        await self.remove(key)
+                    except Exception as e:  # Cleanup (containerd's GC) takes it later
+                        log.warning("cannot remove surplus snapshot", extra={**fields, "error": e})
                 except Exception as e:
                     # Don't fall back: the FileSystem has used this upper directory.
                     log.warning(
