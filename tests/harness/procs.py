@@ -223,29 +223,50 @@ class Registry(Daemon):
     name = "registry"
 
     @classmethod
-    def start(cls, workdir: Path | None = None, *, access_log: bool = False) -> Registry:
+    def start(
+        cls,
+        workdir: Path | None = None,
+        *,
+        access_log: bool = False,
+        basic_auth: tuple[str, str] | None = None,
+    ) -> Registry:
         """Start on a free port. With ``access_log``, the registry logs one line per request
-        (combined log format, with the response's byte count): see :meth:`blob_requests`."""
+        (combined log format, with the response's byte count): see :meth:`blob_requests`.
+        With ``basic_auth=(user, password)``, every request needs those credentials (the
+        registry's htpasswd auth, a bcrypt line); :meth:`push_oci` sends them."""
         self = cls(workdir or make_tempdir("sgz-reg-"))
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.access_log = access_log
+        self.basic_auth = basic_auth
         storage = self.workdir / "storage"
         storage.mkdir()
+        auth = ""
+        if basic_auth is not None:
+            import bcrypt
+
+            user, password = basic_auth
+            hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=6)).decode()
+            htpasswd = self.workdir / "htpasswd"
+            htpasswd.write_text(f"{user}:{hashed}\n")
+            auth = f"auth:\n  htpasswd:\n    realm: stargz-test\n    path: {htpasswd}\n"
         cfg = self.workdir / "config.yml"
         cfg.write_text(
             "version: 0.1\n"
             "log:\n  level: warn\n  accesslog:\n"
             f"    disabled: {'false' if access_log else 'true'}\n"
             f"storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n"
-            f"http:\n  addr: {self.host}\n"
+            f"http:\n  addr: {self.host}\n{auth}"
         )
         self._launch([shutil.which("docker-registry") or "docker-registry", "serve", str(cfg)])
         return self
 
     def _answers(self) -> bool:
-        with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2) as r:
-            return r.status == 200
+        try:
+            with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2) as r:
+                return r.status == 200
+        except urllib.error.HTTPError as e:
+            return e.code == 401 and self.basic_auth is not None
 
     def ref(self, name: str) -> str:
         return f"{self.host}/{name}"
@@ -285,6 +306,7 @@ class Registry(Daemon):
                 "copy",
                 "--quiet",
                 "--dest-tls-verify=false",
+                *(["--dest-creds", ":".join(self.basic_auth)] if self.basic_auth else []),
                 f"oci:{staged}:{tag}",
                 f"docker://{self.ref(name)}",
             ]

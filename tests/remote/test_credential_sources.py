@@ -50,9 +50,7 @@ def test_a_source_is_asked_after_the_keychain_and_changes_are_seen_at_once(sourc
     run(main)
 
 
-def test_a_registry_token_is_sent_as_the_bearer_token_without_a_token_fetch(
-    images, run, source
-):
+def test_a_registry_token_is_sent_as_the_bearer_token_without_a_token_fetch(images, run, source):
     """CRI ``registry_token``: the registry's own bearer token, used as is."""
     auth = BearerAuth(user="bob", password="pw")
     token = "registry-token-for-test"

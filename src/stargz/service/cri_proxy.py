@@ -148,7 +148,8 @@ class CRIImageProxy:
 
     async def _prune(self, context: Any) -> None:
         try:
-            raw = await self._call("ListImages", cri.ListImagesRequest().SerializeToString(), context)
+            request = cri.ListImagesRequest().SerializeToString()
+            raw = await self._call("ListImages", request, context)
         except grpc.aio.AioRpcError as e:
             log.warning("cannot list images: credentials are kept", extra={"error": e.details()})
             return
