@@ -33,7 +33,7 @@ from harness import Containerd, Registry, StargzDaemon, make_tempdir, mounted_im
 from harness.cri import CRIClient, cri
 from harness.fixtures import _show_log
 
-from .test_cri import NS, assert_remote, stack_ref
+from .test_cri import NS, assert_remote, run_workload, stack_ref
 from .test_lazy import NO_BACKGROUND, ground_truth, layers_of, poll, prepared_flags
 
 pytestmark = [pytest.mark.e2e, pytest.mark.interop, pytest.mark.timeout(300)]
@@ -96,6 +96,7 @@ def private_node(e2e_host, shared) -> Iterator[Callable[..., Node]]:
         started.append(sd)
         c = Containerd.start(sd.address, workdir=cdir, cri_registry=reg.host)
         started.append(c)
+        c.import_sandbox_image(shared)
         return Node(reg, sd, c, listen or sd.address)
 
     try:
@@ -158,7 +159,8 @@ def test_keychain_lets_the_daemon_mount_a_private_image_and_survives_a_restart(
     assert reg.host in path.read_text()
     node.assert_no_secret_logged()
 
-    # restart: the restored remote snapshots read an uncached 5 MB file from the registry
+    # restart: the restored remote snapshots of the private image read an uncached 5 MB
+    # file from the registry, in a pod's container kubelet-style
     before = layer_bytes(reg, layers)
     sd.restart()
     loaded = [r for r in sd.log_records() if r["msg"] == "CRI keychain loaded"]
@@ -170,8 +172,8 @@ def test_keychain_lets_the_daemon_mount_a_private_image_and_survives_a_restart(
         ),
         30,
     )
-    with mounted_image(c, ref, NS) as root:
-        assert sha256_of(root / "data" / "noise.bin") == entries["data/noise.bin"]["sha256"]
+    with CRIClient(c.address) as runtime:
+        run_workload(runtime, ref, shared, sd.workdir / "pod-logs", "private-reader")
     fetched = layer_bytes(reg, layers) - before
     assert fetched >= entries["data/noise.bin"]["size"], fetched  # really read after restart
     node.assert_no_secret_logged()
@@ -209,11 +211,11 @@ def test_image_service_forwards_errors_and_drops_credentials_with_the_last_image
         assert "no-such-tag" in e.value.details()
         assert not node.keychain_file().exists()
 
-        kubelet.pull(ref, auth=node.auth())
+        image_id = kubelet.pull(ref, auth=node.auth())
         assert_remote(sd, c, layers)
         assert reg.host in node.keychain_file().read_text()
         ids = lambda client: sorted(i.id for i in client.list_images())  # noqa: E731
-        assert ids(kubelet) == ids(direct) and len(ids(kubelet)) == 1
+        assert ids(kubelet) == ids(direct) and image_id in ids(direct)
         mountpoints = lambda client: [  # noqa: E731
             f.fs_id.mountpoint for f in client.image_fs_info().image_filesystems
         ]
@@ -221,7 +223,8 @@ def test_image_service_forwards_errors_and_drops_credentials_with_the_last_image
         assert kubelet.image_status(reg.ref("private:absent")) is None
 
         kubelet.remove_image(ref)
-        assert ids(direct) == []
+        assert image_id not in ids(direct)
+        assert len(ids(direct)) == 1  # the pause image (localhost/...) holds no credentials
         assert not node.keychain_file().exists()
     dropped = [r for r in sd.log_records() if r["msg"].startswith("registry credentials dropped")]
     assert dropped and dropped[-1]["hosts"] == [reg.host]

@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 
@@ -62,9 +62,13 @@ def prepare_socket_path(address: str) -> None:
     os.unlink(address)
 
 
-async def serve_unix(address: str, handlers: Sequence[grpc.GenericRpcHandler]) -> grpc.aio.Server:
-    """A gRPC server of ``handlers`` alone on unix socket ``address`` (0600, its directory
-    0700 when created here), already started."""
+async def serve_unix(
+    address: str,
+    handlers: Sequence[grpc.GenericRpcHandler] = (),
+    register: Callable[[grpc.aio.Server], None] | None = None,
+) -> grpc.aio.Server:
+    """A started gRPC server on unix socket ``address`` (born 0600; its directory 0700
+    when created here), serving ``handlers`` and whatever ``register`` adds."""
     address = os.path.abspath(address)
     prepare_socket_path(address)
     server = grpc.aio.server(
@@ -73,7 +77,10 @@ async def serve_unix(address: str, handlers: Sequence[grpc.GenericRpcHandler]) -
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
     )
-    server.add_generic_rpc_handlers(tuple(handlers))
+    if register is not None:
+        register(server)
+    if handlers:
+        server.add_generic_rpc_handlers(tuple(handlers))
     old_umask = os.umask(0o177)
     try:
         if server.add_insecure_port(f"unix:{address}") == 0:
@@ -109,26 +116,13 @@ class Server:
         snapshotter = await Snapshotter.open(
             root, fs, allow_invalid_mounts_on_restart=allow_invalid_mounts_on_restart
         )
-        try:
-            prepare_socket_path(address)
-            server = grpc.aio.server(
-                options=[
-                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ]
-            )
+
+        def register(server: grpc.aio.Server) -> None:
             pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
             status.add_to_server(server, snapshotter, fs)  # `stargz status`, same socket
-            if extra_handlers:
-                server.add_generic_rpc_handlers(tuple(extra_handlers))
-            old_umask = os.umask(0o177)  # the socket is born 0600
-            try:
-                if server.add_insecure_port(f"unix:{address}") == 0:
-                    raise OSError(errno.EADDRINUSE, f"cannot listen on {address}")
-                await server.start()
-            finally:
-                os.umask(old_umask)
-            os.chmod(address, 0o600)
+
+        try:
+            server = await serve_unix(address, extra_handlers, register)
         except BaseException:
             await snapshotter.close()
             raise
