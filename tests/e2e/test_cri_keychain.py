@@ -18,6 +18,7 @@ registry answers 401 and the start fails.)
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import re
@@ -82,6 +83,7 @@ def private_node(e2e_host, shared) -> Iterator[Callable[..., Node]]:
         reg = Registry.start(access_log=True, basic_auth=(USER, password))
         started.append(reg)
         cdir = make_tempdir("sgz-c-")  # containerd's socket goes in the daemon's config
+        started.append(cdir)  # (removed by containerd's close, or here if it never started)
         listen = ""
         if own_socket:
             listen = str(make_tempdir("sgz-cri-") / "image.sock")
@@ -102,12 +104,13 @@ def private_node(e2e_host, shared) -> Iterator[Callable[..., Node]]:
     try:
         yield start
     finally:
-        for d in reversed(started):
-            if isinstance(d, Path):
-                shutil.rmtree(d, ignore_errors=True)
-                continue
-            d.close()
-            _show_log(d, 40)
+        with contextlib.ExitStack() as stack:
+            for d in started:  # the last started stops first
+                if isinstance(d, Path):
+                    stack.callback(shutil.rmtree, d, ignore_errors=True)
+                else:
+                    stack.callback(_show_log, d, 40)
+                    stack.callback(d.close)
 
 
 def layer_bytes(reg: Registry, layers: list[dict]) -> int:
