@@ -11,6 +11,11 @@ fields such as ``key``, ``parent`` and ``remote-snapshot-prepared``.
 
 Under systemd (``Type=notify``), READY=1 is sent once the socket serves.
 
+With ``[cri_keychain] enable_keychain``, the CRI ``ImageService`` kubelet pulls through is
+served too (on this socket, or on ``listen_path``), forwarded to containerd's, and the
+registry credentials it learns are kept under the root (`stargz.service.cri_proxy`,
+`stargz.service.keychain`).
+
 With ``metrics_address`` set (and not ``no_prometheus``), Prometheus metrics are served at
 ``http://<metrics_address>/metrics`` (`stargz.service.metrics`); an address it cannot
 listen on stops the start (exit 1, an error naming the key).
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import logging
@@ -230,6 +236,8 @@ async def _serve(args: argparse.Namespace, cfg: config.Config) -> int:
         log.info("shutting down", extra={"signal": sig.name})
         if cri_server is not None:
             await cri_server.stop(SHUTDOWN_GRACE_SEC)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(cfg.cri_keychain.listen_path)
         await server.stop(SHUTDOWN_GRACE_SEC, unmount_remote=sig == signal.SIGINT)
     finally:
         if cri is not None:
