@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Regenerate the Python code for containerd's Snapshots API and our own Status API
-# (stargz.v1) from proto/.
+# Regenerate the Python code for containerd's Snapshots API, our own Status API
+# (stargz.v1) and the subset of the Kubernetes CRI API (runtime.v1) from proto/.
 #
 #   scripts/gen_proto.sh [OUTDIR]     (default: src/stargz/service/proto)
 #
@@ -20,17 +20,19 @@ cd "$top/proto"
   --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
   containerd/types/mount.proto \
   containerd/services/snapshots/v1/snapshots.proto \
-  stargz/v1/status.proto
+  stargz/v1/status.proto \
+  k8s/cri/runtime/v1/api.proto
 
 # protoc writes absolute imports of the proto package ("from containerd.types import
 # mount_pb2"); make them imports inside our package.
-find "$out/containerd" "$out/stargz" -name '*.py' -o -name '*.pyi' | sort | while read -r f; do
-  sed -i -E "s/^from (containerd|stargz)\./from $pkg.\1./; s/^import (containerd|stargz)\./import $pkg.\1./" "$f"
+find "$out/containerd" "$out/stargz" "$out/k8s" -name '*.py' -o -name '*.pyi' | sort | while read -r f; do
+  sed -i -E "s/^from (containerd|stargz|k8s)\./from $pkg.\1./; s/^import (containerd|stargz|k8s)\./import $pkg.\1./" "$f"
 done
 
 for d in "$out" "$out/containerd" "$out/containerd/types" "$out/containerd/services" \
   "$out/containerd/services/snapshots" "$out/containerd/services/snapshots/v1" \
-  "$out/stargz" "$out/stargz/v1"; do
+  "$out/stargz" "$out/stargz/v1" \
+  "$out/k8s" "$out/k8s/cri" "$out/k8s/cri/runtime" "$out/k8s/cri/runtime/v1"; do
   : >"$d/__init__.py"
 done
 "$py" -c 'import grpc_tools, importlib.metadata as m; print("grpcio-tools", m.version("grpcio-tools"))' \

@@ -226,3 +226,36 @@ def test_systemd_notify_ready_once_serving(workdir):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_cri_keychain_serves_the_image_service_and_survives_containerd_being_away(workdir):
+    """``[cri_keychain] enable_keychain``: the CRI ImageService answers on the
+    snapshotter's socket with no "not implemented" warning; with containerd's socket
+    absent a call gets ``UNAVAILABLE`` (no crash: the next call is served too), and a
+    malformed ``auth`` gets ``INVALID_ARGUMENT`` before anything is forwarded."""
+    from harness.cri import CRIClient, cri
+
+    backend = workdir / "no-containerd.sock"
+    d = StargzDaemon.start(
+        config_text=f'[cri_keychain]\nenable_keychain = true\nimage_service_path = "{backend}"\n',
+        extra_args=NO_LAZY,
+    )
+    try:
+        with CRIClient(d.address, timeout=10) as kubelet:
+            for _ in range(2):
+                with pytest.raises(grpc.RpcError) as e:
+                    kubelet.list_images()
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            with pytest.raises(grpc.RpcError) as e:
+                kubelet.pull("127.0.0.1:1/a:b", auth=cri.AuthConfig(auth="not base64!"))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert e.value.details() == "PullImage: auth.auth is not base64"
+        assert d.alive()
+    finally:
+        d.close()
+    recs = d.log_records()
+    serving = [r for r in recs if r["msg"] == "serving the CRI image service"]
+    assert serving and serving[0]["address"] == d.address
+    assert serving[0]["backend"] == str(backend)
+    assert not [r for r in recs if "not implemented" in r["msg"]]
+    assert not [r for r in recs if r["level"] in ("error", "fatal")]

@@ -190,3 +190,20 @@ def replace_layer(layout: Path, tag: str, digest: str, blob: bytes, new_tag: str
         raise KeyError(f"{layout}:{tag} has no layer {digest}")
     _tag_manifest(layout, new_tag, {**man, "layers": layers})
     return str(new["digest"])
+
+
+def with_entrypoint(
+    src: Path, tag: str, out: Path, new_tag: str, entrypoint: Sequence[str], cmd: Sequence[str]
+) -> Path:
+    """Write ``out:new_tag``: image ``src:tag`` (its layers as they are) with the config's
+    ``Entrypoint`` and ``Cmd`` replaced."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    man = find_manifest(src, tag)
+    config = json.loads(_read_blob(src, man["config"]["digest"]))  # type: ignore[index]
+    config.setdefault("config", {}).update(Entrypoint=list(entrypoint), Cmd=list(cmd))
+    for desc in man["layers"]:  # type: ignore[attr-defined]
+        _copy_blob(src, out, desc["digest"])
+    cdesc = _put_blob(out, json.dumps(config, sort_keys=True).encode())
+    _tag_manifest(out, new_tag, {**man, "config": {**man["config"], **cdesc}})  # type: ignore[dict-item]
+    return out

@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import urllib.error
@@ -222,29 +223,50 @@ class Registry(Daemon):
     name = "registry"
 
     @classmethod
-    def start(cls, workdir: Path | None = None, *, access_log: bool = False) -> Registry:
+    def start(
+        cls,
+        workdir: Path | None = None,
+        *,
+        access_log: bool = False,
+        basic_auth: tuple[str, str] | None = None,
+    ) -> Registry:
         """Start on a free port. With ``access_log``, the registry logs one line per request
-        (combined log format, with the response's byte count): see :meth:`blob_requests`."""
+        (combined log format, with the response's byte count): see :meth:`blob_requests`.
+        With ``basic_auth=(user, password)``, every request needs those credentials (the
+        registry's htpasswd auth, a bcrypt line); :meth:`push_oci` sends them."""
         self = cls(workdir or make_tempdir("sgz-reg-"))
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.access_log = access_log
+        self.basic_auth = basic_auth
         storage = self.workdir / "storage"
         storage.mkdir()
+        auth = ""
+        if basic_auth is not None:
+            import bcrypt
+
+            user, password = basic_auth
+            hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=6)).decode()
+            htpasswd = self.workdir / "htpasswd"
+            htpasswd.write_text(f"{user}:{hashed}\n")
+            auth = f"auth:\n  htpasswd:\n    realm: stargz-test\n    path: {htpasswd}\n"
         cfg = self.workdir / "config.yml"
         cfg.write_text(
             "version: 0.1\n"
             "log:\n  level: warn\n  accesslog:\n"
             f"    disabled: {'false' if access_log else 'true'}\n"
             f"storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n"
-            f"http:\n  addr: {self.host}\n"
+            f"http:\n  addr: {self.host}\n{auth}"
         )
         self._launch([shutil.which("docker-registry") or "docker-registry", "serve", str(cfg)])
         return self
 
     def _answers(self) -> bool:
-        with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2) as r:
-            return r.status == 200
+        try:
+            with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2) as r:
+                return r.status == 200
+        except urllib.error.HTTPError as e:
+            return e.code == 401 and self.basic_auth is not None
 
     def ref(self, name: str) -> str:
         return f"{self.host}/{name}"
@@ -284,6 +306,7 @@ class Registry(Daemon):
                 "copy",
                 "--quiet",
                 "--dest-tls-verify=false",
+                *(["--dest-creds", ":".join(self.basic_auth)] if self.basic_auth else []),
                 f"oci:{staged}:{tag}",
                 f"docker://{self.ref(name)}",
             ]
@@ -424,8 +447,11 @@ class Containerd(Daemon):
 
     With ``cri_registry="127.0.0.1:PORT"``, containerd's CRI plugin is on (its unpacker uses
     the ``stargz`` snapshotter and sends the snapshot annotations a lazy pull needs; that
-    registry is reached over plain HTTP): see :meth:`cri_pull`. No CNI is configured, so
-    it pulls images but can't network pods.
+    registry is reached over plain HTTP, through a ``registry.mirrors`` entry, with no
+    credentials): see :meth:`cri_pull` and `harness.cri.CRIClient`. Its sandbox image is
+    :data:`SANDBOX_IMAGE` (:meth:`import_sandbox_image` provides it) and
+    ``restrict_oom_score_adj`` is on (runc may not lower the sandbox's ``oom_score_adj``
+    here). No CNI is configured: pods run on the host network.
     """
 
     name = "containerd"
@@ -490,12 +516,34 @@ disabled_plugins = [
     def cri_pull(self, ref: str, timeout: float = 120) -> str:
         """CRI ``ImageService/PullImage`` of ``ref`` (as the kubelet sends it); returns the
         image ID. The pull runs inside containerd, in namespace ``k8s.io``."""
-        import grpc
+        from .cri import CRIClient
 
-        with grpc.insecure_channel(f"unix:{self.address}") as ch:
-            call = ch.unary_unary("/runtime.v1.ImageService/PullImage")
-            resp = call(_pb_message(1, _pb_message(1, ref.encode())), timeout=timeout)
-        return _pb_string_field(resp, 1)
+        with CRIClient(self.address, timeout=timeout) as cri:
+            return cri.pull(ref)
+
+    def import_sandbox_image(self, shared: Path) -> str:
+        """Put :data:`SANDBOX_IMAGE` (the busybox fixture whose entrypoint is
+        ``/bin/sleep 3600``: a pause container that blocks) into namespace ``k8s.io``,
+        unpacked for the ``stargz`` snapshotter, as ``ctr -n k8s.io images import`` does on a
+        node without registry access. Returns its name."""
+        from .oci import with_entrypoint
+
+        layout = with_entrypoint(
+            shared / "fixtures" / "oci-busybox", "1", self.workdir / "pause", "sleep",
+            ["/bin/sleep"], ["3600"],
+        )  # fmt: skip
+        archive = self.workdir / "pause.tar"
+        with tarfile.open(archive, "w") as tar:
+            tar.add(layout, arcname=".")
+        name, _, tag = SANDBOX_IMAGE.rpartition(":")
+        self.ctr(
+            "images", "import", "--snapshotter", "stargz", "--base-name", name, str(archive),
+            ns="k8s.io",
+        )  # fmt: skip
+        listed = self.ctr("images", "ls", "-q", ns="k8s.io").stdout.split()
+        if SANDBOX_IMAGE not in listed:
+            raise HarnessError(f"{SANDBOX_IMAGE} not imported; images: {listed}")
+        return SANDBOX_IMAGE
 
     def ctr(
         self, *args: str, ns: str = "default", check: bool = True, timeout: float = 300
@@ -526,10 +574,15 @@ disabled_plugins = [
         super().close()
 
 
+#: The CRI plugin's pause image: the busybox fixture blocking in ``sleep``, imported locally.
+SANDBOX_IMAGE = "localhost/stargz-test/pause:sleep"
+
+
 def _cri_config(root: Path, registry: str) -> str:
     return f"""
 [plugins."io.containerd.grpc.v1.cri"]
   restrict_oom_score_adj = true
+  sandbox_image = "{SANDBOX_IMAGE}"
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "stargz"
     disable_snapshot_annotations = false
@@ -539,49 +592,6 @@ def _cri_config(root: Path, registry: str) -> str:
   [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{registry}"]
     endpoint = ["http://{registry}"]
 """
-
-
-def _pb_varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def _pb_message(field: int, payload: bytes) -> bytes:
-    """One length-delimited protobuf field (CRI's request messages are a few strings; the
-    CRI API package is not installed here, so they are encoded by hand)."""
-    return _pb_varint(field << 3 | 2) + _pb_varint(len(payload)) + payload
-
-
-def _pb_string_field(data: bytes, field: int) -> str:
-    """The first length-delimited ``field`` of a protobuf message."""
-    i = 0
-    while i < len(data):
-        key, i = _pb_read_varint(data, i)
-        if key & 7 == 2:
-            n, i = _pb_read_varint(data, i)
-            if key >> 3 == field:
-                return data[i : i + n].decode()
-            i += n
-        elif key & 7 == 0:
-            _, i = _pb_read_varint(data, i)
-        else:
-            raise HarnessError(f"unexpected protobuf wire type {key & 7}")
-    raise HarnessError(f"protobuf field {field} missing")
-
-
-def _pb_read_varint(data: bytes, i: int) -> tuple[int, int]:
-    n = shift = 0
-    while True:
-        b = data[i]
-        i += 1
-        n |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return n, i
 
 
 def image_chain_id(c: Containerd, ref: str, ns: str, platform: str = "linux/amd64") -> str:

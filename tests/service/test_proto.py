@@ -123,3 +123,36 @@ def test_status_service_names_are_stable():
     assert fields(st.GetStatusResponse) == {"daemon": 1, "layers": 2, "refused": 3}
     assert fields(st.LayerStatus)["digest"] == 1 and fields(st.LayerStatus)["ref"] == 2
     assert fields(st.RefusedLayer)["reason"] == 5
+
+
+def test_cri_subset_is_the_kubelets_wire_format():
+    """The CRI subset encodes as kubelet and containerd do: package ``runtime.v1``, the
+    ImageService methods the keychain proxies, and the field numbers of upstream
+    ``api.proto`` for what the daemon reads (the image, the credentials, the image list)."""
+    from stargz.service.proto.k8s.cri.runtime.v1 import api_pb2 as cri
+
+    assert cri.DESCRIPTOR.package == "runtime.v1"
+    images = cri.DESCRIPTOR.services_by_name["ImageService"]
+    assert images.full_name == "runtime.v1.ImageService"
+    assert {m.name for m in images.methods} == {
+        "ListImages", "ImageStatus", "PullImage", "RemoveImage", "ImageFsInfo",
+    }  # fmt: skip
+    assert fields(cri.ImageSpec) == {
+        "image": 1, "annotations": 2, "user_specified_image": 18, "runtime_handler": 19,
+        "image_ref": 20,
+    }  # fmt: skip
+    assert fields(cri.AuthConfig) == {
+        "username": 1, "password": 2, "auth": 3, "server_address": 4, "identity_token": 5,
+        "registry_token": 6,
+    }  # fmt: skip
+    assert fields(cri.PullImageRequest) == {"image": 1, "auth": 2, "sandbox_config": 3}
+    assert fields(cri.PullImageResponse)["image_ref"] == 1
+    assert fields(cri.RemoveImageRequest) == {"image": 1}
+    assert fields(cri.Image)["repo_tags"] == 2 and fields(cri.Image)["repo_digests"] == 3
+    assert fields(cri.ListImagesResponse) == {"images": 1}
+    runtime = cri.DESCRIPTOR.services_by_name["RuntimeService"]
+    assert {"RunPodSandbox", "CreateContainer", "StartContainer"} <= {
+        m.name for m in runtime.methods
+    }
+    assert fields(cri.NamespaceOption)["network"] == 1
+    assert cri.NamespaceMode.Value("NODE") == 2

@@ -11,6 +11,11 @@ fields such as ``key``, ``parent`` and ``remote-snapshot-prepared``.
 
 Under systemd (``Type=notify``), READY=1 is sent once the socket serves.
 
+With ``[cri_keychain] enable_keychain``, the CRI ``ImageService`` kubelet pulls through is
+served too (on this socket, or on ``listen_path``), forwarded to containerd's, and the
+registry credentials it learns are kept under the root (`stargz.service.cri_proxy`,
+`stargz.service.keychain`).
+
 With ``metrics_address`` set (and not ``no_prometheus``), Prometheus metrics are served at
 ``http://<metrics_address>/metrics`` (`stargz.service.metrics`); an address it cannot
 listen on stops the start (exit 1, an error naming the key).
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import logging
@@ -73,7 +79,6 @@ _NOT_YET = (
     ("debug_address", ""),
     ("ipfs", False),
     ("fuse_manager.enable", False),
-    ("cri_keychain.enable_keychain", False),
     ("kubeconfig_keychain.enable_keychain", False),
 )
 
@@ -201,27 +206,46 @@ async def _serve(args: argparse.Namespace, cfg: config.Config) -> int:
         loop.add_signal_handler(
             sig, lambda s=sig: stopped.done() or stopped.set_result(signal.Signals(s))
         )
+    # before the filesystem: restored layers of private images read with these credentials
+    keychain = _open_keychain(args, cfg)
     fs = await _start_filesystem(args, cfg)
     sig: signal.Signals | None = None
     metrics = None
+    cri = None
     try:
         # grpc is imported only when serving, and after the filesystem started: a restart
         # that took the FUSE connection over serves it ~0.4 s sooner
         from stargz.service.server import Server
 
         metrics = await _start_metrics(cfg, fs)
+        cri = _cri_proxy(cfg, keychain)
+        own_socket = cri is not None and bool(cfg.cri_keychain.listen_path)
         server = await Server.start(
             args.address,
             args.root,
             fs,
             allow_invalid_mounts_on_restart=cfg.snapshotter.allow_invalid_mounts_on_restart,
+            extra_handlers=[cri.handler()] if cri is not None and not own_socket else (),
         )
+        cri_server = None
+        if cri is not None:
+            cri_server = await _serve_cri(cfg, cri, args.address, own_socket)
         sd_notify("READY=1")
         sig = await stopped
         sd_notify("STOPPING=1")
         log.info("shutting down", extra={"signal": sig.name})
+        if cri_server is not None:
+            await cri_server.stop(SHUTDOWN_GRACE_SEC)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(cfg.cri_keychain.listen_path)
         await server.stop(SHUTDOWN_GRACE_SEC, unmount_remote=sig == signal.SIGINT)
     finally:
+        if cri is not None:
+            await cri.close()
+        if keychain is not None:
+            from stargz.remote.auth import remove_credential_source
+
+            remove_credential_source(keychain)
         if metrics is not None:
             await metrics.stop()
         if fs is not None:
@@ -231,6 +255,47 @@ async def _serve(args: argparse.Namespace, cfg: config.Config) -> int:
             await fs.close(unmount=sig == signal.SIGINT)
     log.info("stopped")
     return 0
+
+
+def _open_keychain(args: argparse.Namespace, cfg: config.Config):
+    """The CRI keychain (credentials kubelet sent with its pulls, kept under the root), as
+    a credential source of the registry client; None unless ``[cri_keychain]`` is on."""
+    if not cfg.cri_keychain.enable_keychain:
+        return None
+    from stargz.private import private_dir
+    from stargz.remote.auth import add_credential_source
+    from stargz.service.keychain import CRIKeychain
+
+    root = os.path.abspath(args.root)
+    private_dir(root)
+    keychain = CRIKeychain.open(root)
+    add_credential_source(keychain)
+    return keychain
+
+
+def _cri_proxy(cfg: config.Config, keychain: Any):
+    """The CRI image service that forwards to containerd's (None without the keychain)."""
+    if keychain is None:
+        return None
+    from stargz.service.cri_proxy import CRIImageProxy
+
+    return CRIImageProxy(cfg.cri_keychain.image_service_path, keychain)
+
+
+async def _serve_cri(cfg: config.Config, cri: Any, address: str, own_socket: bool):
+    """Serve the CRI image service on ``listen_path`` (its own server, returned), or say
+    that it is served on the snapshotter's socket (None)."""
+    listen = os.path.abspath(cfg.cri_keychain.listen_path if own_socket else address)
+    server = None
+    if own_socket:
+        from stargz.service.server import serve_unix
+
+        server = await serve_unix(listen, [cri.handler()])
+    log.info(
+        "serving the CRI image service",
+        extra={"address": listen, "backend": cfg.cri_keychain.image_service_path},
+    )
+    return server
 
 
 async def _start_metrics(cfg: config.Config, fs: Any):

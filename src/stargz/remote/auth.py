@@ -15,6 +15,11 @@ containerd's ``docker.Authorizer`` does it:
 Credentials are looked up by the host the request goes to (a mirror's own host for a
 mirror; Docker Hub's entries under ``index.docker.io``). Nothing here is ever sent to a
 redirect target: the client strips ``Authorization`` when it follows a redirect.
+
+Sources outside this package (the daemon's CRI keychain, `stargz.service.keychain`) join
+every authorizer that has a keychain with :func:`add_credential_source`; they are asked
+after its own keychain (the docker config first, as Go's ``multiCredsFuncs``), and
+:func:`credentials_changed` makes authorizers forget what they cached.
 """
 
 from __future__ import annotations
@@ -44,9 +49,12 @@ class Credentials:
     password: str = field(default="", repr=False)
     #: An OAuth2 refresh token (docker config ``identitytoken``).
     identity_token: str = field(default="", repr=False)
+    #: A bearer token for the registry itself (CRI ``AuthConfig.registry_token``): sent
+    #: as is when the registry asks for a bearer token, instead of fetching one.
+    registry_token: str = field(default="", repr=False)
 
     def __bool__(self) -> bool:
-        return bool(self.username or self.password or self.identity_token)
+        return bool(self.username or self.password or self.identity_token or self.registry_token)
 
     def basic(self) -> str:
         raw = f"{self.username}:{self.password}".encode()
@@ -87,6 +95,30 @@ class ChainKeychain:
             if creds:
                 return creds
         return None
+
+
+_SOURCES: list[Keychain] = []
+_generation = 0
+
+
+def add_credential_source(source: Keychain) -> None:
+    """Ask ``source`` too, after its own keychain, in every :class:`Authorizer` that has
+    one (anonymous-only authorizers stay anonymous)."""
+    if source not in _SOURCES:
+        _SOURCES.append(source)
+    credentials_changed()
+
+
+def remove_credential_source(source: Keychain) -> None:
+    if source in _SOURCES:
+        _SOURCES.remove(source)
+    credentials_changed()
+
+
+def credentials_changed() -> None:
+    """A source learned or dropped credentials: authorizers look them up again."""
+    global _generation
+    _generation += 1
 
 
 def _host_keys(host: str) -> list[str]:
@@ -305,16 +337,22 @@ class Authorizer:
         self._extra_scopes: dict[tuple[str, str | None], frozenset[str]] = {}
         self._tokens: dict[tuple, _Token] = {}
         self._inflight: dict[tuple, asyncio.Future[_Token]] = {}
-        self._creds: dict[str, tuple[Credentials | None, float]] = {}
+        self._creds: dict[str, tuple[Credentials | None, float, int]] = {}
         self.token_fetches = 0
 
     async def credentials(self, host: str) -> Credentials | None:
         hit = self._creds.get(host)
         now = self._clock()
-        if hit is not None and hit[1] > now:
+        if hit is not None and hit[1] > now and hit[2] == _generation:
             return hit[0]
-        creds = await self.keychain.credentials(host) if self.keychain is not None else None
-        self._creds[host] = (creds, now + _CREDS_TTL)
+        generation = _generation
+        creds = None
+        if self.keychain is not None:
+            for source in [self.keychain, *_SOURCES]:
+                creds = await source.credentials(host)
+                if creds:
+                    break
+        self._creds[host] = (creds, now + _CREDS_TTL, generation)
         return creds
 
     def _token_key(self, host: str, ch: Challenge, scope: str | None) -> tuple:
@@ -351,10 +389,12 @@ class Authorizer:
             self._tokens[key] = task.result()
 
     async def _new_token(self, host: str, ch: Challenge, scopes: Sequence[str]) -> _Token:
+        creds = await self.credentials(host)
+        if creds is not None and creds.registry_token:
+            return _Token(creds.registry_token, self._clock() + DEFAULT_TOKEN_TTL)
         realm = ch.params.get("realm")
         if not realm:
             raise AuthError(f"{host}: bearer challenge without a realm")
-        creds = await self.credentials(host)
         self.token_fetches += 1
         value, expires_in = await self._fetch_token(realm, ch.params.get("service"), scopes, creds)
         ttl = expires_in if expires_in and expires_in > 0 else DEFAULT_TOKEN_TTL

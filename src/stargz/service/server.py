@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Callable, Sequence
 
 import grpc
 
@@ -61,6 +62,36 @@ def prepare_socket_path(address: str) -> None:
     os.unlink(address)
 
 
+async def serve_unix(
+    address: str,
+    handlers: Sequence[grpc.GenericRpcHandler] = (),
+    register: Callable[[grpc.aio.Server], None] | None = None,
+) -> grpc.aio.Server:
+    """A started gRPC server on unix socket ``address`` (born 0600; its directory 0700
+    when created here), serving ``handlers`` and whatever ``register`` adds."""
+    address = os.path.abspath(address)
+    prepare_socket_path(address)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    if register is not None:
+        register(server)
+    if handlers:
+        server.add_generic_rpc_handlers(tuple(handlers))
+    old_umask = os.umask(0o177)
+    try:
+        if server.add_insecure_port(f"unix:{address}") == 0:
+            raise OSError(errno.EADDRINUSE, f"cannot listen on {address}")
+        await server.start()
+    finally:
+        os.umask(old_umask)
+    os.chmod(address, 0o600)
+    return server
+
+
 class Server:
     """A running daemon: the snapshotter and the gRPC server in front of it."""
 
@@ -77,29 +108,21 @@ class Server:
         fs: FileSystem | None = None,
         *,
         allow_invalid_mounts_on_restart: bool = False,
+        extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
     ) -> Server:
+        """Open the snapshotter on ``root`` and serve it on ``address``, with the services
+        of ``extra_handlers`` on the same socket (the CRI image service, by default)."""
         address = os.path.abspath(address)
         snapshotter = await Snapshotter.open(
             root, fs, allow_invalid_mounts_on_restart=allow_invalid_mounts_on_restart
         )
-        try:
-            prepare_socket_path(address)
-            server = grpc.aio.server(
-                options=[
-                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ]
-            )
+
+        def register(server: grpc.aio.Server) -> None:
             pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
             status.add_to_server(server, snapshotter, fs)  # `stargz status`, same socket
-            old_umask = os.umask(0o177)  # the socket is born 0600
-            try:
-                if server.add_insecure_port(f"unix:{address}") == 0:
-                    raise OSError(errno.EADDRINUSE, f"cannot listen on {address}")
-                await server.start()
-            finally:
-                os.umask(old_umask)
-            os.chmod(address, 0o600)
+
+        try:
+            server = await serve_unix(address, extra_handlers, register)
         except BaseException:
             await snapshotter.close()
             raise
