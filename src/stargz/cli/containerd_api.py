@@ -110,17 +110,29 @@ def _call(address: str, method: str, request: bytes, timeout: float) -> bytes:
             raise Unavailable(f"{method.rsplit('/', 1)[-1]}: {code.name}: {details}") from None
 
 
+def _decoded(method: str, decode: Any) -> Any:
+    try:
+        return decode()
+    except ValueError as e:
+        raise Unavailable(f"{method.rsplit('/', 1)[-1]}: not a protobuf answer ({e})") from None
+
+
 def version(address: str, timeout: float) -> str:
     """containerd's version string (``1.6.20``...)."""
     resp = _call(address, VERSION, b"", timeout)
-    return next((_text(v) for f, v in fields(resp) if f == 1), "")
+    return _decoded(VERSION, lambda: next((_text(v) for f, v in fields(resp) if f == 1), ""))
 
 
 def plugins(address: str, timeout: float, filters: tuple[str, ...] = ()) -> list[Plugin]:
     """The plugins containerd loaded (``filters`` in containerd's syntax, OR-ed)."""
     req = b"".join(_string(1, f.encode()) for f in filters)
+    resp = _call(address, PLUGINS, req, timeout)
+    return _decoded(PLUGINS, lambda: _plugins(resp))
+
+
+def _plugins(resp: bytes) -> list[Plugin]:
     out = []
-    for f, raw in fields(_call(address, PLUGINS, req, timeout)):
+    for f, raw in fields(resp):
         if f != 1 or not isinstance(raw, bytes):
             continue
         ptype = pid = err = ""
@@ -143,7 +155,7 @@ def cri_config(address: str, timeout: float) -> dict[str, Any]:
     """The CRI plugin's running config (``Status`` with verbose = true, ``info["config"]``).
     Raises `Unavailable` when CRI does not answer (disabled, or not containerd)."""
     resp = _call(address, CRI_STATUS, _varint(1 << 3 | 0) + _varint(1), timeout)
-    for f, v in fields(resp):
+    for f, v in _decoded(CRI_STATUS, lambda: list(fields(resp))):
         if f == 2 and isinstance(v, bytes):
             k, val = _map_entry(v)
             if k == "config":

@@ -388,9 +388,12 @@ def _running_cri_check(address: str, cc: ccfg.ContainerdConfig, opts: Options) -
     try:
         running = containerd_api.cri_config(address, opts.timeout).get("containerd", {})
     except StargzError as e:
-        msg = f"{cc.path} enables CRI, but containerd's CRI service does not answer: {e}"
-        fix = "journalctl -u containerd shows why the CRI plugin failed to start"
-        return Check(name, WARN, msg, fix)
+        why = _plugin_error(address, "cri", opts.timeout) or str(e)
+        msg = f"{cc.path} enables CRI, but containerd's CRI plugin did not start: {why}"
+        fix = "journalctl -u containerd says why; correct its config, then restart containerd"
+        if f'snapshotter "{SNAPSHOTTER}"' in why:
+            fix = "add the proxy plugin (see proxy-plugin), then restart containerd"
+        return Check(name, FAIL, msg, fix)
     snap = running.get("snapshotter")
     no_ann = running.get("disableSnapshotAnnotations")
     if (snap, no_ann) != (cc.snapshotter, cc.disable_snapshot_annotations):
@@ -409,6 +412,15 @@ def _running_cri_check(address: str, cc: ccfg.ContainerdConfig, opts: Options) -
     return Check(
         name, OK, f"containerd's CRI runs with the {SNAPSHOTTER} snapshotter and annotations"
     )
+
+
+def _plugin_error(address: str, plugin_id: str, timeout: float) -> str:
+    """The init error containerd recorded for plugin ``plugin_id`` ("" if none or unknown)."""
+    try:
+        found = containerd_api.plugins(address, timeout, (f"id=={plugin_id}",))
+    except StargzError:
+        return ""
+    return next((p.init_error for p in found if p.id == plugin_id and p.init_error), "")
 
 
 # --- the daemon -----------------------------------------------------------------------------
