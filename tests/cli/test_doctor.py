@@ -350,6 +350,9 @@ def test_unreadable_containerd_config_is_one_failure(tmp_path):
     assert cc is None and check.status == "fail" and "invalid TOML" in check.message
     cc, check = doctor.containerd_config_check(str(tmp_path / "missing.toml"))
     assert cc is None and "no such file" in check.message and "--containerd-config" in check.fix
+    (tmp_path / "proxy.toml").write_text("version = 2\nproxy_plugins = 5\n")
+    cc, check = doctor.containerd_config_check(str(tmp_path / "proxy.toml"))
+    assert cc is None and "proxy_plugins must be a table" in check.message
     (tmp_path / "v9.toml").write_text("version = 9\n")
     cc, check = doctor.containerd_config_check(str(tmp_path / "v9.toml"))
     assert cc is None and "unknown config version 9" in check.message
@@ -367,7 +370,7 @@ def test_not_containerd_on_the_socket_is_a_failure(daemon, tmp_path):
 
 def test_imports_replace_whole_plugin_tables(tmp_path: Path):
     """As containerd merges ``imports``: later files win, a plugin table is replaced whole."""
-    from stargz.cli import containerd_config
+    from stargz.cli.doctor import containerd_config
 
     (tmp_path / "conf.d").mkdir()
     (tmp_path / "config.toml").write_text(
@@ -390,7 +393,7 @@ def test_imports_replace_whole_plugin_tables(tmp_path: Path):
 
 
 def test_version_3_reads_the_cri_image_table(tmp_path):
-    from stargz.cli import containerd_config
+    from stargz.cli.doctor import containerd_config
 
     (tmp_path / "c.toml").write_text(
         "version = 3\n[plugins.'io.containerd.cri.v1.images']\n"

@@ -105,6 +105,24 @@ def _imports(path: str, doc: dict[str, Any]) -> list[str]:
     return out
 
 
+#: Top-level keys whose type containerd checks before it starts (a wrong one: it refuses).
+_TABLES = ("plugins", "proxy_plugins", "grpc")
+_ARRAYS = ("disabled_plugins", "required_plugins")
+
+
+def _check_types(path: str, doc: dict[str, Any]) -> None:
+    for key in _TABLES:
+        if key in doc and not isinstance(doc[key], dict):
+            raise ContainerdConfigError(f"{path}: {key} must be a table")
+    for key in _ARRAYS:
+        if key in doc and not (
+            isinstance(doc[key], list) and all(isinstance(x, str) for x in doc[key])
+        ):
+            raise ContainerdConfigError(f"{path}: {key} must be an array of strings")
+    if not isinstance(doc.get("version", 1), int) or isinstance(doc.get("version"), bool):
+        raise ContainerdConfigError(f"{path}: version must be an integer")
+
+
 def _merge(into: dict[str, Any], doc: dict[str, Any]) -> None:
     """containerd's mergeConfig: later files win; plugin tables are replaced whole."""
     for k, v in doc.items():
@@ -129,6 +147,7 @@ def load(path: str = DEFAULT_PATH) -> ContainerdConfig:
     """Read ``path`` and its imports. Raises `ContainerdConfigError` (one line)."""
     path = os.path.abspath(path)
     first = _read(path)
+    _check_types(path, first)
     version = first.get("version", 1)
     if version not in _CRI:
         raise ContainerdConfigError(f"{path}: unknown config version {version!r} (1, 2 or 3)")
@@ -140,6 +159,7 @@ def load(path: str = DEFAULT_PATH) -> ContainerdConfig:
         if p in files:
             continue
         doc = first if p == path else _read(p)
+        _check_types(p, doc)
         _merge(merged, doc)
         files.append(p)
         pending.extend(_imports(p, doc))
