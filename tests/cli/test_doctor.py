@@ -406,3 +406,21 @@ def test_version_3_reads_the_cri_image_table(tmp_path):
         False,
     )
     assert [c.status for c in doctor.cri_checks(cc)] == ["ok", "ok"]
+
+
+def test_overlay_test_mount_mounts_and_cleans_up(e2e_host):
+    """The fallback when /proc/filesystems has no overlay (its module not loaded yet): a
+    real overlay mount in a temp dir, unmounted and removed."""
+    from stargz import mountinfo
+    from stargz.cli.doctor import host
+
+    before = set(mountinfo.mount_points())
+    assert host._test_overlay_mount() is None
+    assert set(mountinfo.mount_points()) == before
+    # overlay not listed (its module not loaded yet): the real test mount decides
+    check = host.overlayfs_check(filesystems=set)
+    assert check.status == "ok" and "test overlay mount works" in check.message
+    # (a kernel without overlayfs can't be had here: the mount's error is given instead)
+    check = host.overlayfs_check(probe=lambda: "No such device", filesystems=set)
+    assert check.status == "fail" and "a test mount failed: No such device" in check.message
+    assert check.fix.startswith("modprobe overlay")

@@ -59,9 +59,12 @@ def _test_overlay_mount() -> str | None:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def overlayfs_check(probe: Callable[[], str | None] = _test_overlay_mount) -> Check:
+def overlayfs_check(
+    probe: Callable[[], str | None] = _test_overlay_mount,
+    filesystems: Callable[[], set[str]] = _filesystems,
+) -> Check:
     name = "overlayfs"
-    if "overlay" in _filesystems():
+    if "overlay" in filesystems():
         return Check(name, OK, "overlay is in /proc/filesystems")
     error = probe()
     if error is None:
