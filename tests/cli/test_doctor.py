@@ -32,6 +32,7 @@ EVERY_CHECK = {
     "containerd-plugin",
     "containerd-cri",
     "daemon-config",
+    "cri-keychain",
     "daemon-socket",
     "fuse-device",
     "overlayfs",
@@ -111,8 +112,9 @@ def test_correct_node_passes_every_check(daemon, layout):
         assert set(checks) == EVERY_CHECK
         assert code == 0, doc
         assert doc["ok"] is True and doc["counts"]["fail"] == doc["counts"]["warn"] == 0
-        # FUSE passthrough is information, never a verdict; everything else is ok
-        assert {n for n, c in checks.items() if c["status"] != "ok"} <= {"fuse-passthrough"}
+        # FUSE passthrough and the (unused) CRI keychain are information; the rest is ok
+        infos = {"fuse-passthrough", "cri-keychain"}
+        assert {n for n, c in checks.items() if c["status"] != "ok"} <= infos
         assert checks["fuse-passthrough"]["status"] == "info"
         assert "6.9" in checks["fuse-passthrough"]["message"]
         # what doctor read from the file is what containerd runs with (its CRI said so)
@@ -240,6 +242,7 @@ def test_bad_daemon_config_key_fails_as_the_daemon_does(daemon, tmp_path):
     with cri_containerd(daemon) as c:
         code, doc = run_doctor(daemon, c, config=str(bad))
     assert code == 1 and failing(doc) == {"daemon-config"}, doc
+    assert "cri-keychain" not in by_name(doc)  # (nothing to read it from)
     check = by_name(doc)["daemon-config"]
     assert f'{bad}: unknown key "blob.chunk_sise"' in check["message"]
     assert 'correct or remove key "blob.chunk_sise"' in check["fix"]
@@ -251,6 +254,28 @@ def test_bad_daemon_config_key_fails_as_the_daemon_does(daemon, tmp_path):
         env=dict(os.environ, PYTHONPATH=str(REPO / "src")),
     )  # fmt: skip
     assert p.returncode == 2 and "blob.chunk_sise" in p.stderr
+
+
+def test_cri_keychain_must_forward_to_containerd(daemon, tmp_path):
+    cfg = tmp_path / "config.toml"
+    with cri_containerd(daemon) as c:
+        cfg.write_text(
+            '[cri_keychain]\nenable_keychain = true\nimage_service_path = "/run/x.sock"\n'
+        )
+        code, doc = run_doctor(daemon, c, config=str(cfg))
+        assert code == 1 and failing(doc) == {"cri-keychain"}, doc
+        check = by_name(doc)["cri-keychain"]
+        assert (
+            f"image_service_path is /run/x.sock, but containerd serves on {c.address}"
+            in (check["message"])
+        )
+        assert check["fix"] == f'set image_service_path = "{c.address}" in [cri_keychain]'
+
+        cfg.write_text(
+            f'[cri_keychain]\nenable_keychain = true\nimage_service_path = "{c.address}"\n'
+        )
+        code, doc = run_doctor(daemon, c, config=str(cfg))
+        assert code == 0 and by_name(doc)["cri-keychain"]["status"] == "ok", doc
 
 
 def test_daemon_not_running(e2e_host):

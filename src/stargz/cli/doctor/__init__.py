@@ -36,7 +36,7 @@ from . import containerd_config as ccfg
 from .check import DEFAULT_MIN_FREE, DEFAULT_ROOT, DEFAULT_TIMEOUT, FAIL, INFO, OK, WARN, Check
 from .check import Options as Options
 from .containerd import containerd_checks, containerd_config_check, cri_checks, proxy_plugin_check
-from .daemon import daemon_config_check, daemon_socket_check
+from .daemon import cri_keychain_check, daemon_config_check, daemon_socket_check
 from .host import (
     cache_space_check,
     fuse_device_check,
@@ -155,6 +155,8 @@ def run_checks(opts: Options) -> list[Check]:
     out.extend(containerd_checks(cc, opts))
     cfg, check = daemon_config_check(opts.config)
     out.append(check)
+    if cfg is not None:
+        out.append(cri_keychain_check(cfg, cc))
     reported_root, check = daemon_socket_check(opts)
     out.append(check)
     root = os.path.abspath(opts.root or reported_root or DEFAULT_ROOT)

@@ -1,4 +1,5 @@
-"""The daemon's side: its config file loads, and it answers on its socket."""
+"""The daemon's side: its config file loads (and its CRI keychain forwards to containerd),
+and it answers on its socket."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from stargz import config as daemon_config
 from stargz.cli.status import fetch_status
 from stargz.errors import StargzError
 
-from .check import FAIL, OK, Check, Options, socket_problem
+from . import containerd_config as ccfg
+from .check import FAIL, INFO, OK, Check, Options, socket_problem
 
 
 def daemon_config_check(path: str) -> tuple[daemon_config.Config | None, Check]:
@@ -74,3 +76,27 @@ def _list_snapshots(address: str, timeout: float) -> int:
             code = e.code()  # type: ignore[attr-defined]
             details = " ".join(str(e.details() or "").split())  # type: ignore[attr-defined]
             raise Unavailable(f"Snapshots/List: {code.name}: {details}") from None
+
+
+def cri_keychain_check(cfg: daemon_config.Config, cc: ccfg.ContainerdConfig | None) -> Check:
+    """``[cri_keychain]``: the kubelet's pull credentials reach the daemon only through it,
+    and it forwards every CRI image call to ``image_service_path``: containerd's socket."""
+    name = "cri-keychain"
+    kc = cfg.cri_keychain
+    if not kc.enable_keychain:
+        msg = (
+            "[cri_keychain] is off: the daemon does not see the kubelet's pull credentials "
+            "(images it can't read with ~/.docker/config.json are pulled in full)"
+        )
+        return Check(name, INFO, msg)
+    target = os.path.normpath(kc.image_service_path)
+    if cc is not None and target != cc.grpc_address:
+        msg = (
+            f"[cri_keychain] image_service_path is {kc.image_service_path}, but containerd "
+            f"serves on {cc.grpc_address}: every image call the kubelet makes would fail"
+        )
+        fix = f'set image_service_path = "{cc.grpc_address}" in [cri_keychain]'
+        return Check(name, FAIL, msg, fix)
+    listen = kc.listen_path or "the daemon's own socket"
+    msg = f"[cri_keychain] on: served on {listen}, forwarded to {target}"
+    return Check(name, OK, msg)
