@@ -11,6 +11,7 @@ PKGS=(
   stargz-snapshotter golang-go golang-github-containerd-stargz-snapshotter-dev
   libisal-dev libzstd-dev libssl-dev
   python3-venv python3-dev gcc curl jq
+  systemd
 )
 missing=()
 for p in "${PKGS[@]}"; do

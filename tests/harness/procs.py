@@ -443,7 +443,9 @@ class Containerd(Daemon):
     Its garbage collector runs only when asked (``ctr images rm --sync``, ``ctr leases rm
     --sync``), not on its own after N mutations: otherwise it collects, at a moment no test
     controls, every snapshot made with ``ctr snapshots prepare/view`` (they hold no lease).
-    Pass ``gc_on_its_own=True`` for containerd's default scheduling.
+    Pass ``gc_on_its_own=True`` for containerd's default scheduling. ``edit_config`` gets
+    the config text before it is written and returns the text to use (a test of a node's
+    setup runs containerd with a config that is wrong in one place).
 
     With ``cri_registry="127.0.0.1:PORT"``, containerd's CRI plugin is on (its unpacker uses
     the ``stargz`` snapshotter and sends the snapshot annotations a lazy pull needs; that
@@ -464,13 +466,13 @@ class Containerd(Daemon):
         *,
         gc_on_its_own: bool = False,
         cri_registry: str | None = None,
+        edit_config: Callable[[str], str] | None = None,
     ) -> Containerd:
         self = cls(workdir or make_tempdir("sgz-c-"))
         self.address = str(self.workdir / "containerd.sock")
         root, state = self.workdir / "root", self.workdir / "state"
-        cfg = self.workdir / "config.toml"
-        cfg.write_text(
-            f"""version = 2
+        self.config_path = cfg = self.workdir / "config.toml"
+        text = f"""version = 2
 root = "{root}"
 state = "{state}"
 disabled_plugins = [
@@ -499,7 +501,7 @@ disabled_plugins = [
     type = "snapshot"
     address = "{stargz_address}"
 """
-        )
+        cfg.write_text(edit_config(text) if edit_config is not None else text)
         self._launch(["containerd", "--config", str(cfg)])
         return self
 

@@ -162,6 +162,10 @@ def parser() -> argparse.ArgumentParser:
     from stargz.cli import status
 
     status.add_parser(sub)
+
+    from stargz.cli import doctor
+
+    doctor.add_parser(sub)
     return p
 
 

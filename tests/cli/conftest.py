@@ -1,0 +1,3 @@
+"""The command-line tools over real processes; fixtures from the shared harness."""
+
+from harness.fixtures import e2e_host  # noqa: F401

@@ -1,0 +1,3 @@
+"""Packaging checks; fixtures from the shared harness."""
+
+from harness.fixtures import e2e_host  # noqa: F401
