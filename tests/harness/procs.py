@@ -216,35 +216,75 @@ class BlobRequest:
     size: int
 
 
+#: Any request to the registry API in the access log.
+_ANY_LINE = re.compile(
+    r'^\S+ \S+ \S+ \[[^\]]*\] "(?P<method>[A-Z]+) (?P<path>/v2/\S*) HTTP/[0-9.]+"'
+    r" (?P<status>\d{3})",
+    re.MULTILINE,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiRequest:
+    method: str
+    #: The request path with its query string, e.g. ``/v2/app/blobs/uploads/?mount=...``.
+    path: str
+    status: int
+
+
 class Registry(Daemon):
     """The CNCF distribution registry (Debian ``docker-registry``) on 127.0.0.1:<free port>."""
 
     name = "registry"
 
     @classmethod
-    def start(cls, workdir: Path | None = None, *, access_log: bool = False) -> Registry:
+    def start(
+        cls,
+        workdir: Path | None = None,
+        *,
+        access_log: bool = False,
+        htpasswd: tuple[str, str] | None = None,
+    ) -> Registry:
         """Start on a free port. With ``access_log``, the registry logs one line per request
-        (combined log format, with the response's byte count): see :meth:`blob_requests`."""
+        (combined log format, with the response's byte count): see :meth:`blob_requests`
+        and :meth:`requests`. With ``htpasswd=(user, password)``, every request needs that
+        user's basic auth (the registry's ``auth: htpasswd``; bcrypt hash)."""
         self = cls(workdir or make_tempdir("sgz-reg-"))
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.access_log = access_log
+        self.credentials = htpasswd
         storage = self.workdir / "storage"
         storage.mkdir()
+        self.storage = storage
+        auth = ""
+        if htpasswd is not None:
+            import bcrypt
+
+            user, password = htpasswd
+            line = f"{user}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=5)).decode()}"
+            (self.workdir / "htpasswd").write_text(line + "\n")
+            auth = (
+                "auth:\n  htpasswd:\n    realm: stargz-test\n"
+                f"    path: {self.workdir / 'htpasswd'}\n"
+            )
         cfg = self.workdir / "config.yml"
         cfg.write_text(
             "version: 0.1\n"
             "log:\n  level: warn\n  accesslog:\n"
             f"    disabled: {'false' if access_log else 'true'}\n"
             f"storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n"
-            f"http:\n  addr: {self.host}\n"
+            f"http:\n  addr: {self.host}\n" + auth
         )
         self._launch([shutil.which("docker-registry") or "docker-registry", "serve", str(cfg)])
         return self
 
     def _answers(self) -> bool:
-        with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2) as r:
-            return r.status == 200
+        try:
+            with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2) as r:
+                return r.status == 200
+        except urllib.error.HTTPError as e:
+            return e.code == 401 and self.credentials is not None
 
     def ref(self, name: str) -> str:
         return f"{self.host}/{name}"
@@ -263,12 +303,26 @@ class Registry(Daemon):
                 out.append(BlobRequest(m["method"], m["digest"], int(m["status"]), size))
         return out
 
+    def requests(self) -> list[ApiRequest]:
+        """Every registry API request answered so far (needs ``start(access_log=True)``)."""
+        assert self.access_log, "start the registry with access_log=True"
+        return [
+            ApiRequest(m["method"], m["path"], int(m["status"]))
+            for m in _ANY_LINE.finditer(self.log_text())
+        ]
+
+    def blob_file(self, digest: str) -> Path:
+        """Where the registry's filesystem storage keeps blob ``digest``'s bytes."""
+        hexd = digest.split(":", 1)[1]
+        return self.storage / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
+
     def blob_bytes(self, digest: str) -> int:
         """Body bytes the registry has sent for blob ``digest`` so far."""
         return sum(r.size for r in self.blob_requests(digest) if r.method == "GET")
 
-    def push_oci(self, layout: Path, tag: str, name: str) -> str:
-        """Copy ``layout:tag`` (an OCI image layout) to ``name`` in this registry."""
+    def push_oci(self, layout: Path, tag: str, name: str, *, all_platforms: bool = False) -> str:
+        """Copy ``layout:tag`` (an OCI image layout) to ``name`` in this registry
+        (``all_platforms``: an index with every image it lists, not just the host's)."""
         staged = layout
         if layout.resolve().is_relative_to(shared_dir().resolve()):
             # The shared fixtures are read-only inputs; skopeo may write (locks).
@@ -284,6 +338,8 @@ class Registry(Daemon):
                 "copy",
                 "--quiet",
                 "--dest-tls-verify=false",
+                *(["--all"] if all_platforms else []),
+                *(["--dest-creds", ":".join(self.credentials)] if self.credentials else []),
                 f"oci:{staged}:{tag}",
                 f"docker://{self.ref(name)}",
             ]
