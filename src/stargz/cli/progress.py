@@ -8,6 +8,7 @@ layer step when it ends, e.g.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -74,6 +75,10 @@ class Bars:
         if bar is None:
             from tqdm import tqdm
 
+            try:
+                sized = os.get_terminal_size(self.out.fileno()).columns > 0
+            except (OSError, ValueError):
+                sized = False
             bar = tqdm(
                 total=None,
                 unit="B",
@@ -82,7 +87,8 @@ class Bars:
                 position=len(self._bars),
                 file=self.out,
                 leave=True,
-                dynamic_ncols=True,
+                dynamic_ncols=sized,
+                ncols=None if sized else 100,  # a terminal that reports no size
                 desc=_short(layer),
             )
             self._bars[layer] = bar
@@ -90,9 +96,9 @@ class Bars:
 
     def begin(self, layer: str, step: str, total: int | None) -> None:
         bar = self._bar(layer)
+        bar.set_postfix_str("", refresh=False)
+        bar.set_description_str(f"{_short(layer)} {step:8}", refresh=False)
         bar.reset(total=total)
-        bar.set_description_str(f"{_short(layer)} {step:8}")
-        bar.set_postfix_str("")
 
     def advance(self, layer: str, done: int, total: int | None = None) -> None:
         bar = self._bar(layer)
@@ -102,6 +108,8 @@ class Bars:
 
     def end(self, layer: str, step: str) -> None:
         bar = self._bar(layer)
+        if bar.total is not None:
+            bar.update(bar.total - bar.n)
         bar.set_postfix_str("done")
         bar.refresh()
 

@@ -51,6 +51,7 @@ from stargz.image.layout import (
     MT_OCI_CONFIG,
     MT_OCI_INDEX,
     MT_OCI_MANIFEST,
+    REF_NAME,
 )
 from stargz.image.progress import NO_EVENTS, Events
 from stargz.image.refs import ImageLocation, LayoutLocation, RegistryLocation, parse_location
@@ -136,9 +137,6 @@ async def convert_async(
     if opts.jobs < 1:
         raise InvalidArgument(f"jobs must be at least 1, got {opts.jobs}")
     sloc, dloc = parse_location(src), parse_location(dst)
-    if isinstance(dloc, LayoutLocation) and dloc.tag is None:
-        tag = sloc.tag if isinstance(sloc, LayoutLocation) else sloc.ref.tag
-        dloc = LayoutLocation(dloc.path, tag or "latest")
     async with contextlib.AsyncExitStack() as stack:
         refs = [x.ref for x in (sloc, dloc) if isinstance(x, RegistryLocation)]
         client = None
@@ -148,11 +146,16 @@ async def convert_async(
             client = await stack.enter_async_context(make_client(refs, plain_http=opts.plain_http))
         source = _source(sloc, client)
         stack.push_async_callback(source.close)
+        desc, raw = await source.resolve()
+        if isinstance(dloc, LayoutLocation) and dloc.tag is None:
+            # the source's tag: as written, or the tag of a layout's only image
+            tag = sloc.tag if isinstance(sloc, LayoutLocation) else sloc.ref.tag
+            tag = tag or (desc.get("annotations") or {}).get(REF_NAME)
+            dloc = LayoutLocation(dloc.path, tag or "latest")
         target = _target(dloc, client)
         stack.push_async_callback(target.close)
         conv = _Converter(source, target, opts, progress, events)
         try:
-            desc, raw = await source.resolve()
             new, new_raw = await conv.descriptor(desc, raw, top=True)
         except BaseException:
             await conv.cancel()
