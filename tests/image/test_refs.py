@@ -86,3 +86,13 @@ def test_cli_converts_plain_directories_and_quiet_is_silent(tmp_path, corners):
     assert [line.split()[2] for line in lines[:-1]] == ["reuse", "upload"] * 2, lines
     again = json.loads((tmp_path / "again" / "index.json").read_text())
     assert again["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"] == "esgz"
+    # --no-reuse converts an eStargz layer all the same
+    p = subprocess.run(
+        [*argv, "--no-reuse", str(out), f"{tmp_path / 'forced'}:x"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    assert [line.split()[2] for line in p.stderr.splitlines()[:-1]].count("convert") == 2
