@@ -32,6 +32,7 @@ NS = "convert"
 TOC = "containerd.io/snapshot/stargz/toc.digest"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 ACCEPT = f"{OCI_INDEX}, {OCI_MANIFEST}"
 
 
@@ -378,3 +379,112 @@ def test_progress_is_one_line_per_layer_step_and_quiet_is_silent(logged_registry
     q = ok("convert", "-q", src, reg.ref("prog:esgz2"))
     assert q.stderr == ""
     assert q.stdout.strip().startswith("sha256:")
+
+
+# --- Docker media types, bearer tokens, terminals ---------------------------------------------
+
+
+def test_docker_media_types_become_oci(logged_registry, shared, esgz_verify, tmp_path):
+    """A Docker manifest list of Docker schema 2 manifests comes out as an OCI index of OCI
+    manifests, configs and layers."""
+    reg = logged_registry
+    layout = _two_platform_layout(shared, tmp_path / "multi")
+    src = reg.push_oci(layout, "multi", "dk:multi", all_platforms=True, docker_format=True)
+    status, body = get(reg, "dk/manifests/multi", accept=DOCKER_LIST)
+    assert status == 200 and json.loads(body)["mediaType"] == DOCKER_LIST
+    ok("convert", "-q", src, reg.ref("dk:esgz"))
+    idx = manifest(reg, "dk", "esgz")
+    assert idx["mediaType"] == OCI_INDEX and len(idx["manifests"]) == 2
+    for m in idx["manifests"]:
+        assert m["mediaType"] == OCI_MANIFEST
+        man = manifest(reg, "dk", m["digest"])
+        assert man["config"]["mediaType"] == "application/vnd.oci.image.config.v1+json"
+        go_verifies(reg, "dk", man, esgz_verify, tmp_path)
+
+
+def test_bearer_token_covers_push_and_mount_scopes(logged_registry, shared):
+    """Behind a bearer-token gate (a proxy in front of the real registry): the converter
+    gets tokens for pull+push on the destination, and for the mount also pull on the
+    source repository, and the image lands."""
+    from harness.faults import BearerAuth, ProxyThread
+
+    reg = logged_registry
+    reg.push_oci(shared / "fixtures" / "oci-corners", "esgz", "corners:esgz")
+    auth = BearerAuth(user="bob", password="pw")
+    with ProxyThread() as pt:
+        proxy = pt.start(f"http://{reg.host}", auth)
+        cfg = tmp_docker_config({proxy.netloc: ("bob", "pw")})
+        try:
+            ok(
+                "convert",
+                "-q",
+                f"{proxy.netloc}/corners:esgz",
+                f"{proxy.netloc}/tok:esgz",
+                env={"DOCKER_CONFIG": str(cfg)},
+            )
+        finally:
+            shutil.rmtree(cfg, ignore_errors=True)
+        scopes = [set(r["scope"]) for r in auth.token_requests]
+        assert any({"repository:tok:pull,push", "repository:corners:pull"} <= s for s in scopes), (
+            scopes
+        )
+        assert all(r["auth"] for r in auth.token_requests)  # basic credentials for every token
+        mounts = [s for s in proxy.requests("POST") if "mount" in s.query]
+        assert len(mounts) == 2 and all(s.query["from"] == "corners" for s in mounts)
+        assert not proxy.requests("PUT", r"/blobs/uploads/.+")  # nothing was uploaded
+    assert manifest(reg, "tok", "esgz")["layers"] == manifest(reg, "corners", "esgz")["layers"]
+
+
+def tmp_docker_config(creds: dict[str, tuple[str, str]]) -> Path:
+    from harness import make_tempdir
+
+    d = make_tempdir("sgz-dcfg-")
+    auths = {
+        host: {"auth": base64.b64encode(f"{u}:{p}".encode()).decode()}
+        for host, (u, p) in creds.items()
+    }
+    (d / "config.json").write_text(json.dumps({"auths": auths}))
+    return d
+
+
+def test_a_terminal_gets_one_progress_bar_per_layer(logged_registry, shared):
+    """On a terminal (a pty with a size), stderr carries tqdm bars: per layer, its
+    download, convert and upload steps with bytes and rate."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    reg = logged_registry
+    src = reg.push_oci(shared / "fixtures" / "oci-corners", "orig", "corners:orig")
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stargz.cli.main", "convert", src, reg.ref("tty:esgz")],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=slave,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
+    os.close(slave)
+    out = bytearray()
+    try:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            out.extend(data)
+    finally:
+        os.close(master)
+        code = proc.wait(120)
+    assert code == 0, out.decode(errors="replace")[-3000:]
+    text = out.decode(errors="replace")
+    for d in find_manifest(shared / "fixtures" / "oci-corners", "orig")["layers"]:  # type: ignore[index]
+        short = d["digest"][:19]
+        for step in ("download", "convert", "upload"):
+            assert f"{short} {step:8}" in text, (short, step, text[-2000:])
+    assert "100%|" in text and "B/s" in text  # bars with a percentage and a rate
+    assert manifest(reg, "tty", "esgz")["layers"][0]["annotations"][TOC]

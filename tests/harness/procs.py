@@ -320,9 +320,18 @@ class Registry(Daemon):
         """Body bytes the registry has sent for blob ``digest`` so far."""
         return sum(r.size for r in self.blob_requests(digest) if r.method == "GET")
 
-    def push_oci(self, layout: Path, tag: str, name: str, *, all_platforms: bool = False) -> str:
+    def push_oci(
+        self,
+        layout: Path,
+        tag: str,
+        name: str,
+        *,
+        all_platforms: bool = False,
+        docker_format: bool = False,
+    ) -> str:
         """Copy ``layout:tag`` (an OCI image layout) to ``name`` in this registry
-        (``all_platforms``: an index with every image it lists, not just the host's)."""
+        (``all_platforms``: an index with every image it lists, not just the host's;
+        ``docker_format``: as Docker schema 2 manifests and manifest lists)."""
         staged = layout
         if layout.resolve().is_relative_to(shared_dir().resolve()):
             # The shared fixtures are read-only inputs; skopeo may write (locks).
@@ -339,6 +348,7 @@ class Registry(Daemon):
                 "--quiet",
                 "--dest-tls-verify=false",
                 *(["--all"] if all_platforms else []),
+                *(["--format", "v2s2"] if docker_format else []),
                 *(["--dest-creds", ":".join(self.credentials)] if self.credentials else []),
                 f"oci:{staged}:{tag}",
                 f"docker://{self.ref(name)}",

@@ -20,7 +20,7 @@ import asyncio
 import os
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlencode, urljoin
+from urllib.parse import urlencode, urljoin, urlsplit
 
 from aiohttp import payload
 from aiohttp.abc import AbstractStreamWriter
@@ -147,8 +147,10 @@ async def finish_upload(
     body: Any,
 ) -> None:
     """``PUT <location>&digest=<digest>`` with the whole blob as ``body``."""
-    host = origin(t, ref)
+    host: RegistryHost | None = origin(t, ref)
     url = location + ("&" if "?" in location else "?") + urlencode({"digest": digest})
+    if urlsplit(url).netloc != host.netloc:
+        host = None  # an upload URL elsewhere gets none of the registry's credentials
 
     async def consume(ex: Exchange) -> None:
         if ex.status not in (201, 204):
