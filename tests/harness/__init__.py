@@ -7,6 +7,7 @@ To use the pytest fixtures from another test directory, give that directory an
 """
 
 from .procs import (
+    ApiRequest,
     BlobRequest,
     Containerd,
     HarnessError,
@@ -25,6 +26,7 @@ from .procs import (
 )
 
 __all__ = [
+    "ApiRequest",
     "BlobRequest",
     "Containerd",
     "HarnessError",

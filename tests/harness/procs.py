@@ -217,6 +217,22 @@ class BlobRequest:
     size: int
 
 
+#: Any request to the registry API in the access log.
+_ANY_LINE = re.compile(
+    r'^\S+ \S+ \S+ \[[^\]]*\] "(?P<method>[A-Z]+) (?P<path>/v2/\S*) HTTP/[0-9.]+"'
+    r" (?P<status>\d{3})",
+    re.MULTILINE,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiRequest:
+    method: str
+    #: The request path with its query string, e.g. ``/v2/app/blobs/uploads/?mount=...``.
+    path: str
+    status: int
+
+
 class Registry(Daemon):
     """The CNCF distribution registry (Debian ``docker-registry``) on 127.0.0.1:<free port>."""
 
@@ -241,6 +257,7 @@ class Registry(Daemon):
         self.basic_auth = basic_auth
         storage = self.workdir / "storage"
         storage.mkdir()
+        self.storage = storage
         auth = ""
         if basic_auth is not None:
             import bcrypt
@@ -285,12 +302,35 @@ class Registry(Daemon):
                 out.append(BlobRequest(m["method"], m["digest"], int(m["status"]), size))
         return out
 
+    def requests(self) -> list[ApiRequest]:
+        """Every registry API request answered so far (needs ``start(access_log=True)``)."""
+        assert self.access_log, "start the registry with access_log=True"
+        return [
+            ApiRequest(m["method"], m["path"], int(m["status"]))
+            for m in _ANY_LINE.finditer(self.log_text())
+        ]
+
+    def blob_file(self, digest: str) -> Path:
+        """Where the registry's filesystem storage keeps blob ``digest``'s bytes."""
+        hexd = digest.split(":", 1)[1]
+        return self.storage / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
+
     def blob_bytes(self, digest: str) -> int:
         """Body bytes the registry has sent for blob ``digest`` so far."""
         return sum(r.size for r in self.blob_requests(digest) if r.method == "GET")
 
-    def push_oci(self, layout: Path, tag: str, name: str) -> str:
-        """Copy ``layout:tag`` (an OCI image layout) to ``name`` in this registry."""
+    def push_oci(
+        self,
+        layout: Path,
+        tag: str,
+        name: str,
+        *,
+        all_platforms: bool = False,
+        docker_format: bool = False,
+    ) -> str:
+        """Copy ``layout:tag`` (an OCI image layout) to ``name`` in this registry
+        (``all_platforms``: an index with every image it lists, not just the host's;
+        ``docker_format``: as Docker schema 2 manifests and manifest lists)."""
         staged = layout
         if layout.resolve().is_relative_to(shared_dir().resolve()):
             # The shared fixtures are read-only inputs; skopeo may write (locks).
@@ -306,6 +346,8 @@ class Registry(Daemon):
                 "copy",
                 "--quiet",
                 "--dest-tls-verify=false",
+                *(["--all"] if all_platforms else []),
+                *(["--format", "v2s2"] if docker_format else []),
                 *(["--dest-creds", ":".join(self.basic_auth)] if self.basic_auth else []),
                 f"oci:{staged}:{tag}",
                 f"docker://{self.ref(name)}",

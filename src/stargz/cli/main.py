@@ -1,5 +1,6 @@
-"""The ``stargz`` command: convert images, extract or inspect eStargz blobs, and show what
-the running daemon is doing (``stargz status``)."""
+"""The ``stargz`` command: convert images (OCI layouts or registries), extract or inspect
+eStargz layers (files, or layers of images), and show what the running daemon is doing
+(``stargz status``)."""
 
 from __future__ import annotations
 
@@ -7,54 +8,17 @@ import argparse
 import collections
 import json
 import sys
-import time
 
 from stargz.cli.version import VersionAction
 from stargz.errors import StargzError
 from stargz.estargz import reader as esgz_reader
-from stargz.estargz import writer
-
-
-def _prioritized(path: str | None) -> list[str]:
-    if not path:
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
-
-
-def cmd_convert(args: argparse.Namespace) -> int:
-    from stargz.image.convert import ConvertOptions, convert
-
-    opts = ConvertOptions(
-        compression="zstd" if args.zstdchunked else "gzip",
-        chunk_size=args.chunk_size,
-        level=args.compression_level,
-        prioritized_files=_prioritized(args.prioritized_files),
-        workers=args.workers,
-    )
-    start = time.perf_counter()
-
-    def progress(s) -> None:
-        mbps = s.uncompressed_size / 1e6 / s.seconds if s.seconds else 0.0
-        print(
-            f"layer {s.src_digest[:19]} -> {s.dst_digest[:19]}  {s.src_size} -> {s.dst_size} B"
-            f"  {s.seconds:.2f}s  {mbps:.0f} MB/s",
-            file=sys.stderr,
-        )
-
-    desc, stats = convert(args.src, args.dst, opts, None if args.quiet else progress)
-    total = time.perf_counter() - start
-    print(desc["digest"])
-    if not args.quiet:
-        raw = sum(s.uncompressed_size for s in stats)
-        print(
-            f"converted {len(stats)} layer(s), {raw} B uncompressed in {total:.2f}s",
-            file=sys.stderr,
-        )
-    return 0
 
 
 def _open(args: argparse.Namespace) -> esgz_reader.Reader:
+    if getattr(args, "layer", False) is not False:  # get-toc-digest, inspect: images too
+        from stargz.cli.layerref import open_layer
+
+        return open_layer(args)
     return esgz_reader.open_file(
         args.blob, toc_digest=getattr(args, "toc_digest", None), verify=not args.no_verify
     )
@@ -125,29 +89,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action=VersionAction)
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    c = sub.add_parser("convert", help="convert an image in an OCI layout to eStargz")
-    c.add_argument("src", metavar="SRC", help="oci:DIR:TAG")
-    c.add_argument("dst", metavar="DST", help="oci:DIR:TAG (new dir or new tag)")
-    c.add_argument("--zstdchunked", action="store_true", help="write zstd:chunked layers")
-    c.add_argument("--chunk-size", type=int, default=writer.DEFAULT_CHUNK_SIZE)
-    c.add_argument(
-        "--compression-level",
-        type=int,
-        default=None,
-        help="gzip 0-9 (default 1; 0-3 use ISA-L, Go uses 9) or zstd 1-22 (default 3)",
-    )
-    c.add_argument("--prioritized-files", metavar="FILE", help="file listing paths to put first")
-    c.add_argument("--workers", type=int, default=None, help="compression threads (default: cores)")
-    c.add_argument("-q", "--quiet", action="store_true")
-    c.set_defaults(func=cmd_convert)
+    from stargz.cli import convert
+
+    convert.add_parser(sub)
 
     for name, func, helptext in (
         ("extract", cmd_extract, "materialize a layer through its TOC, verifying every chunk"),
-        ("get-toc-digest", cmd_get_toc_digest, "print the TOC digest of a blob"),
+        ("get-toc-digest", cmd_get_toc_digest, "print the TOC digest of a layer"),
         ("inspect", cmd_inspect, "show entries, chunks, sizes and the prefetch landmark"),
     ):
         s = sub.add_parser(name, help=helptext)
-        s.add_argument("blob", metavar="BLOB")
+        if name == "extract":
+            s.add_argument("blob", metavar="BLOB")
+        else:
+            s.add_argument(
+                "blob",
+                metavar="BLOB|IMAGE",
+                help="a blob file, or an image: oci:DIR[:TAG], REGISTRY/REPO:TAG, docker://REF",
+            )
+            from stargz.cli import layerref
+
+            layerref.add_arguments(s)
         if name == "extract":
             s.add_argument("dir", metavar="DIR")
         if name != "get-toc-digest":

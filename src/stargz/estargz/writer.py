@@ -28,7 +28,7 @@ import tempfile
 import threading
 import zlib
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -504,12 +504,14 @@ def build(
     allow_missing_prioritized: bool = False,
     workers: int | None = None,
     tmpdir: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> BuildResult:
     """Convert the tar layer in ``src`` and write the blob to ``dst``.
 
     ``prioritized_files`` lists layer paths in first-access order; they go first,
     followed by ``.prefetch.landmark``. ``level`` defaults to 1 (ISA-L) for gzip and 3
-    for zstd.
+    for zstd. ``progress(done, total)`` is called (from this thread) as members are
+    written: bytes of the input tar done, of its total size.
     """
     if not 0 < chunk_size <= DEFAULT_MAX_CHUNK_SIZE:
         raise InvalidArgument(
@@ -526,6 +528,10 @@ def build(
         _check_servable(items)
         layout = _Layout(tar, chunk_size)
         writer = _OrderedWriter(dst, codec, workers or os.cpu_count() or 1)
+        if progress is not None:
+            total = tar.seek(0, os.SEEK_END)
+            tar.seek(0)
+            writer.progress = lambda done: progress(min(done, total), total)
         for member in layout.members(items):
             writer.submit(member)
         if compression == "zstd":
@@ -585,6 +591,8 @@ class _OrderedWriter:
         self.uncompressed = 0
         self.diff_hash = hashlib.sha256()
         self.blob_hash = hashlib.sha256()
+        self.progress: Callable[[int], None] | None = None
+        self._done = 0
 
     def submit(self, member: _Member) -> None:
         if not member.size and not member.starts:
@@ -603,6 +611,9 @@ class _OrderedWriter:
             ent.offset = self.offset
         self.write_raw(data)
         member.parts.clear()
+        if self.progress is not None:
+            self._done += member.size
+            self.progress(self._done)
 
     def drain(self) -> None:
         try:

@@ -358,7 +358,7 @@ class Authorizer:
     def _token_key(self, host: str, ch: Challenge, scope: str | None) -> tuple:
         scopes = set(self._extra_scopes.get((host, scope), frozenset()))
         if scope:
-            scopes.add(scope)
+            scopes.update(scope.split())  # a push with a mount asks for two repositories
         return (host, ch.params.get("realm", ""), ch.params.get("service"), tuple(sorted(scopes)))
 
     async def header(self, host: str, scope: str | None) -> str | None:
@@ -421,7 +421,7 @@ class Authorizer:
         if ch.scopes:
             key = (host, scope)
             self._extra_scopes[key] = self._extra_scopes.get(key, frozenset()) | (
-                ch.scopes - {scope}
+                ch.scopes - set((scope or "").split())
             )
         if sent is not None and sent.startswith("Bearer "):
             # expired, revoked, or too narrow: drop every cached token with that value
