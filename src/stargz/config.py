@@ -131,6 +131,11 @@ class MirrorConfig:
     request_timeout_sec: int = 0
     #: Extra request headers; each value is a string or a list of strings.
     header: dict[str, str | list[str]] = field(default_factory=dict)
+    # ours (containerd's hosts.toml spelling): PEM files of CAs this host's certificate may
+    # chain to, besides the system's; and skipping certificate verification altogether.
+    # Upstream's ``insecure`` means plain http, not an unverified https.
+    ca: str | list[str] = field(default_factory=list)
+    skip_verify: bool = False
 
 
 @dataclass(frozen=True)

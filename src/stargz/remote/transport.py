@@ -24,6 +24,12 @@ Every request goes through :meth:`Transport.request`:
   Basic``, its refresh-token form body) go only to the origin (scheme, host and port) of
   the first URL: a redirect elsewhere, https -> http included, drops the header, and one
   that would re-send the body fails with :class:`AuthError`.
+- **TLS**: a host's ``ca`` files are trusted besides the system's CAs (one SSL context
+  per set of files), ``skip_verify`` turns verification off; a redirect target is reached
+  with the TLS settings of the host that redirected. A failed handshake (wrong host name,
+  unknown CA, plain http on the other end) is final for that host and its error says so.
+- **Mirrors fail over at once**: a mirror's connection errors, timeouts and 5xx are not
+  retried (the next host is there for that); the registry's are.
 - **Logs and errors** show URLs through :func:`stargz.remote.redact.redact_url` (no query
   string, no userinfo): a pre-signed storage URL's signature is a credential.
 
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Self, TypeVar
 from urllib.parse import urlencode, urljoin
@@ -79,6 +86,17 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     """(scheme, host, port): where credentials for ``url`` may go."""
     u = URL(url, encoded=True)
     return (u.scheme.lower(), (u.host or "").lower(), u.port)
+
+
+def _tls_reason(e: aiohttp.ClientSSLError) -> str:
+    """The SSL library's own words (``certificate verify failed: IP address mismatch...``,
+    ``wrong version number`` for a plain http server), without aiohttp's wrapping."""
+    inner = getattr(e, "certificate_error", None) or getattr(e, "os_error", None) or e
+    reason = getattr(inner, "verify_message", None) or getattr(inner, "reason", None)
+    text = str(reason) if reason else str(inner)
+    if isinstance(e, aiohttp.ClientConnectorCertificateError) or "CERTIFICATE" in text.upper():
+        return f"certificate verify failed: {text}"
+    return redact_text(text)
 
 
 def retryable_status(status: int) -> bool:
@@ -207,6 +225,7 @@ class Transport:
         self.stats = FetchStats()
         #: netlocs (registry, mirror or storage hosts) that get single-range requests only
         self.single_range_hosts: set[str] = set()
+        self._ssl_contexts: dict[tuple[str, ...], ssl.SSLContext] = {}
         self._closed = False
 
     # --- lifecycle ------------------------------------------------------------------
@@ -272,6 +291,28 @@ class Transport:
                 failures.append(f"{host.netloc}: {e}")
         raise AssertionError("unreachable: the registry itself is always the last host")
 
+    # --- TLS ------------------------------------------------------------------------
+
+    def ssl_for(self, host: RegistryHost | None) -> ssl.SSLContext | bool:
+        """What aiohttp's ``ssl=`` gets for requests on behalf of ``host``: True (system
+        CAs), False (``skip_verify``), or a context that also trusts ``host.ca``."""
+        if host is None or host.scheme != "https":
+            return True
+        if host.skip_verify:
+            return False
+        if not host.ca:
+            return True
+        ctx = self._ssl_contexts.get(host.ca)
+        if ctx is None:
+            ctx = ssl.create_default_context()
+            for path in host.ca:
+                try:
+                    ctx.load_verify_locations(cafile=path)
+                except (OSError, ssl.SSLError) as e:
+                    raise RegistryError(f"{host.netloc}: cannot load CA file {path}: {e}") from e
+            self._ssl_contexts[host.ca] = ctx
+        return ctx
+
     # --- the request engine -----------------------------------------------------------
 
     def backoff(self, attempt: int, resp: aiohttp.ClientResponse | None = None) -> float:
@@ -298,15 +339,22 @@ class Transport:
         timeout: float | None = _UNSET,
         follow_redirects: bool = True,
         data: Any = None,
+        via: RegistryHost | None = _UNSET,
     ) -> T:
         """Send a request with retries, auth and redirects; ``consume`` reads the answer.
 
         ``host`` is the registry host ``url`` belongs to: its configured headers and
         credentials are added (None: send only ``headers``, as for a storage URL).
+        ``via`` is the host the request is made for (default ``host``; a storage URL's is
+        the host that redirected there): its TLS settings apply, and a mirror's failures
+        are not retried.
         ``consume`` runs inside the attempt, so a body cut short is retried as well.
         Retryable statuses reach ``consume`` only once the retries are used up.
         """
-        max_retries = self.blob_options.max_retries
+        if via is _UNSET:
+            via = host
+        tls = self.ssl_for(via)
+        max_retries = 0 if via is not None and via.is_mirror else self.blob_options.max_retries
         if timeout is _UNSET:
             timeout = host.timeout if host is not None else self.resolver_options.default_timeout()
         all_stats = (self.stats, *stats)
@@ -316,7 +364,7 @@ class Transport:
             try:
                 async with asyncio.timeout(timeout):
                     resp, final, redirected, sent = await self._send(
-                        method, url, host, scope, headers, all_stats, follow_redirects, data
+                        method, url, host, scope, headers, all_stats, follow_redirects, data, tls
                     )
                     try:
                         if (
@@ -338,6 +386,12 @@ class Transport:
                         delay = self.backoff(attempt, resp)
                     finally:
                         resp.release()
+            except aiohttp.ClientSSLError as e:
+                raise RegistryError(
+                    f"{method} {redact_url(url)}: TLS handshake with "
+                    f"{URL(url, encoded=True).host_port_subcomponent} failed: {_tls_reason(e)}",
+                    url=redact_url(url),
+                ) from e
             except _FINAL_CLIENT_ERRORS as e:
                 raise RegistryError(
                     f"{method} {redact_url(url)}: {redact_text(str(e))}", url=redact_url(url)
@@ -375,6 +429,7 @@ class Transport:
         stats: Sequence[FetchStats],
         follow: bool,
         data: Any,
+        tls: ssl.SSLContext | bool = True,
     ) -> tuple[aiohttp.ClientResponse, str, bool, str | None]:
         hdrs: CIMultiDict[str] = CIMultiDict()
         sent_auth = None
@@ -393,7 +448,12 @@ class Transport:
             for s in stats:
                 s.requests += 1
             resp = await self.session.request(
-                method, URL(current, encoded=True), headers=hdrs, allow_redirects=False, data=data
+                method,
+                URL(current, encoded=True),
+                headers=hdrs,
+                allow_redirects=False,
+                data=data,
+                ssl=tls,
             )
             location = resp.headers.get("Location")
             if not (follow and resp.status in _REDIRECT_STATUSES and location):
