@@ -15,6 +15,7 @@ image still pulls, with the same tree.
 
 from __future__ import annotations
 
+import ssl
 import time
 from pathlib import Path
 
@@ -276,17 +277,33 @@ def test_wrong_credentials_are_named_and_unpacked_instead(
 # --- bearer tokens ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def token_registry(pki, registries):
+@pytest.fixture(params=[False, True], ids=["http", "https"])
+def token_registry(request, pki, registries):
     """A registry with ``auth: token`` whose tokens come from a :class:`TokenIssuer` that
-    wants USER:PASSWORD; yields (registry, issuer)."""
+    wants USER:PASSWORD; both over plain http, or both over https with certificates from
+    the test's CA (the realm on a port of its own); yields (registry, issuer)."""
+    tls = request.param
+    server_tls = None
+    if tls:
+        server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_tls.load_cert_chain(pki.server.cert, pki.server.key)
     with ProxyThread() as pt:
         issuer = TokenIssuer.create(pki.workdir / "token", {USER: PASSWORD})
-        realm = pt.start("http://127.0.0.1:9", issuer)  # answers /token itself
+        # answers /token itself (the upstream is never asked)
+        realm = pt.start("http://127.0.0.1:9", issuer, ssl_context=server_tls)
         reg = registries(
-            token=TokenAuth(f"{realm.url}/token", issuer.service, issuer.issuer, issuer.cert)
+            tls=(pki.server.cert, pki.server.key) if tls else None,
+            token=TokenAuth(f"{realm.url}/token", issuer.service, issuer.issuer, issuer.cert),
         )
         yield reg, issuer
+
+
+def _token_setup(reg: Registry, pki: PKI, c: Containerd | None = None) -> str | list[str]:
+    """The daemon config for ``reg`` (c None), or ``rpull``'s flags to reach it."""
+    https = reg.scheme == "https"
+    if c is None:
+        return tls_config(reg.host, pki.ca.cert) if https else BASE_CONFIG
+    return tls_flags(c, reg, ca=pki.ca.cert) if https else ["--plain-http"]
 
 
 def _push_with_token(reg: Registry, shared: Path) -> str:
@@ -295,9 +312,12 @@ def _push_with_token(reg: Registry, shared: Path) -> str:
     return reg.push_oci(shared / "fixtures" / "oci-corners", TAG, f"corners:{TAG}")
 
 
-def test_bearer_token_expiring_mid_run_is_refreshed(token_registry, lazy_stack, shared, tmp_path):
+def test_bearer_token_expiring_mid_run_is_refreshed(
+    token_registry, pki, lazy_stack, shared, tmp_path
+):
     """``auth: token``: the daemon gets a token from the realm with the docker config's
-    credentials and mounts every layer lazily. The issuer says tokens live 300 s but they
+    credentials and mounts every layer lazily (over https, the realm is trusted through
+    the CA configured for the registry). The issuer says tokens live 300 s but they
     die after 8: the tree read after that (every file's bytes fetched then, no background
     fetch) gets 401s, and the daemon fetches a new token and reads on: the tree is the
     ground truth, more tokens were issued to our daemon after the first died, and no read
@@ -306,12 +326,12 @@ def test_bearer_token_expiring_mid_run_is_refreshed(token_registry, lazy_stack, 
     ref = _push_with_token(reg, shared)
     issuer.lifetime, issuer.expires_in = 8, 300
     cfg_dir = docker_config(tmp_path / "docker", reg.host, USER, PASSWORD)
-    sd, c = lazy_stack(BASE_CONFIG, env={"DOCKER_CONFIG": str(cfg_dir)})
+    sd, c = lazy_stack(_token_setup(reg, pki), env={"DOCKER_CONFIG": str(cfg_dir)})
 
     def ours() -> int:
         return sum(agent.startswith(OUR_AGENT) for agent, _ in issuer.issued)
 
-    rpull(c, ref, "--plain-http", "--user", f"{USER}:{PASSWORD}")
+    rpull(c, ref, *_token_setup(reg, pki, c), "--user", f"{USER}:{PASSWORD}")
     layers = layers_of(shared / "fixtures" / "oci-corners", TAG)
     assert_lazily_mounted(sd, c, layers)
     at_pull = ours()
@@ -333,15 +353,15 @@ def test_bearer_token_expiring_mid_run_is_refreshed(token_registry, lazy_stack, 
 
 
 def test_bearer_token_refused_credentials_are_named_and_unpacked_instead(
-    token_registry, lazy_stack, shared, tmp_path
+    token_registry, pki, lazy_stack, shared, tmp_path
 ):
     """The docker config's password is wrong: the token realm answers 401, each refusal
     names it, containerd unpacks the layers, the tree is the ground truth."""
     reg, issuer = token_registry
     ref = _push_with_token(reg, shared)
     cfg_dir = docker_config(tmp_path / "docker", reg.host, USER, "not-the-password")
-    sd, c = lazy_stack(BASE_CONFIG, env={"DOCKER_CONFIG": str(cfg_dir)})
-    rpull(c, ref, "--plain-http", "--user", f"{USER}:{PASSWORD}")
+    sd, c = lazy_stack(_token_setup(reg, pki), env={"DOCKER_CONFIG": str(cfg_dir)})
+    rpull(c, ref, *_token_setup(reg, pki, c), "--user", f"{USER}:{PASSWORD}")
     errors = refusals(sd)
     assert errors and all("401" in e and "token" in e for e in errors), errors
     assert [a for a in issuer.refused if a.startswith(OUR_AGENT)]

@@ -25,9 +25,10 @@ Every request goes through :meth:`Transport.request`:
   the first URL: a redirect elsewhere, https -> http included, drops the header, and one
   that would re-send the body fails with :class:`AuthError`.
 - **TLS**: a host's ``ca`` files are trusted besides the system's CAs (one SSL context
-  per set of files), ``skip_verify`` turns verification off; a redirect target is reached
-  with the TLS settings of the host that redirected. A failed handshake (wrong host name,
-  unknown CA, plain http on the other end) is final for that host and its error says so.
+  per set of files), ``skip_verify`` turns verification off; a redirect target, and the
+  token realm a host's challenge points at, are reached with that host's TLS settings.
+  A failed handshake (wrong host name, unknown CA, plain http on the other end) is final
+  for that host and its error says so.
 - **Mirrors fail over at once**: a mirror's connection errors, timeouts and 5xx are not
   retried (the next host is there for that); the registry's are.
 - **Logs and errors** show URLs through :func:`stargz.remote.redact.redact_url` (no query
@@ -41,6 +42,7 @@ a mirror moves on to the next.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import random
 import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -80,6 +82,11 @@ _CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie
 _UNSET: Any = object()
 #: ``keychain=`` default: the docker config file (:class:`DockerConfigKeychain`).
 DEFAULT_KEYCHAIN: Any = object()
+#: The host a request is sent for, while its credentials are worked out: a token request
+#: made then (in a task that inherits this context) uses that host's TLS settings.
+_asking_for: contextvars.ContextVar[RegistryHost | None] = contextvars.ContextVar(
+    "asking_for", default=None
+)
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -439,7 +446,11 @@ class Transport:
         for k, v in (headers or {}).items():
             hdrs[k] = v
         if host is not None:
-            sent_auth = await self.authorizer.header(host.netloc, scope)
+            token = _asking_for.set(host)
+            try:
+                sent_auth = await self.authorizer.header(host.netloc, scope)
+            finally:
+                _asking_for.reset(token)
             if sent_auth:
                 hdrs["Authorization"] = sent_auth
         current, redirected = url, False
@@ -526,4 +537,8 @@ class Transport:
             expires = obj.get("expires_in")
             return token, float(expires) if isinstance(expires, int | float) else None
 
-        return await self.request(method, url, consume=consume, headers=headers, data=data)
+        # the realm is reached with the TLS settings (ca, skip_verify) of the registry host
+        # that asked for the token, as containerd does with the host's HTTP client
+        return await self.request(
+            method, url, consume=consume, headers=headers, data=data, via=_asking_for.get()
+        )
