@@ -14,7 +14,7 @@ from harness.faults import Proxy
 from harness.registry_auth import issue_cert, make_ca
 
 from stargz import config
-from stargz.errors import InvalidArgument, RegistryError
+from stargz.errors import RegistryError
 from stargz.remote import RegistryClient, ResolverOptions, registry_hosts
 from stargz.remote.manifest import Platform
 
@@ -54,8 +54,14 @@ def test_the_registry_itself_over_https_replaces_the_plain_http_default(pki):
 
 
 def test_a_missing_ca_file_is_refused_when_the_config_is_read(tmp_path):
-    with pytest.raises(InvalidArgument, match="ca file .*nope.pem.* does not exist"):
+    """One line naming the key (the daemon exits 2 with it)."""
+    with pytest.raises(config.ConfigError) as e:
         _resolver("r.io", ca=[str(tmp_path / "nope.pem")])
+    assert e.value.key == 'resolver.host."r.io".mirrors[0].ca'
+    assert str(e.value) == (
+        f'key "resolver.host."r.io".mirrors[0].ca" names '
+        f"'{tmp_path / 'nope.pem'}', which is not a file"
+    )
 
 
 def test_ca_from_the_config_verifies_the_registry(pki, images, run):

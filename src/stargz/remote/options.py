@@ -10,12 +10,10 @@ ignore ``valid_interval``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from stargz.config import BlobConfig, HostConfig, MirrorConfig, ResolverConfig
-from stargz.errors import InvalidArgument
 
 _BLOB = BlobConfig()
 DEFAULT_REQUEST_TIMEOUT_SEC = ResolverConfig().request_timeout_sec
@@ -97,11 +95,6 @@ class MirrorOptions:
     @classmethod
     def from_config(cls, cfg: MirrorConfig) -> MirrorOptions:
         ca = (cfg.ca,) if isinstance(cfg.ca, str) else tuple(cfg.ca)
-        for path in ca:
-            if not os.path.isfile(path):
-                raise InvalidArgument(
-                    f"resolver: mirror {cfg.host!r}: ca file {path!r} does not exist"
-                )
         return cls(
             host=cfg.host,
             insecure=cfg.insecure,
