@@ -15,7 +15,7 @@ import time
 
 import pytest
 from harness import Registry, mounted_image, tree_listing
-from harness.faults import ProxyThread, Stall, Status
+from harness.faults import ProxyThread, Stall, Status, Switch
 
 from .test_lazy import (
     assert_lazily_mounted,
@@ -176,3 +176,42 @@ def test_failing_mirror_is_passed_over(fault, origin, mirror, lazy_stack, shared
     for d in layers:
         assert ours(origin, d["digest"]), d
         assert ours(mirror, d["digest"]) == []
+
+
+@pytest.mark.parametrize("fault", ["500", "stall"])
+def test_mirror_failing_mid_run_fails_over_within_its_timeout(
+    fault, origin, mirror, lazy_stack, shared
+):
+    """The mirror serves the pull, then (a fault proxy in front of it switched on) answers
+    500 or holds every request for a minute: a read of a chunk nothing has fetched yet
+    returns the right bytes from the origin, after at most the mirror's
+    ``request_timeout_sec`` (the stall) plus the origin's answer; the next read goes
+    straight to the origin."""
+    layout = shared / "fixtures" / "oci-corners"
+    ref = origin.push_oci(layout, "esgz-64k", "corners:esgz-64k")
+    layers = layers_of(layout, "esgz-64k")
+    switch = Switch()
+    with ProxyThread() as pt:
+        front = pt.start(mirror.url, switch)
+        sd, c = lazy_stack(mirror_config(origin, front.netloc))
+        rpull(c, ref)
+        assert_lazily_mounted(sd, c, layers)
+        truth = tar_files(shared, "oci-corners", "orig")["data/noise.bin"]
+        dirs = remote_layer_dirs(sd)
+        (digest,) = [d["digest"] for d in layers if (dirs[d["digest"]] / "data/noise.bin").exists()]
+        path = dirs[digest] / "data/noise.bin"
+        assert pread_direct(path, 0) == truth[:4096]
+        assert ours(origin, digest) == []
+
+        switch.fault = Status(500) if fault == "500" else Stall(n=10**6, seconds=60)
+        third = (len(truth) // 3) & ~4095
+        t0 = time.monotonic()
+        assert pread_direct(path, third) == truth[third : third + 4096]
+        took = time.monotonic() - t0
+        assert took < MIRROR_TIMEOUT + 3, took
+        assert ours(origin, digest), "the read did not go to the origin"
+        asked = len(front.requests(path_re="/blobs/"))
+        t0 = time.monotonic()
+        assert pread_direct(path, 2 * third) == truth[2 * third : 2 * third + 4096]
+        assert time.monotonic() - t0 < 3
+        assert len(front.requests(path_re="/blobs/")) == asked  # the mirror was not asked
