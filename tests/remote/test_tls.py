@@ -128,3 +128,22 @@ def test_plain_http_server_named_as_https_is_a_tls_error(images, run):
                     await c.open_blob(f"{plain.netloc}/blobs", images.blob_digest)
 
     run(main)
+
+
+def test_plain_http_to_a_tls_registry_says_it_speaks_https(pki, run):
+    """A loopback registry is plain http by default; when it serves https only (a real
+    docker-registry with ``http.tls``), the 400 it answers is named for what it is."""
+    from harness.procs import Registry
+
+    _, good, _ = pki
+    reg = Registry.start(tls=(good.cert, good.key))
+    try:
+
+        async def main():
+            async with _client(ResolverOptions()) as c:
+                with pytest.raises(RegistryError, match="speaks https"):
+                    await c.open_blob(f"{reg.host}/blobs", "sha256:" + "0" * 64)
+
+        run(main)
+    finally:
+        reg.close()

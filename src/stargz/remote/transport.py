@@ -80,6 +80,7 @@ _FINAL_CLIENT_ERRORS = (aiohttp.InvalidURL, aiohttp.ClientSSLError)
 #: Headers that are credentials: sent to the first URL's origin only.
 _CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
 _UNSET: Any = object()
+_HTTP_TO_HTTPS = b"Client sent an HTTP request to an HTTPS server"
 #: ``keychain=`` default: the docker config file (:class:`DockerConfigKeychain`).
 DEFAULT_KEYCHAIN: Any = object()
 #: The host a request is sent for, while its credentials are worked out: a token request
@@ -188,6 +189,9 @@ class Exchange:
             errs = obj.get("errors") or []
             if errs and isinstance(errs[0], dict):
                 detail = f": {errs[0].get('code', '')} {errs[0].get('message', '')}".rstrip()
+            elif status == 400 and body.startswith(_HTTP_TO_HTTPS):
+                # Go's answer to plain http on its TLS port
+                detail = ": the server speaks https (write the host as https://...)"
         except (StargzError, aiohttp.ClientError, TimeoutError):
             pass
         msg = redact_text(f"{what}: HTTP {status} {self.resp.reason or ''}".rstrip() + detail)
