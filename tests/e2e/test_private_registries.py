@@ -15,6 +15,7 @@ image still pulls, with the same tree.
 
 from __future__ import annotations
 
+import shutil
 import ssl
 import time
 from pathlib import Path
@@ -66,7 +67,7 @@ class PKI:
 def pki(e2e_host: None) -> PKI:
     d = make_tempdir("sgz-pki-")
     yield PKI(d)
-    run(["rm", "-rf", str(d)])
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -244,27 +244,24 @@ class Registry(Daemon):
         htpasswd: Path | None = None,
         token: TokenAuth | None = None,
         proxy_remote: str | None = None,
-        port: int | None = None,
-        storage: Path | None = None,
     ) -> Registry:
-        """Start on a free port (or ``port``: to come back where a stopped one was). With
-        ``access_log``, the registry logs one line per request (combined log format, with
-        the response's byte count): see :meth:`blob_requests`.
+        """Start on a free port. With ``access_log``, the registry logs one line per request
+        (combined log format, with the response's byte count and the client's User-Agent):
+        see :meth:`blob_requests`.
 
         ``tls``: (certificate, key) PEM files; the registry serves https only.
         ``htpasswd``: basic auth against that file (bcrypt lines).
         ``token``: bearer-token auth (``auth: token``), tokens from ``token.realm``.
         ``proxy_remote``: a pull-through cache of the registry at that URL (read-only).
-        ``storage``: a storage directory to reuse (a cache that keeps what it fetched).
         """
         self = cls(workdir or make_tempdir("sgz-reg-"))
-        self.port = port or free_port()
+        self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.scheme = "https" if tls else "http"
         self.access_log = access_log
         self.credentials: tuple[str, str] | None = None
-        self.storage = storage or self.workdir / "storage"
-        self.storage.mkdir(exist_ok=True)
+        self.storage = self.workdir / "storage"
+        self.storage.mkdir()
         cfg = self.workdir / "config.yml"
         text = (
             "version: 0.1\n"

@@ -285,7 +285,7 @@ class Transport:
         start: int = 0,
     ) -> T:
         """``fn(index, host)`` on each host from ``start`` until one succeeds; a mirror's
-        failure is not final, the registry's (always last) is."""
+        failure is not final, the last host's (the registry) is."""
         hosts = self.hosts(ref)
         failures: list[str] = []
         for i, host in enumerate(hosts):
