@@ -10,7 +10,7 @@ PKGS=(
   containerd runc docker-registry skopeo
   stargz-snapshotter golang-go golang-github-containerd-stargz-snapshotter-dev
   libisal-dev libzstd-dev libssl-dev
-  python3-venv python3-dev gcc curl jq
+  python3-venv python3-dev gcc curl jq openssl
   systemd
 )
 missing=()

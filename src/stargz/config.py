@@ -131,6 +131,11 @@ class MirrorConfig:
     request_timeout_sec: int = 0
     #: Extra request headers; each value is a string or a list of strings.
     header: dict[str, str | list[str]] = field(default_factory=dict)
+    # ours (containerd's hosts.toml spelling): PEM files of CAs this host's certificate may
+    # chain to, besides the system's; and skipping certificate verification altogether.
+    # Upstream's ``insecure`` means plain http, not an unverified https.
+    ca: str | list[str] = field(default_factory=list, metadata={"files": True})
+    skip_verify: bool = False
 
 
 @dataclass(frozen=True)
@@ -316,6 +321,10 @@ def _build(cls: type, table: Mapping[str, Any], prefix: str) -> Any:
             raise _bad(key, f"must be one of {', '.join(_CHOICES[key])}, got {value!r}")
         if key in _ABSOLUTE and not os.path.isabs(value):
             raise _bad(key, f"must be an absolute path, got {value!r}")
+        if fields[k].metadata.get("files"):
+            for path in [value] if isinstance(value, str) else value:
+                if not os.path.isfile(path):
+                    raise _bad(key, f"names {path!r}, which is not a file")
         if key in _TCP_ADDRESS and value:
             try:
                 split_tcp_address(value)

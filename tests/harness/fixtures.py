@@ -8,9 +8,9 @@
 - ``containerd`` (function): containerd 1.6 whose ``stargz`` proxy plugin is that daemon.
 - ``logged_registry`` (function): a docker-registry of the test's own, with its access log
   on (``Registry.blob_requests``: what it served), which the test may stop.
-- ``lazy_stack`` (function): ``lazy_stack(config_text, extra_args)`` starts our daemon with
-  lazy pulling on (no ``--no-lazy``), that TOML config and those extra command-line
-  arguments, plus a containerd using it; returns
+- ``lazy_stack`` (function): ``lazy_stack(config_text, extra_args, env)`` starts our daemon
+  with lazy pulling on (no ``--no-lazy``), that TOML config, those extra command-line
+  arguments and environment variables, plus a containerd using it; returns
   ``(daemon, containerd)``. Both are stopped by PID at teardown.
 """
 
@@ -99,9 +99,11 @@ def lazy_stack(e2e_host: None) -> Iterator[LazyStack]:
     started: list[Daemon] = []
 
     def start(
-        config_text: str = "", extra_args: tuple[str, ...] = ()
+        config_text: str = "",
+        extra_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> tuple[StargzDaemon, Containerd]:
-        sd = StargzDaemon.start(config_text=config_text, extra_args=extra_args)
+        sd = StargzDaemon.start(config_text=config_text, extra_args=extra_args, env=env)
         started.append(sd)
         c = Containerd.start(sd.address)
         started.append(c)

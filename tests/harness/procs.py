@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tarfile
@@ -204,7 +205,7 @@ class Daemon:
 #: One request in the registry's access log (gorilla's combined log format).
 _ACCESS_LINE = re.compile(
     r'^\S+ \S+ \S+ \[[^\]]*\] "(?P<method>GET|HEAD) /v2/\S+/blobs/(?P<digest>sha256:[0-9a-f]{64})'
-    r' HTTP/[0-9.]+" (?P<status>\d{3}) (?P<size>\d+|-)',
+    r'(?:\?\S*)? HTTP/[0-9.]+" (?P<status>\d{3}) (?P<size>\d+|-)(?: "[^"]*" "(?P<agent>[^"]*)")?',
     re.MULTILINE,
 )
 
@@ -215,6 +216,18 @@ class BlobRequest:
     digest: str
     status: int
     size: int
+    #: The client's User-Agent ("stargz-snapshotter-py/..." for our daemon).
+    agent: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenAuth:
+    """docker-registry's ``auth: token`` settings: who issues tokens and how to check them."""
+
+    realm: str
+    service: str
+    issuer: str
+    rootcertbundle: Path
 
 
 #: Any request to the registry API in the access log.
@@ -244,21 +257,32 @@ class Registry(Daemon):
         workdir: Path | None = None,
         *,
         access_log: bool = False,
+        tls: tuple[Path, Path] | None = None,
+        htpasswd: Path | None = None,
+        token: TokenAuth | None = None,
+        proxy_remote: str | None = None,
         basic_auth: tuple[str, str] | None = None,
     ) -> Registry:
         """Start on a free port. With ``access_log``, the registry logs one line per request
-        (combined log format, with the response's byte count): see :meth:`blob_requests`.
-        With ``basic_auth=(user, password)``, every request needs those credentials (the
-        registry's htpasswd auth, a bcrypt line); :meth:`push_oci` sends them."""
+        (combined log format, with the response's byte count and the client's User-Agent):
+        see :meth:`blob_requests`.
+
+        ``tls``: (certificate, key) PEM files; the registry serves https only.
+        ``htpasswd``: basic auth against that file (bcrypt lines).
+        ``token``: bearer-token auth (``auth: token``), tokens from ``token.realm``.
+        ``proxy_remote``: a pull-through cache of the registry at that URL (read-only).
+        ``basic_auth``: (user, password) written to an htpasswd file (bcrypt) and required;
+        :meth:`push_oci` sends them.
+        """
         self = cls(workdir or make_tempdir("sgz-reg-"))
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
+        self.scheme = "https" if tls else "http"
         self.access_log = access_log
+        self.credentials: tuple[str, str] | None = basic_auth
         self.basic_auth = basic_auth
-        storage = self.workdir / "storage"
-        storage.mkdir()
-        self.storage = storage
-        auth = ""
+        self.storage = self.workdir / "storage"
+        self.storage.mkdir()
         if basic_auth is not None:
             import bcrypt
 
@@ -266,24 +290,53 @@ class Registry(Daemon):
             hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=6)).decode()
             htpasswd = self.workdir / "htpasswd"
             htpasswd.write_text(f"{user}:{hashed}\n")
-            auth = f"auth:\n  htpasswd:\n    realm: stargz-test\n    path: {htpasswd}\n"
         cfg = self.workdir / "config.yml"
-        cfg.write_text(
+        text = (
             "version: 0.1\n"
             "log:\n  level: warn\n  accesslog:\n"
             f"    disabled: {'false' if access_log else 'true'}\n"
-            f"storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n"
-            f"http:\n  addr: {self.host}\n{auth}"
+            f"storage:\n  filesystem:\n    rootdirectory: {self.storage}\n"
+            "  delete:\n    enabled: true\n"
+            f"http:\n  addr: {self.host}\n"
         )
+        if tls:
+            text += f"  tls:\n    certificate: {tls[0]}\n    key: {tls[1]}\n"
+        if htpasswd:
+            text += f"auth:\n  htpasswd:\n    realm: test-registry\n    path: {htpasswd}\n"
+        elif token:
+            text += (
+                f"auth:\n  token:\n    realm: {token.realm}\n    service: {token.service}\n"
+                f"    issuer: {token.issuer}\n    rootcertbundle: {token.rootcertbundle}\n"
+            )
+        if proxy_remote:
+            text += f"proxy:\n  remoteurl: {proxy_remote}\n"
+        cfg.write_text(text)
         self._launch([shutil.which("docker-registry") or "docker-registry", "serve", str(cfg)])
         return self
 
+    def restart(self) -> None:
+        """Start again (after :meth:`stop`) on the same port, config and storage."""
+        self._spawn(
+            [
+                shutil.which("docker-registry") or "docker-registry",
+                "serve",
+                str(self.workdir / "config.yml"),
+            ]
+        )
+        self.wait_ready(self._answers)
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.host}"
+
     def _answers(self) -> bool:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # readiness only
         try:
-            with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2) as r:
+            with urllib.request.urlopen(f"{self.url}/v2/", timeout=2, context=ctx) as r:
                 return r.status == 200
         except urllib.error.HTTPError as e:
-            return e.code == 401 and self.basic_auth is not None
+            return e.code == 401  # up, and wants credentials
 
     def ref(self, name: str) -> str:
         return f"{self.host}/{name}"
@@ -299,7 +352,9 @@ class Registry(Daemon):
         for m in _ACCESS_LINE.finditer(self.log_text()):
             if digest is None or m["digest"] == digest:
                 size = 0 if m["size"] == "-" else int(m["size"])
-                out.append(BlobRequest(m["method"], m["digest"], int(m["status"]), size))
+                out.append(
+                    BlobRequest(m["method"], m["digest"], int(m["status"]), size, m["agent"] or "")
+                )
         return out
 
     def requests(self) -> list[ApiRequest]:
@@ -339,6 +394,7 @@ class Registry(Daemon):
                 shutil.copytree(layout, staged)
                 for p in [staged, *staged.rglob("*")]:
                     p.chmod(p.stat().st_mode | 0o200)
+        creds = [f"--dest-creds={':'.join(self.credentials)}"] if self.credentials else []
         run(
             [
                 "skopeo",
@@ -348,7 +404,7 @@ class Registry(Daemon):
                 "--dest-tls-verify=false",
                 *(["--all"] if all_platforms else []),
                 *(["--format", "v2s2"] if docker_format else []),
-                *(["--dest-creds", ":".join(self.basic_auth)] if self.basic_auth else []),
+                *creds,
                 f"oci:{staged}:{tag}",
                 f"docker://{self.ref(name)}",
             ]
@@ -371,9 +427,12 @@ class StargzDaemon(Daemon):
         extra_args: Sequence[str] = (),
         address: str | None = None,
         root: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> StargzDaemon:
-        """Start on ``<workdir>/run/stargz.sock`` and ``<workdir>/root`` unless given."""
+        """Start on ``<workdir>/run/stargz.sock`` and ``<workdir>/root`` unless given;
+        ``env`` is added to the daemon's environment (``DOCKER_CONFIG``...)."""
         self = cls(workdir or make_tempdir("sgz-d-"))
+        self.env = dict(env or {})
         self.address = address or str(self.workdir / "run" / "stargz.sock")
         self.root = root or str(self.workdir / "root")
         self.config_path = self.workdir / "config.toml"
@@ -407,7 +466,7 @@ class StargzDaemon(Daemon):
         """(Re)start on the same root and socket, and wait until it answers List."""
         if self.alive():
             self.stop()
-        env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+        env = dict(os.environ, PYTHONPATH=str(REPO / "src"), **getattr(self, "env", {}))
         self._spawn(self.argv(), env=env)
         self.wait_ready(self._answers)
 

@@ -19,6 +19,7 @@ from harness.faults import (
     Proxy,
     RedirectBlobs,
     Stall,
+    Status,
     Storage,
     chain,
 )
@@ -458,5 +459,73 @@ def test_mirror_dies_mid_read_then_comes_back(images, run):
                 async with Proxy(images.registry.url, port=port) as revived:
                     b2 = await c.open_blob(f"{origin.netloc}/blobs", images.blob_digest)
                     assert b2.location.host.netloc == revived.netloc
+
+    run(main)
+
+
+def test_a_failing_mirror_is_not_retried(images, run):
+    """A mirror answering 503 gets one request per blob probe: the next host is the retry
+    (the registry itself is retried, see ``test_503_then_success``)."""
+
+    async def main():
+        async with (
+            Proxy(images.registry.url) as origin,
+            Proxy(images.registry.url, Status(503)) as mirror,
+        ):
+            resolver = _mirrors(origin.netloc, {"host": mirror.netloc})
+            async with client(resolver=resolver) as c:
+                b = await c.open_blob(f"{origin.netloc}/blobs", images.blob_digest)
+                assert b.location.host.netloc == origin.netloc
+                assert await b.read_at(7, 5) == images.blob[7:12]
+            assert len(mirror.requests("GET", "/blobs/")) == 1
+            assert c.stats.retries == 0
+
+    run(main)
+
+
+def test_blob_goes_back_to_the_mirror_after_valid_interval(images, run):
+    """A blob that failed over to the registry probes the mirror again once
+    ``valid_interval`` has passed, and moves back when it answers; before that, reads
+    stay on the registry without asking the mirror."""
+    opts = BlobOptions(min_wait_msec=1, max_wait_msec=5, max_retries=1, valid_interval=1)
+
+    async def main():
+        async with Proxy(images.registry.url) as origin, Proxy(images.registry.url) as mirror:
+            resolver = _mirrors(origin.netloc, {"host": mirror.netloc})
+            async with client(resolver=resolver, blob=opts) as c:
+                b = await c.open_blob(f"{origin.netloc}/blobs", images.blob_digest)
+                assert b.location.host.netloc == mirror.netloc
+                await mirror.down()
+                assert await b.read_at(100, 10) == images.blob[100:110]
+                assert b.location.host.netloc == origin.netloc
+                await mirror.up()
+                n = len(mirror.seen)
+                assert await b.read_at(200, 10) == images.blob[200:210]
+                assert b.location.host.netloc == origin.netloc and len(mirror.seen) == n
+                await asyncio.sleep(1.1)
+                assert await b.read_at(300, 10) == images.blob[300:310]
+                assert b.location.host.netloc == mirror.netloc
+                assert mirror.requests("GET", "/blobs/")[-1].headers["Range"] == "bytes=300-309"
+
+    run(main)
+
+
+def test_a_mirror_still_down_keeps_the_blob_on_the_registry(images, run):
+    """The probe of a mirror that is still down costs one refused connection per
+    ``valid_interval``; the read is served by the registry all the same."""
+    opts = BlobOptions(min_wait_msec=1, max_wait_msec=5, max_retries=1, valid_interval=1)
+
+    async def main():
+        async with Proxy(images.registry.url) as origin, Proxy(images.registry.url) as mirror:
+            resolver = _mirrors(origin.netloc, {"host": mirror.netloc})
+            async with client(resolver=resolver, blob=opts) as c:
+                b = await c.open_blob(f"{origin.netloc}/blobs", images.blob_digest)
+                await mirror.down()
+                assert await b.read_at(100, 10) == images.blob[100:110]
+                await asyncio.sleep(1.1)
+                t0 = time.monotonic()
+                assert await b.read_at(300, 10) == images.blob[300:310]
+                assert time.monotonic() - t0 < 1
+                assert b.location.host.netloc == origin.netloc
 
     run(main)

@@ -22,7 +22,9 @@
   :meth:`BlobReader.take_tail` (an eStargz footer, often the whole TOC); later probes
   ask ``bytes=0-0``.
 - When the current host fails for good (after the client's retries), a mirror's blob
-  moves to the next host: the next mirror, finally the registry.
+  moves to the next host: the next mirror, finally the registry. A blob served by a later
+  host than the first tries the earlier ones again every ``valid_interval`` seconds (one
+  probe, before a read): a mirror that is back takes the traffic again.
 - Each read has a deadline of ``fetching_timeout_sec`` over all its requests.
 
 ``sync_read_at(loop)`` adapts it to the ``read_at(offset, size) -> bytes`` callable of
@@ -132,6 +134,8 @@ class BlobReader:
         self._lock = asyncio.Lock()
         self._last_check_ok: float | None = None
         self._tail: tuple[int, bytes] | None = None
+        #: When to probe the hosts before the current one again (None: on the first host).
+        self._retry_first_at: float | None = None
 
     def __repr__(self) -> str:
         where = self._loc.host.netloc if self._loc else "unopened"
@@ -193,17 +197,52 @@ class BlobReader:
         if data is not None:
             self._tail = (loc.size - len(data), data)
         self._loc = loc
-        self._loc_expires = time.monotonic() + self.redirect_ttl if loc.redirected else float("inf")
+        now = time.monotonic()
+        self._loc_expires = now + self.redirect_ttl if loc.redirected else float("inf")
+        self._retry_first_at = now + self.options.valid_interval if loc.host_index else None
         if loc.redirected:
             log.debug("blob %s@%s redirects to %s", self.ref, self.digest, urlsplit(loc.url).netloc)
         return loc
 
     async def _location(self) -> BlobLocation:
         loc = self._location_now()
-        if loc.redirected and time.monotonic() >= self._loc_expires:
+        now = time.monotonic()
+        if self._retry_first_at is not None and now >= self._retry_first_at:
+            await self._back_to_first(loc)
+            loc = self._location_now()
+        if loc.redirected and now >= self._loc_expires:
             await self._refresh(loc, next_host=False)
             loc = self._location_now()
         return loc
+
+    async def _back_to_first(self, current: BlobLocation) -> None:
+        """Probe from the first host again (a mirror that failed may be back); keep the
+        current location if no host before it answers."""
+        async with self._lock:
+            if self._loc is not current or self._retry_first_at is None:
+                return
+            self._retry_first_at = time.monotonic() + self.options.valid_interval
+            try:
+                loc = await self._locate_from(0)
+            except StargzError as e:
+                log.info(
+                    "blob %s@%s: earlier hosts still fail (%s); staying on %s",
+                    self.ref,
+                    self.digest,
+                    e,
+                    current.host.netloc,
+                )
+                self._loc = current
+                self._retry_first_at = time.monotonic() + self.options.valid_interval
+                return
+            if loc.host_index < current.host_index:
+                log.info(
+                    "blob %s@%s: back on %s (was on %s)",
+                    self.ref,
+                    self.digest,
+                    loc.host.netloc,
+                    current.host.netloc,
+                )
 
     async def _refresh(self, stale: BlobLocation, *, next_host: bool) -> None:
         """Re-probe (``next_host``: fail over past ``stale``'s host), once for all waiters."""
@@ -397,6 +436,7 @@ class BlobReader:
             loc.url,
             consume=consume,
             host=None if loc.redirected else loc.host,
+            via=loc.host,
             timeout=loc.host.timeout,
             scope=pull_scope(self.ref),
             headers={"Range": range_header(regions)},
@@ -470,6 +510,7 @@ class BlobReader:
             loc.url,
             consume=consume,
             host=None if loc.redirected else loc.host,
+            via=loc.host,
             timeout=loc.host.timeout,
             scope=pull_scope(self.ref),
             headers={"Range": "bytes=0-0"},

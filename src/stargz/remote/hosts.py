@@ -7,10 +7,18 @@ headers for it). A host uses plain http when it is ``insecure`` or a loopback ad
 ``docker.io`` becomes ``registry-1.docker.io``. Requests to a mirror carry
 ``?ns=<registry>`` so a mirror serving several registries knows which one is meant
 (containerd's convention).
+
+TLS (ours, in containerd's hosts.toml spelling): an entry's ``ca`` files are trusted for
+that host besides the system's CAs, ``skip_verify`` turns verification off. A host written
+with ``https://`` uses https even on a loopback address. An entry naming the registry
+itself is the registry (no ``?ns=``), tried where it is listed and not again at the end:
+``[[resolver.host."10.0.0.5:5000".mirrors]] host = "https://10.0.0.5:5000"`` with ``ca``
+is how a registry with a private CA is configured.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from dataclasses import dataclass
 from urllib.parse import quote
@@ -47,6 +55,10 @@ class RegistryHost:
     headers: tuple[tuple[str, str], ...] = ()
     #: For a mirror, the registry it stands in for (sent as ``?ns=``); None for the origin.
     namespace: str | None = None
+    #: PEM files of extra CAs to trust for this host's certificate.
+    ca: tuple[str, ...] = ()
+    #: https without certificate verification.
+    skip_verify: bool = False
 
     @property
     def is_mirror(self) -> bool:
@@ -82,7 +94,7 @@ def _host_entry(m: MirrorOptions, default_timeout: float, namespace: str | None)
     else:
         timeout = float(m.request_timeout_sec)
     headers = tuple((name, v) for name, values in m.header for v in values)
-    return RegistryHost(netloc, scheme, timeout, headers, namespace)
+    return RegistryHost(netloc, scheme, timeout, headers, namespace, m.ca, m.skip_verify)
 
 
 def registry_hosts(registry: str, options: ResolverOptions | None = None) -> list[RegistryHost]:
@@ -91,10 +103,13 @@ def registry_hosts(registry: str, options: ResolverOptions | None = None) -> lis
     default_timeout = options.default_timeout()
     cfg = options.host.get(registry)
     out = []
+    itself = False
     for m in cfg.mirrors if cfg else ():
         entry = _host_entry(m, default_timeout, registry)
         if entry.netloc == api_host(registry):  # the registry itself: not a proxy
-            entry = RegistryHost(entry.netloc, entry.scheme, entry.timeout, entry.headers)
+            entry = dataclasses.replace(entry, namespace=None)
+            itself = True
         out.append(entry)
-    out.append(_host_entry(MirrorOptions(host=registry), default_timeout, None))
+    if not itself:
+        out.append(_host_entry(MirrorOptions(host=registry), default_timeout, None))
     return out

@@ -87,9 +87,14 @@ class MirrorOptions:
     request_timeout_sec: int = 0
     #: Extra request headers, each with one or more values. Never sent to redirect targets.
     header: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: PEM files of extra CAs this host's certificate may chain to (ours).
+    ca: tuple[str, ...] = ()
+    #: https without certificate verification (ours; ``insecure`` means plain http).
+    skip_verify: bool = False
 
     @classmethod
     def from_config(cls, cfg: MirrorConfig) -> MirrorOptions:
+        ca = (cfg.ca,) if isinstance(cfg.ca, str) else tuple(cfg.ca)
         return cls(
             host=cfg.host,
             insecure=cfg.insecure,
@@ -98,6 +103,8 @@ class MirrorOptions:
                 (name, (value,) if isinstance(value, str) else tuple(value))
                 for name, value in cfg.header.items()
             ),
+            ca=tuple(p for p in ca if p),
+            skip_verify=cfg.skip_verify,
         )
 
 

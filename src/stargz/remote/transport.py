@@ -24,6 +24,13 @@ Every request goes through :meth:`Transport.request`:
   Basic``, its refresh-token form body) go only to the origin (scheme, host and port) of
   the first URL: a redirect elsewhere, https -> http included, drops the header, and one
   that would re-send the body fails with :class:`AuthError`.
+- **TLS**: a host's ``ca`` files are trusted besides the system's CAs (one SSL context
+  per set of files), ``skip_verify`` turns verification off; a redirect target, and the
+  token realm a host's challenge points at, are reached with that host's TLS settings.
+  A failed handshake (wrong host name, unknown CA, plain http on the other end) is final
+  for that host and its error says so.
+- **Mirrors fail over at once**: a mirror's connection errors, timeouts and 5xx are not
+  retried (the next host is there for that); the registry's are.
 - **Logs and errors** show URLs through :func:`stargz.remote.redact.redact_url` (no query
   string, no userinfo): a pre-signed storage URL's signature is a credential.
 
@@ -35,7 +42,9 @@ a mirror moves on to the next.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import random
+import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Self, TypeVar
 from urllib.parse import urlencode, urljoin
@@ -71,14 +80,31 @@ _FINAL_CLIENT_ERRORS = (aiohttp.InvalidURL, aiohttp.ClientSSLError)
 #: Headers that are credentials: sent to the first URL's origin only.
 _CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
 _UNSET: Any = object()
+_HTTP_TO_HTTPS = b"Client sent an HTTP request to an HTTPS server"
 #: ``keychain=`` default: the docker config file (:class:`DockerConfigKeychain`).
 DEFAULT_KEYCHAIN: Any = object()
+#: The host a request is sent for, while its credentials are worked out: a token request
+#: made then (in a task that inherits this context) uses that host's TLS settings.
+_asking_for: contextvars.ContextVar[RegistryHost | None] = contextvars.ContextVar(
+    "asking_for", default=None
+)
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
     """(scheme, host, port): where credentials for ``url`` may go."""
     u = URL(url, encoded=True)
     return (u.scheme.lower(), (u.host or "").lower(), u.port)
+
+
+def _tls_reason(e: aiohttp.ClientSSLError) -> str:
+    """The SSL library's own words (``certificate verify failed: IP address mismatch...``,
+    ``wrong version number`` for a plain http server), without aiohttp's wrapping."""
+    inner = getattr(e, "certificate_error", None) or getattr(e, "os_error", None) or e
+    reason = getattr(inner, "verify_message", None) or getattr(inner, "reason", None)
+    text = str(reason) if reason else str(inner)
+    if isinstance(e, aiohttp.ClientConnectorCertificateError) or "CERTIFICATE" in text.upper():
+        return f"certificate verify failed: {text}"
+    return redact_text(text)
 
 
 def retryable_status(status: int) -> bool:
@@ -163,6 +189,9 @@ class Exchange:
             errs = obj.get("errors") or []
             if errs and isinstance(errs[0], dict):
                 detail = f": {errs[0].get('code', '')} {errs[0].get('message', '')}".rstrip()
+            elif status == 400 and body.startswith(_HTTP_TO_HTTPS):
+                # Go's answer to plain http on its TLS port
+                detail = ": the server speaks https (write the host as https://...)"
         except (StargzError, aiohttp.ClientError, TimeoutError):
             pass
         msg = redact_text(f"{what}: HTTP {status} {self.resp.reason or ''}".rstrip() + detail)
@@ -207,6 +236,7 @@ class Transport:
         self.stats = FetchStats()
         #: netlocs (registry, mirror or storage hosts) that get single-range requests only
         self.single_range_hosts: set[str] = set()
+        self._ssl_contexts: dict[tuple[str, ...], ssl.SSLContext] = {}
         self._closed = False
 
     # --- lifecycle ------------------------------------------------------------------
@@ -255,7 +285,7 @@ class Transport:
         start: int = 0,
     ) -> T:
         """``fn(index, host)`` on each host from ``start`` until one succeeds; a mirror's
-        failure is not final, the registry's (always last) is."""
+        failure is not final, the last host's (the registry) is."""
         hosts = self.hosts(ref)
         failures: list[str] = []
         for i, host in enumerate(hosts):
@@ -271,6 +301,28 @@ class Transport:
                     raise
                 failures.append(f"{host.netloc}: {e}")
         raise AssertionError("unreachable: the registry itself is always the last host")
+
+    # --- TLS ------------------------------------------------------------------------
+
+    def ssl_for(self, host: RegistryHost | None) -> ssl.SSLContext | bool:
+        """What aiohttp's ``ssl=`` gets for requests on behalf of ``host``: True (system
+        CAs), False (``skip_verify``), or a context that also trusts ``host.ca``."""
+        if host is None or host.scheme != "https":
+            return True
+        if host.skip_verify:
+            return False
+        if not host.ca:
+            return True
+        ctx = self._ssl_contexts.get(host.ca)
+        if ctx is None:
+            ctx = ssl.create_default_context()
+            for path in host.ca:
+                try:
+                    ctx.load_verify_locations(cafile=path)
+                except (OSError, ssl.SSLError) as e:
+                    raise RegistryError(f"{host.netloc}: cannot load CA file {path}: {e}") from e
+            self._ssl_contexts[host.ca] = ctx
+        return ctx
 
     # --- the request engine -----------------------------------------------------------
 
@@ -298,15 +350,22 @@ class Transport:
         timeout: float | None = _UNSET,
         follow_redirects: bool = True,
         data: Any = None,
+        via: RegistryHost | None = _UNSET,
     ) -> T:
         """Send a request with retries, auth and redirects; ``consume`` reads the answer.
 
         ``host`` is the registry host ``url`` belongs to: its configured headers and
         credentials are added (None: send only ``headers``, as for a storage URL).
+        ``via`` is the host the request is made for (default ``host``; a storage URL's is
+        the host that redirected there): its TLS settings apply, and a mirror's failures
+        are not retried.
         ``consume`` runs inside the attempt, so a body cut short is retried as well.
         Retryable statuses reach ``consume`` only once the retries are used up.
         """
-        max_retries = self.blob_options.max_retries
+        if via is _UNSET:
+            via = host
+        tls = self.ssl_for(via)
+        max_retries = 0 if via is not None and via.is_mirror else self.blob_options.max_retries
         if timeout is _UNSET:
             timeout = host.timeout if host is not None else self.resolver_options.default_timeout()
         all_stats = (self.stats, *stats)
@@ -316,7 +375,7 @@ class Transport:
             try:
                 async with asyncio.timeout(timeout):
                     resp, final, redirected, sent = await self._send(
-                        method, url, host, scope, headers, all_stats, follow_redirects, data
+                        method, url, host, scope, headers, all_stats, follow_redirects, data, tls
                     )
                     try:
                         if (
@@ -338,6 +397,12 @@ class Transport:
                         delay = self.backoff(attempt, resp)
                     finally:
                         resp.release()
+            except aiohttp.ClientSSLError as e:
+                raise RegistryError(
+                    f"{method} {redact_url(url)}: TLS handshake with "
+                    f"{URL(url, encoded=True).host_port_subcomponent} failed: {_tls_reason(e)}",
+                    url=redact_url(url),
+                ) from e
             except _FINAL_CLIENT_ERRORS as e:
                 raise RegistryError(
                     f"{method} {redact_url(url)}: {redact_text(str(e))}", url=redact_url(url)
@@ -375,6 +440,7 @@ class Transport:
         stats: Sequence[FetchStats],
         follow: bool,
         data: Any,
+        tls: ssl.SSLContext | bool = True,
     ) -> tuple[aiohttp.ClientResponse, str, bool, str | None]:
         hdrs: CIMultiDict[str] = CIMultiDict()
         sent_auth = None
@@ -384,7 +450,11 @@ class Transport:
         for k, v in (headers or {}).items():
             hdrs[k] = v
         if host is not None:
-            sent_auth = await self.authorizer.header(host.netloc, scope)
+            token = _asking_for.set(host)
+            try:
+                sent_auth = await self.authorizer.header(host.netloc, scope)
+            finally:
+                _asking_for.reset(token)
             if sent_auth:
                 hdrs["Authorization"] = sent_auth
         current, redirected = url, False
@@ -393,7 +463,12 @@ class Transport:
             for s in stats:
                 s.requests += 1
             resp = await self.session.request(
-                method, URL(current, encoded=True), headers=hdrs, allow_redirects=False, data=data
+                method,
+                URL(current, encoded=True),
+                headers=hdrs,
+                allow_redirects=False,
+                data=data,
+                ssl=tls,
             )
             location = resp.headers.get("Location")
             if not (follow and resp.status in _REDIRECT_STATUSES and location):
@@ -466,4 +541,8 @@ class Transport:
             expires = obj.get("expires_in")
             return token, float(expires) if isinstance(expires, int | float) else None
 
-        return await self.request(method, url, consume=consume, headers=headers, data=data)
+        # the realm is reached with the TLS settings (ca, skip_verify) of the registry host
+        # that asked for the token, as containerd does with the host's HTTP client
+        return await self.request(
+            method, url, consume=consume, headers=headers, data=data, via=_asking_for.get()
+        )
