@@ -22,7 +22,9 @@ This module is the bookkeeping only, with the fetch passed in (`NeighbourFetch`)
 - cancelled on `close`.
 
 A fetch that fails (a digest the repository does not have, an unreachable registry) is
-logged and forgotten: the layer's own Prepare then resolves it as if nothing happened.
+logged; the failure is remembered for ``hold_sec`` so the later Prepares of the same image,
+whose labels name the digest again, do not ask again. The layer's own Prepare resolves it
+as if nothing happened.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class _Entry:
     task: asyncio.Task[Prefetched | None] | None = None
     started: bool = False
     result: Prefetched | None = None
+    failed: bool = False
     expiry: asyncio.TimerHandle | None = None
     t_start: float = field(default_factory=time.monotonic)
 
@@ -152,8 +155,12 @@ class Neighbours:
                 self._forget(entry)
                 raise
             except Exception as e:
-                self._forget(entry)
                 self.metrics.neighbour_failures += 1
+                if self._entries.get(entry.key) is entry:
+                    entry.failed = True
+                    entry.expiry = asyncio.get_running_loop().call_later(
+                        self.hold_sec, self._forget, entry
+                    )
                 log.info(
                     "cannot pre-resolve a neighbour layer; its own mount will try",
                     extra={"layer": digest, "ref": ref, "error": str(e)},
@@ -185,19 +192,20 @@ class Neighbours:
         entry.expiry = asyncio.get_running_loop().call_later(self.hold_sec, self._expire, entry)
         return got
 
-    def _forget(self, entry: _Entry) -> None:
+    def _forget(self, entry: _Entry) -> Prefetched | None:
+        """Take ``entry`` off the table; returns (and no longer counts) what it held."""
         if self._entries.get(entry.key) is entry:
             del self._entries[entry.key]
         if entry.expiry is not None:
             entry.expiry.cancel()
             entry.expiry = None
-        if entry.result is not None:
-            self.held_bytes -= len(entry.result.data)
+        got, entry.result = entry.result, None
+        if got is not None:
+            self.held_bytes -= len(got.data)
+        return got
 
     def _expire(self, entry: _Entry) -> None:
-        got = entry.result
-        self._forget(entry)
-        entry.result = None
+        got = self._forget(entry)
         if got is None:
             return
         self.metrics.neighbour_expired += 1
@@ -217,14 +225,13 @@ class Neighbours:
         entry = self._entries.get(key)
         if entry is None:
             return None
-        if entry.result is not None:
-            got = entry.result
-            self._forget(entry)
-            entry.result = None
+        got = self._forget(entry)
+        if entry.failed:
+            return None
+        if got is not None:
             self.metrics.neighbour_hits += 1
             return got
         assert entry.task is not None
-        self._forget(entry)
         if not entry.started:
             entry.task.cancel()  # still queued behind other fetches: quicker to do it now
             return None
@@ -243,9 +250,7 @@ class Neighbours:
         self._closed = True
         entries = list(self._entries.values())
         for e in entries:
-            got = e.result
-            self._forget(e)
-            e.result = None
+            got = self._forget(e)
             if e.task is not None and not e.task.done():
                 e.task.cancel()
             if got is not None:

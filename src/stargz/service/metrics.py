@@ -151,8 +151,7 @@ FS_COUNTERS = (
     (
         "stargz_fs_neighbour_hits",
         "neighbour_hits",
-        "Mounts that took a neighbour TOC fetched ahead (or waited for it) instead of "
-        "fetching it.",
+        "Mounts that took a neighbour TOC fetched ahead (or waited for it) instead of fetching it.",
     ),
     (
         "stargz_fs_neighbour_failures",
