@@ -189,6 +189,19 @@ def test_held_tocs_stay_under_the_byte_bound(fs_env: FsEnv) -> None:
         check_files(mp, layers[i])
 
 
+def test_a_toc_bigger_than_the_bound_is_not_fetched_ahead(fs_env: FsEnv) -> None:
+    layers = make_layers(fs_env.base / "blobs", 2)
+    src = source_for(layers, fs_env.base / "blobs")
+    fs = fs_env.start(src, noprefetch=True, resolve_neighbours_max_bytes=100)
+    fs_env.run(fs.mount(str(fs_env.mountpoint()), labels(layers, 0)))
+    wait_until(fs_env, lambda: neighbours_settled(fs_env))
+    # refused after the first tail read: the rest of the TOC region was never asked for
+    assert fs.metrics.neighbour_failures == 1 and fs.neighbours.held_bytes == 0
+    mp = fs_env.mountpoint()
+    fs_env.run(fs.mount(str(mp), labels(layers, 1)))
+    check_files(mp, layers[1])
+
+
 def test_off_fetches_nothing_ahead(fs_env: FsEnv) -> None:
     layers = make_layers(fs_env.base / "blobs", 3)
     src = source_for(layers, fs_env.base / "blobs")

@@ -580,9 +580,11 @@ class StargzFileSystem:
                 f"resolving {ref} {digest} took more than {o.resolve_timeout_sec} s"
             ) from None
         assert self._executor is not None
+        # a TOC that could never be held is not fetched ahead (its own mount fetches it)
+        bounds = [b for b in (o.max_toc_bytes, o.resolve_neighbours_max_bytes) if b > 0]
         try:
             start, data, fetched = await fetch_tail(
-                blob, digest, self.disk, self._executor, o.max_toc_bytes
+                blob, digest, self.disk, self._executor, min(bounds, default=0)
             )
         except BaseException:
             closer = getattr(blob, "close", None)
