@@ -167,6 +167,31 @@ def test_rpull_fetches_each_toc_once(image, logged_registry, lazy_stack, on):
     assert_quiet(sd)
 
 
+def test_cri_pull_uses_the_image_layers_label(image, logged_registry, e2e_host):
+    """containerd's CRI plugin (what the kubelet drives) names the layers in
+    ``containerd.io/snapshot/cri.image-layers``: the same pre-resolve, each TOC once."""
+    ref = logged_registry.push_oci(image.layout, "esgz", "neighbours:cri")
+    sd = StargzDaemon.start(config_text=BASE_CONFIG)
+    c = None
+    try:
+        c = Containerd.start(sd.address, cri_registry=logged_registry.host)
+        c.cri_pull(ref)
+        digests = [d["digest"] for d in image.layers]
+        for d in digests:
+            assert layer_gets(logged_registry, d) == open_cost(image.blob(d)), d
+        mounted = times(sd, "mounting a layer")
+        started = times(sd, "pre-resolving a neighbour layer")
+        assert set(mounted) == set(digests) and set(started) == set(digests[1:])
+        assert all(started[d] < mounted[d] for d in digests[1:])
+        with mounted_image(c, ref, "k8s.io") as root:
+            assert rootfs_files(root) == image.files
+        assert_quiet(sd)
+    finally:
+        if c is not None:
+            c.close()
+        sd.close()
+
+
 # --- a label naming a layer the repository does not have ----------------------------------------
 
 
