@@ -35,7 +35,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from stargz.fs.metrics import FsMetrics
 from stargz.fs.source import Blob
@@ -46,6 +46,10 @@ _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
 
 #: A layer key: (source repository, layer digest), as the filesystem's layer table.
 Key = tuple[str, str]
+
+#: At most this many layers of one label are looked at (containerd trims the label to
+#: 4 KiB, about 55 digests; a hand-made Prepare is not trusted to).
+MAX_PER_LABEL = 128
 
 
 @dataclass
@@ -75,7 +79,6 @@ class _Entry:
     result: Prefetched | None = None
     failed: bool = False
     expiry: asyncio.TimerHandle | None = None
-    t_start: float = field(default_factory=time.monotonic)
 
 
 class Neighbours:
@@ -123,7 +126,7 @@ class Neighbours:
             self._sem = asyncio.Semaphore(self.parallel)
         loop = asyncio.get_running_loop()
         started = 0
-        for digest in digests:
+        for digest in digests[:MAX_PER_LABEL]:
             key = (source, digest)
             if key in self._entries or skip(key):
                 continue
