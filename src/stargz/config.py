@@ -189,6 +189,13 @@ class Config:
     # ours: at most this many bytes of a first-seen layer's prefetch start downloading while
     # its TOC is parsed (0 = off)
     head_start_max_bytes: int = _nonneg(64 << 20)
+    # ours: a remote Prepare starts resolving the image's other layers (named in the
+    # cri.image-layers / stargz.layers label) and fetching their TOCs, at most
+    # resolve_neighbours_parallel at a time; TOCs fetched this way are held for
+    # resolve_result_entry_ttl_sec, at most resolve_neighbours_max_bytes of them
+    resolve_neighbours: bool = True
+    resolve_neighbours_parallel: int = field(default=8, metadata={"min": 1})
+    resolve_neighbours_max_bytes: int = _nonneg(64 << 20)
 
     blob: BlobConfig = field(default_factory=BlobConfig)
     directory_cache: DirectoryCacheConfig = field(default_factory=DirectoryCacheConfig)

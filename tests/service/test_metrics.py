@@ -184,6 +184,11 @@ def test_collector_exports_each_counter_under_its_name():
         "stargz_fs_disk_cache_evictions_total": f.disk_evictions,
         "stargz_fs_disk_cache_evicted_bytes_total": f.disk_evicted_bytes,
         "stargz_fs_cache_checksum_failures_total": f.cache_checksum_failures,
+        "stargz_fs_neighbour_fetches_total": f.neighbour_fetches,
+        "stargz_fs_neighbour_hits_total": f.neighbour_hits,
+        "stargz_fs_neighbour_failures_total": f.neighbour_failures,
+        "stargz_fs_neighbour_expired_total": f.neighbour_expired,
+        "stargz_fs_neighbour_dropped_total": f.neighbour_dropped,
         "stargz_fs_verification_failures_total": (
             f.closed_layers_verification_failures + m.verification_failures
         ),

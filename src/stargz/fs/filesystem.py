@@ -55,7 +55,9 @@ from stargz.errors import (
 from stargz.fs import memory, mounts, passthrough, takeover
 from stargz.fs.cache import DiskCache, MemoryLRU
 from stargz.fs.layer import Layer
+from stargz.fs.layer_open import fetch_tail
 from stargz.fs.metrics import FsMetrics
+from stargz.fs.neighbours import Neighbours, Prefetched
 from stargz.fs.ops import Operations
 from stargz.fs.options import FsOptions
 from stargz.fs.scheduler import Scheduler
@@ -135,6 +137,15 @@ class StargzFileSystem:
         self._inflight: dict[str, dict[str, asyncio.Future[bytes]]] = {}
         self._mounts: dict[str, _MountRecord] = {}
         self._locks: dict[LayerKey, asyncio.Lock] = {}
+        o = self.options
+        #: Other layers of the images being pulled, resolved ahead of their own mount.
+        self.neighbours = Neighbours(
+            self._fetch_neighbour,
+            self.metrics,
+            parallel=o.resolve_neighbours_parallel,
+            hold_sec=o.neighbour_hold_sec,
+            max_bytes=o.resolve_neighbours_max_bytes,
+        )
         self._executor: ThreadPoolExecutor | None = None
         self._writer: ThreadPoolExecutor | None = None
         self._scheduler: Scheduler | None = None
@@ -349,6 +360,7 @@ class StargzFileSystem:
             return
         self._closed = True
         loop = asyncio.get_running_loop()
+        await self.neighbours.close()
         if unmount:
             for mp in list(self._mounts):
                 try:
@@ -419,6 +431,11 @@ class StargzFileSystem:
                 raise FailedPrecondition(f"{mountpoint} is already a stargz mount")
             await self.start()
             assert self._scheduler is not None
+            log.debug("mounting a layer", extra={"mountpoint": mp, "layer": spec.digest})
+            if self.options.resolve_neighbours and spec.neighbours:
+                self.neighbours.start(
+                    source_of(spec), spec.ref, spec.neighbours, labels, self._open_or_opening
+                )
             async with self._scheduler.prioritized():
                 ref = await self._acquire(spec, labels)
                 try:
@@ -476,14 +493,19 @@ class StargzFileSystem:
                 return ref
             o = self.options
             t0 = time.monotonic()
-            try:
-                blob = await asyncio.wait_for(
-                    self.source.resolve(spec.ref, spec.digest, labels), o.resolve_timeout_sec
-                )
-            except TimeoutError:
-                raise Unavailable(
-                    f"resolving {spec.ref} {spec.digest} took more than {o.resolve_timeout_sec} s"
-                ) from None
+            pre = await self.neighbours.take(key) if o.resolve_neighbours else None
+            if pre is not None:
+                blob: Any = pre.blob
+            else:
+                try:
+                    blob = await asyncio.wait_for(
+                        self.source.resolve(spec.ref, spec.digest, labels), o.resolve_timeout_sec
+                    )
+                except TimeoutError:
+                    raise Unavailable(
+                        f"resolving {spec.ref} {spec.digest} took more than "
+                        f"{o.resolve_timeout_sec} s"
+                    ) from None
             assert self._executor is not None and self._scheduler is not None
             t_resolved = time.monotonic()
             layer: Layer | None = None
@@ -501,6 +523,7 @@ class StargzFileSystem:
                     inflight=self._inflight.setdefault(source, {}),
                     writer=self._writer,
                     cache_scope=source,
+                    tail=pre.tail if pre is not None else None,
                 )
                 tree = await asyncio.get_running_loop().run_in_executor(
                     self._executor, Tree, layer.reader, o.opaque_xattr
@@ -538,6 +561,39 @@ class StargzFileSystem:
             if not o.no_background_fetch:
                 layer.start_background_fetch()
             return ref
+
+    def _open_or_opening(self, key: LayerKey) -> bool:
+        lock = self._locks.get(key)
+        return key in self._layers or (lock is not None and lock.locked())
+
+    async def _fetch_neighbour(
+        self, ref: str, digest: str, labels: Mapping[str, str]
+    ) -> Prefetched:
+        """Resolve a neighbour layer and fetch its footer + TOC (see `stargz.fs.neighbours`)."""
+        o = self.options
+        try:
+            blob = await asyncio.wait_for(
+                self.source.resolve(ref, digest, labels), o.resolve_timeout_sec
+            )
+        except TimeoutError:
+            raise Unavailable(
+                f"resolving {ref} {digest} took more than {o.resolve_timeout_sec} s"
+            ) from None
+        assert self._executor is not None
+        # a TOC that could never be held is not fetched ahead (its own mount fetches it)
+        bounds = [b for b in (o.max_toc_bytes, o.resolve_neighbours_max_bytes) if b > 0]
+        try:
+            start, data, fetched = await fetch_tail(
+                blob, digest, self.disk, self._executor, min(bounds, default=0)
+            )
+        except BaseException:
+            closer = getattr(blob, "close", None)
+            if closer is not None:
+                res = closer()
+                if asyncio.iscoroutine(res):
+                    await res
+            raise
+        return Prefetched(blob, start, data, fetched)
 
     def _prefetch_size(self, layer: Layer, spec: LayerSpec) -> int:
         if self.options.noprefetch:

@@ -135,12 +135,14 @@ class Layer:
         inflight: dict[str, asyncio.Future[bytes]] | None = None,
         writer: Executor | None = None,
         cache_scope: str = "",
+        tail: tuple[int, bytes, int] | None = None,
     ) -> Layer:
         """Open ``blob`` (see `stargz.fs.layer_open.open_layer`) and put its parts together.
 
         Raises FooterError/TOCError for a blob that is not eStargz, DigestMismatch when
         the TOC does not hash to ``toc_digest``. ``inflight`` is the in-flight table of the
-        layer's source; ``cache_scope`` names that source for unverified chunks' keys.
+        layer's source; ``cache_scope`` names that source for unverified chunks' keys;
+        ``tail``: the footer + TOC bytes already fetched (see `open_layer`).
         """
         o = await open_layer(
             digest,
@@ -151,6 +153,7 @@ class Layer:
             disk=disk,
             executor=executor,
             cache_scope=cache_scope,
+            tail=tail,
         )
         layer = cls(
             digest,

@@ -184,17 +184,23 @@ async def open_layer(
     disk: DiskCache,
     executor: Executor,
     cache_scope: str = "",
+    tail: tuple[int, bytes, int] | None = None,
 ) -> OpenedLayer:
     """Fetch the footer and TOC (or take them from the disk cache), verify, index.
 
     Raises FooterError/TOCError for a blob that is not eStargz (or whose TOC is bigger
     than ``options.max_toc_bytes``), DigestMismatch when the TOC does not hash to
     ``toc_digest``. ``cache_scope`` keeps unverified chunks of different sources apart.
+    ``tail`` is what `fetch_tail` answered earlier (a neighbour layer pre-resolved by
+    another layer's mount, `stargz.fs.neighbours`): used instead of fetching again.
     """
     t0 = time.monotonic()
     loop = asyncio.get_running_loop()
     max_toc = options.max_toc_bytes
-    start, data, fetched = await fetch_tail(blob, digest, disk, executor, max_toc)
+    if tail is not None:
+        start, data, fetched = tail
+    else:
+        start, data, fetched = await fetch_tail(blob, digest, disk, executor, max_toc)
     t_fetched = time.monotonic()
     size = blob.size
     head = _HeadStart(blob, options.head_start_max_bytes, loop)

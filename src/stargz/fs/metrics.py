@@ -99,6 +99,14 @@ class FsMetrics:
     #: Verification failures of layers no longer open (an open layer counts its own), so
     #: the daemon-wide total does not drop when a layer is unmounted.
     closed_layers_verification_failures: int = 0
+    #: Neighbour layers (named in a mounted layer's labels) whose resolve + TOC fetch was
+    #: started ahead of their own mount; of those: taken by their mount, failed, released
+    #: unused after the hold time, dropped at once over the byte bound.
+    neighbour_fetches: int = 0
+    neighbour_hits: int = 0
+    neighbour_failures: int = 0
+    neighbour_expired: int = 0
+    neighbour_dropped: int = 0
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)

@@ -92,6 +92,15 @@ class FsOptions:
     #: blob's end) is bigger, before fetching it (0 = no bound). Real TOCs are a few MiB;
     #: the Go estargz reader has no such bound.
     max_toc_bytes: int = _C.blob.max_toc_bytes
+    #: ours (``resolve_neighbours``): a mount starts resolving the other layers its labels
+    #: name and fetching their TOCs (`stargz.fs.neighbours`), ``resolve_neighbours_parallel``
+    #: at a time; what a layer never mounted holds is released after ``neighbour_hold_sec``
+    #: (upstream ``resolve_result_entry_ttl_sec``) and never exceeds
+    #: ``resolve_neighbours_max_bytes``.
+    resolve_neighbours: bool = _C.resolve_neighbours
+    resolve_neighbours_parallel: int = _C.resolve_neighbours_parallel
+    resolve_neighbours_max_bytes: int = _C.resolve_neighbours_max_bytes
+    neighbour_hold_sec: float = float(_C.resolve_result_entry_ttl_sec)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.passthrough, bool) or self.passthrough == "auto"):
@@ -121,6 +130,10 @@ class FsOptions:
             prefetch_chunk_size=blob.prefetch_chunk_size,
             valid_interval=blob.check_interval,
             max_toc_bytes=cfg.blob.max_toc_bytes,
+            resolve_neighbours=cfg.resolve_neighbours,
+            resolve_neighbours_parallel=cfg.resolve_neighbours_parallel,
+            resolve_neighbours_max_bytes=cfg.resolve_neighbours_max_bytes,
+            neighbour_hold_sec=float(cfg.resolve_result_entry_ttl_sec),
             max_cache_fds=dc.max_cache_fds,
             sync_add=dc.sync_add,
             disk_cache_max_bytes=dc.max_size_bytes,

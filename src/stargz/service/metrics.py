@@ -142,6 +142,32 @@ FS_COUNTERS = (
         "Disk cache files (chunks, merged passthrough files, TOC tails) found after a start "
         "whose bytes did not match their checksum: deleted and fetched again, never served.",
     ),
+    (
+        "stargz_fs_neighbour_fetches",
+        "neighbour_fetches",
+        "Layers named in another layer's labels whose resolve + TOC fetch started ahead of "
+        "their own mount.",
+    ),
+    (
+        "stargz_fs_neighbour_hits",
+        "neighbour_hits",
+        "Mounts that took a neighbour TOC fetched ahead (or waited for it) instead of fetching it.",
+    ),
+    (
+        "stargz_fs_neighbour_failures",
+        "neighbour_failures",
+        "Neighbour resolves that failed (the layer's own mount tries again).",
+    ),
+    (
+        "stargz_fs_neighbour_expired",
+        "neighbour_expired",
+        "Neighbour TOCs released unused after resolve_result_entry_ttl_sec.",
+    ),
+    (
+        "stargz_fs_neighbour_dropped",
+        "neighbour_dropped",
+        "Neighbour TOCs dropped at once: they would exceed resolve_neighbours_max_bytes.",
+    ),
 )
 
 
