@@ -22,6 +22,16 @@ def _prioritized(path: str | None) -> list[str]:
         return [line.strip() for line in f if line.strip() and not line.startswith("#")]
 
 
+def _record_in(src: str, path: str | None) -> dict[int, list[str]] | None:
+    """Per-layer files from a ``--record-in`` record (Go's ``ctr-remote`` JSON lines)."""
+    if not path:
+        return None
+    from stargz.image.source import source_image
+    from stargz.optimize import record
+
+    return record.layer_files(record.read(path), len(source_image(src).layers))
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from stargz.image.convert import ConvertOptions, convert
 
@@ -31,6 +41,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         level=args.compression_level,
         prioritized_files=_prioritized(args.prioritized_files),
         workers=args.workers,
+        layer_files=_record_in(args.src, args.record_in),
     )
     start = time.perf_counter()
 
@@ -137,6 +148,9 @@ def parser() -> argparse.ArgumentParser:
         help="gzip 0-9 (default 1; 0-3 use ISA-L, Go uses 9) or zstd 1-22 (default 3)",
     )
     c.add_argument("--prioritized-files", metavar="FILE", help="file listing paths to put first")
+    c.add_argument(
+        "--record-in", metavar="FILE", help="prioritize what a --record-out record lists"
+    )
     c.add_argument("--workers", type=int, default=None, help="compression threads (default: cores)")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_convert)
@@ -159,9 +173,10 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--no-verify", action="store_true", help="allow blobs without chunk digests")
         s.set_defaults(func=func)
 
-    from stargz.cli import status
+    from stargz.cli import optimize, status
 
     status.add_parser(sub)
+    optimize.add_parser(sub)
     return p
 
 

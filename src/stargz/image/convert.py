@@ -42,6 +42,10 @@ class ConvertOptions:
     level: int | None = None
     prioritized_files: list[str] = field(default_factory=list)
     workers: int | None = None
+    #: Per layer (index in the manifest's ``layers``): its files in first-access order.
+    #: When set, it replaces ``prioritized_files``; a layer it does not list gets none
+    #: (``.no.prefetch.landmark``). ``stargz optimize`` and ``--record-in`` fill it.
+    layer_files: dict[int, list[str]] | None = None
 
 
 @dataclass
@@ -58,14 +62,23 @@ Progress = Callable[[LayerStat], None]
 
 
 def convert(
-    src: str, dst: str, opts: ConvertOptions, progress: Progress | None = None
+    src: str,
+    dst: str,
+    opts: ConvertOptions,
+    progress: Progress | None = None,
+    *,
+    manifest: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[LayerStat]]:
-    """Convert ``oci:DIR:TAG`` into ``oci:DIR:TAG``; returns the new descriptor and stats."""
+    """Convert ``oci:DIR:TAG`` into ``oci:DIR:TAG``; returns the new descriptor and stats.
+
+    ``manifest``: convert this descriptor of the source (one platform's manifest, as
+    `source_image` chose it) instead of what the tag points at.
+    """
     sref, dref = parse_ref(src), parse_ref(dst)
     slayout = Layout(sref.path)
     dlayout = Layout(dref.path, create=True)
     conv = _Converter(slayout, dlayout, opts, progress)
-    desc = conv.descriptor(slayout.resolve(sref.tag))
+    desc = conv.descriptor(manifest or slayout.resolve(sref.tag))
     dlayout.tag(desc, dref.tag)
     return desc, conv.stats
 
@@ -74,7 +87,8 @@ class _Converter:
     def __init__(self, src: Layout, dst: Layout, opts: ConvertOptions, progress) -> None:
         self.src, self.dst, self.opts, self.progress = src, dst, opts, progress
         self.stats: list[LayerStat] = []
-        self._done: dict[str, tuple[dict[str, Any], str]] = {}  # src digest -> (desc, diffID)
+        # (src digest, prioritized files) -> (desc, diffID)
+        self._done: dict[tuple[str, tuple[str, ...]], tuple[dict[str, Any], str]] = {}
 
     def descriptor(self, desc: dict[str, Any]) -> dict[str, Any]:
         mt = desc.get("mediaType")
@@ -99,8 +113,8 @@ class _Converter:
             raise InvalidArgument(f"manifest {desc['digest']} has no layers list")
         config = self.src.read_json(man["config"]["digest"])
         new_layers, diff_ids = [], []
-        for layer in layers:
-            new, diff_id = self.layer(layer)
+        for i, layer in enumerate(layers):
+            new, diff_id = self.layer(layer, self._files(i))
             new_layers.append(new)
             diff_ids.append(diff_id)
         config = dict(config)
@@ -117,10 +131,16 @@ class _Converter:
         digest, size = self.dst.put_json(out)
         return {**_keep(desc), "mediaType": MT_OCI_MANIFEST, "digest": digest, "size": size}
 
-    def layer(self, desc: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    def _files(self, index: int) -> list[str]:
+        if self.opts.layer_files is None:
+            return self.opts.prioritized_files
+        return self.opts.layer_files.get(index, [])
+
+    def layer(self, desc: dict[str, Any], files: list[str]) -> tuple[dict[str, Any], str]:
         sdigest = desc.get("digest", "")
-        if sdigest in self._done:
-            return self._done[sdigest]
+        done_key = (sdigest, tuple(files))
+        if done_key in self._done:
+            return self._done[done_key]
         if desc.get("mediaType") not in LAYER_TYPES:
             raise InvalidArgument(
                 f"layer {sdigest}: unsupported media type {desc.get('mediaType')!r}"
@@ -135,7 +155,7 @@ class _Converter:
                     compression=self.opts.compression,
                     chunk_size=self.opts.chunk_size,
                     level=self.opts.level,
-                    prioritized_files=self.opts.prioritized_files,
+                    prioritized_files=files,
                     allow_missing_prioritized=True,
                     workers=self.opts.workers,
                     tmpdir=os.path.dirname(tmp.name),
@@ -168,7 +188,7 @@ class _Converter:
         self.stats.append(stat)
         if self.progress:
             self.progress(stat)
-        self._done[sdigest] = (new, res.diff_id)
+        self._done[done_key] = (new, res.diff_id)
         return new, res.diff_id
 
 
