@@ -10,6 +10,7 @@ must equal the overlayfs ground truth of the corners fixture.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -374,9 +375,9 @@ def _patch_config(layout: Path, tag: str, fields: dict[str, Any], user: str) -> 
     index_path.write_text(json.dumps(index))
 
 
-def test_ctrl_c_stops_the_workload_and_unmounts_everything(busybox_copy):
-    """SIGINT while the workload runs: it is stopped, every mount goes, no image is
-    written, exit status 130, and no traceback."""
+def _interrupted_run(busybox_copy: Path, *flags: str) -> tuple[int, str]:
+    """Run optimize on ``cat /etc/greeting; exec sleep 1000``, SIGINT it once the workload
+    printed the greeting (mounts are up then); returns (exit status, stderr)."""
     base = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}:{REPO / 'tests'}"}
     proc = subprocess.Popen(
         [
@@ -384,8 +385,7 @@ def test_ctrl_c_stops_the_workload_and_unmounts_everything(busybox_copy):
             "-m",
             "stargz.cli.main",
             "optimize",
-            "--period",
-            "120",
+            *flags,
             "--entrypoint",
             '["/bin/sh","-c"]',
             "--args",
@@ -403,12 +403,98 @@ def test_ctrl_c_stops_the_workload_and_unmounts_everything(busybox_copy):
         assert proc.stdout.readline() == "hi\n"
         assert no_sandbox_mounts() != []
         proc.send_signal(2)
-        out, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert no_sandbox_mounts() == []
+    return proc.returncode, err
+
+
+def test_ctrl_c_stops_the_workload_and_unmounts_everything(busybox_copy):
+    """SIGINT while the workload runs: it is stopped, every mount goes, no image is
+    written, exit status 130, and no traceback."""
+    rc, err = _interrupted_run(busybox_copy, "--period", "120")
+    assert rc == 130, err
     assert "ours" not in (busybox_copy / "index.json").read_text()
+
+
+def test_wait_on_signal_runs_until_ctrl_c_then_optimizes(busybox_copy):
+    """``--wait-on-signal``: no period; Ctrl-C ends the workload and the image is written
+    with what it opened."""
+    rc, err = _interrupted_run(busybox_copy, "--wait-on-signal", "--period", "1")
+    assert rc == 0, err
+    (ours,) = layer_paths(busybox_copy, "ours")
+    assert prioritized(ours) == ["bin/busybox", "etc/greeting"]
+
+
+def test_terminal_gives_the_workload_a_tty(busybox_copy):
+    """``--terminal``: the workload's stdin and stdout are a terminal (runc's pty, whose
+    master this process relays to its own stdio, here a pty too)."""
+    import pty
+
+    master, slave = pty.openpty()
+    base = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}:{REPO / 'tests'}"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stargz.cli.main",
+            "optimize",
+            "--terminal",
+            "--entrypoint",
+            '["/bin/sh","-c"]',
+            "--args",
+            '["test -t 0 && test -t 1 && echo on-a-tty; cat /etc/greeting"]',
+            f"oci:{busybox_copy}:1",
+            f"oci:{busybox_copy}:ours",
+        ],
+        stdin=slave,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=base,
+    )
+    os.close(slave)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = b""
+    with contextlib.suppress(OSError):
+        while chunk := os.read(master, 65536):
+            out += chunk
+    os.close(master)
+    assert proc.returncode == 0, err
+    assert b"on-a-tty\r\nhi\r\n" in out, out
+    (ours,) = layer_paths(busybox_copy, "ours")
+    assert prioritized(ours) == ["bin/busybox", "etc/greeting"]
+
+
+def _interfaces(text: str) -> set[str]:
+    return {
+        ln.split(":")[0].strip() for ln in text.splitlines() if ":" in ln and "sha256:" not in ln
+    }
+
+
+@pytest.mark.parametrize("net_host", [False, True], ids=["own-netns", "net-host"])
+def test_network_namespace_is_the_containers_own_unless_net_host(busybox_copy, net_host):
+    flags = ["--net-host"] if net_host else []
+    p = stargz(
+        "optimize",
+        *flags,
+        "--entrypoint",
+        '["/bin/cat"]',
+        "--args",
+        '["/proc/net/dev"]',
+        f"oci:{busybox_copy}:1",
+        f"oci:{busybox_copy}:ours",
+    )
+    assert p.returncode == 0, p.stderr
+    host = _interfaces(Path("/proc/net/dev").read_text())
+    assert len(host) > 1
+    assert _interfaces(p.stdout) == (host if net_host else {"lo"})

@@ -18,8 +18,13 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
+import termios
+import threading
 import time
+import tty
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +57,9 @@ class Container:
         self.runc, self.state_root, self.bundle, self.id = runc, state_root, bundle, cid
         self.pid: int | None = None
         self.status: int | None = None  # exit code, or -signal
+        self._console: int | None = None  # pty master of a terminal workload
+        self._saved_tty: list[Any] | None = None
+        self._pumps: list[threading.Thread] = []
 
     def _cmd(self, *args: str) -> list[str]:
         log_file = os.path.join(self.bundle, "runc.log")
@@ -87,13 +95,20 @@ class Container:
             json.dump(spec, f, indent=1)
         _become_subreaper()
         pidfile = os.path.join(self.bundle, "init.pid")
+        extra: list[str] = []
+        receiver = None
+        if spec["process"].get("terminal"):
+            receiver = _ConsoleReceiver(os.path.join(self.bundle, "console.sock"))
+            extra = ["--console-socket", receiver.path]
         devnull = None
         if stdin is None:
             devnull = os.open(os.devnull, os.O_RDONLY)
             stdin = devnull
         try:
             proc = subprocess.run(
-                self._cmd("create", "--bundle", self.bundle, "--pid-file", pidfile, self.id),
+                self._cmd(
+                    "create", "--bundle", self.bundle, "--pid-file", pidfile, *extra, self.id
+                ),
                 stdin=stdin,
                 timeout=120,
             )
@@ -102,10 +117,29 @@ class Container:
         finally:
             if devnull is not None:
                 os.close(devnull)
+            if receiver is not None:
+                self._console = receiver.close()
         if proc.returncode != 0:
             raise InvalidArgument(f"cannot create the workload's container: {self._error()}")
         with open(pidfile) as f:
             self.pid = int(f.read().strip())
+        if receiver is not None:
+            if self._console is None:
+                raise FailedPrecondition("runc did not hand over the workload's terminal")
+            self._attach()
+
+    def _attach(self) -> None:
+        """Connect this process's stdin/stdout to the workload's terminal (raw mode)."""
+        assert self._console is not None
+        if os.isatty(0):
+            self._saved_tty = termios.tcgetattr(0)
+            tty.setraw(0)
+        master = self._console
+        out = threading.Thread(target=_pump, args=(master, sys.stdout.fileno()), daemon=True)
+        inp = threading.Thread(target=_pump, args=(0, master), daemon=True)
+        out.start()
+        inp.start()
+        self._pumps = [out]
 
     def start(self) -> None:
         proc = subprocess.run(
@@ -166,9 +200,57 @@ class Container:
     def delete(self) -> None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             subprocess.run(self._cmd("delete", "--force", self.id), capture_output=True, timeout=60)
+        for t in self._pumps:
+            t.join(5)  # the rest of the terminal's output
+        if self._saved_tty is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, self._saved_tty)
+            self._saved_tty = None
+        if self._console is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._console)
+            self._console = None
         if self.pid is not None and self.status is None:
             with contextlib.suppress(ChildProcessError, OSError):
                 os.waitpid(self.pid, os.WNOHANG)
+
+
+class _ConsoleReceiver:
+    """The ``--console-socket`` runc sends a terminal workload's pty master to."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._srv.bind(path)
+        self._srv.listen(1)
+        self._srv.settimeout(120)
+        self.fd: int | None = None
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = self._srv.accept()
+            with conn:
+                _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
+                if fds:
+                    self.fd = fds[0]
+
+    def close(self) -> int | None:
+        """The received master fd (None if runc sent none); stops listening."""
+        self._srv.close()
+        self._thread.join(5)
+        return self.fd
+
+
+def _pump(src: int, dst: int) -> None:
+    """Copy ``src`` to ``dst`` until either end closes (a pty master says EIO)."""
+    with contextlib.suppress(OSError):
+        while True:
+            data = os.read(src, 65536)
+            if not data:
+                return
+            while data:
+                data = data[os.write(dst, data) :]
 
 
 def _last_line(text: str) -> str:
