@@ -27,8 +27,18 @@ def _json_list(flag: str, text: str | None) -> list[str] | None:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     from stargz.image.convert import ConvertOptions
-    from stargz.optimize.run import OptimizeOptions, optimize
+    from stargz.optimize.run import OptimizeOptions, optimize, optimize_from_trace
     from stargz.optimize.spec import WorkloadOptions
+
+    copts = ConvertOptions(
+        compression="zstd" if args.zstdchunked else "gzip",
+        chunk_size=args.chunk_size,
+        level=args.compression_level,
+    )
+    if args.from_trace:
+        res = optimize_from_trace(args.src, args.dst, args.from_trace, copts, args.record_out)
+        _summary(res)
+        return 0
 
     for e in args.env:
         if "=" not in e or e.startswith("="):
@@ -49,11 +59,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         period=args.period,
         wait_on_signal=args.wait_on_signal,
         record_out=args.record_out,
-        convert=ConvertOptions(
-            compression="zstd" if args.zstdchunked else "gzip",
-            chunk_size=args.chunk_size,
-            level=args.compression_level,
-        ),
+        convert=copts,
     )
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="stargz: %(levelname)s: %(message)s")
@@ -66,10 +72,14 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             "the image is optimized for what it opened before that",
             file=sys.stderr,
         )
+    _summary(res)
+    return 0
+
+
+def _summary(res) -> None:
     for i, files in sorted(res.layer_files.items()):
         print(f"layer {i}: {len(files)} file(s) prioritized", file=sys.stderr)
     print(res.descriptor["digest"])
-    return 0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -95,6 +105,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--period", type=float, default=10.0, metavar="SECONDS", help="time to run (default 10)"
     )
     o.add_argument("--record-out", metavar="FILE", help="write the access record (JSON lines)")
+    o.add_argument(
+        "--from-trace",
+        metavar="DIR|FILE",
+        help="re-order from a daemon trace ([trace] enable; a trace file, or the daemon root) "
+        "instead of running a workload",
+    )
     o.add_argument("--zstdchunked", action="store_true", help="write zstd:chunked layers")
     o.add_argument("--oci", action="store_true", help="OCI media types (always: accepted for Go)")
     o.add_argument("--net-host", action="store_true", help="share the host's network")

@@ -92,6 +92,29 @@ def optimize(
     return OptimizeResult(desc, stats, files, entries, status, timed_out)
 
 
+def optimize_from_trace(
+    src: str,
+    dst: str,
+    trace: str,
+    copts: ConvertOptions,
+    record_out: str | None = None,
+    progress: Progress | None = None,
+) -> OptimizeResult:
+    """Convert with the files a daemon trace (file, trace dir or daemon root) recorded."""
+    from stargz.optimize.fromtrace import entries_for
+
+    image = source_image(src)
+    entries = entries_for(image, trace)
+    if not entries:
+        raise InvalidArgument(f"the trace at {trace!r} records no file")
+    files = record.layer_files(entries, len(image.layers))
+    if record_out:
+        record.write(record_out, entries)
+    copts = ConvertOptions(**{**copts.__dict__, "layer_files": files})
+    desc, stats = convert(src, dst, copts, progress, manifest=image.descriptor)
+    return OptimizeResult(desc, stats, files, entries, None, False)
+
+
 def _mountable(image: SourceImage, desc: dict[str, Any], index: int, work: str) -> LayerBlob:
     """The layer as an eStargz blob to mount (converted into ``work`` unless it is one)."""
     digest = desc.get("digest", "")
