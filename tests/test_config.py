@@ -75,6 +75,10 @@ SPEC_DEFAULTS = {
     "fuse_manager.address": "/run/containerd-stargz-grpc/fuse-manager.sock",
     "fuse_manager.path": "",
     "fuse_manager.metrics_address": "",
+    "trace.enable": False,  # ours, not upstream: [trace]
+    "trace.window_sec": 30,
+    "trace.max_files": 10000,
+    "trace.max_images": 100,
 }
 
 
@@ -267,3 +271,22 @@ def test_cross_key_and_required_values_are_checked_at_load():
     config.loads("[blob]\nmin_wait_msec = 5000\nmax_wait_msec = 0\n")  # 0: the default
     with pytest.raises(ConfigError, match=r'mirrors\[0\].host" must be set'):
         config.loads('[[resolver.host."d.io".mirrors]]\ninsecure = true\n')
+
+
+def test_trace_keys_are_validated():
+    c = config.loads("[trace]\nenable = true\nwindow_sec = 5\nmax_files = 3\nmax_images = 2\n")
+    assert (c.trace.enable, c.trace.window_sec, c.trace.max_files, c.trace.max_images) == (
+        True,
+        5,
+        3,
+        2,
+    )
+    for bad, msg in (
+        ("window_sec = 0", 'key "trace.window_sec" must be >= 1, got 0'),
+        ("max_files = 0", 'key "trace.max_files" must be >= 1, got 0'),
+        ('enable = "yes"', 'key "trace.enable" must be a boolean, not a string'),
+        ("size = 1", 'unknown key "trace.size"'),
+    ):
+        with pytest.raises(config.ConfigError) as e:
+            config.loads(f"[trace]\n{bad}\n")
+        assert str(e.value) == msg

@@ -131,10 +131,11 @@ LAYER_RULES: dict[str, set[str]] = {
     "image": {"errors", "estargz", "remote", "private"},
     "fs": {"errors", "estargz", "remote", "fuse", "private", "config", "mountinfo"},
     "snapshot": {"errors", "private", "mountinfo"},
+    "optimize": {"errors", "estargz", "image", "fs", "mountinfo"},
     "service": {"errors", "config", "snapshot", "fs", "remote", "estargz", "fuse", "private"},
     "cli": {
         "errors", "config", "estargz", "remote", "image", "fs", "fuse", "snapshot", "service",
-        "private", "mountinfo",
+        "private", "mountinfo", "optimize",
     },
 }  # fmt: skip
 

@@ -164,6 +164,20 @@ class FuseManagerConfig:
 
 
 @dataclass(frozen=True)
+class TraceConfig:
+    """Ours: record which files running containers open first, per image (`stargz trace`,
+    ``stargz optimize --from-trace``)."""
+
+    enable: bool = False
+    #: Opens of a layer's files are recorded for this long after the layer is mounted.
+    window_sec: int = field(default=30, metadata={"min": 1})
+    #: At most this many files per image; further opens are not recorded.
+    max_files: int = field(default=10000, metadata={"min": 1})
+    #: At most this many images keep a trace; the oldest trace goes first.
+    max_images: int = field(default=100, metadata={"min": 1})
+
+
+@dataclass(frozen=True)
 class Config:
     metrics_address: str = ""
     no_prometheus: bool = False
@@ -205,6 +219,7 @@ class Config:
     resolver: ResolverConfig = field(default_factory=ResolverConfig)
     snapshotter: SnapshotterConfig = field(default_factory=SnapshotterConfig)
     fuse_manager: FuseManagerConfig = field(default_factory=FuseManagerConfig)
+    trace: TraceConfig = field(default_factory=TraceConfig)
 
 
 _CHOICES = {"metadata_store": ("memory", "db")}

@@ -23,6 +23,29 @@ def _prioritized(path: str | None) -> list[str]:
         return [line.strip() for line in f if line.strip() and not line.startswith("#")]
 
 
+def _record_in(src: str, path: str | None) -> dict[int, list[str]] | None:
+    """Per-layer files from a ``--record-in`` record (Go's ``ctr-remote`` JSON lines)."""
+    if not path:
+        return None
+    from stargz.image.refs import LayoutLocation, parse_location
+    from stargz.optimize import record
+
+    entries = record.read(path)
+    if isinstance(parse_location(src), LayoutLocation):
+        from stargz.image.source import source_image
+
+        return record.layer_files(entries, len(source_image(src).layers))
+    # a registry image is not fetched twice: a record of layer indexes (what Go and
+    # `stargz optimize` write) is enough; an index past the image's layers is unused
+    if any(e.layer_index is None for e in entries):
+        from stargz.errors import InvalidArgument
+
+        raise InvalidArgument(
+            f"{path}: entries without layerIndex need an oci: source (to count its layers)"
+        )
+    return record.layer_files(entries, 1 + max((e.layer_index or 0) for e in entries))
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from stargz.image.convert import ConvertOptions, convert
     from stargz.remote.manifest import Platform
@@ -37,6 +60,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         reuse=not args.no_reuse,
         jobs=args.jobs,
         plain_http=args.plain_http,
+        layer_files=_record_in(args.src, args.record_in),
     )
     start = time.perf_counter()
     events, bars = _events(args)
@@ -103,6 +127,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="gzip 0-9 (default 1; 0-3 use ISA-L, Go uses 9) or zstd 1-22 (default 3)",
     )
     c.add_argument("--prioritized-files", metavar="FILE", help="file listing paths to put first")
+    c.add_argument(
+        "--record-in", metavar="FILE", help="prioritize what a --record-out record lists"
+    )
     c.add_argument(
         "--workers",
         "--estargz-parallelism",

@@ -121,13 +121,12 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--no-verify", action="store_true", help="allow blobs without chunk digests")
         s.set_defaults(func=func)
 
-    from stargz.cli import status
+    from stargz.cli import doctor, optimize, status, trace
 
     status.add_parser(sub)
-
-    from stargz.cli import doctor
-
     doctor.add_parser(sub)
+    optimize.add_parser(sub)
+    trace.add_parser(sub)
     return p
 
 

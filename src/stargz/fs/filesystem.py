@@ -63,6 +63,7 @@ from stargz.fs.options import FsOptions
 from stargz.fs.scheduler import Scheduler
 from stargz.fs.slots import SlotTable
 from stargz.fs.source import LayerSource, LayerSpec, layer_spec
+from stargz.fs.trace import TRACE_DIR, ImageTracer
 from stargz.fs.tree import Tree
 from stargz.fuse import ROOT_INODE, Connection, Session
 from stargz.fuse import mount as fuse_mount
@@ -164,6 +165,8 @@ class StargzFileSystem:
         self.read_ahead_kb: tuple[int | None, int] | None = None
         #: Close ``source`` in `close` (set by `from_config`, which made it).
         self.owns_source = False
+        #: The production trace (``[trace] enable``): see `enable_trace`.
+        self.tracer: ImageTracer | None = None
 
     @classmethod
     def from_config(
@@ -183,7 +186,28 @@ class StargzFileSystem:
             source = RegistryLayerSource.from_config(cfg)
         fs = cls(root, source, FsOptions.from_config(cfg), handover=handover)
         fs.owns_source = owns
+        if cfg.trace.enable:
+            t = cfg.trace
+            fs.enable_trace(t.window_sec, t.max_files, t.max_images)
         return fs
+
+    def enable_trace(self, window_sec: float, max_files: int, max_images: int) -> None:
+        """Record, per image, the files containers open in the first ``window_sec`` after a
+        layer is mounted, under ``<root>/trace`` (`stargz.fs.trace.ImageTracer`)."""
+        self.tracer = ImageTracer(
+            os.path.join(self.root, TRACE_DIR),
+            window_sec=window_sec,
+            max_files=max_files,
+            max_images=max_images,
+        )
+        self.ops.on_open = self.tracer.opened
+
+    def _flush_trace(self) -> None:
+        if self.tracer is not None:
+            try:
+                self.tracer.flush()
+            except OSError as e:
+                log.warning("cannot write the access trace: %s", e)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -361,6 +385,7 @@ class StargzFileSystem:
         self._closed = True
         loop = asyncio.get_running_loop()
         await self.neighbours.close()
+        self._flush_trace()
         if unmount:
             for mp in list(self._mounts):
                 try:
@@ -459,6 +484,9 @@ class StargzFileSystem:
             self.metrics.mount_failures += 1
             raise
         self.metrics.mounts += 1
+        if self.tracer is not None:
+            self.tracer.mounted(spec.digest, spec.ref)
+            asyncio.get_running_loop().call_later(self.tracer.window_sec + 0.5, self._flush_trace)
         log.info(
             "layer mounted",
             extra={

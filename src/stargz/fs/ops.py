@@ -104,6 +104,9 @@ class Operations:
         self.notify_store: Callable[[int, int, bytes], None] | None = None
         #: Set by the filesystem when the kernel agreed to FUSE passthrough.
         self.passthrough: Passthrough | None = None
+        #: ``on_open(layer digest, path)``: called on every OPEN of a file of a layer (a
+        #: `stargz.fs.trace.AccessTrace` records the first ones; every read follows an open).
+        self.on_open: Callable[[str, str], None] | None = None
 
     # --- the layer table (called by the FileSystem) ---------------------------------------
 
@@ -293,6 +296,8 @@ class Operations:
         node = local - NODE_BASE
         if local < NODE_BASE or not m.tree.is_reg(node):
             raise FUSEError(errno.EISDIR if local == STATE_DIR else errno.EINVAL)
+        if self.on_open is not None:
+            self.on_open(m.layer.digest, m.tree.nodes[node].path)
         if node not in m.accessed:
             m.accessed.add(node)
             if self.options.log_file_access:

@@ -94,6 +94,10 @@ class ConvertOptions:
     jobs: int = DEFAULT_JOBS
     #: Talk plain http to the registries (automatic for localhost/loopback).
     plain_http: bool = False
+    #: Per layer (index in the manifest's ``layers``): its files in first-access order.
+    #: When set, it replaces ``prioritized_files``; a layer it does not list gets none
+    #: (``.no.prefetch.landmark``). ``stargz optimize`` and ``--record-in`` fill it.
+    layer_files: dict[int, list[str]] | None = None
 
 
 @dataclass
@@ -118,11 +122,14 @@ def convert(
     progress: Progress | None = None,
     *,
     events: Events = NO_EVENTS,
+    manifest: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[LayerStat]]:
     """Convert image ``src`` into ``dst`` (see :mod:`stargz.image.refs` for the forms);
     returns the new top descriptor and one stat per source layer. ``progress`` is called
-    as each layer is done, ``events`` sees every step (download, convert, upload)."""
-    return asyncio.run(convert_async(src, dst, opts, progress, events=events))
+    as each layer is done, ``events`` sees every step (download, convert, upload).
+    ``manifest``: convert this descriptor of the source (one platform's manifest, as
+    `stargz.image.source.source_image` chose it) instead of what the reference names."""
+    return asyncio.run(convert_async(src, dst, opts, progress, events=events, manifest=manifest))
 
 
 async def convert_async(
@@ -132,6 +139,7 @@ async def convert_async(
     progress: Progress | None = None,
     *,
     events: Events = NO_EVENTS,
+    manifest: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[LayerStat]]:
     """:func:`convert` on a running event loop."""
     if opts.jobs < 1:
@@ -147,6 +155,8 @@ async def convert_async(
         source = _source(sloc, client)
         stack.push_async_callback(source.close)
         desc, raw = await source.resolve()
+        if manifest is not None:
+            desc, raw = manifest, await source.fetch(manifest["digest"], manifest=True)
         if isinstance(dloc, LayoutLocation) and dloc.tag is None:
             # the source's tag: as written, or the tag of a layout's only image
             tag = sloc.tag if isinstance(sloc, LayoutLocation) else sloc.ref.tag
@@ -204,6 +214,9 @@ def _temp(workdir: str) -> Iterator[BinaryIO]:
             os.unlink(f.name)
 
 
+_LayerKey = tuple[str, tuple[str, ...]]
+
+
 class _Converter:
     def __init__(
         self,
@@ -216,8 +229,10 @@ class _Converter:
         self.src, self.dst, self.opts = src, dst, opts
         self.progress, self.events = progress, events
         self.sem = asyncio.Semaphore(opts.jobs)
-        self._layers: dict[str, asyncio.Task[tuple[dict[str, Any], str | None, LayerStat]]] = {}
-        self._order: list[str] = []
+        # (source digest, prioritized files) -> the task converting it
+        self._layers: dict[_LayerKey, asyncio.Task[tuple[dict[str, Any], str | None, LayerStat]]]
+        self._layers = {}
+        self._order: list[_LayerKey] = []
         self._cancelled = False
 
     async def cancel(self) -> None:
@@ -326,7 +341,9 @@ class _Converter:
             raise InvalidArgument(
                 f"{what}: {len(layers)} layers but {len(diff_ids)} diff_ids in its config"
             )
-        done = await asyncio.gather(*[self._layer_task(layer) for layer in layers])
+        done = await asyncio.gather(
+            *[self._layer_task(layer, self._files(i)) for i, layer in enumerate(layers)]
+        )
         new_layers, new_ids = [], []
         for (new, diff_id, _), old_id in zip(done, diff_ids, strict=True):
             new_layers.append(new)
@@ -352,23 +369,34 @@ class _Converter:
 
     # --- layers ---------------------------------------------------------------------------
 
+    def _files(self, index: int) -> list[str]:
+        """The files to put first in layer ``index``."""
+        if self.opts.layer_files is None:
+            return self.opts.prioritized_files
+        return self.opts.layer_files.get(index, [])
+
     def _layer_task(
-        self, desc: dict[str, Any]
+        self, desc: dict[str, Any], files: list[str]
     ) -> asyncio.Task[tuple[dict[str, Any], str | None, LayerStat]]:
-        """One task per source layer, shared by every manifest that has it."""
-        digest = desc["digest"]
-        task = self._layers.get(digest)
+        """One task per source layer (and file order), shared by every manifest that has it."""
+        key = (desc["digest"], tuple(files))
+        task = self._layers.get(key)
         if task is None:
-            task = asyncio.ensure_future(self._layer(desc))
-            self._layers[digest] = task
-            self._order.append(digest)
+            task = asyncio.ensure_future(self._layer(desc, files))
+            self._layers[key] = task
+            self._order.append(key)
         return task
 
-    async def _layer(self, desc: dict[str, Any]) -> tuple[dict[str, Any], str | None, LayerStat]:
+    async def _layer(
+        self, desc: dict[str, Any], files: list[str]
+    ) -> tuple[dict[str, Any], str | None, LayerStat]:
         async with self.sem:
             start = time.perf_counter()
             want = "zstd" if self.opts.compression == "zstd" else "gzip"
-            if self.opts.reuse and await self.src.estargz_kind(desc) == want:
+            # a file order asked for (prioritized files, an optimizer's record) means a new
+            # layer, whatever the source already is
+            asked = bool(files) or self.opts.layer_files is not None
+            if self.opts.reuse and not asked and await self.src.estargz_kind(desc) == want:
                 self.events.note(desc["digest"], "reuse", "already eStargz: kept as it is")
                 await self._copy_blob(desc["digest"], int(desc.get("size", 0)))
                 new = {**desc, "mediaType": _REUSE_TYPES[want]}
@@ -379,7 +407,7 @@ class _Converter:
                 stat = LayerStat(desc["digest"], desc["digest"], size, size, usize, secs, True)
                 result: tuple[dict[str, Any], str | None, LayerStat] = (new, None, stat)
             else:
-                result = await self._convert(desc, start)
+                result = await self._convert(desc, start, files)
             if self.progress:
                 self.progress(result[2])
             return result
@@ -434,7 +462,7 @@ class _Converter:
         self.events.end(key, "upload")
 
     async def _convert(
-        self, desc: dict[str, Any], start: float
+        self, desc: dict[str, Any], start: float, files: list[str]
     ) -> tuple[dict[str, Any], str | None, LayerStat]:
         sdigest = desc["digest"]
         loop = asyncio.get_running_loop()
@@ -448,7 +476,7 @@ class _Converter:
             path = await self._input(sdigest, desc.get("size"), stack)
             out = stack.enter_context(_temp(self.dst.workdir))
             self.events.begin(sdigest, "convert", None)
-            res = await asyncio.to_thread(self._build, path, out, on_convert)
+            res = await asyncio.to_thread(self._build, path, out, on_convert, files)
             self.events.end(sdigest, "convert")
 
             async def built() -> str:
@@ -477,7 +505,9 @@ class _Converter:
         )
         return new, res.diff_id, stat
 
-    def _build(self, path: str, out: BinaryIO, on_progress: Any) -> writer.BuildResult:
+    def _build(
+        self, path: str, out: BinaryIO, on_progress: Any, files: list[str]
+    ) -> writer.BuildResult:
         with open(path, "rb") as f:
             res = writer.build(
                 f,
@@ -485,7 +515,7 @@ class _Converter:
                 compression=self.opts.compression,
                 chunk_size=self.opts.chunk_size,
                 level=self.opts.level,
-                prioritized_files=self.opts.prioritized_files,
+                prioritized_files=files,
                 allow_missing_prioritized=True,
                 workers=self.opts.workers,
                 tmpdir=self.dst.workdir,
