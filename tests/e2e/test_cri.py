@@ -13,15 +13,25 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Containerd, StargzDaemon, mounted_image, mounts_under, tree_listing
+from harness import (
+    Containerd,
+    StargzDaemon,
+    free_port,
+    mounted_image,
+    mounts_under,
+    run,
+    tree_listing,
+)
 from harness.cri import CRIClient, read_cri_log
 from harness.fixtures import _show_log
 from harness.oci import stack_images
+from harness.procs import http_get
 
 from .test_lazy import (
     NO_BACKGROUND,
@@ -152,3 +162,40 @@ def test_cri_pulled_corners_tree_equals_the_ground_truth(cri_node, registry, sha
     assert_remote(sd, c, layers)
     with mounted_image(c, ref, NS) as root:
         assert tree_listing(root) == ground_truth(shared)
+
+
+def test_cri_pull_of_an_image_that_is_not_estargz_is_unpacked_and_counted(
+    e2e_host, registry, shared
+):
+    """A CRI ``PullImage`` of plain ``tar+gzip`` layers: containerd unpacks them (their
+    blobs are in its content store, no FUSE mount), the reason is logged per layer, shown
+    by ``stargz status`` and counted in Prometheus by reason; the pod's tree equals the
+    ground truth as containerd's own unpack gives it."""
+    port = free_port()
+    sd = StargzDaemon.start(config_text=f'{NO_BACKGROUND}metrics_address = "127.0.0.1:{port}"\n')
+    c = None
+    try:
+        c = Containerd.start(sd.address, cri_registry=registry.host)
+        layout = shared / "fixtures" / "oci-corners"
+        layers = layers_of(layout, "orig")
+        ref = registry.push_oci(layout, "orig", "cri-plain:orig")
+        with CRIClient(c.address) as cri:
+            cri.pull(ref)
+        assert prepared_flags(sd) == ["false"] * len(layers)
+        assert not mounts_under(Path(sd.root) / "snapshots")
+        content = set(c.ctr("content", "ls", "-q", ns=NS).stdout.split())
+        assert {d["digest"] for d in layers} <= content
+        status = json.loads(run(["stargz", "status", "--address", sd.address, "--json"]).stdout)
+        reasons = [r["reason"] for r in status["refused"]]
+        assert reasons == ["no-toc-digest"] * len(layers), status["refused"]
+        metrics = http_get(f"http://127.0.0.1:{port}/metrics").decode()
+        want = f'stargz_snapshot_remote_refusals_total{{reason="no-toc-digest"}} {len(layers)}.0'
+        assert want in metrics.splitlines(), [m for m in metrics.splitlines() if "refusal" in m]
+        with mounted_image(c, ref, NS) as root:
+            assert tree_listing(root) == ground_truth(shared)
+    finally:
+        if c is not None:
+            c.close()
+            _show_log(c, 40)
+        sd.close()
+        _show_log(sd)

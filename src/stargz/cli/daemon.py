@@ -227,6 +227,8 @@ async def _serve(args: argparse.Namespace, cfg: config.Config) -> int:
             allow_invalid_mounts_on_restart=cfg.snapshotter.allow_invalid_mounts_on_restart,
             extra_handlers=[cri.handler()] if cri is not None and not own_socket else (),
         )
+        if metrics is not None:
+            metrics.add_refusals(server.snapshotter.refusals)
         cri_server = None
         if cri is not None:
             cri_server = await _serve_cri(cfg, cri, args.address, own_socket)

@@ -49,6 +49,7 @@ from stargz.fs.metrics import LayerMetrics
 
 if TYPE_CHECKING:
     from stargz.fs.filesystem import StargzFileSystem
+    from stargz.snapshot.refusals import Refusals
 
 log = logging.getLogger("stargz.metrics")
 
@@ -339,6 +340,23 @@ class FsCollector(Collector):
         )
 
 
+class RefusalCollector(Collector):
+    """Layers containerd asked for as remote snapshots and got unpacked, by reason."""
+
+    def __init__(self, refusals: Refusals) -> None:
+        self.refusals = refusals
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "stargz_snapshot_remote_refusals",
+            "Layers not mounted lazily (containerd unpacked them), by reason code.",
+            labels=["reason"],
+        )
+        for reason, n in sorted(self.refusals.totals.items()):
+            family.add_metric([reason], n)
+        yield family
+
+
 def make_registry(fs: StargzFileSystem | None) -> CollectorRegistry:
     """A registry of our own (not prometheus-client's global one): the filesystem's
     metrics (if there is a filesystem) and the process's (``process_*``: CPU, memory, fds)."""
@@ -371,6 +389,10 @@ class MetricsServer:
         self.address = address
         self.registry = registry
         self._runner = runner
+
+    def add_refusals(self, refusals: Refusals) -> None:
+        """Count the snapshotter's refusals too (it opens after the endpoint starts)."""
+        self.registry.register(RefusalCollector(refusals))
 
     @classmethod
     async def start(cls, address: str, fs: StargzFileSystem | None) -> MetricsServer:

@@ -92,11 +92,15 @@ class Refusals:
     def __init__(self, limit: int = MAX_REFUSALS) -> None:
         self.limit = limit
         self._by_snapshot: collections.OrderedDict[str, Refusal] = collections.OrderedDict()
+        #: Every refusal since the start, by reason code (the list above forgets; this
+        #: does not: Prometheus counts from it)
+        self.totals: collections.Counter[str] = collections.Counter()
 
     def record(
         self, snapshot: str, key: str, labels: Mapping[str, str], reason: str, error: str
     ) -> Refusal:
         old = self._by_snapshot.pop(snapshot, None)
+        self.totals[reason] += 1
         r = Refusal(
             snapshot=snapshot,
             key=key,
