@@ -32,7 +32,6 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from stargz.image.convert import ConvertOptions
     from stargz.optimize.run import OptimizeOptions, optimize, optimize_from_trace
     from stargz.optimize.spec import WorkloadOptions
-    from stargz.remote.manifest import Platform
 
     copts = ConvertOptions(
         compression="zstd" if args.zstdchunked else "gzip",
@@ -40,7 +39,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         level=args.compression_level,
         plain_http=args.plain_http,
     )
-    platform = Platform.parse(args.platform) if args.platform else None
+    platform = args.platform
     events = _events(args.quiet)
     if args.from_trace:
         res = optimize_from_trace(

@@ -61,20 +61,19 @@ class SourceImage:
         return path
 
 
-def source_image(
-    ref: str, platform: Platform | None = None, *, plain_http: bool = False
-) -> SourceImage:
-    """Resolve ``ref`` to one manifest (``platform``, default this machine's, when it is an
-    index), and read its config. Nothing but manifests and the config is fetched."""
+def source_image(ref: str, platform: str | None = None, *, plain_http: bool = False) -> SourceImage:
+    """Resolve ``ref`` to one manifest (``platform``, ``os/arch[/variant]``, default this
+    machine's, when it is an index), and read its config. Nothing but manifests and the
+    config is fetched."""
     return asyncio.run(source_image_async(ref, platform, plain_http=plain_http))
 
 
 async def source_image_async(
-    ref: str, platform: Platform | None = None, *, plain_http: bool = False
+    ref: str, platform: str | None = None, *, plain_http: bool = False
 ) -> SourceImage:
     """:func:`source_image` on a running event loop."""
+    want = Platform.parse(platform) if platform else host_platform()
     loc = parse_location(ref)
-    want = platform or host_platform()
     if isinstance(loc, LayoutLocation):
         source = LayoutSource(loc.path, loc.tag)
         image = await _resolve(source, ref, want)

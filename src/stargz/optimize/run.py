@@ -38,7 +38,6 @@ from stargz.optimize import record
 from stargz.optimize.runc import Container, find_runc
 from stargz.optimize.sandbox import LayerBlob, Sandbox, mounts_under
 from stargz.optimize.spec import WorkloadOptions, build_spec, resolve_user
-from stargz.remote.manifest import Platform
 
 log = logging.getLogger("stargz.optimize")
 
@@ -57,8 +56,8 @@ class OptimizeOptions:
     convert: ConvertOptions = field(default_factory=ConvertOptions)
     #: PATH to find ``runc`` on (None: this process's PATH).
     search_path: str | None = None
-    #: The platform to take from an index (None: this machine's).
-    platform: Platform | None = None
+    #: The platform to take from an index, ``os/arch[/variant]`` (None: this machine's).
+    platform: str | None = None
 
 
 @dataclass
@@ -136,7 +135,7 @@ def optimize_from_trace(
     record_out: str | None = None,
     progress: Progress | None = None,
     *,
-    platform: Platform | None = None,
+    platform: str | None = None,
     events: Events = NO_EVENTS,
 ) -> OptimizeResult:
     """Convert with the files a daemon trace (file, trace dir or daemon root) recorded.
