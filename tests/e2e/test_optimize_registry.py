@@ -14,19 +14,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from harness import Registry, free_port
+from harness.oci import two_platform_layout
 from harness.procs import REPO
 
 from stargz.estargz import open_file
 from stargz.estargz.toc import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK
 
 from .test_convert_registry import (
-    _two_platform_layout,
     get,
     manifest,
     one_line_failure,
@@ -157,7 +159,7 @@ def test_platform_picks_the_manifest_of_an_index(logged_registry, shared, tmp_pa
     the host's by default, ``--platform`` the other; the output is that one manifest.
     A platform the index lacks is a one-line error and no tag."""
     reg = logged_registry
-    layout = _two_platform_layout(shared, tmp_path / "multi")
+    layout = two_platform_layout(shared / "fixtures" / "oci-busybox", "1", tmp_path / "multi")
     src = reg.push_oci(layout, "multi", "multi:1", all_platforms=True)
     index = manifest(reg, "multi", "1")
     by_arch = {m["platform"]["architecture"]: m["digest"] for m in index["manifests"]}
@@ -252,3 +254,82 @@ def test_bad_sources_are_one_line_errors_and_leave_no_tag(
     finally:
         private.close()
     assert list(tmp.iterdir()) == []
+
+
+def test_layout_and_registry_either_way_round(logged_registry, busybox, shared, tmp_path):
+    """An OCI layout source into a registry tag, and a registry source into a layout given
+    without a tag (it gets the source's tag): the same prioritized files."""
+    reg = logged_registry
+    tmp = tmp_path / "tmp"
+    layout = shared / "fixtures" / "oci-busybox"
+    p = stargz("optimize", "-q", *FLAGS, f"oci:{layout}:1", reg.ref("busybox:from-layout"), tmp=tmp)
+    assert p.returncode == 0, p.stderr
+    (layer,) = manifest(reg, "busybox", "from-layout")["layers"]
+    assert prefetch_list(reg.blob_file(layer["digest"])) == ["bin/busybox", "etc/greeting"]
+
+    out = tmp_path / "out"
+    p = stargz("optimize", "-q", *FLAGS, busybox, f"oci:{out}", tmp=tmp)
+    assert p.returncode == 0, p.stderr
+    (entry,) = json.loads((out / "index.json").read_text())["manifests"]
+    assert entry["annotations"]["org.opencontainers.image.ref.name"] == "1"
+    man = json.loads((out / "blobs" / "sha256" / entry["digest"].split(":")[1]).read_text())
+    (layer,) = man["layers"]
+    assert prefetch_list(out / "blobs" / "sha256" / layer["digest"].split(":")[1]) == [
+        "bin/busybox",
+        "etc/greeting",
+    ]
+    assert list(tmp.iterdir()) == []
+
+
+def test_a_failing_workload_setup_after_the_pull_leaves_no_tag_and_no_scratch(
+    logged_registry, busybox, tmp_path
+):
+    reg = logged_registry
+    tmp = tmp_path / "tmp"
+    p = stargz(
+        "optimize", "--entrypoint", '["/no/such/program"]', busybox, reg.ref("busybox:x"), tmp=tmp
+    )
+    assert p.returncode == 1, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("stargz: error: ") and "/no/such/program" in last, p.stderr
+    assert "Traceback" not in p.stderr
+    assert tag_absent(reg, "busybox", "x")
+    assert list(tmp.iterdir()) == []
+
+
+def test_ctrl_c_during_the_download_removes_the_scratch_dir(logged_registry, busybox, tmp_path):
+    """The layer's GET stalls (a proxy in front of the real registry); SIGINT while it
+    does: exit status 130, no traceback, nothing left under $TMPDIR, no tag."""
+    from harness.faults import ProxyThread, Stall
+
+    reg = logged_registry
+    (layer,) = manifest(reg, "busybox", "1")["layers"]
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    with ProxyThread() as pt:
+        proxy = pt.start(f"http://{reg.host}", Stall(1, 120, path_re=layer["digest"]))
+        src = f"{proxy.netloc}/busybox:1"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stargz.cli.main", "optimize", *FLAGS, src, reg.ref("bb:int")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO / "src"), "TMPDIR": str(tmp)},
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not proxy.requests("GET", layer["digest"]):
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "the layer was never asked for"
+                time.sleep(0.1)
+            assert [p.name for p in tmp.iterdir()][0].startswith("stargz-optimize-")
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert list(tmp.iterdir()) == []
+    assert tag_absent(reg, "bb", "int")
