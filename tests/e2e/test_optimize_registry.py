@@ -257,14 +257,22 @@ def test_bad_sources_are_one_line_errors_and_leave_no_tag(
 
 
 def test_layout_and_registry_either_way_round(logged_registry, busybox, shared, tmp_path):
-    """An OCI layout source into a registry tag, and a registry source into a layout given
-    without a tag (it gets the source's tag): the same prioritized files."""
+    """An OCI layout source into a registry tag, an eStargz registry image into another
+    tag, and a registry source into a layout given without a tag (it gets the source's
+    tag): the same prioritized files."""
     reg = logged_registry
     tmp = tmp_path / "tmp"
     layout = shared / "fixtures" / "oci-busybox"
     p = stargz("optimize", "-q", *FLAGS, f"oci:{layout}:1", reg.ref("busybox:from-layout"), tmp=tmp)
     assert p.returncode == 0, p.stderr
     (layer,) = manifest(reg, "busybox", "from-layout")["layers"]
+    assert prefetch_list(reg.blob_file(layer["digest"])) == ["bin/busybox", "etc/greeting"]
+
+    # a source layer that already is eStargz is mounted as it was pulled
+    esgz = reg.push_oci(layout, "esgz", "busybox:esgz")
+    p = stargz("optimize", "-q", *FLAGS, esgz, reg.ref("busybox:esgz-opt"), tmp=tmp)
+    assert p.returncode == 0, p.stderr
+    (layer,) = manifest(reg, "busybox", "esgz-opt")["layers"]
     assert prefetch_list(reg.blob_file(layer["digest"])) == ["bin/busybox", "etc/greeting"]
 
     out = tmp_path / "out"
@@ -297,9 +305,12 @@ def test_a_failing_workload_setup_after_the_pull_leaves_no_tag_and_no_scratch(
     assert list(tmp.iterdir()) == []
 
 
-def test_ctrl_c_during_the_download_removes_the_scratch_dir(logged_registry, busybox, tmp_path):
-    """The layer's GET stalls (a proxy in front of the real registry); SIGINT while it
-    does: exit status 130, no traceback, nothing left under $TMPDIR, no tag."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_during_the_download_removes_the_scratch_dir(
+    logged_registry, busybox, tmp_path, sig
+):
+    """The layer's GET stalls (a proxy in front of the real registry); Ctrl-C or SIGTERM
+    while it does: exit status 130, no traceback, nothing left under $TMPDIR, no tag."""
     from harness.faults import ProxyThread, Stall
 
     reg = logged_registry
@@ -323,7 +334,7 @@ def test_ctrl_c_during_the_download_removes_the_scratch_dir(logged_registry, bus
                 assert time.monotonic() < deadline, "the layer was never asked for"
                 time.sleep(0.1)
             assert [p.name for p in tmp.iterdir()][0].startswith("stargz-optimize-")
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             _, err = proc.communicate(timeout=60)
         finally:
             if proc.poll() is None:

@@ -8,9 +8,13 @@ a registry source's layers are downloaded into a scratch dir removed at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 from stargz.errors import InvalidArgument
 from stargz.estargz import writer
@@ -42,15 +46,16 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     platform = args.platform
     events = _events(args.quiet)
     if args.from_trace:
-        res = optimize_from_trace(
-            args.src,
-            args.dst,
-            args.from_trace,
-            copts,
-            args.record_out,
-            platform=platform,
-            events=events,
-        )
+        with _term_is_interrupt():
+            res = optimize_from_trace(
+                args.src,
+                args.dst,
+                args.from_trace,
+                copts,
+                args.record_out,
+                platform=platform,
+                events=events,
+            )
         _summary(res)
         return 0
 
@@ -78,7 +83,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     )
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="stargz: %(levelname)s: %(message)s")
-    res = optimize(args.src, args.dst, opts, events=events)
+    with _term_is_interrupt():
+        res = optimize(args.src, args.dst, opts, events=events)
     if res.timed_out:
         print(f"stargz: workload stopped after --period {args.period:g}s", file=sys.stderr)
     elif res.exit_status not in (0, None):
@@ -89,6 +95,24 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         )
     _summary(res)
     return 0
+
+
+@contextlib.contextmanager
+def _term_is_interrupt() -> Iterator[None]:
+    """SIGTERM ends the run as Ctrl-C does, so its scratch dir (downloads, converted
+    layers) is removed and no tag is written, instead of the process just dying."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _events(quiet: bool):  # type: ignore[no-untyped-def]
