@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from harness import Registry, free_port, mounted_image, run, tree_listing
-from harness.oci import find_manifest
+from harness.oci import find_manifest, two_platform_layout
 from harness.procs import REPO
 
 pytestmark = [pytest.mark.e2e, pytest.mark.interop, pytest.mark.timeout(300)]
@@ -161,50 +161,11 @@ def test_convert_registry_to_registry_then_go_reads_and_lazy_pull_matches(
 # --- indexes and platforms ------------------------------------------------------------------
 
 
-def _two_platform_layout(shared: Path, out: Path) -> Path:
-    """An OCI layout whose tag ``multi`` is an index of busybox ``1`` as linux/amd64 and
-    the same layers with an arm64 config as linux/arm64."""
-    shutil.copytree(shared / "fixtures" / "oci-busybox", out)
-    for p in [out, *out.rglob("*")]:
-        p.chmod(p.stat().st_mode | 0o200)
-
-    def put(data: bytes) -> dict[str, Any]:
-        digest = hashlib.sha256(data).hexdigest()
-        (out / "blobs" / "sha256" / digest).write_bytes(data)
-        return {"digest": f"sha256:{digest}", "size": len(data)}
-
-    amd = find_manifest(out, "1")
-    config = json.loads(
-        (out / "blobs" / "sha256" / amd["config"]["digest"].split(":")[1]).read_bytes()  # type: ignore[index]
-    )
-    config["architecture"] = "arm64"
-    arm = {**amd, "config": {**amd["config"], **put(json.dumps(config).encode())}}  # type: ignore[dict-item]
-    entries = []
-    for man, arch in ((amd, "amd64"), (arm, "arm64")):
-        d = put(json.dumps(man).encode())
-        entries.append(
-            {"mediaType": OCI_MANIFEST, **d, "platform": {"os": "linux", "architecture": arch}}
-        )
-    idx = put(
-        json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
-    )
-    index = json.loads((out / "index.json").read_text())
-    index["manifests"].append(
-        {
-            "mediaType": OCI_INDEX,
-            **idx,
-            "annotations": {"org.opencontainers.image.ref.name": "multi"},
-        }
-    )
-    (out / "index.json").write_text(json.dumps(index))
-    return out
-
-
 def test_an_index_is_converted_whole_and_platform_picks_one(
     logged_registry, shared, esgz_verify, tmp_path
 ):
     reg = logged_registry
-    layout = _two_platform_layout(shared, tmp_path / "multi")
+    layout = two_platform_layout(shared / "fixtures" / "oci-busybox", "1", tmp_path / "multi")
     src = reg.push_oci(layout, "multi", "bb:multi", all_platforms=True)
     ok("convert", "-q", src, reg.ref("bb-conv:all"))
     idx = manifest(reg, "bb-conv", "all")
@@ -388,7 +349,7 @@ def test_docker_media_types_become_oci(logged_registry, shared, esgz_verify, tmp
     """A Docker manifest list of Docker schema 2 manifests comes out as an OCI index of OCI
     manifests, configs and layers."""
     reg = logged_registry
-    layout = _two_platform_layout(shared, tmp_path / "multi")
+    layout = two_platform_layout(shared / "fixtures" / "oci-busybox", "1", tmp_path / "multi")
     src = reg.push_oci(layout, "multi", "dk:multi", all_platforms=True, docker_format=True)
     status, body = get(reg, "dk/manifests/multi", accept=DOCKER_LIST)
     assert status == 200 and json.loads(body)["mediaType"] == DOCKER_LIST

@@ -207,3 +207,36 @@ def with_entrypoint(
     cdesc = _put_blob(out, json.dumps(config, sort_keys=True).encode())
     _tag_manifest(out, new_tag, {**man, "config": {**man["config"], **cdesc}})  # type: ignore[dict-item]
     return out
+
+
+def two_platform_layout(src: Path, tag: str, out: Path, index_tag: str = "multi") -> Path:
+    """A writable copy of layout ``src`` whose tag ``index_tag`` is an index of ``src:tag``
+    as linux/amd64 and the same layers with an arm64 config as linux/arm64."""
+    shutil.copytree(src, out)
+    for p in [out, *out.rglob("*")]:
+        p.chmod(p.stat().st_mode | 0o200)
+    amd = find_manifest(out, tag)
+    config = json.loads(_read_blob(out, amd["config"]["digest"]))  # type: ignore[index]
+    config["architecture"] = "arm64"
+    arm = {**amd, "config": {**amd["config"], **_put_blob(out, json.dumps(config).encode())}}  # type: ignore[dict-item]
+    entries = []
+    for man, arch in ((amd, "amd64"), (arm, "arm64")):
+        d = _put_blob(out, json.dumps(man).encode())
+        entries.append(
+            {
+                "mediaType": MANIFEST_MEDIA_TYPE,
+                **d,
+                "platform": {"os": "linux", "architecture": arch},
+            }
+        )
+    index_type = "application/vnd.oci.image.index.v1+json"
+    idx = _put_blob(
+        out,
+        json.dumps({"schemaVersion": 2, "mediaType": index_type, "manifests": entries}).encode(),
+    )
+    index = json.loads((out / "index.json").read_text())
+    index["manifests"].append(
+        {"mediaType": index_type, **idx, "annotations": {REF_NAME: index_tag}}
+    )
+    (out / "index.json").write_text(json.dumps(index))
+    return out

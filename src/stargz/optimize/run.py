@@ -1,6 +1,8 @@
 """``stargz optimize``: run the workload on the image, then convert with what it opened.
 
-1. The source image (one platform) is read with `stargz.image.source.source_image`.
+1. The source image (one platform) is read with `stargz.image.source.source_image`; a
+   registry image's layers are downloaded into a scratch layout first
+   (`stargz.image.pull`), which the final conversion then reads (no second download).
 2. Each layer is made an eStargz blob to mount (a layer that already is one, by its TOC
    digest annotation, is used as it is; others are converted to a scratch file).
 3. `Sandbox` mounts them through our FUSE filesystem + overlayfs; `runc` runs the workload
@@ -8,7 +10,9 @@
    ``runc start`` until the workload exits or the period ends (SIGTERM, then SIGKILL).
 4. Everything is unmounted, then `stargz.image.convert.convert` writes the image with each
    layer's files first, then ``.prefetch.landmark`` (``.no.prefetch.landmark`` for a layer
-   the workload did not touch). ``record_out`` gets Go's JSON-lines record.
+   the workload did not touch). ``record_out`` gets Go's JSON-lines record. The scratch
+   dir (downloads, converted layers, the sandbox) is removed at the end, also on an error
+   or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 from stargz.errors import InvalidArgument
 from stargz.estargz import writer
 from stargz.image.convert import ConvertOptions, LayerStat, Progress, convert
+from stargz.image.progress import NO_EVENTS, Events
 from stargz.image.source import SourceImage, source_image
 from stargz.optimize import record
 from stargz.optimize.runc import Container, find_runc
@@ -51,6 +56,8 @@ class OptimizeOptions:
     convert: ConvertOptions = field(default_factory=ConvertOptions)
     #: PATH to find ``runc`` on (None: this process's PATH).
     search_path: str | None = None
+    #: The platform to take from an index, ``os/arch[/variant]`` (None: this machine's).
+    platform: str | None = None
 
 
 @dataclass
@@ -66,29 +73,57 @@ class OptimizeResult:
 
 
 def optimize(
-    src: str, dst: str, opts: OptimizeOptions, progress: Progress | None = None
+    src: str,
+    dst: str,
+    opts: OptimizeOptions,
+    progress: Progress | None = None,
+    *,
+    events: Events = NO_EVENTS,
 ) -> OptimizeResult:
+    """Run the workload on ``src`` (a layout or registry image) and write ``dst``."""
     runc = find_runc(opts.search_path)
     if opts.period <= 0:
         raise InvalidArgument(f"period must be positive, got {opts.period}")
-    image = source_image(src)
+    image = source_image(src, opts.platform, plain_http=opts.convert.plain_http)
     if not image.layers:
         raise InvalidArgument(f"{src} has no layers to run a workload on")
     work = tempfile.mkdtemp(prefix="stargz-optimize-")
     try:
-        blobs = [_mountable(image, d, i, work) for i, d in enumerate(image.layers)]
-        status, timed_out, events = _run_workload(runc, image, blobs, opts, work)
+        if image.layout is None:
+            from stargz.image.pull import pull_layers
+
+            image = pull_layers(
+                image,
+                os.path.join(work, "image"),
+                plain_http=opts.convert.plain_http,
+                jobs=opts.convert.jobs,
+                events=events,
+            )
+        scratch = os.path.join(work, "layers")
+        os.makedirs(scratch)
+        blobs = [_mountable(image, d, i, scratch) for i, d in enumerate(image.layers)]
+        status, timed_out, events_seen = _run_workload(runc, image, blobs, opts, work)
+        shutil.rmtree(scratch, ignore_errors=True)  # not needed any more: free the disk
+        index_of = {b.digest: i for i, b in enumerate(blobs)}  # a repeated layer: the top one
+        entries = [
+            record.Entry(e.path, image.digest, index_of[e.layer])
+            for e in events_seen
+            if e.layer in index_of
+        ]
+        files = record.layer_files(entries, len(image.layers))
+        if opts.record_out:
+            record.write(opts.record_out, entries)
+        copts = ConvertOptions(**{**opts.convert.__dict__, "layer_files": files})
+        desc, stats = convert(
+            image.convert_ref,
+            dst,
+            copts,
+            progress,
+            events=events,
+            manifest=image.descriptor,
+        )
     finally:
         _remove(work)
-    index_of = {b.digest: i for i, b in enumerate(blobs)}  # a repeated layer: the top one
-    entries = [
-        record.Entry(e.path, image.digest, index_of[e.layer]) for e in events if e.layer in index_of
-    ]
-    files = record.layer_files(entries, len(image.layers))
-    if opts.record_out:
-        record.write(opts.record_out, entries)
-    copts = ConvertOptions(**{**opts.convert.__dict__, "layer_files": files})
-    desc, stats = convert(src, dst, copts, progress, manifest=image.descriptor)
     return OptimizeResult(desc, stats, files, entries, status, timed_out)
 
 
@@ -99,11 +134,15 @@ def optimize_from_trace(
     copts: ConvertOptions,
     record_out: str | None = None,
     progress: Progress | None = None,
+    *,
+    platform: str | None = None,
+    events: Events = NO_EVENTS,
 ) -> OptimizeResult:
-    """Convert with the files a daemon trace (file, trace dir or daemon root) recorded."""
+    """Convert with the files a daemon trace (file, trace dir or daemon root) recorded.
+    A registry source's layers are downloaded once, by the conversion itself."""
     from stargz.optimize.fromtrace import entries_for
 
-    image = source_image(src)
+    image = source_image(src, platform, plain_http=copts.plain_http)
     entries = entries_for(image, trace)
     if not entries:
         raise InvalidArgument(f"the trace at {trace!r} records no file")
@@ -111,7 +150,14 @@ def optimize_from_trace(
     if record_out:
         record.write(record_out, entries)
     copts = ConvertOptions(**{**copts.__dict__, "layer_files": files})
-    desc, stats = convert(src, dst, copts, progress, manifest=image.descriptor)
+    desc, stats = convert(
+        image.convert_ref,
+        dst,
+        copts,
+        progress,
+        events=events,
+        manifest=image.descriptor,
+    )
     return OptimizeResult(desc, stats, files, entries, None, False)
 
 
