@@ -37,8 +37,11 @@ fi
 "$ROOT/.venv/bin/pip" install -q -e "$ROOT[test]"
 
 # The Go reference reader (../shared/tools/esgz-verify) built into .tools/bin.
-SHARED=${STARGZ_SHARED:-$ROOT/../shared}
-if [ -d "$SHARED/tools/esgz-verify" ] && [ ! -x "$ROOT/.tools/bin/esgz-verify" ]; then
+SHARED=""
+for d in "${STARGZ_SHARED:-}" "$ROOT/../shared" /work/shared; do
+  if [ -n "$d" ] && [ -d "$d/tools/esgz-verify" ]; then SHARED=$d; break; fi
+done
+if [ -n "$SHARED" ] && [ ! -x "$ROOT/.tools/bin/esgz-verify" ]; then
   bash "$SHARED/tools/esgz-verify/build.sh" "$ROOT/.tools/bin/esgz-verify" >/dev/null
 fi
 echo "ci/setup: ready ($ROOT/.venv)"

@@ -97,13 +97,6 @@ def go_verifies(reg: Registry, repo: str, man: dict[str, Any], esgz_verify: Path
         assert p.returncode == 0, (layer["digest"], p.stderr[-2000:])
 
 
-@pytest.fixture(scope="module")
-def esgz_verify() -> Path:
-    tool = shutil.which("esgz-verify")
-    assert tool, "esgz-verify (the Go reference reader) is not on PATH"
-    return Path(tool)
-
-
 def ground_truth(shared: Path) -> dict[str, Any]:
     return json.loads((shared / "fixtures" / "oci-corners.merged-tree.json").read_text())
 
