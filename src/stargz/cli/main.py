@@ -159,9 +159,10 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--no-verify", action="store_true", help="allow blobs without chunk digests")
         s.set_defaults(func=func)
 
-    from stargz.cli import status
+    from stargz.cli import rpull, status
 
     status.add_parser(sub)
+    rpull.add_parser(sub)
     return p
 
 
