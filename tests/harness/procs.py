@@ -267,8 +267,9 @@ class Registry(Daemon):
         """Body bytes the registry has sent for blob ``digest`` so far."""
         return sum(r.size for r in self.blob_requests(digest) if r.method == "GET")
 
-    def push_oci(self, layout: Path, tag: str, name: str) -> str:
-        """Copy ``layout:tag`` (an OCI image layout) to ``name`` in this registry."""
+    def push_oci(self, layout: Path, tag: str, name: str, *, all_images: bool = False) -> str:
+        """Copy ``layout:tag`` (an OCI image layout) to ``name`` in this registry. With
+        ``all_images``, an image index is copied whole (every platform's image)."""
         staged = layout
         if layout.resolve().is_relative_to(shared_dir().resolve()):
             # The shared fixtures are read-only inputs; skopeo may write (locks).
@@ -284,6 +285,7 @@ class Registry(Daemon):
                 "copy",
                 "--quiet",
                 "--dest-tls-verify=false",
+                *(["--all"] if all_images else []),
                 f"oci:{staged}:{tag}",
                 f"docker://{self.ref(name)}",
             ]
