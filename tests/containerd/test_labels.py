@@ -105,11 +105,6 @@ def test_distribution_source_label_drops_the_port_and_merges_repositories():
         "containerd.io/distribution.source.127.0.0.1",
         "a,team/app,zz",
     )
-    hub = parse_reference("busybox")
-    assert L.distribution_source(hub, None) == (
-        "containerd.io/distribution.source.docker.io",
-        "library/busybox",
-    )
 
 
 def test_ingest_refs_and_media_types():

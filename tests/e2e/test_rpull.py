@@ -277,6 +277,39 @@ def test_plain_gzip_layers_fall_back_to_unpacking(logged_registry, lazy_stack, s
     assert out.encode() == tar_files(shared, "oci-corners", "orig")["etc/greeting"]
 
 
+def collect_garbage(c: Containerd) -> None:
+    """Run containerd's garbage collector now (it runs when a lease is removed with
+    ``--sync``; the harness's containerd never runs it on its own)."""
+    lease = c.ctr("leases", "create", ns=NS).stdout.split()[0]
+    c.ctr("leases", "rm", "--sync", lease, ns=NS)
+
+
+def test_garbage_collection_keeps_the_image_and_drops_it_with_the_record(
+    logged_registry, lazy_stack, shared, tmp_path
+):
+    """What ``stargz rpull`` leaves is held by the image record alone (its lease is gone):
+    containerd's garbage collector keeps every blob and snapshot of the mixed image (plain
+    layer unpacked, eStargz layers remote), so a container still runs; once the record is
+    removed, the collector drops them all, following the same labels."""
+    sd, c = lazy_stack(NO_BACKGROUND)
+    fixtures = shared / "fixtures"
+    layout = stack_images(
+        tmp_path / "mixed",
+        "1",
+        [(fixtures / "oci-busybox", "1"), (fixtures / "oci-corners", "esgz")],
+    )
+    ref = logged_registry.push_oci(layout, "1", "gc:1")
+    stargz_rpull(c.address, ref)
+    held, chain = content(c), snapshots(c)
+    assert len(held) == 3 and len(chain) == 3, (held, chain)
+    collect_garbage(c)
+    assert content(c) == held and snapshots(c) == chain
+    out = c.ctr("run", "--rm", *SNAP, ref, "gc", "cat", "/etc/greeting", ns=NS).stdout
+    assert out.encode() == tar_files(shared, "oci-corners", "orig")["etc/greeting"]
+    c.ctr("images", "rm", "--sync", ref, ns=NS)
+    assert content(c) == {} and snapshots(c) == []
+
+
 def test_plain_corners_unpacked_equals_the_ground_truth(
     stargz_daemon, containerd, registry, shared
 ):
@@ -312,6 +345,33 @@ def test_user_flag_authenticates_to_the_registry(stargz_daemon, containerd, regi
         p = stargz_rpull(containerd.address, gated, "--user", "alice:s3cret")
         assert layer_lines(p.stdout) == [f"unpacked ({layers_of_size(shared)} bytes fetched)"]
     out = containerd.ctr("run", "--rm", *SNAP, gated, "auth", "cat", "/etc/greeting", ns=NS)
+    assert out.stdout == "hi\n"
+
+
+def non_loopback_ipv4() -> str:
+    """An IPv4 address of this machine that is not loopback (so not plain http by default)."""
+    out = run(["ip", "-4", "-o", "addr", "show", "scope", "global"]).stdout
+    addrs = [line.split()[3].split("/")[0] for line in out.splitlines()]
+    assert addrs, f"no non-loopback IPv4 address on this machine:\n{out}"
+    return addrs[0]
+
+
+def test_plain_http_flag_for_a_registry_that_is_not_loopback(
+    stargz_daemon, containerd, registry, shared
+):
+    """The registry reached at this machine's non-loopback address (a proxy in front of the
+    real one): https by default, so the pull fails with one line (no TLS there); with
+    ``--plain-http`` it is pulled and runs."""
+    registry.push_oci(shared / "fixtures" / "oci-busybox", "1", "plain:1")
+    with ProxyThread() as pt:
+        proxy = pt.start(f"http://{registry.host}", host=non_loopback_ipv4())
+        ref = f"{proxy.netloc}/plain:1"
+        p = stargz_rpull(containerd.address, ref, check=False)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p
+        assert f"https://{proxy.netloc}/v2/" in p.stderr, p.stderr
+        stargz_rpull(containerd.address, ref, "--plain-http")
+        assert proxy.requests("GET", "/manifests/1")
+    out = containerd.ctr("run", "--rm", *SNAP, ref, "plain", "cat", "/etc/greeting", ns=NS)
     assert out.stdout == "hi\n"
 
 
