@@ -413,3 +413,14 @@ def test_unknown_snapshotter_is_one_clear_line(stargz_daemon, containerd, regist
     p = stargz_rpull(containerd.address, ref, "--snapshotter", "nope", check=False)
     msg = one_line_error(p)
     assert "nope" in msg and "containerd Snapshots." in msg, msg
+
+
+def test_snapshotter_down_is_named_not_containerd(stargz_daemon, containerd, registry, shared):
+    """Our daemon stopped: containerd answers, its proxy to the snapshotter does not. The
+    one-line error names the snapshot call that failed (containerd's words for the broken
+    proxy connection follow), not containerd as the one out of reach."""
+    ref = registry.push_oci(shared / "fixtures" / "oci-busybox", "1", "down:1")
+    stargz_daemon.stop()
+    msg = one_line_error(stargz_rpull(containerd.address, ref, check=False))
+    assert msg.startswith("stargz: error: containerd Snapshots."), msg
+    assert "cannot reach containerd" not in msg, msg

@@ -187,8 +187,8 @@ class ContainerdClient:
         """The :mod:`stargz.errors` kind for a failed call, naming the call."""
         code = e.code()
         details = " ".join(str(e.details() or code.name).split())
-        if code == grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
-            return _unreachable(self.address, details)
+        if code == grpc.StatusCode.UNAVAILABLE and "failed to connect to all addresses" in details:
+            return _unreachable(self.address, details)  # (not a snapshotter containerd can't reach)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return Unavailable(f"containerd {what}: no answer within {self.timeout:g} s")
         return _ERRORS.get(code, StargzError)(f"containerd {what}: {details}")
@@ -259,6 +259,12 @@ class ContainerdClient:
             )
             resp = await _read(call)
             await call.done_writing()
+            # containerd's server sends its last answer once more as it returns
+            while await call.read() is not grpc.aio.EOF:
+                pass
+            code = await call.code()
+            if code != grpc.StatusCode.OK:
+                raise _ERRORS.get(code, StargzError)(f"containerd {what}: {await call.details()}")
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.ALREADY_EXISTS:
                 return False
@@ -287,7 +293,8 @@ class ContainerdClient:
         req = snapshots_pb2.PrepareSnapshotRequest(
             snapshotter=snapshotter, key=key, parent=parent, labels=dict(labels)
         )
-        resp = await self._call("Snapshots.Prepare", self.snapshots.Prepare, req)
+        # no deadline: a remote snapshotter may fetch and check a layer's TOC first
+        resp = await self._call("Snapshots.Prepare", self.snapshots.Prepare, req, timeout=None)
         return _mounts(resp.mounts)
 
     async def commit(
@@ -296,7 +303,7 @@ class ContainerdClient:
         req = snapshots_pb2.CommitSnapshotRequest(
             snapshotter=snapshotter, name=name, key=key, labels=dict(labels)
         )
-        await self._call("Snapshots.Commit", self.snapshots.Commit, req)
+        await self._call("Snapshots.Commit", self.snapshots.Commit, req, timeout=None)
 
     async def remove_snapshot(self, snapshotter: str, key: str) -> None:
         req = snapshots_pb2.RemoveSnapshotRequest(snapshotter=snapshotter, key=key)
