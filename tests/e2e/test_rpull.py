@@ -13,10 +13,12 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from harness import (
     Containerd,
     StargzDaemon,
@@ -26,7 +28,7 @@ from harness import (
     run,
     tree_listing,
 )
-from harness.faults import BasicAuth, ProxyThread
+from harness.faults import BasicAuth, Body, Proxy, ProxyThread
 from harness.oci import find_manifest, index_image, stack_images
 from harness.procs import REPO
 
@@ -345,6 +347,41 @@ def test_user_flag_authenticates_to_the_registry(stargz_daemon, containerd, regi
         p = stargz_rpull(containerd.address, gated, "--user", "alice:s3cret")
         assert layer_lines(p.stdout) == [f"unpacked ({layers_of_size(shared)} bytes fetched)"]
     out = containerd.ctr("run", "--rm", *SNAP, gated, "auth", "cat", "/etc/greeting", ns=NS)
+    assert out.stdout == "hi\n"
+
+
+@dataclass
+class CutFirstGet:
+    """The first GET of blob ``digest`` gets half its body, then a reset."""
+
+    digest: str
+    cut: int = 0
+
+    async def __call__(self, proxy: Proxy, request: web.Request) -> web.StreamResponse | None:
+        if request.method == "GET" and request.path.endswith(self.digest) and not self.cut:
+            self.cut += 1
+            return await Body("cut")(proxy, request)
+        return None
+
+
+def test_a_download_cut_short_is_retried_into_the_same_ingest(
+    stargz_daemon, containerd, registry, shared
+):
+    """The layer's download is reset halfway (a proxy in front of the real registry): the
+    retry streams it again from offset 0 into the same content ingest, containerd commits
+    the right blob (it checks the digest), unpacks it, and a container runs from it."""
+    ref = registry.push_oci(shared / "fixtures" / "oci-busybox", "1", "cut:1")
+    (layer,) = layers_of(shared / "fixtures" / "oci-busybox", "1")
+    hook = CutFirstGet(layer["digest"])
+    with ProxyThread() as pt:
+        proxy = pt.start(f"http://{registry.host}", hook)
+        ref = f"{proxy.netloc}/cut:1"
+        out = stargz_rpull(containerd.address, ref).stdout
+        gets = proxy.requests("GET", "/blobs/" + layer["digest"])
+    assert hook.cut == 1 and len(gets) == 2, gets
+    assert layer_lines(out) == [f"unpacked ({layer['size']} bytes fetched)"], out
+    assert L.UNCOMPRESSED in content(containerd)[layer["digest"]][1]
+    out = containerd.ctr("run", "--rm", *SNAP, ref, "cut", "cat", "/etc/greeting", ns=NS)
     assert out.stdout == "hi\n"
 
 

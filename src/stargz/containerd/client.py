@@ -17,7 +17,7 @@ import errno
 import os
 import socket
 import stat
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -236,44 +236,18 @@ class ContainerdClient:
         )
         await self._call("Content.Update", self.content.Update, req)
 
-    async def write_content(self, ref: str, desc: Descriptor, source: bytes | str) -> bool:
-        """Write ``source`` (bytes, or a file path) as blob ``desc`` through ingest ``ref``.
+    def content_writer(self, ref: str, desc: Descriptor) -> ContentWriter:
+        """A :class:`ContentWriter` for blob ``desc`` through ingest ``ref``."""
+        return ContentWriter(self, ref, desc)
 
-        containerd checks size and digest at commit. Returns False when the blob was
-        already there (nothing written). Writing starts at offset 0, which makes
-        containerd truncate what an earlier, interrupted ingest of ``ref`` left.
-        """
-        what = f"Content.Write {desc.digest}"
-        call = self.content.Write(metadata=self.metadata())
-        req = content_pb2.WriteContentRequest
-        size, digest = desc.size, desc.digest
-        try:
-            await call.write(req(action=content_pb2.STAT, ref=ref, total=size, expected=digest))
-            await _read(call)
-            offset = 0
-            for chunk in _chunks(source):
-                await call.write(req(action=content_pb2.WRITE, ref=ref, offset=offset, data=chunk))
-                offset = (await _read(call)).offset
-            await call.write(
-                req(action=content_pb2.COMMIT, ref=ref, total=size, expected=digest, offset=offset)
-            )
-            resp = await _read(call)
-            await call.done_writing()
-            # containerd's server sends its last answer once more as it returns
-            while await call.read() is not grpc.aio.EOF:
-                pass
-            code = await call.code()
-            if code != grpc.StatusCode.OK:
-                raise _ERRORS.get(code, StargzError)(f"containerd {what}: {await call.details()}")
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.ALREADY_EXISTS:
+    async def write_content(self, ref: str, desc: Descriptor, source: bytes) -> bool:
+        """Write ``source`` as blob ``desc``; False when containerd has it already."""
+        async with self.content_writer(ref, desc) as w:
+            if not await w.open():
                 return False
-            raise self.error(what, e) from None
-        finally:
-            if not call.done():
-                call.cancel()
-        if resp.digest != desc.digest or resp.offset != desc.size:
-            raise StargzError(f"containerd {what}: committed {resp.digest} of {resp.offset} bytes")
+            for i in range(0, len(source), WRITE_CHUNK):
+                await w.write(source[i : i + WRITE_CHUNK])
+            await w.commit()
         return True
 
     # --- snapshots --------------------------------------------------------------------
@@ -356,18 +330,82 @@ class ContainerdClient:
         raise Unavailable(f"containerd Images: image {name} keeps appearing and disappearing")
 
 
-async def _read(call: Any) -> content_pb2.WriteContentResponse:
-    resp = await call.read()
-    if resp is grpc.aio.EOF:
-        raise Unavailable("containerd Content.Write: the stream ended without an answer")
-    return resp
+class ContentWriter:
+    """One ``Content.Write`` stream: ``open`` (STAT), ``write`` pieces, ``commit``.
 
+    containerd checks size and digest at commit. :meth:`restart` goes back to offset 0
+    on the same stream (containerd truncates the ingest), so a download that is retried
+    writes again without a second stream, which would find the ingest still locked.
+    Leaving the ``async with`` without :meth:`commit` cancels the stream: containerd keeps
+    the partial ingest (no blob) until its garbage collector drops it.
+    """
 
-def _chunks(source: bytes | str) -> Iterator[bytes]:
-    if isinstance(source, bytes):
-        for i in range(0, len(source), WRITE_CHUNK):
-            yield source[i : i + WRITE_CHUNK]
-        return
-    with open(source, "rb") as f:
-        while chunk := f.read(WRITE_CHUNK):
-            yield chunk
+    def __init__(self, cd: ContainerdClient, ref: str, desc: Descriptor) -> None:
+        self.cd = cd
+        self.ref = ref
+        self.desc = desc
+        self.offset = 0
+        self.what = f"Content.Write {desc.digest}"
+        self._call: Any = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._call is not None and not self._call.done():
+            self._call.cancel()
+
+    async def _send(self, **fields: Any) -> content_pb2.WriteContentResponse:
+        try:
+            await self._call.write(content_pb2.WriteContentRequest(ref=self.ref, **fields))
+            resp = await self._call.read()
+        except grpc.aio.AioRpcError as e:
+            raise self.cd.error(self.what, e) from None
+        if resp is grpc.aio.EOF:
+            raise Unavailable(f"containerd {self.what}: the stream ended without an answer")
+        return resp
+
+    async def open(self) -> bool:
+        """Start the ingest; False when the blob exists already (nothing to write)."""
+        self._call = self.cd.content.Write(metadata=self.cd.metadata())
+        try:
+            d = self.desc
+            await self._send(action=content_pb2.STAT, total=d.size, expected=d.digest)
+        except AlreadyExists:
+            return False
+        return True
+
+    def restart(self) -> None:
+        """The next write goes to offset 0 (containerd truncates what was written)."""
+        self.offset = 0
+
+    async def write(self, data: bytes) -> None:
+        resp = await self._send(action=content_pb2.WRITE, offset=self.offset, data=data)
+        if resp.offset != self.offset + len(data):
+            raise StargzError(
+                f"containerd {self.what}: at {resp.offset} after writing {len(data)} bytes "
+                f"at {self.offset}"
+            )
+        self.offset = resp.offset
+
+    async def commit(self) -> None:
+        """Commit; containerd verifies size and digest. A blob someone else committed
+        meanwhile counts as done."""
+        d = self.desc
+        try:
+            resp = await self._send(
+                action=content_pb2.COMMIT, total=d.size, expected=d.digest, offset=self.offset
+            )
+        except AlreadyExists:
+            return
+        if resp.digest != d.digest or resp.offset != d.size:
+            raise StargzError(
+                f"containerd {self.what}: committed {resp.digest} of {resp.offset} bytes"
+            )
+        await self._call.done_writing()
+        try:
+            # containerd's server sends its last answer once more as it returns
+            while await self._call.read() is not grpc.aio.EOF:
+                pass
+        except grpc.aio.AioRpcError as e:
+            raise self.cd.error(self.what, e) from None

@@ -22,11 +22,11 @@ async def store_blob(
     cd: ContainerdClient,
     ref: Reference,
     desc: Descriptor,
-    source: bytes | str,
+    source: bytes,
     child_labels: Mapping[str, str] | None = None,
 ) -> bool:
-    """Write ``source`` (bytes or a file path) as ``desc`` unless containerd has it, then
-    label it. Returns whether it was written."""
+    """Write ``source`` as ``desc`` unless containerd has it, then label it. Returns
+    whether it was written."""
     written = await cd.write_content(L.ingest_ref(desc), desc, source)
     await label_blob(cd, ref, desc.digest, child_labels or {})
     return written

@@ -9,12 +9,10 @@ against its digest before containerd sees it (and containerd checks again on com
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
-import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -132,11 +130,19 @@ def _diff_ids(config_raw: bytes, manifest: Manifest, ref: Reference) -> tuple[st
     return tuple(ids)
 
 
+class Sink(Protocol):
+    """Where a downloaded blob goes (a :class:`~stargz.containerd.client.ContentWriter`)."""
+
+    def restart(self) -> None: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+
 async def download_blob(
-    client: RegistryClient, ref: Reference, desc: Descriptor, path: str
+    client: RegistryClient, ref: Reference, desc: Descriptor, sink: Sink
 ) -> None:
-    """Stream blob ``desc`` into file ``path`` (replaced on every retry), checking its size
-    and digest. An attempt fails (and is retried) when no byte comes for a host's request
+    """Stream blob ``desc`` into ``sink`` (restarted on every retry), checking its size and
+    digest. An attempt fails (and is retried) when no byte comes for a host's request
     timeout, or when it is slower than :data:`MIN_RATE` on average."""
     validate_digest(desc.digest)
     algo = desc.digest.partition(":")[0]
@@ -147,24 +153,24 @@ async def download_blob(
         async def consume(ex: Exchange) -> None:
             if ex.status != 200:
                 raise await ex.error(f"blob {ref.locator}@{desc.digest}", BlobNotFound)
+            sink.restart()
             h = hashlib.new(algo)
             n = 0
-            with open(path, "wb") as f:
-                while True:
-                    try:
-                        async with asyncio.timeout(stall):
-                            piece = await ex.resp.content.read(READ_SIZE)
-                    except TimeoutError:
-                        raise aiohttp.ClientPayloadError(f"no data for {stall:g} s") from None
-                    if not piece:
-                        break
-                    n += len(piece)
-                    if n > desc.size:
-                        raise RegistryProtocolError(
-                            f"blob {ref.locator}@{desc.digest}: more than {desc.size} bytes"
-                        )
-                    h.update(piece)
-                    f.write(piece)
+            while True:
+                try:
+                    async with asyncio.timeout(stall):
+                        piece = await ex.resp.content.read(READ_SIZE)
+                except TimeoutError:
+                    raise aiohttp.ClientPayloadError(f"no data for {stall:g} s") from None
+                if not piece:
+                    break
+                n += len(piece)
+                if n > desc.size:
+                    raise RegistryProtocolError(
+                        f"blob {ref.locator}@{desc.digest}: more than {desc.size} bytes"
+                    )
+                h.update(piece)
+                await sink.write(piece)
             if n != desc.size:
                 raise aiohttp.ClientPayloadError(f"body ended after {n} of {desc.size} bytes")
             got = f"{algo}:{h.hexdigest()}"
@@ -180,9 +186,4 @@ async def download_blob(
             timeout=stall + desc.size / MIN_RATE,
         )
 
-    try:
-        await client.over_hosts(ref, f"blob {desc.digest}", on_host)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        raise
+    await client.over_hosts(ref, f"blob {desc.digest}", on_host)

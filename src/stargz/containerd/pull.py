@@ -21,7 +21,6 @@ ID exists in that snapshotter) and starts without pulling again.
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -100,17 +99,15 @@ async def rpull(
                 if on_fetched is not None:
                     on_fetched(image)
                 await store_metadata(cd, image)
-                with tempfile.TemporaryDirectory(prefix="stargz-rpull-") as workdir:
-                    unpacker = Unpacker(
-                        cd,
-                        reg,
-                        image,
-                        opts.snapshotter,
-                        workdir,
-                        prefetch_size=opts.prefetch_size,
-                        on_layer=on_layer,
-                    )
-                    layers = await unpacker.run()
+                unpacker = Unpacker(
+                    cd,
+                    reg,
+                    image,
+                    opts.snapshotter,
+                    prefetch_size=opts.prefetch_size,
+                    on_layer=on_layer,
+                )
+                layers = await unpacker.run()
             top = unpacker.chain[-1] if unpacker.chain else ""
             if top:
                 gc_label = {L.snapshot_gc_label(opts.snapshotter): top}

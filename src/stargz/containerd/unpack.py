@@ -9,7 +9,7 @@ This is containerd's unpacker (v1.6 ``unpacker.go``), one layer after another:
    ``containerd.io/snapshot.ref=<chainID>``. ``ALREADY_EXISTS`` followed by a successful
    ``Stat(chainID)`` means the snapshotter provides the layer remotely: nothing is
    fetched. ``ALREADY_EXISTS`` without that snapshot is retried with a new key (3 tries).
-3. Otherwise the layer is pulled normally: its blob goes into the content store (unless it
+3. Otherwise the layer is pulled normally: its blob is streamed into the content store (unless it
    is there), ``Diff.Apply`` unpacks it onto the prepared mounts, the diff ID it reports
    must be the config's, ``Commit(name=chainID, key, labels)``, and the blob is labelled
    ``containerd.io/uncompressed=<diff ID>``. A failure removes the extraction snapshot.
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from stargz.containerd import labels as L
 from stargz.containerd.client import ContainerdClient
-from stargz.containerd.content import label_blob, store_blob
+from stargz.containerd.content import label_blob
 from stargz.containerd.fetch import Image, download_blob
 from stargz.containerd.identity import chain_ids
 from stargz.errors import AlreadyExists, DigestMismatch, StargzError, Unavailable
@@ -75,7 +75,6 @@ class Unpacker:
         registry: RegistryClient,
         image: Image,
         snapshotter: str,
-        workdir: str,
         *,
         prefetch_size: int = L.DEFAULT_PREFETCH_SIZE,
         on_layer: Callable[[LayerResult], None] | None = None,
@@ -84,7 +83,6 @@ class Unpacker:
         self.registry = registry
         self.image = image
         self.snapshotter = snapshotter
-        self.workdir = workdir
         self.prefetch_size = prefetch_size
         self.on_layer = on_layer
         self.chain = chain_ids(image.diff_ids)
@@ -153,17 +151,17 @@ class Unpacker:
         return LayerResult(i, desc.digest, chain_id, UNPACKED, fetched)
 
     async def fetch(self, desc: Descriptor) -> int:
-        """The layer blob into containerd's content store; returns the bytes downloaded."""
-        if await self.cd.content_info(desc.digest) is not None:
-            await label_blob(self.cd, self.image.ref, desc.digest)
-            return 0
-        path = os.path.join(self.workdir, desc.digest.replace(":", "-"))
-        await download_blob(self.registry, self.image.ref, desc, path)
-        try:
-            await store_blob(self.cd, self.image.ref, desc, path)
-        finally:
-            os.unlink(path)
-        return desc.size
+        """The layer blob into containerd's content store, streamed from the registry
+        (nothing on local disk); returns the bytes downloaded."""
+        cd, ref = self.cd, self.image.ref
+        async with cd.content_writer(L.ingest_ref(desc), desc) as w:
+            fetched = 0
+            if await w.open():
+                await download_blob(self.registry, ref, desc, w)
+                await w.commit()
+                fetched = desc.size
+        await label_blob(cd, ref, desc.digest)
+        return fetched
 
 
 def layer_summary(results: list[LayerResult]) -> Mapping[str, int]:
