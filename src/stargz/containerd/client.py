@@ -301,15 +301,6 @@ class ContainerdClient:
 
     # --- images -----------------------------------------------------------------------
 
-    async def get_image(self, name: str) -> tuple[Descriptor, dict[str, str]] | None:
-        """The image record's target and labels, or None."""
-        req = images_pb2.GetImageRequest(name=name)
-        try:
-            resp = await self._call("Images.Get", self.images.Get, req)
-        except NotFound:
-            return None
-        return _descriptor(resp.image.target), dict(resp.image.labels)
-
     async def put_image(self, name: str, target: Descriptor, labels: Mapping[str, str]) -> None:
         """Create the image record, or update it (target and labels) when it exists, as
         containerd's client does after a pull."""

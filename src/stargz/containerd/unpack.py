@@ -22,7 +22,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from stargz.containerd import labels as L
@@ -162,11 +162,3 @@ class Unpacker:
                 fetched = desc.size
         await label_blob(cd, ref, desc.digest)
         return fetched
-
-
-def layer_summary(results: list[LayerResult]) -> Mapping[str, int]:
-    """How many layers went each way."""
-    out = {LAZY: 0, UNPACKED: 0, PRESENT: 0}
-    for r in results:
-        out[r.how] += 1
-    return out
