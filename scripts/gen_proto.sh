@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerate the Python code for containerd's Snapshots API, our own Status API
+# Regenerate the Python code for containerd's APIs (Snapshots, which the daemon serves;
+# Content, Images, Leases and Diff, which `stargz rpull` calls), our own Status API
 # (stargz.v1) and the subset of the Kubernetes CRI API (runtime.v1) from proto/.
 #
 #   scripts/gen_proto.sh [OUTDIR]     (default: src/stargz/service/proto)
@@ -19,7 +20,12 @@ cd "$top/proto"
 "$py" -m grpc_tools.protoc -I . \
   --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
   containerd/types/mount.proto \
+  containerd/types/descriptor.proto \
   containerd/services/snapshots/v1/snapshots.proto \
+  containerd/services/content/v1/content.proto \
+  containerd/services/images/v1/images.proto \
+  containerd/services/leases/v1/leases.proto \
+  containerd/services/diff/v1/diff.proto \
   stargz/v1/status.proto \
   k8s/cri/runtime/v1/api.proto
 
@@ -30,7 +36,7 @@ find "$out/containerd" "$out/stargz" "$out/k8s" -name '*.py' -o -name '*.pyi' | 
 done
 
 for d in "$out" "$out/containerd" "$out/containerd/types" "$out/containerd/services" \
-  "$out/containerd/services/snapshots" "$out/containerd/services/snapshots/v1" \
+  "$out"/containerd/services/*/ "$out"/containerd/services/*/v1 \
   "$out/stargz" "$out/stargz/v1" \
   "$out/k8s" "$out/k8s/cri" "$out/k8s/cri/runtime" "$out/k8s/cri/runtime/v1"; do
   : >"$d/__init__.py"

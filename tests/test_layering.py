@@ -120,6 +120,9 @@ def test_fuse_probe_detects_a_violation():
 #: ``snapshot`` owns containerd's semantics and knows only its own ``FileSystem`` protocol;
 #: ``service`` wires a snapshotter to a filesystem and to gRPC; ``cli`` sits on top.
 #: Top-level modules (``errors``, ``config``, ``private``, ``mountinfo``) are shared leaves.
+#: ``proto`` is the generated gRPC code under ``stargz.service.proto`` (a leaf: protobuf and
+#: grpc only); ``containerd`` is the client of containerd's API (``stargz rpull``), which
+#: fetches with ``remote`` and never touches the daemon's parts.
 LAYER_RULES: dict[str, set[str]] = {
     "errors": set(),
     "private": set(),
@@ -131,17 +134,23 @@ LAYER_RULES: dict[str, set[str]] = {
     "image": {"errors", "estargz", "remote", "private"},
     "fs": {"errors", "estargz", "remote", "fuse", "private", "config", "mountinfo"},
     "snapshot": {"errors", "private", "mountinfo"},
+    "proto": set(),
+    "containerd": {"errors", "remote", "proto"},
     "optimize": {"errors", "estargz", "image", "fs", "mountinfo"},
-    "service": {"errors", "config", "snapshot", "fs", "remote", "estargz", "fuse", "private"},
+    "service": {
+        "errors", "config", "snapshot", "fs", "remote", "estargz", "fuse", "private", "proto",
+    },
     "cli": {
         "errors", "config", "estargz", "remote", "image", "fs", "fuse", "snapshot", "service",
-        "private", "mountinfo", "optimize",
+        "private", "mountinfo", "optimize", "proto", "containerd",
     },
 }  # fmt: skip
 
 
 def _part(module: str) -> str:
     parts = module.split(".")
+    if parts[1:3] == ["service", "proto"]:
+        return "proto"
     return parts[1] if len(parts) > 1 else ""
 
 
@@ -186,6 +195,34 @@ def test_layer_check_sees_a_wrong_way_import():
         "stargz.snapshot.snapshotter (line 12) imports stargz.fs.filesystem: "
         "snapshot may not use fs",
     ]
+
+
+def test_generated_protos_are_a_part_of_their_own():
+    graph = {
+        "stargz.containerd.client": {"stargz.service.proto.containerd.types.mount_pb2": 3},
+        "stargz.containerd.pull": {"stargz.service.server": 7},
+    }
+    assert layer_violations(graph) == [
+        "stargz.containerd.pull (line 7) imports stargz.service.server: "
+        "containerd may not use service"
+    ]
+
+
+def test_containerd_client_loads_no_daemon_part():
+    """At run time: ``stargz rpull``'s package loads no FUSE, filesystem, snapshotter or
+    daemon service (the generated protos under ``stargz.service.proto`` only)."""
+    mods = _imported("stargz.containerd.pull")
+    assert "stargz.containerd.client" in mods
+    daemon = ("stargz.fs", "stargz.fuse", "stargz.snapshot", "stargz.cli", "stargz.image")
+    bad = [m for m in mods if m.startswith(daemon)]
+    bad += [
+        m
+        for m in mods
+        if m.startswith("stargz.service.")
+        and not m.startswith("stargz.service.proto")
+        and m != "stargz.service"
+    ]
+    assert bad == []
 
 
 def test_remote_pulls_in_no_fuse_grpc_or_higher_layer():

@@ -1,7 +1,8 @@
 """Build small OCI image layouts for tests: a base image from a layout plus new layers.
 
 Only what tests need: gzip tar layers made from ``{path: bytes}`` dicts, a config with
-updated ``diff_ids``, a manifest, and an ``index.json`` entry per tag.
+updated ``diff_ids``, a manifest, and an ``index.json`` entry per tag; an image index over
+images of other layouts (a multi-platform image).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
+INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
 REF_NAME = "org.opencontainers.image.ref.name"
 
@@ -173,6 +175,38 @@ def stack_images(out: Path, tag: str, parts: Sequence[tuple[Path, str]]) -> Path
         "layers": layers,
     }
     _tag_manifest(out, tag, manifest)
+    return out
+
+
+def index_image(out: Path, tag: str, parts: Sequence[tuple[Path, str, str]]) -> Path:
+    """Write ``out:tag``: an OCI image index with one entry per ``(layout, tag, platform)``
+    (``platform`` as ``os/arch``), each pointing to that image's manifest, byte for byte
+    (blobs copied). Push it with ``Registry.push_oci(..., all_platforms=True)``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    entries: list[dict[str, object]] = []
+    for layout, ptag, platform in parts:
+        index = json.loads((layout / "index.json").read_text())
+        (desc,) = [m for m in index["manifests"] if m.get("annotations", {}).get(REF_NAME) == ptag]
+        man = json.loads(_read_blob(layout, desc["digest"]))
+        for d in [desc, man["config"], *man["layers"]]:
+            _copy_blob(layout, out, d["digest"])
+        osname, arch = platform.split("/")
+        entries.append(
+            {
+                "mediaType": desc.get("mediaType", MANIFEST_MEDIA_TYPE),
+                **_desc(desc),
+                "platform": {"os": osname, "architecture": arch},
+            }
+        )
+    doc = {"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE, "manifests": entries}
+    idesc = _put_blob(out, json.dumps(doc, sort_keys=True).encode())
+    index_path = out / "index.json"
+    top = json.loads(index_path.read_text()) if index_path.exists() else {"schemaVersion": 2}
+    kept = [m for m in top.get("manifests", []) if m.get("annotations", {}).get(REF_NAME) != tag]
+    kept.append({"mediaType": INDEX_MEDIA_TYPE, **idesc, "annotations": {REF_NAME: tag}})
+    top["manifests"] = kept
+    index_path.write_text(json.dumps(top))
     return out
 
 

@@ -156,3 +156,107 @@ def test_cri_subset_is_the_kubelets_wire_format():
     }
     assert fields(cri.NamespaceOption)["network"] == 1
     assert cri.NamespaceMode.Value("NODE") == 2
+
+
+def test_client_api_numbers_are_containerds():
+    """The services ``stargz rpull`` calls (containerd v1.6 ``api/services/{content,
+    images,leases,diff}/v1`` and ``api/types/descriptor.proto``): names and numbers."""
+    from stargz.service.proto.containerd.services.content.v1 import content_pb2 as c
+    from stargz.service.proto.containerd.services.diff.v1 import diff_pb2 as d
+    from stargz.service.proto.containerd.services.images.v1 import images_pb2 as i
+    from stargz.service.proto.containerd.services.leases.v1 import leases_pb2 as le
+    from stargz.service.proto.containerd.types import descriptor_pb2
+
+    desc = descriptor_pb2.Descriptor
+    assert desc.DESCRIPTOR.full_name == "containerd.types.Descriptor"
+    assert fields(desc) == {"media_type": 1, "digest": 2, "size": 3, "annotations": 5}
+
+    assert c.DESCRIPTOR.package == "containerd.services.content.v1"
+    assert fields(c.Info) == {
+        "digest": 1,
+        "size": 2,
+        "created_at": 3,
+        "updated_at": 4,
+        "labels": 5,
+    }
+    assert fields(c.InfoRequest) == {"digest": 1}
+    assert fields(c.UpdateRequest) == {"info": 1, "update_mask": 2}
+    assert fields(c.WriteContentRequest) == {
+        "action": 1,
+        "ref": 2,
+        "total": 3,
+        "expected": 4,
+        "offset": 5,
+        "data": 6,
+        "labels": 7,
+    }
+    assert fields(c.WriteContentResponse) == {
+        "action": 1,
+        "started_at": 2,
+        "updated_at": 3,
+        "offset": 4,
+        "total": 5,
+        "digest": 6,
+    }
+    assert {v.name: v.number for v in c.WriteAction.DESCRIPTOR.values} == {
+        "STAT": 0,
+        "WRITE": 1,
+        "COMMIT": 2,
+    }
+    assert fields(c.Status) == {
+        "started_at": 1,
+        "updated_at": 2,
+        "ref": 3,
+        "offset": 4,
+        "total": 5,
+        "expected": 6,
+    }
+    assert fields(c.ReadContentRequest) == {"digest": 1, "offset": 2, "size": 3}
+    content = c.DESCRIPTOR.services_by_name["Content"]
+    assert [m.name for m in content.methods] == [
+        "Info",
+        "Update",
+        "List",
+        "Delete",
+        "Read",
+        "Status",
+        "ListStatuses",
+        "Write",
+        "Abort",
+    ]
+    write = content.methods_by_name["Write"]
+    assert write.client_streaming and write.server_streaming
+
+    assert i.DESCRIPTOR.package == "containerd.services.images.v1"
+    assert fields(i.Image) == {
+        "name": 1,
+        "labels": 2,
+        "target": 3,
+        "created_at": 7,
+        "updated_at": 8,
+    }
+    assert fields(i.CreateImageRequest) == {"image": 1}
+    assert fields(i.UpdateImageRequest) == {"image": 1, "update_mask": 2}
+    assert fields(i.DeleteImageRequest) == {"name": 1, "sync": 2}
+    images = i.DESCRIPTOR.services_by_name["Images"]
+    assert [m.name for m in images.methods] == ["Get", "List", "Create", "Update", "Delete"]
+
+    assert le.DESCRIPTOR.package == "containerd.services.leases.v1"
+    assert fields(le.Lease) == {"id": 1, "created_at": 2, "labels": 3}
+    assert fields(le.CreateRequest) == {"id": 1, "labels": 3}
+    assert fields(le.DeleteRequest) == {"id": 1, "sync": 2}
+    assert fields(le.Resource) == {"id": 1, "type": 2}
+    assert fields(le.AddResourceRequest) == {"id": 1, "resource": 2}
+
+    assert d.DESCRIPTOR.package == "containerd.services.diff.v1"
+    assert fields(d.ApplyRequest) == {"diff": 1, "mounts": 2, "payloads": 3}
+    assert fields(d.ApplyResponse) == {"applied": 1}
+    assert fields(d.DiffRequest) == {
+        "left": 1,
+        "right": 2,
+        "media_type": 3,
+        "ref": 4,
+        "labels": 5,
+    }
+    assert fields(d.DiffResponse) == {"diff": 3}
+    assert d.DESCRIPTOR.services_by_name["Diff"].full_name == "containerd.services.diff.v1.Diff"

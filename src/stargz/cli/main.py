@@ -121,9 +121,10 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--no-verify", action="store_true", help="allow blobs without chunk digests")
         s.set_defaults(func=func)
 
-    from stargz.cli import doctor, optimize, status, trace
+    from stargz.cli import doctor, optimize, rpull, status, trace
 
     status.add_parser(sub)
+    rpull.add_parser(sub)
     doctor.add_parser(sub)
     optimize.add_parser(sub)
     trace.add_parser(sub)
