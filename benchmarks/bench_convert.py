@@ -92,7 +92,7 @@ def _table(summary: dict, go_key: str) -> str:
         "| speed vs Go | CPU vs Go |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for key, r in summary.items():
+    for r in summary.values():
         rows.append(
             f"| {r['label']} | {r['output_bytes'] / 1e6:.2f} MB "
             f"| {100 * (r['output_bytes'] / go['output_bytes'] - 1):+.1f}% "
