@@ -125,6 +125,12 @@ class _Codec:
         return self._gzip(parts)
 
 
+#: A member of several parts larger than this (only a long run of non-file entries' headers
+#: gets there: a chunk is at most DEFAULT_MAX_CHUNK_SIZE) streams through zlib instead of
+#: being copied into one buffer for libdeflate.
+_ONE_BUFFER_MAX = DEFAULT_MAX_CHUNK_SIZE + (16 << 20)
+
+
 def _gzip_compressor(level: int) -> Callable[[list[bytes]], bytes | bytearray]:
     """One gzip member from a member's parts, at a gzip ``level`` 0-9 in Go's sense.
 
@@ -135,6 +141,13 @@ def _gzip_compressor(level: int) -> Callable[[list[bytes]], bytes | bytearray]:
     don't help). zlib's level of the same number stands in when a library is missing.
     Every codec releases the GIL while it compresses, so the writer's threads overlap.
     """
+
+    def zlib_(parts: list[bytes]) -> bytes:
+        c = zlib.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        out = [c.compress(p) for p in parts]
+        out.append(c.flush())
+        return b"".join(out)
+
     if level == 1:
         try:
             from isal import isal_zlib
@@ -152,19 +165,15 @@ def _gzip_compressor(level: int) -> Callable[[list[bytes]], bytes | bytearray]:
         try:
             import deflate
 
-            def libdeflate(parts: list[bytes]) -> bytearray:
+            def libdeflate(parts: list[bytes]) -> bytes | bytearray:
+                if len(parts) > 1 and sum(map(len, parts)) > _ONE_BUFFER_MAX:
+                    return zlib_(parts)  # (don't copy a huge run of headers into one buffer)
                 data = parts[0] if len(parts) == 1 else b"".join(parts)
                 return deflate.gzip_compress(data, level)
 
             return libdeflate
         except ImportError:
             pass
-
-    def zlib_(parts: list[bytes]) -> bytes:
-        c = zlib.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
-        out = [c.compress(p) for p in parts]
-        out.append(c.flush())
-        return b"".join(out)
 
     return zlib_
 
