@@ -10,8 +10,8 @@ member before/after the payload, exactly as Go's ``estargz.Writer`` lays them ou
 Entry order follows Go's ``estargz.Build``: the prioritized files (with their parent
 directories and hardlink targets) in the order given, then ``.prefetch.landmark``, then
 everything else in archive order; with no prioritized files, ``.no.prefetch.landmark``
-comes first. Members are compressed on a small thread pool (ISA-L / zstd release the
-GIL) and written in order, so a single large layer uses every core.
+comes first. Members are compressed on a small thread pool (ISA-L, libdeflate and zstd
+release the GIL) and written in order, so a single large layer uses every core.
 """
 
 from __future__ import annotations
