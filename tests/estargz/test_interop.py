@@ -51,6 +51,9 @@ PRIORITIZED = {
 VARIANTS = {
     "gzip": {"compression": "gzip"},
     "gzip-64k": {"compression": "gzip", "chunk_size": 65536, "level": 6},
+    # level 0 stores (Go's NoCompression); 2-9 are libdeflate's, 1 ISA-L's
+    "gzip-stored": {"compression": "gzip", "level": 0},
+    "gzip-9": {"compression": "gzip", "chunk_size": 65536, "level": 9},
     "zstd": {"compression": "zstd"},
     "zstd-64k": {"compression": "zstd", "chunk_size": 65536, "level": 9},
     "gzip-prio": {"compression": "gzip", "chunk_size": 1 << 20, "level": 1, "prio": True},

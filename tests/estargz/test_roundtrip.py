@@ -242,3 +242,23 @@ def test_dir_listed_after_its_children_and_root_entry(trees):
     )
     kw = {"compression": "gzip", "chunk_size": 2, "level": 6, "prioritized_files": ["x/l2"]}
     _check(trees, tar, kw, 1)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("level", [0, 5, 9])
+def test_large_member_streams_through_zlib(trees, monkeypatch, level):
+    """A member of several parts over the one-buffer limit (in real layers, a run of
+    hundreds of MB of non-file headers) is compressed by the streaming fallback, and the
+    layer reads back the same as one compressed by libdeflate."""
+    from stargz.estargz import writer
+
+    members = [(f"d{i}/", None, {"type": tarfile.DIRTYPE}) for i in range(40)]
+    members += [("f", b"payload" * 100, {}), ("g", b"x" * 3000, {})]
+    tar = make_tar(*members)
+    kw = {"compression": "gzip", "chunk_size": 1024, "level": level, "prioritized_files": []}
+    monkeypatch.setattr(writer, "_ONE_BUFFER_MAX", 4096)
+    streamed = []
+    real = writer.zlib.compressobj
+    monkeypatch.setattr(writer.zlib, "compressobj", lambda *a: streamed.append(a) or real(*a))
+    _check(trees, tar, kw, 0)
+    assert streamed  # the 40 directory headers before "f" were one member of 20 KiB

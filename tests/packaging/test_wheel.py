@@ -280,12 +280,19 @@ def _tar_projection(tree: dict[str, dict]) -> dict[str, tuple]:
     return out
 
 
-@pytest.mark.parametrize("zstd", [False, True], ids=["estargz", "zstdchunked"])
-def test_convert_and_extract_with_the_wheel(masked, busybox, trees, tmp_path: Path, zstd: bool):
-    """Convert (writer) and extract (native decode + sha256 of every chunk) the busybox image."""
+@pytest.mark.parametrize(
+    ("zstd", "flags"),
+    [(False, []), (False, ["--compression-level", "5"]), (True, ["--zstdchunked"])],
+    ids=["estargz", "estargz-libdeflate", "zstdchunked"],
+)
+def test_convert_and_extract_with_the_wheel(
+    masked, busybox, trees, tmp_path: Path, zstd: bool, flags: list[str]
+):
+    """Convert (writer: ISA-L, libdeflate from the wheelhouse's `deflate`, zstd) and extract
+    (native decode + sha256 of every chunk) the busybox image."""
     out = tmp_path / "out"
     cmd = ["stargz", "convert", "-q", f"oci:{busybox.root}:1", f"oci:{out}:conv"]
-    masked(cmd + (["--zstdchunked"] if zstd else []))
+    masked(cmd + flags)
     converted = type(busybox)(out)
     (orig,) = busybox.layers("1")
     (layer,) = converted.layers("conv")

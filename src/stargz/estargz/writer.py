@@ -10,8 +10,8 @@ member before/after the payload, exactly as Go's ``estargz.Writer`` lays them ou
 Entry order follows Go's ``estargz.Build``: the prioritized files (with their parent
 directories and hardlink targets) in the order given, then ``.prefetch.landmark``, then
 everything else in archive order; with no prioritized files, ``.no.prefetch.landmark``
-comes first. Members are compressed on a small thread pool (ISA-L / zstd release the
-GIL) and written in order, so a single large layer uses every core.
+comes first. Members are compressed on a small thread pool (ISA-L, libdeflate and zstd
+release the GIL) and written in order, so a single large layer uses every core.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ from stargz.estargz.toc import (
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 # Go defaults to 9 (gzip.BestCompression). We default to ISA-L level 1: on the benchmark
-# image (benchmarks/bench_convert.py) it converts ~13x faster than Go's default for ~14%
-# larger layers; level 6 is within 1% of Go's size and level 9 slightly smaller.
+# image (benchmarks/bench_convert.py) it is the fastest level, for layers ~13% larger than
+# Go's; libdeflate's levels 5 and 6 are within 1% of Go's size (see _gzip_compressor).
 DEFAULT_GZIP_LEVEL = 1
 DEFAULT_ZSTD_LEVEL = 3
 BLOCK = 512
@@ -105,6 +105,7 @@ class _Codec:
         if compression == "gzip":
             if not 0 <= level <= 9:
                 raise InvalidArgument(f"gzip compression level must be 0-9, got {level}")
+            self._gzip = _gzip_compressor(level)
         elif compression == "zstd":
             import zstandard  # noqa: F401
 
@@ -113,7 +114,7 @@ class _Codec:
         else:
             raise InvalidArgument(f"unknown compression {compression!r} (gzip or zstd)")
 
-    def compress(self, parts: list[bytes]) -> bytes:
+    def compress(self, parts: list[bytes]) -> bytes | bytearray:
         if self.compression == "zstd":
             c = getattr(self._local, "zc", None)
             if c is None:
@@ -121,22 +122,60 @@ class _Codec:
 
                 c = self._local.zc = zstandard.ZstdCompressor(level=self.level)
             return c.compress(b"".join(parts))
-        c = _gzip_compressobj(self.level)
+        return self._gzip(parts)
+
+
+#: A member of several parts larger than this (only a long run of non-file entries' headers
+#: gets there: a chunk is at most DEFAULT_MAX_CHUNK_SIZE) streams through zlib instead of
+#: being copied into one buffer for libdeflate.
+_ONE_BUFFER_MAX = DEFAULT_MAX_CHUNK_SIZE + (16 << 20)
+
+
+def _gzip_compressor(level: int) -> Callable[[list[bytes]], bytes | bytearray]:
+    """One gzip member from a member's parts, at a gzip ``level`` 0-9 in Go's sense.
+
+    1 is ISA-L's level 1 (the fastest that still compresses well). 0 (stored, as Go's
+    NoCompression) and 2-9 are libdeflate's levels of the same number: on the benchmark
+    image its level 5 is as dense as zlib's 6 at ~3x the speed and its 6 denser than
+    zlib's 9 at ~17x (members are whole buffers, which libdeflate needs and streams
+    don't help). zlib's level of the same number stands in when a library is missing.
+    Every codec releases the GIL while it compresses, so the writer's threads overlap.
+    """
+
+    def zlib_(parts: list[bytes]) -> bytes:
+        c = zlib.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
         out = [c.compress(p) for p in parts]
         out.append(c.flush())
         return b"".join(out)
 
-
-def _gzip_compressobj(level: int):
-    """ISA-L for its levels (0-3, ~10x zlib's speed), zlib for the denser levels 4-9."""
-    if level <= 3:
+    if level == 1:
         try:
             from isal import isal_zlib
 
-            return isal_zlib.compressobj(level, isal_zlib.DEFLATED, 16 + isal_zlib.MAX_WBITS)
+            def isal(parts: list[bytes]) -> bytes:
+                c = isal_zlib.compressobj(level, isal_zlib.DEFLATED, 16 + isal_zlib.MAX_WBITS)
+                out = [c.compress(p) for p in parts]
+                out.append(c.flush())
+                return b"".join(out)
+
+            return isal
         except ImportError:
             pass
-    return zlib.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    else:
+        try:
+            import deflate
+
+            def libdeflate(parts: list[bytes]) -> bytes | bytearray:
+                if len(parts) > 1 and sum(map(len, parts)) > _ONE_BUFFER_MAX:
+                    return zlib_(parts)  # (don't copy a huge run of headers into one buffer)
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                return deflate.gzip_compress(data, level)
+
+            return libdeflate
+        except ImportError:
+            pass
+
+    return zlib_
 
 
 # --- input ----------------------------------------------------------------------------
@@ -407,7 +446,8 @@ class _Layout:
                 if n == self.chunk_size:
                     ent.chunk_size = n  # Go leaves it 0 only on a shorter last chunk
                 ent.chunk_offset = written
-                chunk_hash = hashlib.sha256()
+                # (a file of one chunk: its chunk digest is its digest; hash it once)
+                chunk_hash = file_hash if n == info.size else hashlib.sha256()
                 got = 0
                 while got < n:
                     piece = next(pieces, b"")
@@ -417,7 +457,8 @@ class _Layout:
                         piece, rest = piece[: n - got], piece[n - got :]
                         pieces = _prepend(rest, pieces)
                     chunk_hash.update(piece)
-                    file_hash.update(piece)
+                    if chunk_hash is not file_hash:
+                        file_hash.update(piece)
                     cur.add(piece)
                     got += len(piece)
                 ent.chunk_digest = "sha256:" + chunk_hash.hexdigest()
@@ -586,7 +627,7 @@ class _OrderedWriter:
         self.codec = codec
         self.pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
         self.window = max(2, 2 * workers)
-        self.pending: deque[tuple[_Member, concurrent.futures.Future[bytes]]] = deque()
+        self.pending: deque[tuple[_Member, concurrent.futures.Future[bytes | bytearray]]] = deque()
         self.offset = 0
         self.uncompressed = 0
         self.diff_hash = hashlib.sha256()
@@ -622,7 +663,7 @@ class _OrderedWriter:
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def write_raw(self, data: bytes) -> None:
+    def write_raw(self, data: bytes | bytearray) -> None:
         self.dst.write(data)
         self.blob_hash.update(data)
         self.offset += len(data)
