@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,8 +51,14 @@ def cri_stack(e2e_host, registry) -> Iterator[tuple[StargzDaemon, Containerd]]:
         _show_log(sd)
 
 
-def rpull(c: Containerd, ref: str, ns: str) -> None:
-    run(["ctr-remote", "-a", c.address, "-n", ns, "images", "rpull", "--plain-http", ref])
+def rpull(c: Containerd, ref: str, ns: str, client: str = "ctr-remote") -> None:
+    """A lazy pull by Go's ``ctr-remote i rpull`` or by our ``stargz rpull``."""
+    if client == "ctr-remote":
+        run(["ctr-remote", "-a", c.address, "-n", ns, "images", "rpull", "--plain-http", ref])
+    else:
+        run(
+            [sys.executable, "-m", "stargz.cli.main", "rpull", "-q", "-a", c.address, "-n", ns, ref]
+        )
 
 
 def snapshot_labels(c: Containerd, name: str, ns: str) -> dict[str, str]:
@@ -117,15 +124,19 @@ def test_cri_pull_then_ctr_view_and_run_in_k8s_io_and_a_pull_in_default(
     assert_one_remote_snapshot_and_nothing_else(sd)
 
 
-def test_rpull_in_k8s_io_then_view_and_run_and_a_pull_in_default(lazy_stack, registry, shared):
+@pytest.mark.parametrize("client", ["ctr-remote", "stargz"])
+def test_rpull_in_k8s_io_then_view_and_run_and_a_pull_in_default(
+    lazy_stack, registry, shared, client
+):
     """``ctr-remote -n k8s.io i rpull`` (the Go client that sets the remote-snapshot labels)
-    lazily pulls; ``ctr -n k8s.io snapshots view`` and ``ctr -n k8s.io run`` work on the
-    lazily mounted layer; the same image rpulled in ``default`` works too."""
+    or our ``stargz rpull`` lazily pulls; ``ctr -n k8s.io snapshots view`` and ``ctr -n
+    k8s.io run`` work on the lazily mounted layer; the same image rpulled in ``default``
+    (by the same client) works too."""
     sd, c = lazy_stack("no_background_fetch = true\n")
-    ref = registry.push_oci(shared / "fixtures" / "oci-busybox", "esgz", "busybox:ns-ctr")
-    rpull(c, ref, "k8s.io")
+    ref = registry.push_oci(shared / "fixtures" / "oci-busybox", "esgz", f"busybox:ns-{client}")
+    rpull(c, ref, "k8s.io", client)
     assert prepared_flags(sd) == ["true"]
     assert_reads_lazily(c, ref, "k8s.io", shared)
-    rpull(c, ref, "default")
+    rpull(c, ref, "default", client)
     assert_reads_lazily(c, ref, "default", shared)
     assert_one_remote_snapshot_and_nothing_else(sd)
