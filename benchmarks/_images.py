@@ -22,7 +22,16 @@ from stargz.image.layout import MT_OCI_CONFIG, MT_OCI_MANIFEST, Layout
 def _tar_gz_layer(roots: list[str], level: int = 6) -> tuple[bytes, bytes]:
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        parents: set[str] = set()
         for root in roots:
+            # the parent directories first, as an image builder writes them (Go's optimizer
+            # refuses a layer whose prioritized file has no parent entry)
+            parts = root.strip("/").split("/")[:-1]
+            for i in range(1, len(parts) + 1):
+                d = "/".join(parts[:i])
+                if d not in parents:
+                    parents.add(d)
+                    tf.add("/" + d, arcname=d, recursive=False)
             tf.add(root, arcname=root.lstrip("/"), recursive=True)
     return raw.getvalue(), gzip.compress(raw.getvalue(), level, mtime=0)
 
