@@ -119,7 +119,8 @@ def test_fuse_probe_detects_a_violation():
 #: ``estargz`` <- ``remote`` <- ``fs``; ``fuse`` is a leaf the filesystem builds on;
 #: ``snapshot`` owns containerd's semantics and knows only its own ``FileSystem`` protocol;
 #: ``service`` wires a snapshotter to a filesystem and to gRPC; ``cli`` sits on top.
-#: Top-level modules (``errors``, ``config``, ``private``, ``mountinfo``) are shared leaves.
+#: Top-level modules (``errors``, ``config``, ``private``, ``mountinfo``, ``unixsock``) are
+#: shared leaves.
 #: ``proto`` is the generated gRPC code under ``stargz.service.proto`` (a leaf: protobuf and
 #: grpc only); ``containerd`` is the client of containerd's API (``stargz rpull``), which
 #: fetches with ``remote`` and never touches the daemon's parts.
@@ -127,6 +128,7 @@ LAYER_RULES: dict[str, set[str]] = {
     "errors": set(),
     "private": set(),
     "mountinfo": set(),
+    "unixsock": {"errors"},
     "config": {"errors"},
     "fuse": set(),
     "estargz": {"errors"},
@@ -135,14 +137,14 @@ LAYER_RULES: dict[str, set[str]] = {
     "fs": {"errors", "estargz", "remote", "fuse", "private", "config", "mountinfo"},
     "snapshot": {"errors", "private", "mountinfo"},
     "proto": set(),
-    "containerd": {"errors", "remote", "proto"},
+    "containerd": {"errors", "remote", "proto", "unixsock"},
     "optimize": {"errors", "estargz", "image", "fs", "mountinfo"},
     "service": {
         "errors", "config", "snapshot", "fs", "remote", "estargz", "fuse", "private", "proto",
     },
     "cli": {
         "errors", "config", "estargz", "remote", "image", "fs", "fuse", "snapshot", "service",
-        "private", "mountinfo", "optimize", "proto", "containerd",
+        "private", "mountinfo", "optimize", "proto", "containerd", "unixsock",
     },
 }  # fmt: skip
 

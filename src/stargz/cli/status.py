@@ -15,16 +15,14 @@ exit status 1.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
-import socket
-import stat
 import sys
 import time
 from typing import Any
 
 from stargz.errors import Unavailable
+from stargz.unixsock import probe
 
 #: The daemon's ``--address`` default (`stargz.cli.daemon.DEFAULT_ADDRESS`; a test keeps
 #: them equal). Not imported from there: the daemon module loads the registry client, and
@@ -66,33 +64,14 @@ def _unreachable(address: str, why: str) -> Unavailable:
     return Unavailable(f"cannot reach the stargz daemon at {address}: {why}")
 
 
-def _probe(address: str) -> None:
-    """Fail with one clear sentence before gRPC would retry and say something vaguer."""
-    try:
-        st = os.stat(address)
-    except FileNotFoundError:
-        raise _unreachable(address, "no such socket (is containerd-stargz-grpc running?)") from None
-    except PermissionError:
-        raise _unreachable(address, "permission denied (the socket is root-only)") from None
-    if not stat.S_ISSOCK(st.st_mode):
-        raise _unreachable(address, "not a socket")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(address)
-        except ConnectionRefusedError:
-            raise _unreachable(
-                address, "nothing listens on it (a stale socket: the daemon is not running)"
-            ) from None
-        except PermissionError:
-            raise _unreachable(address, "permission denied (the socket is root-only)") from None
-        except OSError as e:
-            raise _unreachable(address, os.strerror(e.errno or errno.EIO)) from None
-
-
 def fetch_status(address: str, timeout: float = DEFAULT_TIMEOUT) -> Any:
     """The daemon's `GetStatusResponse`; `Unavailable` (one sentence) if it cannot answer."""
     address = os.path.abspath(address)
-    _probe(address)
+    probe(
+        address,
+        "the stargz daemon",
+        stale="nothing listens on it (a stale socket: the daemon is not running)",
+    )
 
     import grpc  # (only this command needs it)
 

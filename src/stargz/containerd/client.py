@@ -13,10 +13,7 @@ one to use.
 
 from __future__ import annotations
 
-import errno
 import os
-import socket
-import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -24,6 +21,7 @@ from typing import Any, Self
 import grpc
 from google.protobuf import field_mask_pb2
 
+from stargz import unixsock
 from stargz.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -96,23 +94,7 @@ def _unreachable(address: str, why: str) -> Unavailable:
 def probe(address: str) -> None:
     """Fail with one clear sentence when nothing serves ``address`` (gRPC would only say
     'failed to connect to all addresses')."""
-    try:
-        st = os.stat(address)
-    except FileNotFoundError:
-        raise _unreachable(address, "no such socket (is containerd running?)") from None
-    except PermissionError:
-        raise _unreachable(address, "permission denied (the socket is root-only)") from None
-    if not stat.S_ISSOCK(st.st_mode):
-        raise _unreachable(address, "not a socket")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(address)
-        except ConnectionRefusedError:
-            raise _unreachable(address, "nothing listens on it (is containerd running?)") from None
-        except PermissionError:
-            raise _unreachable(address, "permission denied (the socket is root-only)") from None
-        except OSError as e:
-            raise _unreachable(address, os.strerror(e.errno or errno.EIO)) from None
+    unixsock.probe(address, "containerd", stale="nothing listens on it (is containerd running?)")
 
 
 def _descriptor_pb(d: Descriptor) -> descriptor_pb2.Descriptor:
