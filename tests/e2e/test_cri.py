@@ -49,15 +49,18 @@ NS = "k8s.io"
 READ = ("data/noise.bin", "data/text.txt", "data/hardlink-2")
 
 
-@pytest.fixture
-def cri_node(e2e_host, registry, shared) -> Iterator[tuple[StargzDaemon, Containerd]]:
-    """Our daemon (lazy, no background fetch: every byte a container reads comes from an
-    on-demand fetch) under a containerd with CRI on, its pause image imported."""
-    sd = StargzDaemon.start(config_text=NO_BACKGROUND)
+@contextlib.contextmanager
+def node(
+    registry, shared: Path, config_text: str = NO_BACKGROUND, *, pods: bool = True
+) -> Iterator[tuple[StargzDaemon, Containerd]]:
+    """Our daemon under a containerd with CRI on (its pause image imported for ``pods``);
+    both stopped, with their logs shown, at the end."""
+    sd = StargzDaemon.start(config_text=config_text)
     c = None
     try:
         c = Containerd.start(sd.address, cri_registry=registry.host)
-        c.import_sandbox_image(shared)
+        if pods:
+            c.import_sandbox_image(shared)
         yield sd, c
     finally:
         if c is not None:
@@ -65,6 +68,14 @@ def cri_node(e2e_host, registry, shared) -> Iterator[tuple[StargzDaemon, Contain
             _show_log(c, 40)
         sd.close()
         _show_log(sd)
+
+
+@pytest.fixture
+def cri_node(e2e_host, registry, shared) -> Iterator[tuple[StargzDaemon, Containerd]]:
+    """Our daemon (lazy, no background fetch: every byte a container reads comes from an
+    on-demand fetch) under a containerd with CRI on, its pause image imported."""
+    with node(registry, shared) as stack:
+        yield stack
 
 
 def stack_ref(registry, shared: Path, workdir: Path, name: str) -> tuple[str, list[dict]]:
@@ -169,13 +180,11 @@ def test_cri_pull_of_an_image_that_is_not_estargz_is_unpacked_and_counted(
 ):
     """A CRI ``PullImage`` of plain ``tar+gzip`` layers: containerd unpacks them (their
     blobs are in its content store, no FUSE mount), the reason is logged per layer, shown
-    by ``stargz status`` and counted in Prometheus by reason; the pod's tree equals the
-    ground truth as containerd's own unpack gives it."""
+    by ``stargz status`` and counted in Prometheus by reason; the image's tree equals the
+    ground truth, as containerd's own unpack gives it."""
     port = free_port()
-    sd = StargzDaemon.start(config_text=f'{NO_BACKGROUND}metrics_address = "127.0.0.1:{port}"\n')
-    c = None
-    try:
-        c = Containerd.start(sd.address, cri_registry=registry.host)
+    config = f'{NO_BACKGROUND}metrics_address = "127.0.0.1:{port}"\n'
+    with node(registry, shared, config, pods=False) as (sd, c):
         layout = shared / "fixtures" / "oci-corners"
         layers = layers_of(layout, "orig")
         ref = registry.push_oci(layout, "orig", "cri-plain:orig")
@@ -193,9 +202,3 @@ def test_cri_pull_of_an_image_that_is_not_estargz_is_unpacked_and_counted(
         assert want in metrics.splitlines(), [m for m in metrics.splitlines() if "refusal" in m]
         with mounted_image(c, ref, NS) as root:
             assert tree_listing(root) == ground_truth(shared)
-    finally:
-        if c is not None:
-            c.close()
-            _show_log(c, 40)
-        sd.close()
-        _show_log(sd)
