@@ -49,13 +49,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import errno
 import logging
 import os
 import struct
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import xxhash
 
@@ -177,6 +178,10 @@ class DiskCache:
         #: index (eviction, damage): passthrough lets go of the backing files it held.
         self.on_discard: Callable[[str], None] | None = None
         self._logged_damage = False
+        #: Keys whose files a worker is renaming into place (`commit_later`), with their
+        #: sizes: counted in ``bytes`` already, not in the index until they are there.
+        self._placing: dict[str, int] = {}
+        self._placer: concurrent.futures.ThreadPoolExecutor | None = None
 
     # --- start -------------------------------------------------------------------------
 
@@ -231,6 +236,9 @@ class DiskCache:
         self._evict()
 
     def close(self) -> None:
+        if self._placer is not None:
+            self._placer.shutdown(wait=True)
+            self._placer = None
         if self._orphan_retry is not None:
             self._orphan_retry.cancel()
             self._orphan_retry = None
@@ -264,11 +272,11 @@ class DiskCache:
         """Record a chunk file (and trust it); whether it is now in the cache.
 
         With ``tmp`` (a finished file from `write_tmp`), room is made first and the file is
-        then renamed into place, here on the loop thread: the files under chunks/ and
-        merged/ never add up to more than ``max_bytes``, even for a moment (a file placed
-        by a worker thread before its commit was on disk, uncounted, until the commit
-        evicted for it). A file bigger than the whole bound is not kept. Without ``tmp``,
-        the file is already in place (`write_file`)."""
+        then renamed into place: the files under chunks/ and merged/ never add up to more
+        than ``max_bytes``, even for a moment (a file placed by a worker thread before its
+        commit was on disk, uncounted, until the commit evicted for it). The rename
+        blocks: on the event loop thread, use `commit_later`. A file bigger than the whole
+        bound is not kept. Without ``tmp``, the file is already in place (`write_file`)."""
         if tmp is not None:
             if key in self._index:  # the same content, placed meanwhile (another layer)
                 self._drop_tmp(tmp)
@@ -294,6 +302,72 @@ class DiskCache:
         self.commits += 1
         self._evict(keep=key)
         return True
+
+    def commit_later(
+        self, files: Sequence[tuple[str, int, str]], done: Callable[[list[bool]], None]
+    ) -> None:
+        """`commit` of finished temporary files ``(key, size, tmp)``, with the renames on a
+        worker thread; ``done`` gets, on the loop, whether each file is now in the cache.
+
+        Why not on the loop thread: a rename from tmp/ to another directory takes the
+        filesystem's rename lock, and an overlayfs copy-up in a container holds that lock
+        (its upper dir is on the same filesystem, under the snapshots) while it waits for
+        this daemon to answer a FUSE request. A loop blocked in rename() never answers:
+        both wait forever, and every rename on that filesystem with them. The bound holds
+        as in `commit`: room is made and the bytes counted before a file is placed."""
+        results: list[bool | None] = []
+        todo: list[tuple[int, str, int, str]] = []
+        for i, (key, size, tmp) in enumerate(files):
+            if key in self._index or key in self._placing:  # the same content, meanwhile
+                self._drop_tmp(tmp)
+                self.touch(key)
+                results.append(True)
+            elif self.max_bytes and self.cost(size) > self.max_bytes:
+                self._drop_tmp(tmp)
+                results.append(False)
+            else:
+                self._evict(incoming=self.cost(size))
+                if self.max_bytes and self.bytes + self.cost(size) > self.max_bytes:
+                    # the room is held by files still being placed: not kept this time
+                    self._drop_tmp(tmp)
+                    results.append(False)
+                    continue
+                self._placing[key] = size
+                self.bytes += self.cost(size)
+                results.append(None)
+                todo.append((i, key, size, tmp))
+        if not todo:
+            done([bool(r) for r in results])
+            return
+        if self._placer is None:
+            self._placer = concurrent.futures.ThreadPoolExecutor(1, "stargz-cache-place")
+        fut = asyncio.get_running_loop().run_in_executor(self._placer, self._place_all, todo)
+
+        def placed(f: asyncio.Future[list[OSError | None]]) -> None:
+            errors = [None] * len(todo) if f.cancelled() else f.result()
+            for (i, key, size, tmp), err in zip(todo, errors, strict=True):
+                self._placing.pop(key, None)
+                self.bytes -= self.cost(size)
+                if err is not None or f.cancelled():
+                    self._drop_tmp(tmp)
+                    log.warning("cannot place a file in the disk cache: %s", err)
+                    self._retry_orphans_later(0.2)
+                    results[i] = False
+                else:
+                    results[i] = self.commit(key, size)
+            done([bool(r) for r in results])
+
+        fut.add_done_callback(placed)
+
+    def _place_all(self, todo: list[tuple[int, str, int, str]]) -> list[OSError | None]:
+        out: list[OSError | None] = []
+        for _, key, _, tmp in todo:
+            try:
+                self.place(tmp, key)
+                out.append(None)
+            except OSError as e:
+                out.append(e)
+        return out
 
     def discard(self, key: str) -> None:
         """Forget a file and delete it (it is damaged, or being evicted)."""

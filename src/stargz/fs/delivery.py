@@ -176,11 +176,12 @@ class Delivery:
     def _commit_written(self, fut: asyncio.Future[list[tuple[int, str, int, str]]]) -> None:
         if fut.cancelled() or fut.exception() is not None:
             return
-        rows = []
-        for r, k, size, tmp in fut.result():
-            if self.disk.commit(k, size, tmp):
-                rows.append(r)
-        self.fetched.committed(rows)
+        written = fut.result()
+
+        def placed(ok: list[bool]) -> None:
+            self.fetched.committed([w[0] for w, good in zip(written, ok, strict=True) if good])
+
+        self.disk.commit_later([(k, size, tmp) for _, k, size, tmp in written], placed)
 
     def _resolve(self, batch: list[Decoded], to_memory: bool) -> list[tuple[int, str, bytes]]:
         """Hand decoded chunks to their waiters (failures: EIO, never cached)."""

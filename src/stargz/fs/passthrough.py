@@ -207,7 +207,7 @@ class Passthrough:
             got = None if f.cancelled() or f.exception() is not None else f.result()
             if got is not None:
                 tmp, size = got
-                disk.commit(key, size, tmp)
+                disk.commit_later([(key, size, tmp)], lambda ok: None)
 
         fut.add_done_callback(done)
 

@@ -1,0 +1,53 @@
+"""The event loop thread, which answers FUSE requests, never renames between directories.
+
+A rename from one directory to another takes the filesystem-wide rename lock. An
+overlayfs copy-up in a container holds that lock while it asks this daemon a FUSE
+question (its upper dir lives under the snapshots, on the cache's filesystem): if the
+thread that would answer is itself waiting for the lock, the container, the daemon and
+every rename on that filesystem hang for good. Cache files are therefore placed by a
+worker thread; this test watches every rename while chunks and merged passthrough files
+are written, and fails on any cross-directory rename made on the loop's thread.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from stargz.fs import LocalLayerSource
+
+from .test_read_path import _busy, _content, _read
+
+
+def test_no_cross_directory_rename_on_the_loop_thread(fs_env, corners, monkeypatch):
+    fs = fs_env.start(LocalLayerSource(layouts=[corners.root]))
+
+    async def loop_thread() -> int:
+        return threading.get_ident()
+
+    loop_ident = fs_env.run(loop_thread())
+    renames: list[tuple[str, str, bool]] = []
+    real_rename = os.rename
+
+    def watched(src, dst, *a, **kw):
+        cross = os.path.dirname(os.fspath(src)) != os.path.dirname(os.fspath(dst))
+        renames.append((os.fspath(src), os.fspath(dst), threading.get_ident() == loop_ident))
+        if cross and threading.get_ident() == loop_ident:
+            raise AssertionError(f"rename between directories on the loop thread: {src} {dst}")
+        return real_rename(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "rename", watched)
+    layer = corners.layers("esgz-64k")[0]
+    mp = fs_env.mount(layer)
+    for path in ("data/noise.bin", "data/text.txt"):
+        assert _read(mp / path) == _content(layer, path)
+    lay = fs.layer(str(mp))
+    deadline = time.monotonic() + 10
+    while fs_env.run(_busy(lay)):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    placed = [r for r in renames if os.path.dirname(r[0]) != os.path.dirname(r[1])]
+    assert placed, "no cache file was placed: the test watched nothing"
+    assert not [r for r in placed if r[2]], [r for r in placed if r[2]][:3]
+    assert fs.disk.commits > 0
