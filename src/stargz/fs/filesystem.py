@@ -244,7 +244,9 @@ class StargzFileSystem:
                 self._root_lock = await loop.run_in_executor(None, takeover.lock_root, self.root)
                 kept = await loop.run_in_executor(None, self._take_over)
             if kept is not None:
-                session = Session(self.ops, kept, on_handler_error=self._handler_error)
+                session = Session(
+                    self.ops, kept, on_handler_error=self._handler_error, dir_handles=False
+                )
                 await loop.run_in_executor(None, self.slots.load)
                 self.connection_kept = True
             else:
@@ -306,7 +308,7 @@ class StargzFileSystem:
         conn = await loop.run_in_executor(
             None, lambda: fuse_mount(self.fuse_dir, passthrough=passthrough)
         )
-        session = Session(self.ops, conn, on_handler_error=self._handler_error)
+        session = Session(self.ops, conn, on_handler_error=self._handler_error, dir_handles=False)
         try:
             dev = await loop.run_in_executor(None, takeover.mount_dev, self.fuse_dir)
             if dev is None:

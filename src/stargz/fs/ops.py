@@ -32,6 +32,7 @@ from stargz.fs.metrics import FsMetrics
 from stargz.fs.options import FsOptions
 from stargz.fs.passthrough import Passthrough
 from stargz.fs.tree import BLOCK_SIZE, Tree
+from stargz.fuse.listing import DirListing, pack_listing
 from stargz.fuse.protocol import (
     ROOT_INODE,
     DirBuffer,
@@ -75,6 +76,9 @@ class Mounted:
     layer: Layer
     tree: Tree
     attrs: dict[int, Attr] = field(default_factory=dict)
+    #: Directory listings packed for READDIRPLUS, by node (each made on the first listing
+    #: of its directory and kept: the layer never changes).
+    listings: dict[int, DirListing] = field(default_factory=dict)
     pushed: set[int] = field(default_factory=set)
     accessed: set[int] = field(default_factory=set)
     #: Passthrough backing ids by node, and how many opens of a node are NOT passthrough,
@@ -281,11 +285,23 @@ class Operations:
             if not token.add(b"..", parent, 2):
                 return
             start_id = 2
-        listing = m.tree.listing(node)
-        for i in range(start_id - 2, len(listing)):
-            name, child = listing[i]
-            if not token.add(name, self._attr(m, child + NODE_BASE), i + 3):
-                return
+        self._listing(m, node).fill(token, start_id)
+
+    def _listing(self, m: Mounted, node: int) -> DirListing:
+        """The visible entries of directory ``node``, ids 2.. (packed on first use)."""
+        got = m.listings.get(node)
+        if got is None:
+            base = (m.slot << SLOT_SHIFT) | NODE_BASE
+            stat_of, mtime_ns = m.tree.stat_of, m.layer.mtime_ns
+            got = pack_listing(
+                [(name, base + c, stat_of(c), mtime_ns(c)) for name, c in m.tree.listing(node)],
+                2,
+                self.options.entry_timeout,
+                self.options.attr_timeout,
+                BLOCK_SIZE,
+            )
+            m.listings[node] = got
+        return got
 
     def open(self, inode: int, flags: int) -> FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY:
