@@ -52,7 +52,12 @@ from tests.harness.procs import Containerd, Registry, StargzDaemon, make_tempdir
 NS = "walk"
 CONTENDERS = ("ours", "go")
 USR = CACHE / "usr-trees"
-USR_TREES = ["/usr/lib/python3", "/usr/lib/python3.11", "/usr/lib/x86_64-linux-gnu/perl", "/usr/share/perl"]
+USR_TREES = [
+    "/usr/lib/python3",
+    "/usr/lib/python3.11",
+    "/usr/lib/x86_64-linux-gnu/perl",
+    "/usr/share/perl",
+]
 
 
 def build_usr() -> Path:
@@ -66,7 +71,15 @@ def build_usr() -> Path:
     log(f"build usr-trees from {trees}")
     make_layout(str(lay), "orig", [[t] for t in trees])
     run(
-        [sys.executable, "-m", "stargz.cli.main", "convert", "-q", f"oci:{lay}:orig", f"oci:{lay}:ours"],
+        [
+            sys.executable,
+            "-m",
+            "stargz.cli.main",
+            "convert",
+            "-q",
+            f"oci:{lay}:orig",
+            f"oci:{lay}:ours",
+        ],
         timeout=3600,
     )
     return lay
@@ -129,11 +142,17 @@ def summarize(doc: dict) -> dict:
         for w in doc["params"]["walkers"].split(","):
             per: dict = {}
             for c in CONTENDERS:
-                xs = [t["walk_s"] for t in ok if (t["image"], t["walker"], t["contender"]) == (img, w, c)]
+                xs = [
+                    t["walk_s"]
+                    for t in ok
+                    if (t["image"], t["walker"], t["contender"]) == (img, w, c)
+                ]
                 if xs:
                     per[c] = common.summary(xs, 4)
             if "ours" in per and "go" in per:
-                per["ratio_ours_over_go_median"] = round(per["ours"]["median"] / per["go"]["median"], 3)
+                per["ratio_ours_over_go_median"] = round(
+                    per["ours"]["median"] / per["go"]["median"], 3
+                )
                 per["ratio_ours_over_go_p99"] = round(per["ours"]["p99"] / per["go"]["p99"], 3)
             if per:
                 out[f"{img}/{w}"] = per
@@ -206,7 +225,20 @@ def main(argv: list[str] | None = None) -> int:
             cd = stack.enter_context(Containerd.start(snap.address))
             for img in images:
                 t0 = time.perf_counter()
-                run(["ctr-remote", "-a", cd.address, "-n", NS, "i", "rpull", "--plain-http", refs[img]], timeout=1800)
+                run(
+                    [
+                        "ctr-remote",
+                        "-a",
+                        cd.address,
+                        "-n",
+                        NS,
+                        "i",
+                        "rpull",
+                        "--plain-http",
+                        refs[img],
+                    ],
+                    timeout=1800,
+                )
                 doc["images"][img][f"rpull_s_{c}"] = round(time.perf_counter() - t0, 3)
                 roots[c, img] = stack.enter_context(mounted_image(cd, refs[img], NS, "stargz"))
         for img in images:

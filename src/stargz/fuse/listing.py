@@ -96,10 +96,32 @@ def pack_listing(
         pad = pads[-(dirent + n) & 7]
         parts.append(
             pack(
-                ino, 0, es, as_, ens, ans,
-                ino, size, (size + 511) // 512, sec, sec, sec, nsec, nsec, nsec,
-                mode, nlink, uid, gid, rdev & 0xFFFFFFFF, blksize, 0,
-                ino, next_id, n, (mode >> 12) & 0xF,
+                ino,
+                0,
+                es,
+                as_,
+                ens,
+                ans,
+                ino,
+                size,
+                (size + 511) // 512,
+                sec,
+                sec,
+                sec,
+                nsec,
+                nsec,
+                nsec,
+                mode,
+                nlink,
+                uid,
+                gid,
+                rdev & 0xFFFFFFFF,
+                blksize,
+                0,
+                ino,
+                next_id,
+                n,
+                (mode >> 12) & 0xF,
             )  # fmt: skip
         )
         parts.append(name)

@@ -384,6 +384,20 @@ class Session:
             if e.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
                 raise
 
+    def invalidate_inode(self, inode: int) -> None:
+        """Drop what the kernel cached of ``inode``: attributes and pages (for a
+        directory: its cached listing). Call it from a worker thread, like
+        `invalidate_entry`."""
+        if self.fd < 0:
+            return
+        body = p.NOTIFY_INVAL_INODE_OUT.pack(inode, 0, 0)
+        try:
+            os.write(self.fd, _pack_out(_OUT + len(body), p.NOTIFY_INVAL_INODE, 0) + body)
+        except OSError as e:
+            # ENOENT: the kernel has nothing cached of it
+            if e.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
+                raise
+
     def backing_open(self, fd: int) -> int:
         """Register ``fd`` as a passthrough backing file; returns its backing id."""
         arg = bytearray(p.BACKING_MAP.pack(fd, 0, 0))
