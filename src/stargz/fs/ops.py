@@ -31,7 +31,7 @@ from stargz.fs.layer import Layer, LayerClosed
 from stargz.fs.metrics import FsMetrics
 from stargz.fs.options import FsOptions
 from stargz.fs.passthrough import Passthrough
-from stargz.fs.tree import BLOCK_SIZE, Tree
+from stargz.fs.tree import BLOCK_SIZE, OVERLAY_XATTR_PREFIXES, Tree
 from stargz.fuse.listing import DirListing, pack_listing
 from stargz.fuse.protocol import (
     ROOT_INODE,
@@ -57,6 +57,8 @@ Attr = EntryAttributes | PackedEntry
 #: Attribute answers kept per layer (each ~0.5 KiB; the kernel caches them itself for
 #: attr_timeout, this only saves rebuilding hot ones).
 ATTR_CACHE_MAX = 4096
+#: The overlayfs xattr namespaces, as the names GETXATTR carries.
+OVERLAY_XATTR_NAMESPACES = tuple(p.encode() for p in OVERLAY_XATTR_PREFIXES)
 #: File handle bit of a passthrough open (its RELEASE must not count as a cached close).
 PASSTHROUGH_FH = 1 << 62
 #: Bytes of in-memory chunks pushed into the page cache when a file is first opened.
@@ -425,6 +427,13 @@ class Operations:
         return m.tree.xattrs(local - NODE_BASE)
 
     def getxattr(self, inode: int, name: bytes) -> bytes:
+        if name.startswith(OVERLAY_XATTR_NAMESPACES):
+            # overlayfs asks every lower file for its metacopy/origin/... xattrs: only the
+            # tree's own opaque marker is ever served from these namespaces
+            m, local = self._split(inode) if inode != ROOT_INODE else (None, 0)
+            if m is None or local < NODE_BASE or not m.tree.is_opaque(local - NODE_BASE, name):
+                raise FUSEError(errno.ENODATA)
+            return b"y"
         value = self._xattrs(inode).get(name)
         if value is None:
             raise FUSEError(errno.ENODATA)

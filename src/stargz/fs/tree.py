@@ -154,6 +154,11 @@ class Tree:
             out[self.opaque_name] = b"y"
         return out
 
+    def is_opaque(self, node_id: int, name: bytes) -> bool:
+        """Whether ``name`` (an overlayfs-namespace xattr) is this tree's opaque marker on
+        ``node_id``: the only such xattr `xattrs` ever answers."""
+        return name == self.opaque_name and node_id in self.opaque
+
     def readlink(self, node_id: int) -> bytes | None:
         node = self.nodes[node_id]
         return _enc(node.link_name) if node.type == "symlink" else None
