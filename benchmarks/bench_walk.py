@@ -153,6 +153,10 @@ def summarize(doc: dict) -> dict:
                   and t["contender"] == c]  # fmt: skip
             if xs:
                 per[c] = common.summary(xs, 4)
+                per[c]["daemon_rss_growth_MB_median"] = statistics.median(
+                    (t["daemon_rss_after"] - t["daemon_rss_before"]) / 1e6 for t in ok
+                    if (t["kind"], t["image"], t["walker"]) == case and t["contender"] == c
+                )  # fmt: skip
                 per[c]["daemon_cpu_s_median"] = statistics.median(
                     t["daemon_cpu_s"] for t in ok
                     if (t["kind"], t["image"], t["walker"]) == case and t["contender"] == c
@@ -194,6 +198,8 @@ def timed_walk(walker: str, root: Path, pid: int) -> dict:
         "walk_s": dt,
         "entries": n,
         "daemon_cpu_s": round(u1.get("cpu_s", 0) - u0.get("cpu_s", 0), 3),
+        "daemon_rss_before": u0.get("rss_bytes", 0),
+        "daemon_rss_after": u1.get("rss_bytes", 0),
         "loadavg": os.getloadavg()[0],
     }
 
@@ -253,8 +259,10 @@ def main(argv: list[str] | None = None) -> int:
             "the daemon has answered nothing about the tree yet), shuffled; then kind "
             "'warm' = every (daemon, image, walker) once more, shuffled",
             "walk_s = wall time of one full walk; entries = lines find printed / entries "
-            "os.walk saw; daemon_cpu_s = the daemon's user+sys during the walk; loadavg = "
-            "1-minute load at the end of the walk",
+            "os.walk saw; daemon_cpu_s = the daemon's user+sys during the walk; "
+            "daemon_rss_before/after = its RSS around the walk (growth in a 'first' walk: "
+            "what the daemon keeps of a walked tree); loadavg = 1-minute load at the end "
+            "of the walk",
         ],
         "images": {},
         "trials": [],
