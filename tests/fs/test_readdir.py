@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from stargz.fs import ops as ops_module
 from stargz.fs.ops import ino_of
 from stargz.fuse import DirBuffer, Opcode
 
@@ -152,3 +153,35 @@ def test_the_fuse_root_lists_layers_as_they_come_and_go(fs_env, corners, corners
             break
         time.sleep(0.02)
     assert set(os.listdir(fs.fuse_dir)) == want - {gone}
+
+
+def test_packed_listings_stay_within_their_bound(fs_env, corners, corners_source, monkeypatch):
+    fs = fs_env.start(corners_source)
+    layer = corners.layers("esgz")[0]
+    ops = fs.ops
+
+    def list_all(mp):
+        m = _mounted(fs, layer.digest)
+        dirs = [ino_of(m.slot, n.id) for n in m.tree.nodes if n.type == "dir"]
+
+        async def run():
+            got = [_listing(ops, ino, True, 4096) for ino in dirs]
+            # names, offsets and types (inode numbers change with the mount's slot)
+            return m, [[(r[0], r[3], r[4]) for r in recs] for recs in got]
+
+        return fs_env.run(run())
+
+    mp = fs_env.mount(layer)
+    m, first = list_all(mp)
+    sizes = [ops_module._listing_size(v) for k, v in ops._listings.items() if k[0] is m]
+    assert len(sizes) == len(first) > 3
+    fs_env.run(fs.unmount(str(mp)))
+    assert not any(k[0] is m for k in ops._listings) and ops._listing_bytes == 0
+
+    bound = max(sizes) + 1
+    monkeypatch.setattr(ops_module, "LISTING_CACHE_BYTES", bound)
+    mp = fs_env.mount(layer)
+    _, again = list_all(mp)
+    _, third = list_all(mp)  # packed again where dropped: the same answers
+    assert again == third == first
+    assert 0 < len(ops._listings) < len(first) and ops._listing_bytes <= bound
