@@ -128,10 +128,11 @@ def name(s: bytes) -> bytes:
 
 @contextlib.asynccontextmanager
 async def served(
-    ops: Any = None, *, flags: int = 0
+    ops: Any = None, *, flags: int = 0, offered: int = 0, dir_handles: bool = True
 ) -> AsyncIterator[tuple[FakeKernel, Session, list[int]]]:
     """A `Session` serving ``ops`` (a fresh `MemFS` by default) over a fake device, on
     the running loop; yields (kernel side, session, opcodes reported as handler errors).
+    ``flags``/``offered``: the INIT flags agreed / offered by the fake kernel.
 
     On a normal exit: nothing more arrives, and every request that wanted an answer got
     exactly one (`FakeKernel.reply` refuses a second one or one to a no-reply request).
@@ -142,8 +143,9 @@ async def served(
     errors: list[int] = []
     session = Session(
         MemFS() if ops is None else ops,
-        Connection(kern.fd, 40, flags),
+        Connection(kern.fd, 40, flags, offered=offered),
         on_handler_error=errors.append,
+        dir_handles=dir_handles,
     )
     session.start(asyncio.get_running_loop())
     try:

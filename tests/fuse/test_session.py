@@ -30,6 +30,7 @@ STATFS_OUT = struct.Struct("<QQQQQIIII24x")
 DIRENT = struct.Struct("<QQII")
 INTERRUPT_IN = struct.Struct("<Q")
 FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, FOPEN_CACHE_DIR, FOPEN_NOFLUSH = 1, 2, 8, 32
+NO_OPENDIR_SUPPORT = 1 << 24  # INIT flag
 
 
 def read_in(fh: int, off: int, size: int) -> bytes:
@@ -198,6 +199,50 @@ def test_opendir_readdir_readdirplus(run):
                     names += [g[0] for g in part]
                     off = part[-1][2]
                 assert names == want
+
+    run(main)
+
+
+class StatelessDirs(MemFS):
+    """MemFS with directory handles that hold nothing: readdir gets the inode as fh."""
+
+    def readdir(self, fh, start_id, out):
+        return super().readdir(fh + 200, start_id, out)
+
+
+def test_opendir_without_dir_handles(run):
+    # the kernel offers NO_OPENDIR_SUPPORT: OPENDIR is answered ENOSYS (from then on the
+    # kernel opens directories without asking, and sends fh 0), READDIR(PLUS) lists the
+    # inode the request names
+    async def main():
+        async with served(StatelessDirs(), offered=NO_OPENDIR_SUPPORT, dir_handles=False) as (
+            k,
+            s,
+            errors,
+        ):
+            assert not s.dir_handles
+            assert await k.error(Opcode.OPENDIR, 1, OPEN_IN.pack(os.O_RDONLY, 0)) == errno.ENOSYS
+            want = [b".", b"..", b"hello", b"link", b"sub", b"slow", b"boom", b"slowboom"]
+            for opcode, plus in ((Opcode.READDIR, False), (Opcode.READDIRPLUS, True)):
+                r = await k.call(opcode, 1, read_in(0, 0, 4096))
+                assert [g[0] for g in _dirents(r.body, plus)] == want
+                r = await k.call(opcode, 4, read_in(0, 0, 4096))
+                assert [g[:2] for g in _dirents(r.body, plus)] == [(b".", 4), (b"..", 1)]
+            assert not errors
+
+    run(main)
+
+
+def test_opendir_kept_where_the_kernel_needs_it(run):
+    # a kernel that does not offer NO_OPENDIR_SUPPORT fails an open answered ENOSYS:
+    # OPENDIR is served as usual, and READDIR uses the handle it gave
+    async def main():
+        async with served(dir_handles=False) as (k, s, errors):
+            assert s.dir_handles
+            r = await k.call(Opcode.OPENDIR, 1, OPEN_IN.pack(os.O_RDONLY, 0))
+            assert OPEN_OUT.unpack(r.body) == (201, FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE, 0)
+            r = await k.call(Opcode.READDIRPLUS, 1, read_in(201, 0, 4096))
+            assert len(_dirents(r.body, True)) == 8
 
     run(main)
 

@@ -466,7 +466,8 @@ class StargzDaemon(Daemon):
         """(Re)start on the same root and socket, and wait until it answers List."""
         if self.alive():
             self.stop()
-        env = dict(os.environ, PYTHONPATH=str(REPO / "src"), **getattr(self, "env", {}))
+        # (``env`` may name another PYTHONPATH: a benchmark's baseline source tree)
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **getattr(self, "env", {})}
         self._spawn(self.argv(), env=env)
         self.wait_ready(self._answers)
 

@@ -244,7 +244,9 @@ class StargzFileSystem:
                 self._root_lock = await loop.run_in_executor(None, takeover.lock_root, self.root)
                 kept = await loop.run_in_executor(None, self._take_over)
             if kept is not None:
-                session = Session(self.ops, kept, on_handler_error=self._handler_error)
+                session = Session(
+                    self.ops, kept, on_handler_error=self._handler_error, dir_handles=False
+                )
                 await loop.run_in_executor(None, self.slots.load)
                 self.connection_kept = True
             else:
@@ -306,7 +308,7 @@ class StargzFileSystem:
         conn = await loop.run_in_executor(
             None, lambda: fuse_mount(self.fuse_dir, passthrough=passthrough)
         )
-        session = Session(self.ops, conn, on_handler_error=self._handler_error)
+        session = Session(self.ops, conn, on_handler_error=self._handler_error, dir_handles=False)
         try:
             dev = await loop.run_in_executor(None, takeover.mount_dev, self.fuse_dir)
             if dev is None:
@@ -583,6 +585,11 @@ class StargzFileSystem:
                 rec = self.slots.add(_slot_key(key), name.decode(), labels)
             name = rec.name.encode()
             self.ops.add(name, layer, tree, rec.slot)
+            if self._session is not None:
+                # the kernel keeps listings of the FUSE root too: show the new layer
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self._session.invalidate_inode, ROOT_INODE
+                )
             ref = _LayerRef(layer, name, spec, key)
             self._layers[key] = ref
             layer.start_prefetch(self._prefetch_size(layer, spec))
@@ -644,14 +651,19 @@ class StargzFileSystem:
         self.slots.remove(_slot_key(ref.key))
         if self._session is not None and not self._closed:
             # in a worker thread: the kernel may need a request answered meanwhile
-            asyncio.get_running_loop().run_in_executor(
-                None, self._session.invalidate_entry, ROOT_INODE, ref.name
-            )
+            asyncio.get_running_loop().run_in_executor(None, self._forget_root_entry, ref.name)
         await ref.layer.close()
         # (after the close: it takes the layer's fetches off the table)
         source = ref.key[0]
         if not self._inflight.get(source, True) and all(k[0] != source for k in self._layers):
             del self._inflight[source]
+
+    def _forget_root_entry(self, name: bytes) -> None:
+        """The kernel forgets a removed layer's entry and its cached listing of the root."""
+        session = self._session
+        if session is not None:
+            session.invalidate_entry(ROOT_INODE, name)
+            session.invalidate_inode(ROOT_INODE)
 
     async def _wait_prefetch(self, layer: Layer) -> None:
         o = self.options

@@ -23,6 +23,7 @@ import os
 import stat
 from typing import Any
 
+from stargz.estargz.node import S_IFMT_BY_TYPE
 from stargz.estargz.toc import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK
 
 WHITEOUT_PREFIX = ".wh."
@@ -77,13 +78,10 @@ class Tree:
                         self.opaque.add(parent)
                     else:
                         self.whiteouts.add(child)
-        self._listings: dict[int, list[tuple[bytes, int]]] = {}
 
     def listing(self, dir_id: int) -> list[tuple[bytes, int]]:
-        """Visible ``(name, node id)`` entries of a directory, sorted by name (cached)."""
-        got = self._listings.get(dir_id)
-        if got is not None:
-            return got
+        """Visible ``(name, node id)`` entries of a directory, sorted by name (made on each
+        call: `stargz.fs.ops` keeps the packed form)."""
         children = self.nodes[dir_id].children
         out: dict[str, int] = {}
         for name, child in children.items():
@@ -97,9 +95,7 @@ class Tree:
             if dir_id == 0 and name in _HIDDEN_AT_ROOT:
                 continue
             out[name] = child
-        got = sorted((_enc(n), c) for n, c in out.items())
-        self._listings[dir_id] = got
-        return got
+        return sorted((_enc(n), c) for n, c in out.items())
 
     def lookup(self, dir_id: int, name: bytes) -> int:
         """Node id of ``name`` in ``dir_id`` as the mount shows it, or -1."""
@@ -121,17 +117,21 @@ class Tree:
         """``(mode, nlink, uid, gid, rdev, size)`` of a node as the mount shows it."""
         if node_id in self.whiteouts:
             return stat.S_IFCHR, 1, 0, 0, 0, 0
-        # from the node's attrs: no TOCEntry is made (and kept) per stat'ed node
+        # from the node's fields and attrs tuple, not its properties (a walk stats every
+        # node): no TOCEntry is made (and kept) per stat'ed node
         node = self.nodes[node_id]
         t = node.type
-        rdev = os.makedev(*node.dev) if t == "char" or t == "block" else 0
+        a = node.attrs
+        mode = S_IFMT_BY_TYPE[t] | (node.mode & 0o7777)
+        uid, gid = ((a[2] or 0), (a[3] or 0)) if a is not None else (0, 0)
         if t == "reg":
-            size = node.size
-        elif t == "symlink":
-            size = len(_enc(node.link_name))
-        else:
-            size = 0
-        return node.st_mode, node.nlink or 1, node.uid, node.gid, rdev, size
+            return mode, node.nlink or 1, uid, gid, 0, node.size
+        if t == "dir":
+            return mode, node.nlink or 1, uid, gid, 0, 0
+        if t == "symlink":
+            return mode, node.nlink or 1, uid, gid, 0, len(_enc(node.link_name))
+        rdev = os.makedev(*node.dev) if t == "char" or t == "block" else 0
+        return mode, node.nlink or 1, uid, gid, rdev, 0
 
     def fill_attr(self, attr: Any, node_id: int, mtime_ns: int) -> None:
         """Set the stat fields of a `stargz.fuse.EntryAttributes` (not st_ino/timeouts)."""
@@ -153,6 +153,11 @@ class Tree:
         if node_id in self.opaque:
             out[self.opaque_name] = b"y"
         return out
+
+    def is_opaque(self, node_id: int, name: bytes) -> bool:
+        """Whether ``name`` (an overlayfs-namespace xattr) is this tree's opaque marker on
+        ``node_id``: the only such xattr `xattrs` ever answers."""
+        return name == self.opaque_name and node_id in self.opaque
 
     def readlink(self, node_id: int) -> bytes | None:
         node = self.nodes[node_id]

@@ -26,12 +26,13 @@ READ_MAX_PAGES = 256
 #: The device refuses reads into less than FUSE_MIN_READ_BUFFER (8 KiB), whatever the
 #: request's size.
 _INIT_BUFFER = 8192
-#: What we ask for in INIT, when the kernel offers it.
+#: What we ask for in INIT, when the kernel offers it. READDIRPLUS always, not "auto"
+#: (as go-fuse): with auto the kernel asks READDIRPLUS only for a directory's first
+#: answer, and a large directory's other entries cost one LOOKUP each.
 WANTED_FLAGS = (
     p.ASYNC_READ
     | p.BIG_WRITES
     | p.DO_READDIRPLUS
-    | p.READDIRPLUS_AUTO
     | p.PARALLEL_DIROPS
     | p.MAX_PAGES
     | p.CACHE_SYMLINKS

@@ -55,12 +55,15 @@ class Operations(Protocol):
         ...
 
     def opendir(self, inode: int, /) -> int:
-        """OPENDIR: a handle for directory ``inode``."""
+        """OPENDIR: a handle for directory ``inode`` (never called by a session made with
+        ``dir_handles=False``)."""
         ...
 
     def readdir(self, fh: int, start_id: int, out: DirBuffer, /) -> None:
         """READDIR / READDIRPLUS: add entries from ``start_id`` on to ``out`` until
-        ``out.add`` returns False; each entry's ``next_id`` is where the next call starts."""
+        ``out.add`` returns False (or a `stargz.fuse.listing.DirListing` fills it); each
+        entry's ``next_id`` is where the next call starts. ``fh``: what ``opendir``
+        returned, or the directory's inode with ``dir_handles=False``."""
         ...
 
     def statfs(self) -> StatvfsData:

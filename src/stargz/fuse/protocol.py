@@ -109,6 +109,10 @@ READDIRPLUS_AUTO = 1 << 14
 PARALLEL_DIROPS = 1 << 18
 MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
+#: Offered by the kernel (5.1+): an OPENDIR answered with ENOSYS makes it open every
+#: directory without asking from then on (no OPENDIR, no RELEASEDIR), and keep their
+#: listings cached as if each open had answered ``FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR``.
+NO_OPENDIR_SUPPORT = 1 << 24
 INIT_EXT = 1 << 30
 PASSTHROUGH = 1 << 37
 #: Offered by the kernel (6.9+): it understands NOTIFY_RESEND, and marks a resent
@@ -123,6 +127,7 @@ FOPEN_NOFLUSH = 1 << 5
 FOPEN_PASSTHROUGH = 1 << 7
 
 # --- notifications (sent as replies with unique 0 and the code in `error`) --------------------
+NOTIFY_INVAL_INODE = 2
 NOTIFY_INVAL_ENTRY = 3
 NOTIFY_STORE = 4
 #: Put every request the server read but never answered back in the queue (no body).
@@ -178,8 +183,12 @@ INTERRUPT_IN = struct.Struct("<Q")
 STATFS_OUT = struct.Struct("<QQQQQIIII24x")
 #: fuse_dirent without its name: ino, off, namelen, type
 DIRENT = struct.Struct("<QQII")
+#: fuse_direntplus without its name: a fuse_entry_out (with its attr), then a fuse_dirent
+DIRENTPLUS = struct.Struct("<" + ENTRY_WITH_ATTR.format[1:] + DIRENT.format[1:])
 #: fuse_notify_store_out: nodeid, offset, size, padding
 NOTIFY_STORE_OUT = struct.Struct("<QQII")
+#: fuse_notify_inval_inode_out: ino, off, len (off < 0: attributes only; len <= 0: to the end)
+NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")
 #: fuse_notify_inval_entry_out: parent, namelen, flags
 NOTIFY_INVAL_ENTRY_OUT = struct.Struct("<QII")
 #: fuse_backing_map: fd, flags, padding

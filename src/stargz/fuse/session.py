@@ -85,6 +85,14 @@ class Session:
     connection (unmount); ``close`` answers what is in flight, unmounts (if ``conn`` was
     mounted by us) and closes the fd. ``on_handler_error(opcode)`` is called for every
     request a handler failed with something other than `FUSEError` (it is answered EIO).
+
+    ``dir_handles=False`` is for a filesystem whose directory handles hold nothing (its
+    ``opendir`` returns the inode and its directories never change): OPENDIR is answered
+    with ENOSYS, after which the kernel opens directories without asking (no OPENDIR, no
+    RELEASEDIR: half the requests of a cold walk) and keeps their listings cached;
+    READDIR(PLUS) then passes the directory's inode to ``readdir`` as its ``fh``. Where
+    the kernel did not offer `NO_OPENDIR_SUPPORT` (before 5.1: ENOSYS would fail the
+    open), OPENDIR is served as usual.
     """
 
     def __init__(
@@ -93,6 +101,7 @@ class Session:
         conn: Connection,
         *,
         on_handler_error: Callable[[int], None] | None = None,
+        dir_handles: bool = True,
     ) -> None:
         self.ops = ops
         self.conn = conn
@@ -101,6 +110,9 @@ class Session:
         self.passthrough = conn.passthrough
         self.proto_minor = conn.proto_minor
         self.on_handler_error = on_handler_error
+        #: False: directories are opened without OPENDIR (see `Session`), where the
+        #: kernel can (it offered `NO_OPENDIR_SUPPORT`).
+        self.dir_handles = dir_handles or not conn.offered & p.NO_OPENDIR_SUPPORT
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Future[None] | None = None
         self._buf = bytearray(BUFFER_SIZE)
@@ -372,6 +384,20 @@ class Session:
             if e.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
                 raise
 
+    def invalidate_inode(self, inode: int) -> None:
+        """Drop what the kernel cached of ``inode``: attributes and pages (for a
+        directory: its cached listing). Call it from a worker thread, like
+        `invalidate_entry`."""
+        if self.fd < 0:
+            return
+        body = p.NOTIFY_INVAL_INODE_OUT.pack(inode, 0, 0)
+        try:
+            os.write(self.fd, _pack_out(_OUT + len(body), p.NOTIFY_INVAL_INODE, 0) + body)
+        except OSError as e:
+            # ENOENT: the kernel has nothing cached of it
+            if e.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
+                raise
+
     def backing_open(self, fd: int) -> int:
         """Register ``fd`` as a passthrough backing file; returns its backing id."""
         arg = bytearray(p.BACKING_MAP.pack(fd, 0, 0))
@@ -413,6 +439,8 @@ class Session:
         self.ops.release(p.RELEASE_IN.unpack_from(self._buf, _HDR)[0])
 
     def _opendir(self, nodeid: int, n: int) -> bytes:
+        if not self.dir_handles:
+            raise FUSEError(errno.ENOSYS)
         fh = self.ops.opendir(nodeid)
         # the layers never change: let the kernel cache listings and their pages
         return p.OPEN_OUT.pack(fh, p.FOPEN_CACHE_DIR | p.FOPEN_KEEP_CACHE, 0)
@@ -424,7 +452,8 @@ class Session:
     def _readdir(self, nodeid: int, n: int, plus: bool = False) -> bytes:
         fh, off, size = p.READ_IN.unpack_from(self._buf, _HDR)[:3]
         out = p.DirBuffer(plus, size)
-        self.ops.readdir(fh, off, out)
+        # (the kernel sends fh 0 for a directory it opened without OPENDIR)
+        self.ops.readdir(fh if self.dir_handles else nodeid, off, out)
         return out.body()
 
     def _readdirplus(self, nodeid: int, n: int) -> bytes:
