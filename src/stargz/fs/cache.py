@@ -55,6 +55,7 @@ import logging
 import os
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 
@@ -358,6 +359,13 @@ class DiskCache:
             done([bool(r) for r in results])
 
         fut.add_done_callback(placed)
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Wait until the files `commit_later` is placing are placed and committed."""
+        await asyncio.sleep(0)  # the write jobs' done callbacks hand theirs over first
+        deadline = time.monotonic() + timeout
+        while self._placing and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
 
     def _place_all(self, todo: list[tuple[int, str, int, str]]) -> list[OSError | None]:
         out: list[OSError | None] = []

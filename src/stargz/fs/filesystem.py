@@ -428,10 +428,14 @@ class StargzFileSystem:
         if self._root_lock >= 0:
             os.close(self._root_lock)  # (after the session: its fd is handed on by now)
             self._root_lock = -1
+        # the writes in flight finish, then the files they wrote are placed and committed
+        # (on this loop), and only then does the cache close: a next start clears tmp/
+        if self._writer is not None:
+            await loop.run_in_executor(None, self._writer.shutdown)
+        await self.disk.drain()
         self.disk.close()
-        for ex in (self._executor, self._writer):
-            if ex is not None:
-                await loop.run_in_executor(None, ex.shutdown)
+        if self._executor is not None:
+            await loop.run_in_executor(None, self._executor.shutdown)
         if self.owns_source:
             closer = getattr(self.source, "close", None)
             if closer is not None:
