@@ -612,7 +612,15 @@ class Trial:
         if self.containerd is not None:
             self.containerd.ctr("snapshots", "--snapshotter", "stargz", "ls", ns=NS, timeout=30)
         if self.fault.node == "cache-tmpfs":
-            left = list((self.cache / "tmp").iterdir()) if (self.cache / "tmp").is_dir() else []
+            # files written whole are placed by a worker right after their write: give
+            # those a moment; a half-written one stays, and is counted
+            tmp, left = self.cache / "tmp", []
+            deadline = time.monotonic() + 3
+            while True:
+                left = list(tmp.iterdir()) if tmp.is_dir() else []
+                if not left or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
             self.row.cache_leftovers = len(left)
 
     def close(self) -> None:
