@@ -207,7 +207,7 @@ def prefetch_bytes(layout_dir: Path, tag: str) -> dict:
             toc.append(0)
             continue
         try:
-            pre.append(r.prefetch_size() or 0)
+            pre.append(r.prefetch_size or 0)
             toc.append(layer["size"] - r.footer.toc_offset)
         finally:
             r.close()
