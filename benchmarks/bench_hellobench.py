@@ -59,6 +59,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 from benchmarks import common
@@ -66,6 +67,9 @@ from benchmarks.common import CACHE, log, percentile, proc_usage
 from benchmarks.hellobench.images import MODES, TAG_OF, WORKLOADS, layers_of, prepare_images
 from benchmarks.peer import GO_BIN, GoDaemon, measure_net, netem, registry_bytes
 from tests.harness.procs import Containerd, Daemon, Registry, StargzDaemon, make_tempdir, run
+
+#: Longest wait for the ready line before the trial is recorded as an error.
+READY_TIMEOUT_S = 300.0
 
 #: Our CLI, from this tree (PYTHONPATH), in a process of its own.
 STARGZ = [sys.executable, "-m", "stargz.cli.main"]
@@ -137,11 +141,17 @@ def trial(img: str, mode: str, ref: str, reg: Registry, go_bin: str) -> dict:
         out = []
         assert p.stdout is not None
         ok = False
-        for line in p.stdout:
-            out.append(line)
-            if line.strip() == ready:
-                ok = True
-                break
+        # a hung start (e.g. a daemon that stopped answering FUSE) ends the trial, not the run
+        guard = threading.Timer(READY_TIMEOUT_S, p.kill)
+        guard.start()
+        try:
+            for line in p.stdout:
+                out.append(line)
+                if line.strip() == ready:
+                    ok = True
+                    break
+        finally:
+            guard.cancel()
         t3 = time.perf_counter()
         if not ok:
             p.wait(30)
