@@ -7,6 +7,7 @@ harness play no part). Measuring anything is left to the benchmarks themselves.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -65,3 +66,63 @@ def test_every_script_answers_help() -> None:
 def test_no_sys_path_edits(path: Path) -> None:
     """Scripts import the installed package and each other's modules normally."""
     assert "sys.path" not in path.read_text()
+
+
+SPLIT_CHECK = """
+import json, os, sys
+from benchmarks.hellobench.images import _split, _walk
+root = sys.argv[1]
+entries = _walk(root)
+layers = _split(entries, 4)
+files = sorted(a for p, a, d in entries if not d)
+seen = sorted(a for layer in layers for p, a, d in layer if not d)
+missing_parents = [
+    a for layer in layers for p, a, d in layer
+    if os.path.dirname(a) and os.path.dirname(a) not in {x for _, x, dd in layer if dd}
+]
+print(json.dumps({"n": len(layers), "same": files == seen, "missing": missing_parents,
+                  "empty": [i for i, g in enumerate(layers) if not any(not d for *_, d in g)]}))
+"""
+
+
+def test_hellobench_split_layers(tmp_path: Path) -> None:
+    """The many-layer HelloBench image: every file in exactly one layer, each layer with
+    the directories above what it holds, no layer without files."""
+    for i in range(8):
+        d = tmp_path / f"d{i}" / "sub"
+        d.mkdir(parents=True)
+        (d / "f").write_bytes(b"x" * (1000 * (i + 1)))
+        (tmp_path / f"d{i}" / "g").write_bytes(b"y" * 10)
+    os.symlink("d0/g", tmp_path / "link")
+    p = _run("-c", SPLIT_CHECK, str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout)
+    assert got == {"n": 4, "same": True, "missing": [], "empty": []}
+
+
+LIMIT_CHECK = """
+import json
+from benchmarks.bench_hellobench import limits
+need = {"manifest_bytes": 1000, "config_bytes": 1000, "toc_footer_bytes": 48000,
+        "prefetch_bytes": 4950000}
+t = lambda x: {"median": x}
+doc = {
+    "networks": [{"name": "n", "one_way_delay_ms": 10.0, "rate": "200mbit"}],
+    "images": {"python": {"need": {"ours-all-opt": need}}},
+    "summary": {
+        "n/python/legacy": {"create_s": t(0.1), "run_s": t(0.3)},
+        "n/python/ours-all-opt": {"total_s": t(1.0), "fetched_bytes": t(6000000)},
+    },
+}
+print(json.dumps(limits(doc)["n/python"]))
+"""
+
+
+def test_hellobench_limit() -> None:
+    """5 MB at 200 Mbit/s (0.2 s) + 5 round trips of 20 ms + 0.4 s local start = 0.7 s."""
+    p = _run("-c", LIMIT_CHECK)
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout)
+    assert abs(got["limit_s"] - 0.7) < 1e-9, got
+    assert abs(got["ours-all-opt/limit"] - 1.0 / 0.7) < 1e-9, got
+    assert abs(got["limit_fetched_s"] - (0.24 + 0.1 + 0.4)) < 1e-9, got

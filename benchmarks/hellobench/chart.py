@@ -54,9 +54,18 @@ def table(doc: dict) -> str:
             g, lg = tot.get("go-opt"), tot.get("legacy")
             ratios = [
                 f"{m}/go-opt **{tot[m] / g:.2f}**"
-                for m in ("ours-opt", "ours-opt9", "ours-on-go-opt")
+                for m in ("ours-all-opt", "ours-on-go-opt", "ours-opt", "ours-opt9")
                 if m in tot and g
             ]
+            lim = doc.get("limits", {}).get(f"{net}/{img}")
+            if lim:
+                ratios.append(
+                    f"limit {lim['limit_s']:.2f} s ({lim['bytes'] / 1e6:.1f} MB, "
+                    f"{lim['rtts']} RTT, local start {lim['local_start_s']:.2f} s)"
+                )
+                if "ours-all-opt" in tot:
+                    r = tot["ours-all-opt"] / lim["limit_s"]
+                    ratios.append(f"ours-all-opt/limit **{r:.2f}**")
             if "ours-opt" in tot and lg:
                 ratios.append(f"ours-opt/legacy **{tot['ours-opt'] / lg:.2f}**")
             if ratios:

@@ -5,6 +5,7 @@
 #   $CACHE/python  base + python3
 #   $CACHE/gcc     base + gcc libc6-dev
 #   $CACHE/nginx   base + nginx-light
+#   $CACHE/node    base + nodejs (Debian's package)
 # CACHE defaults to /var/cache/stargz-bench. A tree is rebuilt only if its .done stamp is missing.
 set -euo pipefail
 CACHE=${STARGZ_BENCH_CACHE:-/var/cache/stargz-bench}
@@ -52,6 +53,7 @@ build() { # name packages...
 build python python3
 build gcc gcc libc6-dev
 build nginx nginx-light
+build node nodejs
 if [[ ! -f $CACHE/gcc/hello.c ]]; then
   printf '#include <stdio.h>\nint main(void){printf("hello\\n");return 0;}\n' >"$CACHE/gcc/hello.c"
 fi

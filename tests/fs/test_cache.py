@@ -131,3 +131,31 @@ def test_a_write_to_a_full_cache_disk_leaves_no_partial_file(fuse_host, tmp_path
         dc.close()
     finally:
         subprocess.run(["umount", "-l", str(root)], check=False)
+
+
+def test_place_never_renames_across_directories(tmp_path, monkeypatch):
+    """A chunk moves from tmp/ into place without a cross-directory rename: that takes the
+    filesystem's rename lock, which an overlayfs copy-up over our mount holds while waiting
+    for a FUSE answer from the thread placing the chunk (the daemon deadlocked so in the
+    HelloBench nginx run). The file lands whole, with its checksum record; a stale file
+    at the final path is replaced."""
+    renames = []
+    real_rename = os.rename
+
+    def spy(src, dst, *a, **kw):
+        renames.append((os.path.dirname(os.fspath(src)), os.path.dirname(os.fspath(dst))))
+        return real_rename(src, dst, *a, **kw)
+
+    dc = DiskCache(str(tmp_path / "cache"), max_bytes=0)
+    dc.load()
+    key = "ab" + "1" * 62
+    os.makedirs(os.path.dirname(dc.path(key)), exist_ok=True)
+    with open(dc.path(key), "wb") as f:  # a stale leftover, not in the index
+        f.write(b"old")
+    monkeypatch.setattr(os, "rename", spy)
+    tmp = dc.write_tmp(key, b"x" * 5000)
+    assert dc.commit(key, 5000, tmp)
+    assert [r for r in renames if r[0] != r[1]] == []
+    assert not os.path.exists(tmp)
+    assert dc.pread(key, 0, 5000) == b"x" * 5000
+    assert os.listdir(os.path.join(str(tmp_path / "cache"), "tmp")) == []

@@ -502,13 +502,20 @@ class DiskCache:
             log.warning("the disk cache's filesystem refused a user xattr: no checksums")
 
     def place(self, tmp: str, key: str) -> None:
-        """Rename a finished temporary file to ``key``'s path. Blocking."""
+        """Move a finished temporary file to ``key``'s path. Blocking.
+
+        Link + unlink, not rename: a rename from tmp/ to another directory takes the
+        filesystem's rename lock, which an overlayfs copy-up on this filesystem (a container
+        writing under a directory of a lazily mounted layer) holds while it waits for a FUSE
+        answer from the loop thread that calls this: a deadlock. Link and unlink lock only
+        their own directories."""
         final = self.path(key)
         try:
-            os.rename(tmp, final)
+            _link_over(tmp, final)
         except FileNotFoundError:
             os.makedirs(os.path.dirname(final), DIR_MODE, exist_ok=True)
-            os.rename(tmp, final)
+            _link_over(tmp, final)
+        os.unlink(tmp)
 
     def write_file(self, key: str, data: bytes | memoryview, *, sync: bool = False) -> int:
         """Write a chunk to tmp/, record its checksum, rename it into place; returns its
@@ -691,6 +698,15 @@ class DiskCache:
         except BaseException:
             self._drop_tmp(tmp)
             raise
+
+
+def _link_over(src: str, dst: str) -> None:
+    """Hard-link ``src`` as ``dst``, replacing a file left there."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        os.unlink(dst)
+        os.link(src, dst)
 
 
 def _read_all(fd: int) -> bytes:
