@@ -1,12 +1,13 @@
-"""The event loop thread, which answers FUSE requests, never renames between directories.
+"""The event loop thread, which answers FUSE requests, never places a cache file.
 
 A rename from one directory to another takes the filesystem-wide rename lock. An
 overlayfs copy-up in a container holds that lock while it asks this daemon a FUSE
 question (its upper dir lives under the snapshots, on the cache's filesystem): if the
 thread that would answer is itself waiting for the lock, the container, the daemon and
 every rename on that filesystem hang for good. Cache files are therefore placed by a
-worker thread; this test watches every rename while chunks and merged passthrough files
-are written, and fails on any cross-directory rename made on the loop's thread.
+worker thread (with link + unlink, which take only their directories' locks); this test
+watches every rename and link while chunks and merged passthrough files are written, and
+fails on any cross-directory rename, or any placement, made on the loop's thread.
 """
 
 from __future__ import annotations
@@ -27,17 +28,23 @@ def test_no_cross_directory_rename_on_the_loop_thread(fs_env, corners, monkeypat
         return threading.get_ident()
 
     loop_ident = fs_env.run(loop_thread())
-    renames: list[tuple[str, str, bool]] = []
-    real_rename = os.rename
+    moves: list[tuple[str, str, str, bool]] = []
 
-    def watched(src, dst, *a, **kw):
-        cross = os.path.dirname(os.fspath(src)) != os.path.dirname(os.fspath(dst))
-        renames.append((os.fspath(src), os.fspath(dst), threading.get_ident() == loop_ident))
-        if cross and threading.get_ident() == loop_ident:
-            raise AssertionError(f"rename between directories on the loop thread: {src} {dst}")
-        return real_rename(src, dst, *a, **kw)
+    def watch(name: str):
+        real = getattr(os, name)
 
-    monkeypatch.setattr(os, "rename", watched)
+        def watched(src, dst, *a, **kw):
+            on_loop = threading.get_ident() == loop_ident
+            moves.append((name, os.fspath(src), os.fspath(dst), on_loop))
+            cross = os.path.dirname(os.fspath(src)) != os.path.dirname(os.fspath(dst))
+            if cross and on_loop:
+                raise AssertionError(f"{name} between directories on the loop thread: {src} {dst}")
+            return real(src, dst, *a, **kw)
+
+        return watched
+
+    monkeypatch.setattr(os, "rename", watch("rename"))
+    monkeypatch.setattr(os, "link", watch("link"))
     layer = corners.layers("esgz-64k")[0]
     mp = fs_env.mount(layer)
     for path in ("data/noise.bin", "data/text.txt"):
@@ -47,7 +54,7 @@ def test_no_cross_directory_rename_on_the_loop_thread(fs_env, corners, monkeypat
     while fs_env.run(_busy(lay)):
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    placed = [r for r in renames if os.path.dirname(r[0]) != os.path.dirname(r[1])]
+    placed = [m for m in moves if os.path.dirname(m[1]) != os.path.dirname(m[2])]
     assert placed, "no cache file was placed: the test watched nothing"
-    assert not [r for r in placed if r[2]], [r for r in placed if r[2]][:3]
+    assert not [m for m in placed if m[3]], [m for m in placed if m[3]][:3]
     assert fs.disk.commits > 0

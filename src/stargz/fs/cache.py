@@ -507,8 +507,8 @@ class DiskCache:
         Link + unlink, not rename: a rename from tmp/ to another directory takes the
         filesystem's rename lock, which an overlayfs copy-up on this filesystem (a container
         writing under a directory of a lazily mounted layer) holds while it waits for a FUSE
-        answer from the loop thread that calls this: a deadlock. Link and unlink lock only
-        their own directories."""
+        answer from the loop thread. Link and unlink lock only their own directories; and
+        the fetch path calls this on a worker thread anyway (`commit_later`)."""
         final = self.path(key)
         try:
             _link_over(tmp, final)
