@@ -344,7 +344,7 @@ class DiskCache:
             self._placer = concurrent.futures.ThreadPoolExecutor(1, "stargz-cache-place")
         fut = asyncio.get_running_loop().run_in_executor(self._placer, self._place_all, todo)
 
-        def placed(f: asyncio.Future[list[OSError | None]]) -> None:
+        def placed(f: asyncio.Future[list[Exception | None]]) -> None:
             errors = [None] * len(todo) if f.cancelled() else f.result()
             for (i, key, size, tmp), err in zip(todo, errors, strict=True):
                 self._placing.pop(key, None)
@@ -367,13 +367,13 @@ class DiskCache:
         while self._placing and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
 
-    def _place_all(self, todo: list[tuple[int, str, int, str]]) -> list[OSError | None]:
-        out: list[OSError | None] = []
+    def _place_all(self, todo: list[tuple[int, str, int, str]]) -> list[Exception | None]:
+        out: list[Exception | None] = []
         for _, key, _, tmp in todo:
             try:
                 self.place(tmp, key)
                 out.append(None)
-            except OSError as e:
+            except Exception as e:  # each file's own outcome; the reservation is undone
                 out.append(e)
         return out
 
