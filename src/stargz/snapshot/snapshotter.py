@@ -230,6 +230,7 @@ class Snapshotter:
         how containerd learns it can skip downloading the layer (SPEC §7.3).
         """
         labels = dict(labels or {})
+        validate_labels(labels)
         target = labels.get(TARGET_SNAPSHOT_LABEL)
         if target is not None and await self._is_committed(target):
             # Another namespace (or client) already has this layer: containerd links its
