@@ -14,6 +14,7 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Iterable
 from typing import Any
 
 from stargz.image.layout import MT_OCI_CONFIG, MT_OCI_MANIFEST, Layout
@@ -36,12 +37,14 @@ def _tar_gz_layer(roots: list[str], level: int = 6) -> tuple[bytes, bytes]:
     return raw.getvalue(), gzip.compress(raw.getvalue(), level, mtime=0)
 
 
-def make_layout(path: str, tag: str, layers: list[list[str]]) -> dict:
-    """Write an image whose layer i holds the trees ``layers[i]``; returns sizes."""
+def write_image(
+    path: str, tag: str, layers: Iterable[tuple[bytes, bytes]], image_config: dict
+) -> dict:
+    """Write ``path:tag``: the ``(raw tar, gzip blob)`` layers, bottom first, and an amd64
+    config whose ``config`` section is ``image_config``; returns sizes."""
     layout = Layout(path, create=True)
     descs, diff_ids, raw_total = [], [], 0
-    for roots in layers:
-        raw, blob = _tar_gz_layer(roots)
+    for raw, blob in layers:
         raw_total += len(raw)
         digest = "sha256:" + hashlib.sha256(blob).hexdigest()
         tmp = layout.new_blob()
@@ -59,7 +62,7 @@ def make_layout(path: str, tag: str, layers: list[list[str]]) -> dict:
         "architecture": "amd64",
         "os": "linux",
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        "config": {"Cmd": ["/bin/sh"]},
+        "config": image_config,
     }
     cdigest, csize = layout.put_json(config)
     manifest = {
@@ -71,6 +74,11 @@ def make_layout(path: str, tag: str, layers: list[list[str]]) -> dict:
     mdigest, msize = layout.put_json(manifest)
     layout.tag({"mediaType": MT_OCI_MANIFEST, "digest": mdigest, "size": msize}, tag)
     return {"uncompressed": raw_total, "compressed": sum(d["size"] for d in descs)}
+
+
+def make_layout(path: str, tag: str, layers: list[list[str]]) -> dict:
+    """Write an image whose layer i holds the trees ``layers[i]``; returns sizes."""
+    return write_image(path, tag, (_tar_gz_layer(roots) for roots in layers), {"Cmd": ["/bin/sh"]})
 
 
 def existing(paths: list[str]) -> list[str]:

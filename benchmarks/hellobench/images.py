@@ -10,7 +10,6 @@ Go's, all in the OCI layout ``<cache>/oci/<image>``. Only missing tags are built
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -20,8 +19,9 @@ import tarfile
 import time
 from pathlib import Path
 
+from benchmarks._images import write_image
 from benchmarks.common import CACHE, log
-from stargz.image.layout import MT_OCI_CONFIG, MT_OCI_MANIFEST, Layout
+from stargz.image.layout import Layout
 from tests.harness.procs import Containerd, Registry, make_tempdir, run
 
 ROOTFS_SH = Path(__file__).resolve().parent / "rootfs.sh"
@@ -118,39 +118,12 @@ def _split(entries: list[tuple[str, str, bool]], n: int) -> list[list[tuple[str,
 
 def pack_rootfs(layout_dir: Path, tag: str, root: Path, cmd: list[str], layers: int = 1) -> dict:
     """Gzip OCI image of ``root`` in ``layers`` layers (the 'original' form)."""
-    layout = Layout(str(layout_dir), create=True)
-    descs, diff_ids, usize = [], [], 0
-    for part in _split(_walk(root), layers):
-        raw, blob = _tar_gz(part)
-        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
-        tmp = layout.new_blob()
-        tmp.write(blob)
-        layout.commit_blob(tmp, digest)
-        descs.append(
-            {
-                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                "digest": digest,
-                "size": len(blob),
-            }
-        )
-        diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
-        usize += len(raw)
-    config = {
-        "architecture": "amd64",
-        "os": "linux",
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        "config": {"Cmd": cmd, "Env": [PATH_ENV], "WorkingDir": "/"},
-    }
-    cdigest, csize = layout.put_json(config)
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": MT_OCI_MANIFEST,
-        "config": {"mediaType": MT_OCI_CONFIG, "digest": cdigest, "size": csize},
-        "layers": descs,
-    }
-    mdigest, msize = layout.put_json(manifest)
-    layout.tag({"mediaType": MT_OCI_MANIFEST, "digest": mdigest, "size": msize}, tag)
-    return {"uncompressed": usize, "compressed": sum(d["size"] for d in descs)}
+    return write_image(
+        str(layout_dir),
+        tag,
+        (_tar_gz(part) for part in _split(_walk(root), layers)),
+        {"Cmd": cmd, "Env": [PATH_ENV], "WorkingDir": "/"},
+    )
 
 
 def layers_of(layout_dir: Path, tag: str) -> list[dict]:
