@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -110,17 +111,8 @@ def optimize(
             for e in events_seen
             if e.layer in index_of
         ]
-        files = record.layer_files(entries, len(image.layers))
-        if opts.record_out:
-            record.write(opts.record_out, entries)
-        copts = ConvertOptions(**{**opts.convert.__dict__, "layer_files": files})
-        desc, stats = convert(
-            image.convert_ref,
-            dst,
-            copts,
-            progress,
-            events=events,
-            manifest=image.descriptor,
+        desc, stats, files = _convert_in_order(
+            image, dst, entries, opts.convert, opts.record_out, progress, events
         )
     finally:
         _remove(work)
@@ -146,19 +138,33 @@ def optimize_from_trace(
     entries = entries_for(image, trace)
     if not entries:
         raise InvalidArgument(f"the trace at {trace!r} records no file")
+    desc, stats, files = _convert_in_order(image, dst, entries, copts, record_out, progress, events)
+    return OptimizeResult(desc, stats, files, entries, None, False)
+
+
+def _convert_in_order(
+    image: SourceImage,
+    dst: str,
+    entries: list[record.Entry],
+    copts: ConvertOptions,
+    record_out: str | None,
+    progress: Progress | None,
+    events: Events,
+) -> tuple[dict[str, Any], list[LayerStat], dict[int, list[str]]]:
+    """Write the record (if asked) and convert ``image`` with each layer's recorded files
+    first; returns the new descriptor, the stats and the files per layer."""
     files = record.layer_files(entries, len(image.layers))
     if record_out:
         record.write(record_out, entries)
-    copts = ConvertOptions(**{**copts.__dict__, "layer_files": files})
     desc, stats = convert(
         image.convert_ref,
         dst,
-        copts,
+        dataclasses.replace(copts, layer_files=files),
         progress,
         events=events,
         manifest=image.descriptor,
     )
-    return OptimizeResult(desc, stats, files, entries, None, False)
+    return desc, stats, files
 
 
 def _mountable(image: SourceImage, desc: dict[str, Any], index: int, work: str) -> LayerBlob:
