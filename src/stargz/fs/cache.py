@@ -279,14 +279,9 @@ class DiskCache:
         blocks: on the event loop thread, use `commit_later`. A file bigger than the whole
         bound is not kept. Without ``tmp``, the file is already in place (`write_file`)."""
         if tmp is not None:
-            if key in self._index:  # the same content, placed meanwhile (another layer)
-                self._drop_tmp(tmp)
-                self.touch(key)
-                return True
-            if self.max_bytes and self.cost(size) > self.max_bytes:
-                self._drop_tmp(tmp)
-                return False
-            self._evict(incoming=self.cost(size))
+            admitted = self._admit(key, size, tmp)
+            if admitted is not None:
+                return admitted
             try:
                 self.place(tmp, key)
             except OSError as e:
@@ -319,23 +314,11 @@ class DiskCache:
         results: list[bool | None] = []
         todo: list[tuple[int, str, int, str]] = []
         for i, (key, size, tmp) in enumerate(files):
-            if key in self._index or key in self._placing:  # the same content, meanwhile
-                self._drop_tmp(tmp)
-                self.touch(key)
-                results.append(True)
-            elif self.max_bytes and self.cost(size) > self.max_bytes:
-                self._drop_tmp(tmp)
-                results.append(False)
-            else:
-                self._evict(incoming=self.cost(size))
-                if self.max_bytes and self.bytes + self.cost(size) > self.max_bytes:
-                    # the room is held by files still being placed: not kept this time
-                    self._drop_tmp(tmp)
-                    results.append(False)
-                    continue
+            admitted = self._admit(key, size, tmp)
+            results.append(admitted)
+            if admitted is None:
                 self._placing[key] = size
                 self.bytes += self.cost(size)
-                results.append(None)
                 todo.append((i, key, size, tmp))
         if not todo:
             done([bool(r) for r in results])
@@ -359,6 +342,24 @@ class DiskCache:
             done([bool(r) for r in results])
 
         fut.add_done_callback(placed)
+
+    def _admit(self, key: str, size: int, tmp: str) -> bool | None:
+        """Make room for the finished temporary file ``tmp`` of ``key``: None when there is
+        room and it is to be placed; True when the content is cached already (another
+        layer's), False when it is not kept (bigger than the bound, or the room is held by
+        files still being placed); ``tmp`` is deleted in both cases."""
+        if key in self._index or key in self._placing:
+            self._drop_tmp(tmp)
+            self.touch(key)
+            return True
+        if self.max_bytes and self.cost(size) > self.max_bytes:
+            self._drop_tmp(tmp)
+            return False
+        self._evict(incoming=self.cost(size))
+        if self.max_bytes and self.bytes + self.cost(size) > self.max_bytes:
+            self._drop_tmp(tmp)
+            return False
+        return None
 
     async def drain(self, timeout: float = 10.0) -> None:
         """Wait until the files `commit_later` is placing are placed and committed."""
