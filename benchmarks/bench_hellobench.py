@@ -16,7 +16,7 @@ For each image (python, gcc, nginx, node, python-12l: python in 12 layers) and m
 
 and extra modes (not run unless named in ``--modes``) that separate the converter from
 the snapshotter: ``ours-opt9`` is ``ours-opt`` compressed at Go's gzip level 9 instead of
-our default (ISA-L level 1: ~10% larger layers, so more bytes to prefetch); ``ours-opt-pt``
+our default (level 5, about Go's size); ``ours-opt-pt``
 is ``ours-opt`` with ``[fuse] passthrough = true`` (off by default, as in Go); ``ours-opt-nohs`` is
 ``ours-opt`` with the head start off (``head_start_max_bytes = 0``: the prefetch download waits
 for the TOC parse, see stargz.fs.headstart).

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from benchmarks._images import write_image
 from benchmarks.common import CACHE, log
+from stargz.estargz.writer import DEFAULT_GZIP_LEVEL as GZIP_LEVEL
 from stargz.image.layout import Layout
 from tests.harness.procs import Containerd, Registry, make_tempdir, run
 
@@ -198,6 +199,17 @@ def _stargz(*argv: str) -> None:
     run([sys.executable, "-m", "stargz.cli.main", *argv], timeout=3600)
 
 
+def _built(d: Path, tag: str) -> bool:
+    """``tag`` exists and was made at the converter's current default gzip level (a cached
+    image from an older default is made again)."""
+    stamp = d / f"{tag}.level"
+    return has_tag(d, tag) and stamp.exists() and stamp.read_text().strip() == str(GZIP_LEVEL)
+
+
+def _stamp(d: Path, tag: str) -> None:
+    (d / f"{tag}.level").write_text(f"{GZIP_LEVEL}\n")
+
+
 def prepare_images(images: list[str], reg: Registry) -> dict:
     """Build/cached OCI layouts with all forms; return per-image sizes."""
     if not all((CACHE / f"{ROOTFS_OF[img][0]}.done").exists() for img in images):
@@ -212,12 +224,13 @@ def prepare_images(images: list[str], reg: Registry) -> dict:
             shutil.rmtree(d, ignore_errors=True)
             d.parent.mkdir(parents=True, exist_ok=True)
             pack_rootfs(d, "orig", CACHE / rootfs, cmd, nlayers)
-        if not has_tag(d, "ours-noopt"):
+        if not _built(d, "ours-noopt"):
             log(f"convert {img} (ours, noopt)")
             _stargz("convert", "-q", f"oci:{d}:orig", f"oci:{d}:ours-noopt")
+            _stamp(d, "ours-noopt")
         if not (has_tag(d, "go-noopt") and has_tag(d, "go-opt")):
             go_convert(img, d, reg)
-        if not has_tag(d, "ours-all-opt"):
+        if not _built(d, "ours-all-opt"):
             log(f"optimize {img} (ours: stargz optimize, the workload under runc)")
             t0 = time.perf_counter()
             _stargz(
@@ -235,8 +248,9 @@ def prepare_images(images: list[str], reg: Registry) -> dict:
                 f"oci:{d}:ours-all-opt",
             )
             (d / "ours-all-opt.seconds").write_text(f"{time.perf_counter() - t0:.3f}\n")
+            _stamp(d, "ours-all-opt")
         for tag, level in (("ours-opt", []), ("ours-opt9", ["--compression-level", "9"])):
-            if has_tag(d, tag):
+            if _built(d, tag):
                 continue
             prio = prioritized_from_go(d)
             (d / "prioritized.txt").write_text("".join(p + "\n" for p in prio))
@@ -250,6 +264,7 @@ def prepare_images(images: list[str], reg: Registry) -> dict:
                 f"oci:{d}:orig",
                 f"oci:{d}:{tag}",
             )
+            _stamp(d, tag)
         sizes = {}
         for mode, tag in TAG_OF.items():
             ls = layers_of(d, tag)

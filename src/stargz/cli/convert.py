@@ -124,7 +124,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         dest="compression_level",
         type=int,
         default=None,
-        help="gzip 0-9 (0 stores; default 1, ISA-L, the fastest; 2-9 libdeflate: 5 is about the "
+        help="gzip 0-9 (0 stores; 1 ISA-L, the fastest; 2-9 libdeflate; default 5, about the "
         "size of Go's default 9) or zstd 1-22 (default 3)",
     )
     c.add_argument("--prioritized-files", metavar="FILE", help="file listing paths to put first")
