@@ -1,7 +1,8 @@
 """Idle daemon memory: ours vs Go's, and what each import costs ours.
 
-1. Idle RSS: each daemon started with its defaults (ours: socket serving and the FUSE root
-   mounted; Go: socket serving), no layer; VmRSS (and ours' anon/file split) after
+1. Idle RSS: each daemon started with its defaults (ours: socket serving, the FUSE root
+   mounted and the registry client preloaded; also ours with ``preload_registry_client =
+   false``; Go: socket serving), no layer; VmRSS (and ours' anon/file split) after
    ``--settle`` seconds. The daemons take turns, ``--trials`` times. Go's daemon is the one
    ../shared/tools/go-peer/build.sh builds (``--go-bin``; skipped if it is missing).
 2. One layer mounted: a docker-registry on 127.0.0.1 with the busybox fixture image
@@ -34,6 +35,8 @@ from benchmarks.common import REPO
 from benchmarks.peer import GO_BIN, NO_FETCH, GoDaemon
 from tests.harness.procs import Containerd, Registry, StargzDaemon, run, shared_dir
 
+#: ours' default imports the registry client in the background once serving.
+NO_PRELOAD = "preload_registry_client = false\n"
 #: The steps of a started daemon's imports, in order.
 DAEMON_STEPS = [
     "uvloop",
@@ -104,11 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     common.add_output_args(ap, "idle-memory")
     a = ap.parse_args(argv)
     have_go = os.access(a.go_bin, os.X_OK)
-    runs: dict[str, list[dict[str, int]]] = {"ours": []} | ({"go": []} if have_go else {})
+    runs: dict[str, list[dict[str, int]]] = {"ours": [], "ours-no-preload": []}
+    runs |= {"go": []} if have_go else {}
     for _ in range(a.trials):
         for who in runs:
             if who == "ours":
                 d = StargzDaemon.start(log_level="info")
+            elif who == "ours-no-preload":
+                d = StargzDaemon.start(config_text=NO_PRELOAD, log_level="info")
             else:
                 d = GoDaemon.start(a.go_bin, "127.0.0.1:5000")
             try:
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         for who, rs in runs.items()
     }
-    mounted: dict[str, list[dict]] = {who: [] for who in runs}
+    mounted: dict[str, list[dict]] = {who: [] for who in runs if who != "ours-no-preload"}
     reg = Registry.start()
     try:
         ref = reg.push_oci(shared_dir() / "fixtures" / "oci-busybox", "esgz", "busybox:esgz")

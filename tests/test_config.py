@@ -37,6 +37,7 @@ SPEC_DEFAULTS = {
     "resolve_neighbours": True,  # ours, not upstream
     "resolve_neighbours_parallel": 8,  # ours, not upstream
     "resolve_neighbours_max_bytes": 64 << 20,  # ours, not upstream
+    "preload_registry_client": True,  # ours, not upstream
     "blob.valid_interval": 60,
     "blob.check_always": False,
     "blob.chunk_size": 50000,

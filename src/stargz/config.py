@@ -210,6 +210,9 @@ class Config:
     resolve_neighbours: bool = True
     resolve_neighbours_parallel: int = field(default=8, metadata={"min": 1})
     resolve_neighbours_max_bytes: int = _nonneg(64 << 20)
+    # ours: once serving, import the registry client (aiohttp; ~0.13 s, ~11 MB) in the
+    # background instead of on the first lazy mount, which would wait for it
+    preload_registry_client: bool = True
 
     blob: BlobConfig = field(default_factory=BlobConfig)
     directory_cache: DirectoryCacheConfig = field(default_factory=DirectoryCacheConfig)

@@ -59,6 +59,10 @@ def idle_daemon(monkeypatch, request):
         d.close()
 
 
+NO_PRELOAD = "preload_registry_client = false\n"
+
+
+@pytest.mark.parametrize("idle_daemon", [NO_PRELOAD], indirect=True)
 def test_an_idle_daemon_loads_no_registry_client_writer_or_metrics(idle_daemon):
     mods = _imported(idle_daemon)
     # the probe sees what a serving daemon with a FUSE mount must have loaded
@@ -69,7 +73,7 @@ def test_an_idle_daemon_loads_no_registry_client_writer_or_metrics(idle_daemon):
 
 
 @pytest.mark.parametrize(
-    "idle_daemon", [f'metrics_address = "127.0.0.1:{_free_port()}"'], indirect=True
+    "idle_daemon", [NO_PRELOAD + f'metrics_address = "127.0.0.1:{_free_port()}"'], indirect=True
 )
 def test_metrics_address_loads_prometheus_client(idle_daemon):
     """The probe is not blind: asking for metrics does load prometheus-client (and the
@@ -77,3 +81,15 @@ def test_metrics_address_loads_prometheus_client(idle_daemon):
     mods = _imported(idle_daemon)
     assert _under(mods, ("prometheus_client",)) != []
     assert _under(mods, ("stargz.estargz.writer", "stargz.image", "stargz.remote.client")) == []
+
+
+def test_by_default_the_registry_client_is_preloaded_once_serving(idle_daemon):
+    """The default imports the registry client in the background (the first lazy mount
+    does not wait for it), and nothing else that has no work yet."""
+    deadline = time.monotonic() + 20
+    mods = _imported(idle_daemon)
+    while "stargz.remote.client" not in mods and time.monotonic() < deadline:
+        time.sleep(0.2)
+        mods = _imported(idle_daemon)
+    assert {"stargz.remote.client", "aiohttp"} <= mods
+    assert _under(mods, ("stargz.estargz.writer", "stargz.image", "prometheus_client")) == []

@@ -288,3 +288,77 @@ def test_layer_open_failure_stops_the_head(busybox, tmp_path, monkeypatch):
         assert not pending
 
     asyncio.run(go())
+
+
+# --- the landmark from a TOC's first bytes -------------------------------------------------
+
+
+def _toc_region(layout, layer) -> bytes:
+    from stargz.estargz.footer import parse_footer
+
+    data = layout.blob_path(layer.digest).read_bytes()
+    return data[parse_footer(data[-64:], len(data)).toc_offset :]
+
+
+def test_landmark_from_the_first_bytes_of_a_toc(busybox, corners):
+    from stargz.fs.headstart import TOC_HEAD_BYTES, landmark_from_toc_head
+
+    layer = busybox.layers("opt")[0]
+    _, r = _toc_json(busybox, layer)
+    region = _toc_region(busybox, layer)
+    assert r.prefetch_size and landmark_from_toc_head(region[:TOC_HEAD_BYTES]) == r.prefetch_size
+    # too few bytes to hold the landmark's entry: no guess
+    assert landmark_from_toc_head(region[:64]) is None
+    # unoptimized: nothing; not gzip (zstd:chunked) or damaged: nothing
+    for layout in (busybox, corners):
+        assert landmark_from_toc_head(_toc_region(layout, layout.layers("esgz")[0])) is None
+    zst = _toc_region(corners, corners.layers("zstdchunked")[0])
+    assert landmark_from_toc_head(zst[:TOC_HEAD_BYTES]) is None
+    assert landmark_from_toc_head(region[:10] + b"\xff" * 4000) is None
+
+
+def test_head_start_begins_with_the_toc_head_before_the_rest_arrives(
+    busybox, tmp_path, monkeypatch
+):
+    """A TOC region longer than the first tail read: the prefetch download is asked for
+    as soon as the TOC's first bytes are in, while the rest of the TOC is still held up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import stargz.fs.layer_open as lo
+    from stargz.fs.cache import DiskCache
+    from stargz.fs.headstart import TOC_HEAD_BYTES
+
+    layer = busybox.layers("opt")[0]
+    _, r = _toc_json(busybox, layer)
+    data = busybox.blob_path(layer.digest).read_bytes()
+
+    class StreamingBlob(CountingBlob):
+        """Sends the head of a long read, then waits until told to send the rest."""
+
+        def __init__(self, data: bytes) -> None:
+            super().__init__(data)
+            self.asked_while_waiting: list[tuple[int, int]] = []
+
+        async def read_at_with_head(self, off, n, head, on_head):
+            on_head(self.data[off : off + head])
+            await asyncio.sleep(0.05)
+            self.asked_while_waiting = list(self.requests)
+            return (await self.read_ranges([(off, n)]))[0]
+
+    async def go():
+        blob = StreamingBlob(data)
+        disk = DiskCache(str(tmp_path))
+        disk.load()
+        head = lo._HeadStart(blob, 64 << 20, asyncio.get_running_loop())
+        toc_offset = len(data) - len(_toc_region(busybox, layer))
+        # a first tail read that ends after the TOC's start forces the long read
+        monkeypatch.setattr(lo, "TAIL_FETCH_SIZE", max(64, len(data) - toc_offset - TOC_HEAD_BYTES))
+        with ThreadPoolExecutor(1) as ex:
+            start, got, _ = await lo.fetch_tail(blob, layer.digest, disk, ex, 0, head.on_toc_head)
+        assert start == toc_offset and got == data[toc_offset:]
+        assert head.blob is not None and head.blob.head_size == r.prefetch_size
+        # the head's first piece was requested while the TOC's rest was held up
+        assert any(o == 0 for o, _ in blob.asked_while_waiting), blob.asked_while_waiting
+        head.cancel()
+
+    asyncio.run(go())

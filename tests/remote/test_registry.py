@@ -291,3 +291,33 @@ def test_prefetch_splits_into_prefetch_chunk_size_gets(images, run):
             assert b.stats.requests - before == 1
 
     run(main)
+
+
+def test_read_at_with_head_hands_over_the_first_bytes_before_the_rest(images, run_both):
+    """The head callback gets exactly the first bytes while the body still streams (the
+    TOC's first bytes start a layer's prefetch early), and the read returns them all."""
+    blob = images.blob
+    off, n, head = 1000, 2 << 20, 16 << 10
+
+    async def main():
+        async with client() as c:
+            b = await c.open_blob(images.blob_ref, images.blob_digest)
+            heads: list[tuple[bytes, int]] = []
+            before = b.stats.bytes_fetched
+            got = await b.read_at_with_head(
+                off, n, head, lambda h: heads.append((h, b.stats.bytes_fetched - before))
+            )
+            assert got == blob[off : off + n]
+            assert [h for h, _ in heads] == [blob[off : off + head]]
+            # called when the head was in, not after the whole 2 MiB
+            assert heads[0][1] == head
+            # a callback that fails changes nothing about the read
+            got = await b.read_at_with_head(off, n, head, lambda h: 1 / 0)
+            assert got == blob[off : off + n]
+            # a read no longer than the head is an ordinary read (no callback)
+            assert (
+                await b.read_at_with_head(off, head, head, heads.append) == blob[off : off + head]
+            )
+            assert len(heads) == 1
+
+    run_both(main)

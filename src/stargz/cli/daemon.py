@@ -43,6 +43,8 @@ import os
 import signal
 import socket
 import sys
+import threading
+import time
 from typing import Any
 
 from stargz import config
@@ -233,6 +235,8 @@ async def _serve(args: argparse.Namespace, cfg: config.Config) -> int:
         if cri is not None:
             cri_server = await _serve_cri(cfg, cri, args.address, own_socket)
         sd_notify("READY=1")
+        if fs is not None and cfg.preload_registry_client:
+            _preload_registry_client()
         sig = await stopped
         sd_notify("STOPPING=1")
         log.info("shutting down", extra={"signal": sig.name})
@@ -257,6 +261,23 @@ async def _serve(args: argparse.Namespace, cfg: config.Config) -> int:
             await fs.close(unmount=sig == signal.SIGINT)
     log.info("stopped")
     return 0
+
+
+def _preload_registry_client() -> None:
+    """Import the registry client in a thread of its own: the first lazy mount then finds
+    it loaded. A mount that comes first waits on the same imports, as it would anyway."""
+    from stargz.fs.registry import preload_client
+
+    def run() -> None:
+        t0 = time.monotonic()
+        try:
+            preload_client()
+        except Exception as e:  # the first mount imports again and reports it
+            log.warning("could not preload the registry client", extra={"error": str(e)})
+            return
+        log.debug("registry client preloaded", extra={"seconds": round(time.monotonic() - t0, 3)})
+
+    threading.Thread(target=run, name="preload-registry", daemon=True).start()
 
 
 def _open_keychain(args: argparse.Namespace, cfg: config.Config):

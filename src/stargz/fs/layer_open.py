@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -19,7 +20,12 @@ from stargz.estargz.footer import parse_footer
 from stargz.estargz.reader import Reader
 from stargz.fs.cache import DiskCache
 from stargz.fs.chunks import ChunkIndex
-from stargz.fs.headstart import HeadStartBlob, landmark_offset
+from stargz.fs.headstart import (
+    TOC_HEAD_BYTES,
+    HeadStartBlob,
+    landmark_from_toc_head,
+    landmark_offset,
+)
 from stargz.fs.options import FsOptions
 from stargz.fs.source import Blob
 
@@ -46,6 +52,7 @@ async def fetch_tail(
     disk: DiskCache | None,
     loop_executor: Executor,
     max_toc_bytes: int = 0,
+    on_toc_head: Callable[[bytes], None] | None = None,
 ) -> tuple[int, bytes, int]:
     """``(start, bytes[start:size], fetched)``: the blob from the TOC's start to its end.
 
@@ -54,6 +61,8 @@ async def fetch_tail(
     :class:`~stargz.fs.source.Blob`) are used instead of asking for them again. A TOC
     region (TOC offset to the blob's end) over ``max_toc_bytes`` (0: no bound) is
     refused with TOCError before any of it beyond the first tail read is fetched.
+    ``on_toc_head`` gets the TOC region's first `TOC_HEAD_BYTES` as soon as they are here
+    (fetched from the blob only: not for a TOC from the disk cache).
     """
     loop = asyncio.get_running_loop()
     size = blob.size
@@ -83,9 +92,17 @@ async def fetch_tail(
             "allowed (max_toc_bytes)"
         )
     if footer.toc_offset < start:
-        (head,) = await blob.read_ranges([(footer.toc_offset, start - footer.toc_offset)])
+        off, n = footer.toc_offset, start - footer.toc_offset
+        streaming = getattr(blob, "read_at_with_head", None)
+        if on_toc_head is not None and streaming is not None:
+            head = await streaming(off, n, TOC_HEAD_BYTES, on_toc_head)
+        else:
+            (head,) = await blob.read_ranges([(off, n)])
         return footer.toc_offset, head + tail, len(head) + len(tail)
-    return footer.toc_offset, tail[footer.toc_offset - start :], len(tail)
+    region = tail[footer.toc_offset - start :]
+    if on_toc_head is not None:
+        on_toc_head(region[:TOC_HEAD_BYTES])
+    return footer.toc_offset, region, len(tail)
 
 
 class _TailBytes:
@@ -121,10 +138,20 @@ class _HeadStart:
 
     def on_toc_json(self, toc_json: bytes) -> None:
         """Parse hook; runs in the executor thread."""
+        if self._offset is not None:
+            return  # found in the TOC's first bytes already
         off = landmark_offset(toc_json)
         if off:
             self._offset = off
             self._loop.call_soon_threadsafe(self.start)
+
+    def on_toc_head(self, region_head: bytes) -> None:
+        """`fetch_tail` hook, on the loop: the TOC region's first bytes, while the rest
+        is still on its way. The download starts now if they name the landmark."""
+        off = landmark_from_toc_head(region_head)
+        if off:
+            self._offset = off
+            self.start()
 
     def start(self) -> None:
         if self._offset is not None and self.blob is None:
@@ -197,14 +224,21 @@ async def open_layer(
     t0 = time.monotonic()
     loop = asyncio.get_running_loop()
     max_toc = options.max_toc_bytes
+    head = _HeadStart(blob, options.head_start_max_bytes, loop)
+    allowed = not options.noprefetch and options.head_start_max_bytes > 0
     if tail is not None:
         start, data, fetched = tail
     else:
-        start, data, fetched = await fetch_tail(blob, digest, disk, executor, max_toc)
+        try:
+            start, data, fetched = await fetch_tail(
+                blob, digest, disk, executor, max_toc, head.on_toc_head if allowed else None
+            )
+        except BaseException:
+            head.cancel()  # the TOC's first bytes may have started it
+            raise
     t_fetched = time.monotonic()
     size = blob.size
-    head = _HeadStart(blob, options.head_start_max_bytes, loop)
-    wanted = fetched and not options.noprefetch and options.head_start_max_bytes > 0
+    wanted = fetched and allowed
     hook = head.on_toc_json if wanted else None
     try:
         try:

@@ -22,6 +22,15 @@ from stargz.config import Config
 from stargz.fs.source import Blob
 
 
+def preload_client() -> None:
+    """Import the registry client's modules now (aiohttp and ours: ~0.13 s of CPU here).
+
+    The daemon calls it from a thread once it serves, so the first lazy mount after a
+    start does not wait for the imports (`preload_registry_client`)."""
+    import stargz.remote.client  # noqa: F401
+    import stargz.remote.options  # noqa: F401
+
+
 class RegistryLayerSource:
     """Resolves ``(image ref, layer digest)`` through a `stargz.remote.RegistryClient`.
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import concurrent.futures
+import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -75,6 +76,11 @@ T = TypeVar("T")
 MAX_RANGES_PER_REQUEST = 64
 #: Part headers of a multipart body are small; this bounds the body we accept.
 _MULTIPART_OVERHEAD_PER_PART = 1024
+#: ``(n, callback)`` of a `BlobReader.read_at_with_head` under way in this task: its
+#: single-range answer hands its first ``n`` bytes to ``callback`` as soon as they arrive.
+_HEAD_HOOK: contextvars.ContextVar[tuple[int, Callable[[bytes], None]] | None] = (
+    contextvars.ContextVar("stargz_blob_head_hook", default=None)
+)
 
 
 class _StaleLocation(Exception):
@@ -280,6 +286,19 @@ class BlobReader:
         """The blob's bytes ``[offset, offset + size)``, exactly ``size`` of them."""
         return (await self.read_ranges([(offset, size)]))[0]
 
+    async def read_at_with_head(
+        self, offset: int, size: int, head: int, on_head: Callable[[bytes], None]
+    ) -> bytes:
+        """`read_at`, handing the first ``head`` bytes to ``on_head`` as soon as they
+        arrive, while the rest still streams in (a TOC's first bytes name the prefetch
+        range long before its last arrive). ``on_head`` runs on the event loop, may run
+        again if the read is retried, and its errors are logged, never raised."""
+        token = _HEAD_HOOK.set((head, on_head))
+        try:
+            return await self.read_at(offset, size)
+        finally:
+            _HEAD_HOOK.reset(token)
+
     async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         """Bytes of each ``(offset, size)``, in the given order, fetched together.
 
@@ -461,7 +480,16 @@ class BlobReader:
                 status=206,
                 url=redact_url(ex.url),
             )
-        body = await ex.read_prefix(hi - start)
+        hook = _HEAD_HOOK.get()
+        if hook is not None and hi - start > hook[0]:
+            first = await ex.read_some(hook[0])
+            try:
+                hook[1](first)
+            except Exception:  # a hint for a head start, never the read's business
+                log.exception("head callback of %s failed", redact_url(ex.url))
+            body = first + await ex.read_prefix(hi - start - len(first))
+        else:
+            body = await ex.read_prefix(hi - start)
         if len(body) != hi - start:
             raise RegistryProtocolError(
                 f"Content-Range {shown} promises bytes {lo}-{hi - 1}, "

@@ -165,6 +165,17 @@ class Exchange:
                 )
         return bytes(buf)
 
+    async def read_some(self, n: int) -> bytes:
+        """The body's next ``n`` bytes (fewer at its end), leaving the rest to be read."""
+        buf = bytearray()
+        while len(buf) < n:
+            piece = await self.resp.content.read(n - len(buf))
+            if not piece:
+                break
+            buf += piece
+        self._count(len(buf))
+        return bytes(buf)
+
     async def read_prefix(self, n: int) -> bytes:
         """The first ``n`` bytes of the body (fewer at its end). The rest is never read:
         if the server sends more, the connection is closed instead of drained."""
