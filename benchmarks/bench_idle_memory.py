@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     headline = {
         who: {
             "idle_mb": v["rss_mb_median"],
-            "one_layer_mb": one_layer[who]["rss_mb_mounted_median"],
+            "one_layer_mb": one_layer[who]["rss_mb_mounted_median"] if who in one_layer else None,
         }
         for who, v in idle.items()
     }
