@@ -3,7 +3,9 @@ containerd 1.6, docker-registry and our daemon. The pulls themselves (lazy, unpa
 image record) run over both paths in tests/e2e/test_rpull.py; here: what is particular to
 asking the daemon. Its fallback to the in-process pull (no socket; a server that does not
 serve the service), bad input answered as one line with no image record left, and
-``--user`` credentials that serve one pull and are not kept by the daemon.
+``--user`` credentials that serve one pull and are not kept by the daemon, and the
+daemon's one registry client shared by the pull and the layer mounts that follow, and a
+client killed mid-pull stopping the daemon's pull.
 """
 
 from __future__ import annotations
@@ -11,12 +13,24 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 
 import pytest
-from harness import Containerd, StargzDaemon, free_port, mounted_image, tree_listing
-from harness.faults import BasicAuth, ProxyThread
+from aiohttp import web
+from harness import (
+    Containerd,
+    Registry,
+    StargzDaemon,
+    free_port,
+    mounted_image,
+    run,
+    tree_listing,
+)
+from harness.faults import BasicAuth, Body, Proxy, ProxyThread
 from harness.oci import index_image
-from harness.procs import REPO
+from harness.procs import REPO, TokenAuth
+from harness.registry_auth import TokenIssuer, docker_config
 
 from e2e.test_lazy import NO_BACKGROUND, assert_quiet_log, ground_truth, layers_of
 from e2e.test_rpull import (
@@ -27,6 +41,7 @@ from e2e.test_rpull import (
     images,
     layer_lines,
     one_line_error,
+    snapshots,
     stargz_rpull,
 )
 
@@ -186,3 +201,112 @@ def test_user_credentials_serve_one_pull_and_are_not_kept(
     out = c.ctr("run", "--rm", *SNAP, gated, "auth-d", "cat", "/etc/greeting", ns=NS)
     assert out.stdout == "hi\n"
     assert "s3cret" not in sd.log_text()
+
+
+# --- one registry client for the pull and the mounts ---------------------------------------
+
+
+@pytest.mark.parametrize("path", ["daemon", "in-process"])
+def test_the_pull_and_the_layer_mounts_share_one_token(path, lazy_stack, shared, tmp_path):
+    """A registry with ``auth: token`` (docker-registry checks tokens; a token issuer in
+    front answers ``/token``), credentials in the docker config of both the daemon and the
+    command. Pulled by the daemon, the manifest and config fetch and both layer mounts
+    use the daemon's registry client: one token is issued for the whole pull. Pulled in
+    the command's process, that process gets a token of its own, then the daemon another."""
+    user, password = "alice", "wonderland-7"
+    with ProxyThread() as pt:
+        issuer = TokenIssuer.create(tmp_path / "token", {user: password})
+        realm = pt.start("http://127.0.0.1:9", issuer)  # answers /token itself
+        reg = Registry.start(
+            token=TokenAuth(f"{realm.url}/token", issuer.service, issuer.issuer, issuer.cert)
+        )
+        try:
+            reg.credentials = (user, password)  # skopeo's push
+            layout = shared / "fixtures" / "oci-corners"
+            ref = reg.push_oci(layout, "esgz", "tokens:esgz")
+            pushed = len(issuer.issued)
+            cfg = docker_config(tmp_path / "docker", reg.host, user, password)
+            sd, c = lazy_stack(NO_BACKGROUND, env={"DOCKER_CONFIG": str(cfg)})
+            daemon = sd if path == "daemon" else None
+            p = run(
+                [
+                    *(sys.executable, "-m", "stargz.cli.main", "rpull", "-a", c.address),
+                    *("-n", NS, *(["--daemon-address", sd.address] if daemon else [])),
+                    *([] if daemon else ["--in-process"]),
+                    ref,
+                ],
+                env=dict(_env(), DOCKER_CONFIG=str(cfg)),
+                timeout=120,
+            )
+            assert layer_lines(p.stdout) == ["remote snapshot (lazy)"] * 2, p.stdout
+            assert_remote_snapshots(sd, c, layers_of(layout, "esgz"))
+            with mounted_image(c, ref, NS) as root:
+                assert tree_listing(root) == ground_truth(shared)
+            ours = [a for a, _ in issuer.issued[pushed:]]
+            assert len(ours) == (1 if daemon else 2), issuer.issued[pushed:]
+            assert issuer.refused == []
+        finally:
+            reg.close()
+
+
+# --- a client that goes away ------------------------------------------------------------
+
+
+@dataclass
+class StallFirstGet:
+    """The first GET of blob ``digest``: half its body, then ``seconds`` of silence."""
+
+    digest: str
+    seconds: float
+    stalled: int = 0
+
+    async def __call__(self, proxy: Proxy, request: web.Request) -> web.StreamResponse | None:
+        if request.method == "GET" and request.path.endswith(self.digest) and not self.stalled:
+            self.stalled += 1
+            return await Body("stall", self.seconds)(proxy, request)
+        return None
+
+
+def _wait(what: str, cond, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_a_client_killed_mid_pull_stops_the_daemons_pull(
+    stargz_daemon, containerd, registry, shared
+):
+    """``stargz rpull`` killed (SIGKILL) while the daemon downloads a plain layer (the
+    registry stalls it): the daemon's pull is cancelled, and cleans up as a failed pull
+    does: no lease, no extraction snapshot, no image record. The daemon keeps serving:
+    the same pull made again completes and the image runs."""
+    sd, c = stargz_daemon, containerd
+    registry.push_oci(shared / "fixtures" / "oci-busybox", "1", "killed:1")
+    (layer,) = layers_of(shared / "fixtures" / "oci-busybox", "1")
+    hook = StallFirstGet(layer["digest"], seconds=30)
+    with ProxyThread() as pt:
+        proxy = pt.start(f"http://{registry.host}", hook)
+        stalled = f"{proxy.netloc}/killed:1"
+        client = subprocess.Popen(
+            [*_argv(c, sd), stalled],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=_env(),
+        )
+        try:
+            _wait("the layer download", lambda: hook.stalled == 1)
+            assert c.ctr("leases", "ls", "-q", ns=NS).stdout.split() != []  # the pull's
+            client.kill()
+        finally:
+            client.kill()
+            client.wait(30)
+        _wait("the lease to go", lambda: c.ctr("leases", "ls", "-q", ns=NS).stdout.split() == [])
+        _wait("the extraction snapshot to go", lambda: snapshots(c) == [])
+        assert images(c) == []
+        assert daemon_pulls(sd) == []
+        out = stargz_rpull(c.address, stalled, daemon=sd).stdout
+        assert layer_lines(out) == [f"unpacked ({layer['size']} bytes fetched)"], out
+    run_out = c.ctr("run", "--rm", *SNAP, stalled, "killed", "cat", "/etc/greeting", ns=NS)
+    assert run_out.stdout == "hi\n"
+    assert_quiet_log(sd)  # a cancelled pull is no error of the daemon's
