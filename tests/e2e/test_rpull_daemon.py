@@ -177,14 +177,15 @@ def _env() -> dict[str, str]:
 # --- credentials ------------------------------------------------------------------------
 
 
-def test_user_credentials_serve_one_pull_and_are_not_kept(
-    stargz_daemon, containerd, registry, shared
-):
+@pytest.mark.parametrize("lazy", [False, True], ids=["no-lazy", "lazy"])
+def test_user_credentials_serve_one_pull_and_are_not_kept(lazy, lazy_stack, registry, shared):
     """A registry behind HTTP basic auth (a proxy in front of the real one), and a daemon
     with no credentials of its own: through the daemon, no ``--user`` is one line naming
-    the 401; ``--user USER:PASSWORD`` pulls (the daemon used them); the same pull without
+    the 401; ``--user USER:PASSWORD`` pulls (the daemon used them; with lazy pulling on,
+    in a registry client made for the pull beside the one of the layer mounts, which has
+    no credentials: the layer is refused there and unpacked); the same pull without
     ``--user`` right after is refused again: the daemon kept nothing."""
-    sd, c = stargz_daemon, containerd
+    sd, c = lazy_stack(NO_BACKGROUND) if lazy else lazy_stack(extra_args=("--no-lazy",))
     registry.push_oci(shared / "fixtures" / "oci-busybox", "1", "private-d:1")
     with ProxyThread() as pt:
         proxy = pt.start(f"http://{registry.host}", BasicAuth("alice", "s3cret"))

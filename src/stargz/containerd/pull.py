@@ -35,6 +35,7 @@ from stargz.errors import StargzError
 from stargz.remote.auth import Credentials, StaticKeychain
 from stargz.remote.client import RegistryClient
 from stargz.remote.manifest import Descriptor, Platform, host_platform
+from stargz.remote.options import BlobOptions, ResolverOptions
 from stargz.remote.reference import parse_reference
 from stargz.remote.transport import DEFAULT_KEYCHAIN
 
@@ -70,12 +71,26 @@ class PullResult:
     seconds: float = 0.0
 
 
-def registry_client(opts: PullOptions, host: str) -> RegistryClient:
+def registry_client(
+    opts: PullOptions,
+    host: str,
+    *,
+    resolver: ResolverOptions | None = None,
+    blob: BlobOptions | None = None,
+) -> RegistryClient:
+    """A registry client for one pull: ``opts``' credentials (else the docker config),
+    plain http if asked; ``resolver``/``blob``: hosts, mirrors, CAs and retries of a
+    daemon config (default: none configured)."""
     keychain = DEFAULT_KEYCHAIN
     if opts.credentials is not None:
         keychain = StaticKeychain({host: opts.credentials})
     cls = PlainHTTPClient if opts.plain_http else RegistryClient
-    return cls(keychain=keychain, platform=opts.platform or host_platform())
+    return cls(
+        resolver=resolver,
+        blob=blob,
+        keychain=keychain,
+        platform=opts.platform or host_platform(),
+    )
 
 
 async def rpull(

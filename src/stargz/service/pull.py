@@ -11,8 +11,9 @@ same loop, so neither blocks the other.
 Registry credentials: a request's username/password are used for that pull alone and
 never kept. Without them the daemon's own keychain applies (its docker config file and,
 with ``[cri_keychain]``, what kubelet sent), and the manifest and config are fetched with
-the registry client the daemon's layer mounts use (the ``[resolver]`` hosts and mirrors,
-its connections and tokens), so the layer mounts that follow find a warm connection.
+the registry client the daemon's layer mounts use (its connections and tokens), so the
+layer mounts that follow find a warm connection. Either way the daemon's ``[resolver]``
+hosts, mirrors and CAs apply (`registry_for`).
 
 The grpc_errors decorator maps failures to the daemon's usual status codes with a
 one-line message; a failed pull leaves no image record (the record is written last).
@@ -64,18 +65,30 @@ def pull_options(request: pb.PullRequest) -> Any:
     )
 
 
-def shared_client(fs: Any, opts: Any, ref: str) -> Any:
-    """The registry client of the daemon's layer mounts, when this pull may use it, else
-    None (the pull makes its own, as the in-process ``stargz rpull`` does): not with
-    credentials of the request's own (they are for this pull only), and not with plain
-    http to a host the shared client would reach over https."""
+def registry_for(fs: Any, opts: Any, ref: str) -> tuple[Any, bool]:
+    """The registry client for this pull and whether it was made for it (and is to be
+    closed after it).
+
+    The daemon's layer mounts have one (`stargz.fs.registry.RegistryLayerSource`); the
+    pull uses it too, so the mounts that follow find its connection and token, unless
+    the request has credentials of its own (they are for this pull only) or asks for
+    plain http to a host that client reaches over https. Then a client is made for the
+    pull, with the same ``[resolver]`` and ``[blob]`` options (hosts, mirrors, CAs). A
+    daemon without lazy pulling has no such client: the pull makes one as the in-process
+    ``stargz rpull`` does (None: `rpull` makes and closes it)."""
+    from stargz.containerd.pull import registry_client
+    from stargz.remote.reference import parse_reference
+
     source = getattr(fs, "source", None)
-    if opts.credentials is not None or source is None or not hasattr(type(source), "client"):
-        return None
-    client = source.client
-    if opts.plain_http and any(h.scheme != "http" for h in client.hosts(ref)):
-        return None
-    return client
+    if source is None or not hasattr(type(source), "client"):
+        return None, False
+    shared = source.client
+    plain_ok = not opts.plain_http or all(h.scheme == "http" for h in shared.hosts(ref))
+    if opts.credentials is None and plain_ok:
+        return shared, False
+    host = parse_reference(ref).host
+    own = registry_client(opts, host, resolver=shared.resolver_options, blob=shared.blob_options)
+    return own, True
 
 
 class PullService(pb_grpc.PullServicer):
@@ -91,7 +104,7 @@ class PullService(pb_grpc.PullServicer):
         from stargz.containerd.pull import rpull
 
         opts = pull_options(request)
-        registry = shared_client(self.fs, opts, request.ref)
+        registry, made = registry_for(self.fs, opts, request.ref)
         events: asyncio.Queue[pb.PullEvent | None] = asyncio.Queue()
 
         def fetched(image: Any) -> None:
@@ -123,12 +136,20 @@ class PullService(pb_grpc.PullServicer):
                 "ref": redact_text(request.ref),
                 "namespace": opts.namespace,
                 "snapshotter": opts.snapshotter,
-                "shared-registry-client": registry is not None,
+                "shared-registry-client": registry is not None and not made,
             },
         )
-        task = asyncio.ensure_future(
-            rpull(request.ref, opts, on_layer=layer, on_fetched=fetched, registry=registry)
-        )
+
+        async def pull() -> Any:
+            try:
+                return await rpull(
+                    request.ref, opts, on_layer=layer, on_fetched=fetched, registry=registry
+                )
+            finally:
+                if made:
+                    await registry.close()
+
+        task = asyncio.ensure_future(pull())
         task.add_done_callback(lambda _: events.put_nowait(None))
         try:
             while (event := await events.get()) is not None:
