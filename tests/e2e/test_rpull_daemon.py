@@ -311,3 +311,30 @@ def test_a_client_killed_mid_pull_stops_the_daemons_pull(
     run_out = c.ctr("run", "--rm", *SNAP, stalled, "killed", "cat", "/etc/greeting", ns=NS)
     assert run_out.stdout == "hi\n"
     assert_quiet_log(sd)  # a cancelled pull is no error of the daemon's
+
+
+def test_a_daemon_killed_mid_pull_is_one_line_naming_it(
+    stargz_daemon, containerd, registry, shared
+):
+    """The daemon dies (SIGKILL) while it downloads a plain layer for ``stargz rpull``: the
+    command ends with exit status 1 and one line saying it lost the daemon (gRPC's own
+    words for the broken connection after it), with no traceback and no hang."""
+    sd, c = stargz_daemon, containerd
+    registry.push_oci(shared / "fixtures" / "oci-busybox", "1", "lost:1")
+    (layer,) = layers_of(shared / "fixtures" / "oci-busybox", "1")
+    hook = StallFirstGet(layer["digest"], seconds=30)
+    with ProxyThread() as pt:
+        proxy = pt.start(f"http://{registry.host}", hook)
+        with subprocess.Popen(
+            [*_argv(c, sd), f"{proxy.netloc}/lost:1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        ) as client:
+            _wait("the layer download", lambda: hook.stalled == 1)
+            sd.kill9()
+            out, err = client.communicate(timeout=30)
+    p = subprocess.CompletedProcess(client.args, client.returncode, out, err)
+    msg = one_line_error(p)
+    assert msg.startswith(f"stargz: error: the stargz daemon at {sd.address}: UNAVAILABLE"), msg

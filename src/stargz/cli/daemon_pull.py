@@ -59,13 +59,17 @@ class Request:
 
 
 def _error(address: str, e: grpc.RpcError) -> StargzError:
+    """The daemon's one-line message as its error kind. The daemon ends every message of
+    a known kind with the kind's text (``...: unavailable``), which is dropped here; a
+    message without it comes from gRPC itself (the daemon went away mid-pull, say) and
+    is said to be about the daemon."""
     code = e.code()  # type: ignore[attr-defined]
     details = " ".join(str(e.details() or "").split())  # type: ignore[attr-defined]
     kind, text = _KINDS.get(code, (StargzError, ""))
     if text and details.endswith(": " + text):
-        details = details[: -len(text) - 2]
-    if code == grpc.StatusCode.CANCELLED or not details:
-        details = f"the stargz daemon at {address}: {code.name} {details}".rstrip()
+        return kind(details[: -len(text) - 2])
+    if text or code == grpc.StatusCode.CANCELLED or not details:
+        return kind(f"the stargz daemon at {address}: {code.name} {details}".rstrip())
     return kind(details)
 
 

@@ -155,6 +155,9 @@ class PullService(pb_grpc.PullServicer):
             while (event := await events.get()) is not None:
                 yield event
             result = task.result()  # the pull's own error, if it failed
+        except Exception as e:  # the requester's failure, not the daemon's: info
+            log.info("pull failed", extra={"ref": redact_text(request.ref), "error": e})
+            raise
         finally:
             if not task.done():  # the client went away: stop the pull (its lease goes too)
                 task.cancel()
