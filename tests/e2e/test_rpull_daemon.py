@@ -11,6 +11,7 @@ client killed mid-pull stopping the daemon's pull.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -275,13 +276,15 @@ def _wait(what: str, cond, timeout: float = 20.0) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_a_client_killed_mid_pull_stops_the_daemons_pull(
-    stargz_daemon, containerd, registry, shared
+    sig, stargz_daemon, containerd, registry, shared
 ):
-    """``stargz rpull`` killed (SIGKILL) while the daemon downloads a plain layer (the
-    registry stalls it): the daemon's pull is cancelled, and cleans up as a failed pull
-    does: no lease, no extraction snapshot, no image record. The daemon keeps serving:
-    the same pull made again completes and the image runs."""
+    """``stargz rpull`` killed (SIGKILL), or interrupted (SIGINT, Ctrl-C: exit status 130
+    at once), while the daemon downloads a plain layer (the registry stalls it): the
+    daemon's pull is cancelled, and cleans up as a failed pull does: no lease, no
+    extraction snapshot, no image record. The daemon keeps serving: the same pull made
+    again completes and the image runs."""
     sd, c = stargz_daemon, containerd
     registry.push_oci(shared / "fixtures" / "oci-busybox", "1", "killed:1")
     (layer,) = layers_of(shared / "fixtures" / "oci-busybox", "1")
@@ -298,7 +301,9 @@ def test_a_client_killed_mid_pull_stops_the_daemons_pull(
         try:
             _wait("the layer download", lambda: hook.stalled == 1)
             assert c.ctr("leases", "ls", "-q", ns=NS).stdout.split() != []  # the pull's
-            client.kill()
+            client.send_signal(sig)
+            code = client.wait(10)
+            assert code == (130 if sig == signal.SIGINT else -signal.SIGKILL), code
         finally:
             client.kill()
             client.wait(30)
