@@ -12,7 +12,8 @@ For each image (python, gcc, nginx, node, python-12l: python in 12 layers) and m
                  chain (Go's optimizer, Go's ``ctr-remote i rpull``, Go's daemon)
 * ``ours-on-go-opt`` our daemon on Go's ``go-opt`` image (pulled by ``ctr-remote i rpull``)
 * ``ours-all-opt`` our whole chain: ``stargz optimize`` with the same workload, our
-                 ``stargz rpull`` (its own process, as a user runs it), our daemon
+                 ``stargz rpull`` (its own process, as a user runs it: it asks our
+                 daemon to make the pull), our daemon
 
 and extra modes (not run unless named in ``--modes``) that separate the converter from
 the snapshotter: ``ours-opt9`` is ``ours-opt`` compressed at Go's gzip level 9 instead of
@@ -124,7 +125,11 @@ def trial(img: str, mode: str, ref: str, reg: Registry, go_bin: str) -> dict:
         if mode == "legacy":
             run(["ctr", *a, "i", "pull", "--plain-http", ref], timeout=1800)
         elif mode == "ours-all-opt":  # our client of containerd's API, as a user runs it
-            o = run([*STARGZ, "rpull", *a, "--plain-http", ref], timeout=1800).stdout
+            # (the daemon makes the pull, as it does for a user: its socket is not the default)
+            o = run(
+                [*STARGZ, "rpull", *a, "--daemon-address", addr, "--plain-http", ref],
+                timeout=1800,
+            ).stdout
             m = re.search(r" in ([0-9.]+)s$", o.strip())
             res["rpull_inner_s"] = float(m.group(1)) if m else None
         else:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate the Python code for containerd's APIs (Snapshots, which the daemon serves;
-# Content, Images, Leases and Diff, which `stargz rpull` calls), our own Status API
+# Content, Images, Leases and Diff, which `stargz rpull` calls), our own Status and Pull APIs
 # (stargz.v1) and the subset of the Kubernetes CRI API (runtime.v1) from proto/.
 #
 #   scripts/gen_proto.sh [OUTDIR]     (default: src/stargz/service/proto)
@@ -27,6 +27,7 @@ cd "$top/proto"
   containerd/services/leases/v1/leases.proto \
   containerd/services/diff/v1/diff.proto \
   stargz/v1/status.proto \
+  stargz/v1/pull.proto \
   k8s/cri/runtime/v1/api.proto
 
 # protoc writes absolute imports of the proto package ("from containerd.types import

@@ -123,7 +123,8 @@ def test_fuse_probe_detects_a_violation():
 #: shared leaves.
 #: ``proto`` is the generated gRPC code under ``stargz.service.proto`` (a leaf: protobuf and
 #: grpc only); ``containerd`` is the client of containerd's API (``stargz rpull``), which
-#: fetches with ``remote`` and never touches the daemon's parts.
+#: fetches with ``remote`` and never touches the daemon's parts; ``service`` runs that
+#: client for ``stargz.v1.Pull`` (the daemon making the pull ``stargz rpull`` asks for).
 LAYER_RULES: dict[str, set[str]] = {
     "errors": set(),
     "private": set(),
@@ -141,6 +142,7 @@ LAYER_RULES: dict[str, set[str]] = {
     "optimize": {"errors", "estargz", "image", "fs", "mountinfo"},
     "service": {
         "errors", "config", "snapshot", "fs", "remote", "estargz", "fuse", "private", "proto",
+        "containerd",
     },
     "cli": {
         "errors", "config", "estargz", "remote", "image", "fs", "fuse", "snapshot", "service",

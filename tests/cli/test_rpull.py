@@ -35,14 +35,24 @@ def one_line(p: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def in_process(*args: str) -> subprocess.CompletedProcess:
+    return stargz("rpull", "--in-process", *args)
+
+
 def test_defaults_are_containerds():
     assert rpull.DEFAULT_ADDRESS == client.DEFAULT_ADDRESS == "/run/containerd/containerd.sock"
     assert rpull.DEFAULT_NAMESPACE == client.DEFAULT_NAMESPACE == "default"
 
 
+def test_default_daemon_address_is_the_daemons():
+    from stargz.cli import daemon
+
+    assert rpull.DEFAULT_DAEMON_ADDRESS == daemon.DEFAULT_ADDRESS
+
+
 def test_no_socket(tmp_path):
     sock = tmp_path / "containerd.sock"
-    msg = one_line(stargz("rpull", "-a", str(sock), "127.0.0.1:5000/app:1"))
+    msg = one_line(in_process("-a", str(sock), "127.0.0.1:5000/app:1"))
     assert msg == f"stargz: error: cannot reach containerd at {sock}: no such socket " + (
         "(is containerd running?)"
     )
@@ -51,7 +61,7 @@ def test_no_socket(tmp_path):
 def test_not_a_socket(tmp_path):
     path = tmp_path / "file"
     path.write_text("")
-    assert one_line(stargz("rpull", "-a", str(path), "r/a:1")).endswith(": not a socket")
+    assert one_line(in_process("-a", str(path), "r/a:1")).endswith(": not a socket")
 
 
 def test_stale_socket(tmp_path):
@@ -59,7 +69,7 @@ def test_stale_socket(tmp_path):
     path = tmp_path / "stale.sock"
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(path))
-    msg = one_line(stargz("rpull", "-a", str(path), "r/a:1"))
+    msg = one_line(in_process("-a", str(path), "r/a:1"))
     assert "nothing listens on it" in msg, msg
 
 
@@ -74,12 +84,48 @@ def test_stale_socket(tmp_path):
     ],
 )
 def test_bad_arguments(args, want, tmp_path):
-    msg = one_line(stargz("rpull", "-a", str(tmp_path / "none.sock"), *args))
+    msg = one_line(in_process("-a", str(tmp_path / "none.sock"), *args))
     assert want in msg, msg
+
+
+@pytest.mark.parametrize(
+    ("args", "want"),
+    [
+        (["--user", ":pw", "r/a:1"], "empty user name"),
+        (["--user", "alice", "r/a:1"], "no password"),
+    ],
+)
+def test_bad_user_is_refused_before_asking_the_daemon(args, want, tmp_path):
+    """Checked before any daemon is asked (or found missing): no fallback note."""
+    p = stargz("rpull", "--daemon-address", str(tmp_path / "d.sock"), *args)
+    assert want in one_line(p)
+
+
+def test_without_a_daemon_the_pull_runs_here_and_says_so(tmp_path):
+    """No daemon socket: a note on stderr, then the in-process pull (which here finds no
+    containerd either, and says that in its one error line)."""
+    daemon, cd = tmp_path / "daemon.sock", tmp_path / "containerd.sock"
+    p = stargz("rpull", "--daemon-address", str(daemon), "-a", str(cd), "r/a:1")
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p
+    assert p.stderr.splitlines() == [
+        f"stargz: cannot reach the stargz daemon at {daemon}: no such socket "
+        "(is the stargz daemon running?); pulling in this process",
+        f"stargz: error: cannot reach containerd at {cd}: no such socket (is containerd running?)",
+    ], p.stderr
+    quiet = stargz("rpull", "-q", "--daemon-address", str(daemon), "-a", str(cd), "r/a:1")
+    assert one_line(quiet).startswith("stargz: error: cannot reach containerd")
+
+
+def test_daemon_address_and_in_process_exclude_each_other():
+    p = stargz("rpull", "--in-process", "--daemon-address", "/x.sock", "r/a:1")
+    assert p.returncode == 2 and "not allowed with" in p.stderr, p
 
 
 def test_help_lists_the_flags():
     out = stargz("rpull", "--help").stdout
-    for flag in ("--address", "--namespace", "--snapshotter", "--plain-http", "--user"):
+    for flag in (
+        "--address", "--namespace", "--snapshotter", "--plain-http", "--user",
+        "--daemon-address", "--in-process",
+    ):  # fmt: skip
         assert flag in out
     assert "--platform" in out and Path(client.DEFAULT_ADDRESS).name in out

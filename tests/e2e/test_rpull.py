@@ -52,15 +52,44 @@ CRI_LABELS = {L.CRI_IMAGE_REF, L.CRI_LAYER_DIGEST, L.CRI_IMAGE_LAYERS, L.CRI_MAN
 
 
 def stargz_rpull(
-    address: str, ref: str, *flags: str, ns: str = NS, check: bool = True
+    address: str,
+    ref: str,
+    *flags: str,
+    ns: str = NS,
+    check: bool = True,
+    daemon: StargzDaemon | str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """``stargz rpull`` as a user runs it (this checkout's sources)."""
-    return run(
-        [sys.executable, "-m", "stargz.cli.main", "rpull", "-a", address, "-n", ns, *flags, ref],
+    """``stargz rpull`` as a user runs it (this checkout's sources): made by ``daemon``
+    (``--daemon-address``: a daemon, or the socket to ask), or without one in this
+    process (``--in-process``)."""
+    where = ["--in-process"]
+    if daemon is not None:
+        where = ["--daemon-address", daemon if isinstance(daemon, str) else daemon.address]
+    p = run(
+        [
+            *(sys.executable, "-m", "stargz.cli.main", "rpull"),
+            *("-a", address, "-n", ns, *where, *flags, ref),
+        ],
         env=dict(os.environ, PYTHONPATH=str(REPO / "src")),
         check=check,
         timeout=120,
     )
+    if isinstance(daemon, StargzDaemon) and p.returncode == 0:
+        assert p.stderr == "", p.stderr  # the daemon pulled: no fallback to this process
+    return p
+
+
+#: Both ways ``stargz rpull`` pulls: made by the daemon it asks, or in its own process.
+PATHS = ["daemon", "in-process"]
+
+
+def pulled_by(path: str, sd: StargzDaemon) -> StargzDaemon | None:
+    return sd if path == "daemon" else None
+
+
+def daemon_pulls(sd: StargzDaemon) -> list[dict[str, Any]]:
+    """The daemon's ``pulled`` log records (one per pull it made for ``stargz rpull``)."""
+    return [r for r in sd.log_records() if r.get("msg") == "pulled"]
 
 
 def go_rpull(c: Containerd, ref: str, ns: str = NS) -> None:
@@ -121,9 +150,10 @@ def assert_remote_snapshots(sd: StargzDaemon, c: Containerd, layers: list[dict[s
 # --- eStargz images: every layer lazy ------------------------------------------------------
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("tag", ["esgz", "zstdchunked"])
 def test_rpull_corners_mounts_every_layer_remotely_with_the_ground_truth_tree(
-    tag, logged_registry, lazy_stack, shared
+    tag, path, logged_registry, lazy_stack, shared
 ):
     """``stargz rpull`` of the Go-made ``oci-corners`` eStargz / zstd:chunked tag: both layers
     become remote snapshots (daemon log, FUSE mounts, no layer blob in containerd's content
@@ -134,8 +164,9 @@ def test_rpull_corners_mounts_every_layer_remotely_with_the_ground_truth_tree(
     layout = shared / "fixtures" / "oci-corners"
     layers = layers_of(layout, tag)
     ref = logged_registry.push_oci(layout, tag, f"corners:{tag}")
-    out = stargz_rpull(c.address, ref).stdout
+    out = stargz_rpull(c.address, ref, daemon=pulled_by(path, sd)).stdout
     assert layer_lines(out) == ["remote snapshot (lazy)"] * 2, out
+    assert len(daemon_pulls(sd)) == (1 if path == "daemon" else 0)
     assert_remote_snapshots(sd, c, layers)
     for d in layers:
         gets = [r for r in logged_registry.blob_requests(d["digest"]) if r.method == "GET"]
@@ -152,7 +183,10 @@ def test_rpull_corners_mounts_every_layer_remotely_with_the_ground_truth_tree(
     assert_quiet_log(sd)
 
 
-def test_rpull_busybox_runs_with_ctr_run_without_pulling_again(logged_registry, lazy_stack, shared):
+@pytest.mark.parametrize("path", PATHS)
+def test_rpull_busybox_runs_with_ctr_run_without_pulling_again(
+    path, logged_registry, lazy_stack, shared
+):
     """busybox ``esgz`` pulled by ``stargz rpull``: ``ctr run --snapshotter stargz`` finds it
     unpacked and runs ``cat /etc/greeting; ls /bin`` from the lazily mounted layer (the
     plain image's greeting and /bin listing). The run fetched no layer blob into
@@ -162,13 +196,13 @@ def test_rpull_busybox_runs_with_ctr_run_without_pulling_again(logged_registry, 
     layout = shared / "fixtures" / "oci-busybox"
     layers = layers_of(layout, "esgz")
     ref = logged_registry.push_oci(layout, "esgz", "busybox:esgz")
-    stargz_rpull(c.address, ref)
+    stargz_rpull(c.address, ref, daemon=pulled_by(path, sd))
     assert_remote_snapshots(sd, c, layers)
     before = content(c)
     out = c.ctr("run", "--rm", *SNAP, ref, "bb-esgz", *BUSYBOX_WORKLOAD, ns=NS).stdout
     assert out == busybox_expected_output(shared)
     assert content(c) == before
-    again = stargz_rpull(c.address, ref).stdout
+    again = stargz_rpull(c.address, ref, daemon=pulled_by(path, sd)).stdout
     assert layer_lines(again) == ["already unpacked"], again
     assert_quiet_log(sd)
 
@@ -176,7 +210,8 @@ def test_rpull_busybox_runs_with_ctr_run_without_pulling_again(logged_registry, 
 # --- the same as Go's ctr-remote ----------------------------------------------------------
 
 
-def test_go_and_python_rpull_leave_the_same_image(registry, lazy_stack, shared, tmp_path):
+@pytest.mark.parametrize("path", PATHS)
+def test_go_and_python_rpull_leave_the_same_image(path, registry, lazy_stack, shared, tmp_path):
     """A two-platform image index (linux/amd64: corners ``esgz``; linux/arm64: busybox
     ``esgz``) pulled by Go's ``ctr-remote i rpull`` into one stack and by ``stargz rpull``
     into another (each its own daemon and containerd, so neither sees the other's
@@ -198,7 +233,7 @@ def test_go_and_python_rpull_leave_the_same_image(registry, lazy_stack, shared, 
     sd_go, c_go = lazy_stack(NO_BACKGROUND)
     sd_py, c_py = lazy_stack(NO_BACKGROUND)
     go_rpull(c_go, ref)
-    stargz_rpull(c_py.address, ref)
+    stargz_rpull(c_py.address, ref, daemon=pulled_by(path, sd_py))
 
     assert images(c_py) == images(c_go)
     (row,) = images(c_py)
@@ -245,7 +280,10 @@ def test_platform_flag_picks_the_other_manifest(registry, lazy_stack, shared, tm
 # --- layers that are not eStargz ----------------------------------------------------------
 
 
-def test_plain_gzip_layers_fall_back_to_unpacking(logged_registry, lazy_stack, shared, tmp_path):
+@pytest.mark.parametrize("path", PATHS)
+def test_plain_gzip_layers_fall_back_to_unpacking(
+    path, logged_registry, lazy_stack, shared, tmp_path
+):
     """An image of a plain tar+gzip busybox layer under the two eStargz ``oci-corners``
     layers: the daemon refuses the plain layer (no TOC digest), so ``stargz rpull``
     downloads its blob (one whole GET), has containerd unpack it and commits it (the blob
@@ -261,7 +299,7 @@ def test_plain_gzip_layers_fall_back_to_unpacking(logged_registry, lazy_stack, s
     )
     plain, *lazy = layers_of(layout, "1")
     ref = logged_registry.push_oci(layout, "1", "mixed:1")
-    out = stargz_rpull(c.address, ref).stdout
+    out = stargz_rpull(c.address, ref, daemon=pulled_by(path, sd)).stdout
     assert layer_lines(out) == [
         f"unpacked ({plain['size']} bytes fetched)",
         "remote snapshot (lazy)",

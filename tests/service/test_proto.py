@@ -125,6 +125,29 @@ def test_status_service_names_are_stable():
     assert fields(st.RefusedLayer)["reason"] == 5
 
 
+def test_pull_service_names_are_stable():
+    """``stargz rpull`` of one version asks the daemon of another to pull: the service,
+    its server-streaming method and the field numbers of the request and events never
+    change."""
+    from stargz.service.proto.stargz.v1 import pull_pb2 as p
+
+    service = p.DESCRIPTOR.services_by_name["Pull"]
+    assert service.full_name == "stargz.v1.Pull"
+    (method,) = service.methods
+    assert method.name == "Pull" and method.server_streaming and not method.client_streaming
+    assert method.input_type.full_name == "stargz.v1.PullRequest"
+    assert method.output_type.full_name == "stargz.v1.PullEvent"
+    assert fields(p.PullRequest) == {
+        "ref": 1, "containerd_address": 2, "namespace": 3, "snapshotter": 4, "plain_http": 5,
+        "username": 6, "password": 7, "platform": 8,
+    }  # fmt: skip
+    assert fields(p.PullEvent) == {"resolved": 1, "manifest": 2, "layer": 3, "done": 4}
+    assert fields(p.ImageResolved) == {"ref": 1, "digest": 2, "media_type": 3}
+    assert fields(p.ManifestChosen) == {"digest": 1, "layers": 2}
+    assert fields(p.LayerDone) == {"index": 1, "digest": 2, "how": 3, "fetched": 4, "chain_id": 5}
+    assert fields(p.PullDone) == {"name": 1, "chain_id": 2, "seconds": 3}
+
+
 def test_cri_subset_is_the_kubelets_wire_format():
     """The CRI subset encodes as kubelet and containerd do: package ``runtime.v1``, the
     ImageService methods the keychain proxies, and the field numbers of upstream

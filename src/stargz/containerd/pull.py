@@ -20,6 +20,7 @@ ID exists in that snapshotter) and starts without pulling again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from stargz.errors import StargzError
 from stargz.remote.auth import Credentials, StaticKeychain
 from stargz.remote.client import RegistryClient
 from stargz.remote.manifest import Descriptor, Platform, host_platform
+from stargz.remote.options import BlobOptions, ResolverOptions
 from stargz.remote.reference import parse_reference
 from stargz.remote.transport import DEFAULT_KEYCHAIN
 
@@ -69,12 +71,26 @@ class PullResult:
     seconds: float = 0.0
 
 
-def registry_client(opts: PullOptions, host: str) -> RegistryClient:
+def registry_client(
+    opts: PullOptions,
+    host: str,
+    *,
+    resolver: ResolverOptions | None = None,
+    blob: BlobOptions | None = None,
+) -> RegistryClient:
+    """A registry client for one pull: ``opts``' credentials (else the docker config),
+    plain http if asked; ``resolver``/``blob``: hosts, mirrors, CAs and retries of a
+    daemon config (default: none configured)."""
     keychain = DEFAULT_KEYCHAIN
     if opts.credentials is not None:
         keychain = StaticKeychain({host: opts.credentials})
     cls = PlainHTTPClient if opts.plain_http else RegistryClient
-    return cls(keychain=keychain, platform=opts.platform or host_platform())
+    return cls(
+        resolver=resolver,
+        blob=blob,
+        keychain=keychain,
+        platform=opts.platform or host_platform(),
+    )
 
 
 async def rpull(
@@ -83,19 +99,27 @@ async def rpull(
     *,
     on_layer: Callable[[LayerResult], None] | None = None,
     on_fetched: Callable[[Image], None] | None = None,
+    registry: RegistryClient | None = None,
 ) -> PullResult:
     """Pull ``ref`` into containerd (see the module docstring). ``on_fetched`` is called
-    once the manifest and config are known, ``on_layer`` after each layer."""
+    once the manifest and config are known, ``on_layer`` after each layer.
+
+    ``registry``: a registry client to use (and leave open) instead of one made for this
+    pull from ``opts`` (the daemon passes the one its layer mounts use, so they share its
+    connections and tokens); ``opts.credentials`` and ``opts.plain_http`` are then the
+    caller's business."""
     opts = opts or PullOptions()
     start = time.monotonic()
     reference = parse_reference(ref)
     name = str(reference)
+    platform = opts.platform or (registry.platform if registry is not None else None)
     async with ContainerdClient(opts.address, opts.namespace) as cd:
         lease = await cd.create_lease(f"rpull-{unique_part()}", L.lease_labels())
         cd.lease = lease
         try:
-            async with registry_client(opts, reference.host) as reg:
-                image = await fetch_image(reg, reference, reg.platform)
+            given = None if registry is None else contextlib.nullcontext(registry)
+            async with given or registry_client(opts, reference.host) as reg:
+                image = await fetch_image(reg, reference, platform or reg.platform)
                 if on_fetched is not None:
                     on_fetched(image)
                 await store_metadata(cd, image)

@@ -1,6 +1,7 @@
 """The daemon's gRPC server on a unix socket: wiring a Snapshotter and its FileSystem (the
 lazy FUSE filesystem, or None when every layer is unpacked) to containerd, plus our own
-read-only ``stargz.v1.Status`` service for ``stargz status`` (`stargz.service.status`).
+read-only ``stargz.v1.Status`` service for ``stargz status`` (`stargz.service.status`) and
+``stargz.v1.Pull``, the pull ``stargz rpull`` asks the daemon to make (`stargz.service.pull`).
 
 Socket rules: the socket's directory, when the daemon creates it, is 0700, and the socket
 is 0600, so only root (containerd) can talk to it. A stale socket file left by a crash is
@@ -22,7 +23,7 @@ import grpc
 from stargz.errors import FailedPrecondition
 from stargz.snapshot import FileSystem, Snapshotter
 
-from . import status
+from . import pull, status
 from .proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from .snapshots import SnapshotsService
 
@@ -120,6 +121,7 @@ class Server:
         def register(server: grpc.aio.Server) -> None:
             pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
             status.add_to_server(server, snapshotter, fs)  # `stargz status`, same socket
+            pull.add_to_server(server, fs)  # `stargz rpull`, same socket
 
         try:
             server = await serve_unix(address, extra_handlers, register)
