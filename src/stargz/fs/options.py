@@ -88,6 +88,10 @@ class FsOptions:
     #: ours (``[fuse] read_ahead_next_chunk``): a sequential reader past the middle of a
     #: cached chunk has the next chunk's cache file read ahead (A/B: bench_read_ahead.py).
     read_ahead_next_chunk: bool = _C.fuse.read_ahead_next_chunk
+    #: ours (``[fuse] splice``): a READ whose bytes are in one verified disk-cache file is
+    #: answered by splicing the file's range into the FUSE device (no copy through Python;
+    #: `stargz.fuse.session`). Off: read into memory and written, as before (A/B: bench_fs.py).
+    splice: bool = _C.fuse.splice
     #: ours (``[blob] max_toc_bytes``): refuse a blob whose TOC region (TOC offset to the
     #: blob's end) is bigger, before fetching it (0 = no bound). Real TOCs are a few MiB;
     #: the Go estargz reader has no such bound.
@@ -144,6 +148,7 @@ class FsOptions:
             notify_store=fuse.notify_store,
             passthrough=fuse.passthrough,
             read_ahead_next_chunk=fuse.read_ahead_next_chunk,
+            splice=fuse.splice,
         )
         values.update(overrides)
         return cls(**values)

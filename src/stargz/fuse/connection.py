@@ -64,8 +64,11 @@ class Connection:
         return bool(self.flags & p.PASSTHROUGH)
 
 
-def handshake(fd: int, *, passthrough: bool) -> Connection:
+def handshake(fd: int, *, passthrough: bool, splice: bool = False) -> Connection:
     """Read the kernel's INIT from ``fd`` (blocking) and answer it.
+
+    ``splice``: tell the kernel that READ answers may be spliced (`SPLICE_WRITE`; the
+    kernel takes a spliced answer either way, see `stargz.fuse.session`).
 
     Raises OSError(EPROTO) for anything but an INIT of protocol 7 (an INIT of another
     major version is answered with EPROTO first, as the kernel expects).
@@ -90,6 +93,8 @@ def handshake(fd: int, *, passthrough: bool) -> Connection:
     want = WANTED_FLAGS
     if passthrough:
         want |= p.INIT_EXT | p.PASSTHROUGH
+    if splice:
+        want |= p.SPLICE_WRITE
     got = offered & want
     conn = Connection(fd, min(minor, p.KERNEL_MINOR), got, offered=offered)
     body = p.INIT_OUT.pack(
@@ -109,7 +114,11 @@ def handshake(fd: int, *, passthrough: bool) -> Connection:
     _reply(fd, unique, 0, body)
     log.debug(
         "FUSE connection",
-        extra={"protocol": f"7.{conn.proto_minor}", "passthrough": conn.passthrough},
+        extra={
+            "protocol": f"7.{conn.proto_minor}",
+            "passthrough": conn.passthrough,
+            "splice": bool(got & p.SPLICE_WRITE),
+        },
     )
     return conn
 
@@ -125,6 +134,7 @@ def mount(
     subtype: str = "stargz",
     allow_other: bool = True,
     passthrough: bool = True,
+    splice: bool = False,
 ) -> Connection:
     """Mount a read-only FUSE filesystem on ``mountpoint`` and do INIT (blocks briefly;
     needs CAP_SYS_ADMIN). The kernel checks mode bits itself (default_permissions)."""
@@ -149,7 +159,7 @@ def mount(
         os.close(fd)
         raise
     try:
-        conn = handshake(fd, passthrough=passthrough)
+        conn = handshake(fd, passthrough=passthrough, splice=splice)
     except BaseException:
         unmount(mountpoint)
         os.close(fd)

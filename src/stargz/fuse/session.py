@@ -46,6 +46,17 @@ no longer waits for a fetch timeout.
 
 `close` answers the requests still waiting (EIO: the server is going away) before it
 closes the fd, so none is left to the connection's abort.
+
+Splice (``splice=True``): a READ handler may answer with `stargz.fuse.protocol.FileRanges`
+(ranges of open files). The session then writes the 16-byte ``fuse_out_header`` into a
+pipe, splices each range from its file into the pipe (the pipe takes references to the
+file's page-cache pages), and splices the whole pipe into the device in one call, which
+the kernel (``fuse_dev_splice_write``) reads exactly as a written reply: header first,
+``len`` bytes in all. The bytes are copied once, by the kernel, from the file's pages into
+the reader's, instead of twice and through a Python object. One pipe serves the session:
+every answer is written from the loop thread. Any failure leaves the pipe replaced and
+the request answered the usual way (``fallback()``); an error that says splicing cannot
+work here (EINVAL and the like) turns it off for the session, logged once.
 """
 
 from __future__ import annotations
@@ -62,7 +73,7 @@ from typing import Any
 from stargz.fuse import protocol as p
 from stargz.fuse.connection import Connection, unmount
 from stargz.fuse.operations import Operations
-from stargz.fuse.protocol import FUSEError, Opcode
+from stargz.fuse.protocol import FileRanges, FUSEError, Opcode
 from stargz.fuse.stepping import finish
 
 log = logging.getLogger("stargz.fuse")
@@ -73,6 +84,16 @@ BATCH = 64
 #: at least 8 KiB; max_write is 4 KiB; a LOOKUP or GETXATTR carries a name < 256 bytes).
 BUFFER_SIZE = 64 << 10
 
+#: The splice pipe: room for the largest READ answer (1 MiB) plus the header's own pipe
+#: buffer and one more page where a range does not start on a page boundary (sizes are
+#: powers of two pages; 1 MiB, the default pipe-max-size, is one page short). Root may
+#: pass pipe-max-size; where the kernel refuses, a smaller pipe serves smaller answers.
+SPLICE_PIPE_SIZE = 2 << 20
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+#: splice(2) errors that mean splicing cannot work on this file or device at all.
+_SPLICE_UNSUPPORTED = frozenset(
+    {errno.EINVAL, errno.ESPIPE, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF, errno.EPERM}
+)
 _HDR = p.IN_HEADER.size
 _OUT = p.OUT_HEADER.size
 _pack_out = p.OUT_HEADER.pack
@@ -93,6 +114,9 @@ class Session:
     READDIR(PLUS) then passes the directory's inode to ``readdir`` as its ``fh``. Where
     the kernel did not offer `NO_OPENDIR_SUPPORT` (before 5.1: ENOSYS would fail the
     open), OPENDIR is served as usual.
+
+    ``splice=True``: `FileRanges` answers are spliced into the device (see the module
+    docstring); False: they are answered with their ``fallback()``.
     """
 
     def __init__(
@@ -102,6 +126,7 @@ class Session:
         *,
         on_handler_error: Callable[[int], None] | None = None,
         dir_handles: bool = True,
+        splice: bool = False,
     ) -> None:
         self.ops = ops
         self.conn = conn
@@ -116,6 +141,15 @@ class Session:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Future[None] | None = None
         self._buf = bytearray(BUFFER_SIZE)
+        #: Whether `FileRanges` answers are spliced (off for good after a failure that
+        #: says splicing cannot work here).
+        self.splice = splice
+        #: Answers spliced, and answers that fell back to a copy after a splice failed.
+        self.spliced = 0
+        self.splice_fallbacks = 0
+        self._pipe: tuple[int, int] | None = None
+        #: Pipe bytes one spliced answer's ranges may take (set when the pipe is made).
+        self._splice_room = SPLICE_PIPE_SIZE
         #: Requests whose handler is waiting, by unique (the only per-request state).
         self._inflight: dict[int, asyncio.Task[None]] = {}
         # (handler, the least request length its decoding reads)
@@ -166,6 +200,7 @@ class Session:
         that server to have them sent again (`resend`). Only our fd is closed.
         """
         self._stop()
+        self._close_pipe()
         inflight, self._inflight = self._inflight, {}
         for unique, task in inflight.items():
             if not keep_mount:
@@ -224,6 +259,10 @@ class Session:
                 continue
             try:
                 out = h[0](nodeid, n)
+                if out.__class__ is FileRanges:
+                    if self._splice(unique, out):
+                        continue
+                    out = out.fallback()
                 if out is not None and out.__class__ is not bytes and hasattr(out, "send"):
                     # a coroutine: run it here until it finishes or has to wait
                     try:
@@ -302,6 +341,13 @@ class Session:
     ) -> None:
         try:
             out = await finish(coro, waiting_on)
+            if out.__class__ is FileRanges:
+                if unique in self._inflight and self._splice(unique, out):
+                    self._inflight.pop(unique, None)
+                    return
+                out = out.fallback()
+                if hasattr(out, "__await__"):
+                    out = await out
         except FUSEError as e:
             if self._inflight.pop(unique, None) is not None:
                 self._reply_error(unique, e.errno)
@@ -348,6 +394,85 @@ class Session:
 
     def _reply_error(self, unique: int, err: int) -> None:
         self._write([_pack_out(_OUT, -err, unique)])
+
+    # --- spliced answers -------------------------------------------------------------------
+
+    def _splice(self, unique: int, out: FileRanges) -> bool:
+        """Answer ``out`` by splicing its ranges into the device; False when it was not
+        answered (splice off, too big for the pipe, or a failure: see the module doc)."""
+        # (each range may start mid-page: one pipe buffer more than its pages)
+        if not self.splice or out.size + _PAGE * len(out.parts) > self._splice_room or self.fd < 0:
+            return False
+        pipe = self._pipe or self._open_pipe()
+        if pipe is None:
+            return False
+        r, w = pipe
+        total = _OUT + out.size
+        splice = os.splice
+        try:
+            os.write(w, _pack_out(total, 0, unique))
+            for fd, off, n in out.parts:
+                while n:
+                    got = splice(fd, w, n, off)
+                    if not got:  # the file is shorter than its range
+                        self._close_pipe()
+                        self.splice_fallbacks += 1
+                        return False
+                    off += got
+                    n -= got
+        except OSError as e:
+            self._close_pipe()
+            self._splice_failed(e)
+            return False
+        try:
+            sent = splice(r, self.fd, total)
+        except OSError as e:
+            self._close_pipe()
+            if e.errno in (errno.ENOENT, errno.ENODEV):
+                return True  # interrupted meanwhile, or unmounted: nothing to answer
+            self._splice_failed(e)
+            return False
+        if sent != total:  # (the device takes a whole answer or none)
+            self._close_pipe()
+            self._splice_failed(OSError(errno.EIO, f"spliced {sent} of {total} bytes"))
+            return False
+        self.spliced += 1
+        return True
+
+    def _open_pipe(self) -> tuple[int, int] | None:
+        try:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            self._splice_failed(e)
+            return None
+        size = SPLICE_PIPE_SIZE
+        while size > _PAGE:
+            try:
+                fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, size)
+                break
+            except OSError:  # EPERM: past pipe-max-size without CAP_SYS_RESOURCE
+                size >>= 1
+        # (less the header's pipe buffer)
+        self._splice_room = (fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) // _PAGE - 1) * _PAGE
+        self._pipe = (r, w)
+        return self._pipe
+
+    def _close_pipe(self) -> None:
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            for fd in pipe:
+                os.close(fd)
+
+    def _splice_failed(self, e: OSError) -> None:
+        self.splice_fallbacks += 1
+        if e.errno in _SPLICE_UNSUPPORTED and self.splice:
+            self.splice = False
+            log.warning(
+                "splicing READ answers into the FUSE device failed; copying them instead",
+                extra={"error": str(e)},
+            )
+        else:
+            log.debug("splicing a READ answer failed: %s", e)
 
     # --- notifications and passthrough ------------------------------------------------------
 
