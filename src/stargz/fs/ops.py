@@ -46,6 +46,7 @@ from stargz.fuse.protocol import (
     StatvfsData,
     pack_entry,
 )
+from stargz.fuse.session import SPLICE_MIN
 
 log = logging.getLogger("stargz.fs")
 
@@ -399,7 +400,8 @@ class Operations:
         if local == STATE_FILE:
             return m.state_json()[off : off + size]
         try:
-            out = m.layer.read_now(local - NODE_BASE, off, size, self.options.splice)
+            ranges = size >= SPLICE_MIN and self.options.splice
+            out = m.layer.read_now(local - NODE_BASE, off, size, ranges)
         except Exception as e:
             raise self._read_error(m, local, e) from None
         if out is None:
