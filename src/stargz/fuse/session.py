@@ -91,9 +91,7 @@ BUFFER_SIZE = 64 << 10
 SPLICE_MIN = 128 << 10
 _PAGE = PAGE_SIZE
 #: splice(2) errors that mean splicing cannot work on this file or device at all.
-_SPLICE_UNSUPPORTED = frozenset(
-    {errno.EINVAL, errno.ESPIPE, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF, errno.EPERM}
-)
+_SPLICE_UNSUPPORTED = frozenset({errno.EINVAL, errno.ESPIPE, errno.EOPNOTSUPP, errno.ENOSYS})
 _HDR = p.IN_HEADER.size
 _OUT = p.OUT_HEADER.size
 _pack_out = p.OUT_HEADER.pack
