@@ -43,6 +43,10 @@ INLINE_PREAD_MAX = 1 << 20
 #: reader: when it passes the middle of its chunk, the next chunk's file is read ahead too
 #: (each chunk is its own cache file, and the disk's read-ahead stops at a file's end).
 SEQUENTIAL_READ_MIN = 128 << 10
+#: A read served as file ranges spans at most this many chunk files: each range holds an
+#: fd of the cache's fd LRU (at least 128), which must not close one of this read's fds
+#: while it takes the next one.
+MAX_RANGES = 32
 _MISSING = object()
 
 
@@ -136,7 +140,7 @@ class ReadPath:
         """`read_now` of rows ``lo:hi`` as file ranges, if every one is verified on disk."""
         disk, inflight, keys = self.disk, self.inflight, self.keys
         row_coff, row_size = self.row_coff, self.row_size
-        if size > INLINE_PREAD_MAX:
+        if size > INLINE_PREAD_MAX or hi - lo > MAX_RANGES:
             return None
         end = off + size
         parts = []
