@@ -33,3 +33,10 @@ def test_passthrough_mode_from_config_and_checked():
     for bad in ("on", 1, None):
         with pytest.raises(InvalidArgument, match="passthrough must be"):
             FsOptions(passthrough=bad)
+
+
+def test_splice_from_config():
+    from stargz import config
+
+    assert FsOptions().splice is True
+    assert FsOptions.from_config(config.loads("[fuse]\nsplice = false")).splice is False
