@@ -110,6 +110,9 @@ class FuseConfig:
     # ours: a READ answered from a verified disk-cache file is spliced from the file into
     # /dev/fuse (no copy through the daemon) where passthrough does not serve it
     splice: bool = True
+    # ours: microseconds the FUSE session keeps reading the device for the next request
+    # before it sleeps, while requests come that quickly (0 = never)
+    busy_poll_us: int = _nonneg(200)
 
 
 @dataclass(frozen=True)

@@ -40,3 +40,15 @@ def test_splice_from_config():
 
     assert FsOptions().splice is True
     assert FsOptions.from_config(config.loads("[fuse]\nsplice = false")).splice is False
+
+
+def test_busy_poll_from_config():
+    import pytest
+
+    from stargz import config
+    from stargz.errors import InvalidArgument
+
+    assert FsOptions().busy_poll_us == 200
+    assert FsOptions.from_config(config.loads("[fuse]\nbusy_poll_us = 0")).busy_poll_us == 0
+    with pytest.raises(InvalidArgument):
+        config.loads("[fuse]\nbusy_poll_us = -1")

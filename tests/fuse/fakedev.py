@@ -134,6 +134,7 @@ async def served(
     offered: int = 0,
     dir_handles: bool = True,
     splice: bool = False,
+    busy_poll_us: int = 0,
 ) -> AsyncIterator[tuple[FakeKernel, Session, list[int]]]:
     """A `Session` serving ``ops`` (a fresh `MemFS` by default) over a fake device, on
     the running loop; yields (kernel side, session, opcodes reported as handler errors).
@@ -152,6 +153,7 @@ async def served(
         on_handler_error=errors.append,
         dir_handles=dir_handles,
         splice=splice,
+        busy_poll_us=busy_poll_us,
     )
     session.start(asyncio.get_running_loop())
     try:

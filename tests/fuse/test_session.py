@@ -591,3 +591,32 @@ def test_a_fallback_error_is_the_answer(run, tmp_path):
             assert errors == []
 
     run(main)
+
+
+def test_busy_poll_reads_quick_requests_and_stops_for_sparse_ones(run):
+    import threading
+    import time
+
+    async def main():
+        async with served(busy_poll_us=200_000) as (k, s, errors):
+            r = await k.call(Opcode.READ, 2, read_in(102, 0, 5))
+            assert r.body == b"hello" and s.polls == 0  # the first request: no history
+            # a request right after an answer: the session polls after answering it, and
+            # reads the next one (sent meanwhile from another thread) without sleeping
+            u2 = k.send(Opcode.READ, 2, read_in(102, 0, 5))
+            u3 = k.next_unique()
+            late = threading.Timer(
+                0.05, lambda: k.send(Opcode.READ, 2, read_in(102, 6, 5), unique=u3)
+            )
+            late.start()
+            got = {(await k.reply()).unique, (await k.reply()).unique}
+            late.join()
+            assert got == {u2, u3}
+            assert s.polled == 1 and s.polls >= 2  # the second poll found nothing
+            # a request long after the last poll gave up: answered, and no poll after it
+            polls = s.polls
+            time.sleep(0.3)  # (the loop, blocked too, cannot read it earlier)
+            r = await k.call(Opcode.READ, 2, read_in(102, 0, 5))
+            assert r.body == b"hello" and s.polls == polls and errors == []
+
+    run(main)

@@ -250,6 +250,7 @@ class StargzFileSystem:
                     on_handler_error=self._handler_error,
                     dir_handles=False,
                     splice=o.splice,
+                    busy_poll_us=o.busy_poll_us,
                 )
                 await loop.run_in_executor(None, self.slots.load)
                 self.connection_kept = True
@@ -314,7 +315,12 @@ class StargzFileSystem:
             None, lambda: fuse_mount(self.fuse_dir, passthrough=passthrough, splice=splice)
         )
         session = Session(
-            self.ops, conn, on_handler_error=self._handler_error, dir_handles=False, splice=splice
+            self.ops,
+            conn,
+            on_handler_error=self._handler_error,
+            dir_handles=False,
+            splice=splice,
+            busy_poll_us=self.options.busy_poll_us,
         )
         try:
             dev = await loop.run_in_executor(None, takeover.mount_dev, self.fuse_dir)

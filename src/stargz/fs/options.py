@@ -93,6 +93,9 @@ class FsOptions:
     #: copy through Python; `stargz.fuse.session`). Off: read into memory and written, as
     #: before (A/B: bench_fs.py, bench_hello_readpath.py).
     splice: bool = _C.fuse.splice
+    #: ours (``[fuse] busy_poll_us``): the FUSE session reads the device for up to this
+    #: long before it sleeps, while requests come that quickly (`stargz.fuse.Session`).
+    busy_poll_us: int = _C.fuse.busy_poll_us
     #: ours (``[blob] max_toc_bytes``): refuse a blob whose TOC region (TOC offset to the
     #: blob's end) is bigger, before fetching it (0 = no bound). Real TOCs are a few MiB;
     #: the Go estargz reader has no such bound.
@@ -150,6 +153,7 @@ class FsOptions:
             passthrough=fuse.passthrough,
             read_ahead_next_chunk=fuse.read_ahead_next_chunk,
             splice=fuse.splice,
+            busy_poll_us=fuse.busy_poll_us,
         )
         values.update(overrides)
         return cls(**values)

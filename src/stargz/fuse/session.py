@@ -67,6 +67,7 @@ import fcntl
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -92,6 +93,7 @@ SPLICE_MIN = 128 << 10
 _PAGE = PAGE_SIZE
 #: splice(2) errors that mean splicing cannot work on this file or device at all.
 _SPLICE_UNSUPPORTED = frozenset({errno.EINVAL, errno.ESPIPE, errno.EOPNOTSUPP, errno.ENOSYS})
+_monotonic_ns = time.monotonic_ns
 _HDR = p.IN_HEADER.size
 _OUT = p.OUT_HEADER.size
 _pack_out = p.OUT_HEADER.pack
@@ -115,6 +117,15 @@ class Session:
 
     ``splice=True``: `FileRanges` answers are spliced into the device (see the module
     docstring); False: they are answered with their ``fallback()``.
+
+    ``busy_poll_us``: when the device has no request left, keep reading it for up to that
+    long before going back to the loop, but only while requests have been arriving within
+    that time of the session going idle (a reader that waits for each answer before asking
+    again: the next request comes some 10-80 us after the answer). Waking up from the
+    loop's epoll_wait on an idle VM costs more than the request (measured, bench_fs.py:
+    4 KiB ``O_DIRECT`` reads from cached chunk files 57 -> 27 us p50, cold 103 -> 84 us);
+    a poll that finds nothing turns polling off until requests come quickly again, so a
+    sparse load costs no polling. 0: never poll.
     """
 
     def __init__(
@@ -125,6 +136,7 @@ class Session:
         on_handler_error: Callable[[int], None] | None = None,
         dir_handles: bool = True,
         splice: bool = False,
+        busy_poll_us: int = 0,
     ) -> None:
         self.ops = ops
         self.conn = conn
@@ -146,6 +158,14 @@ class Session:
         self.spliced = 0
         self.splice_fallbacks = 0
         self._pipe: tuple[int, int] | None = None
+        #: Busy polling (see `Session`): for how long, whether the next idle moment polls,
+        #: and when the session last went idle.
+        self.busy_poll_ns = max(0, busy_poll_us) * 1000
+        self._poll = False
+        self._idle_since = 0
+        #: Polls started, and requests they read.
+        self.polls = 0
+        self.polled = 0
         #: Pipe bytes one spliced answer's ranges may take (set when the pipe is made).
         self._splice_room = 0
         #: Requests whose handler is waiting, by unique (the only per-request state).
@@ -226,11 +246,18 @@ class Session:
         buf, fd, readv = self._buf, self.fd, os.readv
         handlers = self._handlers
         unpack = p.IN_HEADER.unpack_from
+        if self.busy_poll_ns:
+            # woken by the loop: had we polled, would we have caught this request?
+            self._poll = _monotonic_ns() - self._idle_since <= self.busy_poll_ns
         for _ in range(BATCH):
             try:
                 n = readv(fd, [buf])
             except BlockingIOError:
-                return
+                n = self._poll_read(fd, buf) if self._poll else -1
+                if n < 0:
+                    if self.busy_poll_ns:
+                        self._idle_since = _monotonic_ns()
+                    return
             except InterruptedError:
                 continue
             except OSError as e:
@@ -277,6 +304,24 @@ class Session:
                 log.exception("FUSE request %s on inode %d failed", _name_of(opcode), nodeid)
                 self._handler_failed(opcode)
                 self._reply_error(unique, errno.EIO)
+        # (a full batch: other callbacks get their turn, and the loop calls again at once)
+        self._idle_since = _monotonic_ns()
+
+    def _poll_read(self, fd: int, buf: bytearray) -> int:
+        """The next request read by polling the device for up to ``busy_poll_ns``, or -1."""
+        readv = os.readv
+        self.polls += 1
+        deadline = _monotonic_ns() + self.busy_poll_ns
+        while _monotonic_ns() < deadline:
+            try:
+                n = readv(fd, [buf])
+                self.polled += 1
+                return n
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return -1  # (ENODEV, ENOENT...: the next wake-up reads it again)
+        return -1
 
     def _unhandled(self, opcode: int, unique: int, n: int, length: int) -> None:
         """A request no handler takes, or one too short for its handler (the slow path)."""
