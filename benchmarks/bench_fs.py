@@ -12,9 +12,10 @@ Measured:
   file; ours by default (``[fuse] passthrough = "auto"``: the kernel reads the verified
   cache files itself where it offers FUSE passthrough) and with ``passthrough = false``
   (every read through the daemon, with the FUSE bdi's read_ahead_kb at ours and at the
-  kernel default), the daemon splicing cache files into /dev/fuse (``[fuse] splice``, the
-  default) or copying them (``splice = false``); and the daemon-bound sequential speed of
-  those two (cache files in the page cache, only the FUSE file's pages dropped);
+  kernel default), the daemon splicing cache files into /dev/fuse and busy polling
+  (``[fuse] splice``, ``busy_poll_us``: the defaults) or neither (the path before); and
+  the daemon-bound sequential speed of those two (cache files in the page cache, only the
+  FUSE file's pages dropped);
 - first-byte latency of never-read files (fresh cache) with 0 and 10 ms of emulated
   per-request latency on the blob source, and bytes fetched vs bytes read;
 - notify_store: reading prefetched files with and without pushing them into the page
@@ -352,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             ("full-nopt-copy", False, False),
         ):
             opts = {**fetch_opts, "max_concurrency": 2, "passthrough": pt, "splice": splice}
+            if not splice:  # the read path before splicing and busy polling
+                opts["busy_poll_us"] = 0
             s = Server(spec(name, options=opts))
             servers.append(s)
             full_servers[name] = s

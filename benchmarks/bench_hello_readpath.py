@@ -48,15 +48,25 @@ from tests.harness.procs import (
 
 #: ours' ``[fuse]`` per contender: "ours" is the default ("auto": passthrough where the
 #: kernel offers it); without passthrough every READ reaches the daemon, which answers a
-#: disk-cache hit by splicing the cache file into /dev/fuse (``splice``, the default) or
-#: by reading and writing its bytes (``splice = false``, the path before splicing).
+#: disk-cache hit by splicing the cache file into /dev/fuse (``splice``) and polls the
+#: device for the next request before sleeping (``busy_poll_us``), both by default;
+#: "ours-nopt-copy" is the path before either (bytes read and written, no polling).
 FUSE_CONFIG = {
     "ours": "",
     "ours-pt": "[fuse]\npassthrough = true\n",
     "ours-nopt": "[fuse]\npassthrough = false\n",
-    "ours-nopt-copy": "[fuse]\npassthrough = false\nsplice = false\n",
+    "ours-nopt-nopoll": "[fuse]\npassthrough = false\nbusy_poll_us = 0\n",
+    "ours-nopt-copy": "[fuse]\npassthrough = false\nsplice = false\nbusy_poll_us = 0\n",
 }
-CONTENDERS = ("ours", "ours-pt", "ours-nopt", "ours-nopt-copy", "go", "overlayfs")
+CONTENDERS = (
+    "ours",
+    "ours-pt",
+    "ours-nopt",
+    "ours-nopt-nopoll",
+    "ours-nopt-copy",
+    "go",
+    "overlayfs",
+)
 #: Passes of the sequential read of the 8 largest files (~27 MB) per trial.
 SEQ_BIG_PASSES = 5
 
@@ -236,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         "notes": [
             "prefetch and background fetch off in both daemons",
             "ours-pt: ours with [fuse] passthrough = true (kernel FUSE passthrough)",
-            "ours-nopt: passthrough = false (READs answered by splicing cache files)",
-            "ours-nopt-copy: passthrough = false, splice = false (READs copied)",
+            "ours-nopt: passthrough = false (READs spliced from cache files, busy polling)",
+            "ours-nopt-nopoll: same with busy_poll_us = 0",
+            "ours-nopt-copy: passthrough = false, splice = false, busy_poll_us = 0 (before)",
             f"sequential_big: median of {SEQ_BIG_PASSES} passes per trial, caches dropped",
             "eStargz forms: ours = stargz convert (noopt), Go = ctr-remote convert (noopt)",
         ],
