@@ -12,7 +12,10 @@ Measured:
   file; ours by default (``[fuse] passthrough = "auto"``: the kernel reads the verified
   cache files itself where it offers FUSE passthrough) and with ``passthrough = false``
   (every read through the daemon, with the FUSE bdi's read_ahead_kb at ours and at the
-  kernel default);
+  kernel default), the daemon splicing cache files into /dev/fuse and busy polling
+  (``[fuse] splice``, ``busy_poll_us``: the defaults) or neither (the path before); and
+  the daemon-bound sequential speed of those two (cache files in the page cache, only the
+  FUSE file's pages dropped);
 - first-byte latency of never-read files (fresh cache) with 0 and 10 ms of emulated
   per-request latency on the blob source, and bytes fetched vs bytes read;
 - notify_store: reading prefetched files with and without pushing them into the page
@@ -231,6 +234,25 @@ def sequential(path: str, repeats: int) -> dict:
     }
 
 
+def sequential_daemon_bound(path: str) -> float:
+    """MB/s of ``path`` read with the FUSE file's pages dropped but not the daemon's cache
+    files' (read once before): what the daemon's answers cost, without the disk."""
+    with open(path, "rb", buffering=0) as f:
+        while f.read(1 << 20):
+            pass
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    t = time.perf_counter()
+    n = 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(1 << 20):
+            n += len(chunk)
+    return n / (time.perf_counter() - t) / 1e6
+
+
 def warm_passthrough(server: Server, path: str, timeout: float = 60.0) -> bool:
     """Read ``path`` once through the daemon and wait until an open of it passes through
     (a multi-chunk file is merged for passthrough after a wholly cached read ends). False
@@ -325,8 +347,15 @@ def main(argv: list[str] | None = None) -> int:
         full: dict = {}
         fetch_opts = {"no_background_fetch": False, "background_silence_sec": 0}
         full_servers = {}
-        for name, pt in (("full", "auto"), ("full-nopt", False)):
-            s = Server(spec(name, options={**fetch_opts, "max_concurrency": 2, "passthrough": pt}))
+        for name, pt, splice in (
+            ("full", "auto", True),
+            ("full-nopt", False, True),
+            ("full-nopt-copy", False, False),
+        ):
+            opts = {**fetch_opts, "max_concurrency": 2, "passthrough": pt, "splice": splice}
+            if not splice:  # the read path before splicing and busy polling
+                opts["busy_poll_us"] = 0
+            s = Server(spec(name, options=opts))
             servers.append(s)
             full_servers[name] = s
             t = time.perf_counter()
@@ -334,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             full[f"background_fetch_seconds_{name}"] = round(time.perf_counter() - t, 2)
         mp = os.path.join(work, "mnt-full")
         mp_nopt = os.path.join(work, "mnt-full-nopt")
+        mp_copy = os.path.join(work, "mnt-full-nopt-copy")
         full["passthrough"] = warm_passthrough(full_servers["full"], os.path.join(mp, BIG))
         ours = set_ra(mp_nopt, 128)
         set_ra(mp_nopt, ours)
@@ -341,12 +371,13 @@ def main(argv: list[str] | None = None) -> int:
         targets = {
             "stargz_fuse": (mp, None),
             "stargz_fuse_no_passthrough": (mp_nopt, ours),
+            "stargz_fuse_no_passthrough_copy": (mp_copy, None),
             "stargz_fuse_no_passthrough_read_ahead_128kb": (mp_nopt, 128),
             "plain_dir": (plain, None),
             "overlayfs": (ovl, None),
         }
         samples: dict[str, dict[str, list]] = {
-            k: {"odirect": [], "buffered": [], "seq": []} for k in targets
+            k: {"odirect": [], "buffered": [], "seq": [], "seq_daemon": []} for k in targets
         }
         per_pass = max(n_rand // reps, 100)
         for i in range(reps):
@@ -362,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
                     "lat"
                 ]
                 samples[name]["seq"] += sequential(big, 1)["mb_per_s_all"]
+                if name in ("stargz_fuse_no_passthrough", "stargz_fuse_no_passthrough_copy"):
+                    samples[name]["seq_daemon"].append(round(sequential_daemon_bound(big), 1))
         set_ra(mp_nopt, ours)
         for name, sm in samples.items():
             r = {}
@@ -376,12 +409,20 @@ def main(argv: list[str] | None = None) -> int:
                     }
             r["sequential"] = {
                 "mb_per_s_median": round(statistics.median(sm["seq"]), 1),
+                "mb_per_s_min": round(min(sm["seq"]), 1),
                 "mb_per_s_all": sm["seq"],
             }
+            if sm["seq_daemon"]:
+                r["sequential_daemon_bound"] = {
+                    "mb_per_s_median": round(statistics.median(sm["seq_daemon"]), 1),
+                    "mb_per_s_min": round(min(sm["seq_daemon"]), 1),
+                    "mb_per_s_all": sm["seq_daemon"],
+                }
             full[name] = r
         full["read_ahead_kb_ours"] = ours
         ovl_r = full["overlayfs"]
-        for name in ("stargz_fuse", "stargz_fuse_no_passthrough"):
+        ours_targets = [k for k in targets if k.startswith("stargz_fuse") and "128kb" not in k]
+        for name in ours_targets:
             r = full[name]
             full[f"ratios_{name}_over_overlayfs"] = {
                 "sequential": round(
@@ -545,8 +586,17 @@ def main(argv: list[str] | None = None) -> int:
             "random_4k_odirect_p50_us": full[k].get("random_4k_odirect", {}).get("p50_us"),
             "random_4k_buffered_cold_p50_us": full[k]["random_4k_buffered_cold"]["p50_us"],
             "sequential_MB_s": full[k]["sequential"]["mb_per_s_median"],
+            "sequential_daemon_bound_MB_s": full[k]
+            .get("sequential_daemon_bound", {})
+            .get("mb_per_s_median"),
         }
-        for k in ("stargz_fuse", "stargz_fuse_no_passthrough", "plain_dir", "overlayfs")
+        for k in (
+            "stargz_fuse",
+            "stargz_fuse_no_passthrough",
+            "stargz_fuse_no_passthrough_copy",
+            "plain_dir",
+            "overlayfs",
+        )
     }
     headline["passthrough"] = full["passthrough"]
     headline["first_byte_ms_p50"] = {

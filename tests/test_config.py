@@ -64,6 +64,8 @@ SPEC_DEFAULTS = {
     "fuse.read_ahead_kb": 1024,  # ours, not upstream
     "fuse.notify_store": True,  # ours, not upstream
     "fuse.read_ahead_next_chunk": True,  # ours, not upstream
+    "fuse.splice": True,  # ours, not upstream
+    "fuse.busy_poll_us": 200,  # ours, not upstream
     "kubeconfig_keychain.enable_keychain": False,
     "kubeconfig_keychain.kubeconfig_path": "",
     "cri_keychain.enable_keychain": False,

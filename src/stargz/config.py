@@ -107,6 +107,12 @@ class FuseConfig:
     # ours: a sequential reader past the middle of a cached chunk has the next chunk's cache
     # file read ahead (each chunk is its own file, so the disk's read-ahead stops at its end)
     read_ahead_next_chunk: bool = True
+    # ours: a READ answered from a verified disk-cache file is spliced from the file into
+    # /dev/fuse (no copy through the daemon) where passthrough does not serve it
+    splice: bool = True
+    # ours: microseconds the FUSE session keeps reading the device for the next request
+    # before it sleeps, while requests come that quickly (0 = never)
+    busy_poll_us: int = _nonneg(200)
 
 
 @dataclass(frozen=True)

@@ -121,12 +121,12 @@ def holder_dir(fs_env) -> Any:
             os.kill(pid, signal.SIGKILL)
 
 
-def _start_kept(fs_env, source, keeper) -> StargzFileSystem:
+def _start_kept(fs_env, source, keeper, **options: Any) -> StargzFileSystem:
     async def make() -> StargzFileSystem:
         fs = StargzFileSystem(
             str(fs_env.root),
             source,
-            FsOptions(no_background_fetch=True, noprefetch=True),
+            FsOptions(no_background_fetch=True, noprefetch=True, **options),
             handover=keeper,
         )
         await fs.start()
@@ -240,6 +240,30 @@ def test_clean_stop_keeps_the_mount_and_next_start_takes_it(fs_env, corners, hol
     got = {key.split()[-1]: (r["slot"], r["name"]) for key, r in slots["layers"].items()}
     assert got == {x.digest: (i, x.digest.split(":")[1]) for i, x in enumerate((l1, l2, l3), 1)}
     assert os.stat(m3 / "etc").st_ino >> 32 == 3
+
+
+def test_a_taken_over_connection_splices_reads(fs_env, corners, merged_truth, holder_dir):
+    """The spliced read path needs nothing INIT negotiated: the next daemon serving the
+    kept connection splices answers from cache files just the same."""
+    opts = {"passthrough": False, "memory_cache_bytes": 0}
+    keeper = handover.HolderHandover(str(holder_dir))
+    fs_env.fs = _start_kept(fs_env, LocalLayerSource(layouts=[corners.root]), keeper, **opts)
+    layer = corners.layers("esgz")[0]
+    mp = fs_env.mount(layer)
+    want = merged_truth["entries"][NOISE]["sha256"]
+    assert _sha((mp / NOISE).read_bytes()) == want  # fetched into the disk cache
+    fs_env.close_fs(unmount=False)
+
+    fs = _start_kept(fs_env, LocalLayerSource(layouts=[corners.root]), keeper, **opts)
+    assert fs.connection_kept
+    # the first read checks the cache files found at start, the next ones splice them
+    for _ in range(3):
+        fd = os.open(mp / NOISE, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        assert _sha((mp / NOISE).read_bytes()) == want
+    on, spliced, fallbacks = fs.splice_counts
+    assert on and spliced > 0 and fallbacks == 0
 
 
 def test_holder_exits_when_the_connection_ends(fs_env, corners, holder_dir):

@@ -33,3 +33,22 @@ def test_passthrough_mode_from_config_and_checked():
     for bad in ("on", 1, None):
         with pytest.raises(InvalidArgument, match="passthrough must be"):
             FsOptions(passthrough=bad)
+
+
+def test_splice_from_config():
+    from stargz import config
+
+    assert FsOptions().splice is True
+    assert FsOptions.from_config(config.loads("[fuse]\nsplice = false")).splice is False
+
+
+def test_busy_poll_from_config():
+    import pytest
+
+    from stargz import config
+    from stargz.errors import InvalidArgument
+
+    assert FsOptions().busy_poll_us == 200
+    assert FsOptions.from_config(config.loads("[fuse]\nbusy_poll_us = 0")).busy_poll_us == 0
+    with pytest.raises(InvalidArgument):
+        config.loads("[fuse]\nbusy_poll_us = -1")

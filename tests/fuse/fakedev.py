@@ -128,7 +128,13 @@ def name(s: bytes) -> bytes:
 
 @contextlib.asynccontextmanager
 async def served(
-    ops: Any = None, *, flags: int = 0, offered: int = 0, dir_handles: bool = True
+    ops: Any = None,
+    *,
+    flags: int = 0,
+    offered: int = 0,
+    dir_handles: bool = True,
+    splice: bool = False,
+    busy_poll_us: int = 0,
 ) -> AsyncIterator[tuple[FakeKernel, Session, list[int]]]:
     """A `Session` serving ``ops`` (a fresh `MemFS` by default) over a fake device, on
     the running loop; yields (kernel side, session, opcodes reported as handler errors).
@@ -146,6 +152,8 @@ async def served(
         Connection(kern.fd, 40, flags, offered=offered),
         on_handler_error=errors.append,
         dir_handles=dir_handles,
+        splice=splice,
+        busy_poll_us=busy_poll_us,
     )
     session.start(asyncio.get_running_loop())
     try:

@@ -11,7 +11,7 @@ import stat
 import struct
 
 from stargz.fuse import FUSEError, Opcode
-from stargz.fuse.protocol import NO_REPLY, WRITE_OPCODES
+from stargz.fuse.protocol import NO_REPLY, WRITE_OPCODES, FileRanges
 
 from .fakedev import served
 from .memfs import HELLO, MTIME_NS, SLOW, MemFS
@@ -479,5 +479,144 @@ def test_the_device_closing_ends_the_session(run):
         async with served() as (k, s, errors):
             k.sock.close()
             await asyncio.wait_for(s.wait(), 5)
+
+    run(main)
+
+
+class SplicedFS(MemFS):
+    """READs of file 2 answered as ranges of ``path`` (``fallback`` answers them copied)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.fd = os.open(path, os.O_RDONLY)
+        self.copied: list[tuple[int, int]] = []
+
+    def read(self, fh, offset, size):
+        if fh != 102:
+            return super().read(fh, offset, size)
+        end = min(offset + size, 40_000)  # the file's size as the filesystem knows it
+        half = (offset + end) // 2
+        parts = ((self.fd, offset, half - offset), (self.fd, half, end - half))
+
+        def fallback():
+            self.copied.append((offset, end))
+            return os.pread(self.fd, end - offset, offset)
+
+        return FileRanges(parts, end - offset, fallback)
+
+
+def _spliced_fs(tmp_path, size: int = 40_000) -> tuple[SplicedFS, bytes]:
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    (tmp_path / "f").write_bytes(data)
+    return SplicedFS(str(tmp_path / "f")), data
+
+
+def test_file_ranges_are_spliced_into_the_device(run, tmp_path):
+    fs, data = _spliced_fs(tmp_path)
+
+    async def main():
+        async with served(fs, splice=True) as (k, s, errors):
+            for off, size in ((0, 4096), (1000, 30_000), (39_000, 4096), (40_000, 10)):
+                r = await k.call(Opcode.READ, 2, read_in(102, off, size))
+                assert (r.error, r.body) == (0, data[off : off + size])
+            assert (s.spliced, s.splice_fallbacks, fs.copied) == (4, 0, [])
+            # other answers are written as before
+            r = await k.call(Opcode.READ, 2, read_in(103, 0, 5))
+            assert r.error == errno.EBADF
+
+    run(main)
+
+
+def test_file_ranges_without_splice_are_copied(run, tmp_path):
+    fs, data = _spliced_fs(tmp_path)
+
+    async def main():
+        async with served(fs, splice=False) as (k, s, errors):
+            r = await k.call(Opcode.READ, 2, read_in(102, 100, 8000))
+            assert (r.error, r.body) == (0, data[100:8100])
+            assert (s.spliced, fs.copied) == (0, [(100, 8100)])
+
+    run(main)
+
+
+def test_a_short_file_falls_back_and_splicing_stays_on(run, tmp_path):
+    fs, data = _spliced_fs(tmp_path, 20_000)  # shorter than the 40000 it claims
+
+    async def main():
+        async with served(fs, splice=True) as (k, s, errors):
+            r = await k.call(Opcode.READ, 2, read_in(102, 10_000, 20_000))
+            # the fallback's answer (here: what pread found), never a reply with a hole
+            assert (r.error, r.body) == (0, data[10_000:])
+            assert (s.splice, s.spliced, s.splice_fallbacks) == (True, 0, 1)
+            r = await k.call(Opcode.READ, 2, read_in(102, 0, 4096))
+            assert (r.error, r.body, s.spliced) == (0, data[:4096], 1)
+
+    run(main)
+
+
+def test_a_refused_splice_turns_it_off_once(run, tmp_path, monkeypatch, caplog):
+    fs, data = _spliced_fs(tmp_path)
+    calls = []
+
+    def refused(*args, **kwargs):
+        calls.append(args)
+        raise OSError(errno.EINVAL, "injected")
+
+    monkeypatch.setattr(os, "splice", refused)
+
+    async def main():
+        async with served(fs, splice=True) as (k, s, errors):
+            for off in (0, 8192):
+                r = await k.call(Opcode.READ, 2, read_in(102, off, 4096))
+                assert (r.error, r.body) == (0, data[off : off + 4096])
+            assert (s.splice, s.spliced, s.splice_fallbacks, len(calls)) == (False, 0, 1, 1)
+            assert errors == []
+
+    with caplog.at_level("WARNING", logger="stargz.fuse"):
+        run(main)
+    assert sum("splicing READ answers" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_fallback_error_is_the_answer(run, tmp_path):
+    fs, _ = _spliced_fs(tmp_path)
+
+    def failing():
+        raise FUSEError(errno.EIO)
+
+    async def main():
+        async with served(fs, splice=False) as (k, s, errors):
+            real = fs.read
+            fs.read = lambda fh, off, size: FileRanges(real(fh, off, size).parts, size, failing)
+            assert await k.error(Opcode.READ, 2, read_in(102, 0, 100)) == errno.EIO
+            assert errors == []
+
+    run(main)
+
+
+def test_busy_poll_reads_quick_requests_and_stops_for_sparse_ones(run):
+    import threading
+    import time
+
+    async def main():
+        async with served(busy_poll_us=200_000) as (k, s, errors):
+            r = await k.call(Opcode.READ, 2, read_in(102, 0, 5))
+            assert r.body == b"hello" and s.polls == 0  # the first request: no history
+            # a request right after an answer: the session polls after answering it, and
+            # reads the next one (sent meanwhile from another thread) without sleeping
+            u2 = k.send(Opcode.READ, 2, read_in(102, 0, 5))
+            u3 = k.next_unique()
+            late = threading.Timer(
+                0.05, lambda: k.send(Opcode.READ, 2, read_in(102, 6, 5), unique=u3)
+            )
+            late.start()
+            got = {(await k.reply()).unique, (await k.reply()).unique}
+            late.join()
+            assert got == {u2, u3}
+            assert s.polled == 1 and s.polls >= 2  # the second poll found nothing
+            # a request long after the last poll gave up: answered, and no poll after it
+            polls = s.polls
+            time.sleep(0.3)  # (the loop, blocked too, cannot read it earlier)
+            r = await k.call(Opcode.READ, 2, read_in(102, 0, 5))
+            assert r.body == b"hello" and s.polls == polls and errors == []
 
     run(main)

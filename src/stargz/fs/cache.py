@@ -614,6 +614,11 @@ class DiskCache:
                 os.close(old)
         return fd
 
+    def fd(self, key: str) -> int:
+        """An open fd of ``key``'s file (event loop thread; good until the loop next runs
+        something that may evict or discard, so use it at once); OSError if it is gone."""
+        return self._fd(key)
+
     def pread(self, key: str, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` of a chunk file; OSError if it is gone."""
         try:

@@ -245,7 +245,12 @@ class StargzFileSystem:
                 kept = await loop.run_in_executor(None, self._take_over)
             if kept is not None:
                 session = Session(
-                    self.ops, kept, on_handler_error=self._handler_error, dir_handles=False
+                    self.ops,
+                    kept,
+                    on_handler_error=self._handler_error,
+                    dir_handles=False,
+                    splice=o.splice,
+                    busy_poll_us=o.busy_poll_us,
                 )
                 await loop.run_in_executor(None, self.slots.load)
                 self.connection_kept = True
@@ -305,10 +310,18 @@ class StargzFileSystem:
         # read-only, nosuid, nodev, allow_other and default_permissions: the kernel
         # checks mode bits itself, so a host user who can reach the mount reads only
         # what the layer's modes allow
+        splice = self.options.splice
         conn = await loop.run_in_executor(
-            None, lambda: fuse_mount(self.fuse_dir, passthrough=passthrough)
+            None, lambda: fuse_mount(self.fuse_dir, passthrough=passthrough, splice=splice)
         )
-        session = Session(self.ops, conn, on_handler_error=self._handler_error, dir_handles=False)
+        session = Session(
+            self.ops,
+            conn,
+            on_handler_error=self._handler_error,
+            dir_handles=False,
+            splice=splice,
+            busy_poll_us=self.options.busy_poll_us,
+        )
         try:
             dev = await loop.run_in_executor(None, takeover.mount_dev, self.fuse_dir)
             if dev is None:
@@ -778,6 +791,15 @@ class StargzFileSystem:
     def subtree(self, digest_or_mountpoint: str) -> str:
         """The layer's directory inside the FUSE mount."""
         return os.path.join(self.fuse_dir, self._ref(digest_or_mountpoint).name.decode())
+
+    @property
+    def splice_counts(self) -> tuple[bool, int, int]:
+        """Whether READ answers are spliced (``[fuse] splice``, until a failure turns it
+        off), how many were, and how many fell back to a copy after a splice failed."""
+        s = self._session
+        if s is None:
+            return False, 0, 0
+        return s.splice, s.spliced, s.splice_fallbacks
 
     @property
     def mountpoints(self) -> dict[str, str]:

@@ -18,6 +18,7 @@ and answered with EIO.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -39,11 +40,13 @@ from stargz.fuse.protocol import (
     DirBuffer,
     EntryAttributes,
     FileInfo,
+    FileRanges,
     FUSEError,
     PackedEntry,
     StatvfsData,
     pack_entry,
 )
+from stargz.fuse.session import SPLICE_MIN
 
 log = logging.getLogger("stargz.fs")
 
@@ -387,7 +390,7 @@ class Operations:
                 return
             m.layer.metrics.notify_store_bytes += len(data)
 
-    def read(self, fh: int, off: int, size: int) -> bytes | Coroutine[Any, Any, bytes]:
+    def read(self, fh: int, off: int, size: int) -> bytes | FileRanges | Coroutine[Any, Any, bytes]:
         """The bytes, or (when a chunk must be fetched or checked first) a coroutine that
         returns them."""
         m = self.slots.get(fh >> SLOT_SHIFT)
@@ -397,16 +400,29 @@ class Operations:
         if local == STATE_FILE:
             return m.state_json()[off : off + size]
         try:
-            out = m.layer.read_now(local - NODE_BASE, off, size)
+            ranges = size >= SPLICE_MIN and self.options.splice
+            out = m.layer.read_now(local - NODE_BASE, off, size, ranges)
         except Exception as e:
             raise self._read_error(m, local, e) from None
-        if out is not None:
-            return out
-        return self._read_later(m, local, off, size)
+        if out is None:
+            return self._guarded(m, local, m.layer.read_later(local - NODE_BASE, off, size))
+        if out.__class__ is FileRanges:
+            out.fallback = functools.partial(self._copy, m, local, out.fallback)
+        return out
 
-    async def _read_later(self, m: Mounted, local: int, off: int, size: int) -> bytes:
+    def _copy(
+        self, m: Mounted, local: int, copy: Callable[[], Any]
+    ) -> bytes | Coroutine[Any, Any, bytes]:
+        """The bytes of a `FileRanges` answer the session could not splice."""
         try:
-            return await m.layer.read_later(local - NODE_BASE, off, size)
+            out = copy()
+        except Exception as e:
+            raise self._read_error(m, local, e) from None
+        return out if out.__class__ is bytes else self._guarded(m, local, out)
+
+    async def _guarded(self, m: Mounted, local: int, read: Coroutine[Any, Any, bytes]) -> bytes:
+        try:
+            return await read
         except Exception as e:
             raise self._read_error(m, local, e) from None
 

@@ -88,6 +88,14 @@ class FsOptions:
     #: ours (``[fuse] read_ahead_next_chunk``): a sequential reader past the middle of a
     #: cached chunk has the next chunk's cache file read ahead (A/B: bench_read_ahead.py).
     read_ahead_next_chunk: bool = _C.fuse.read_ahead_next_chunk
+    #: ours (``[fuse] splice``): a READ of at least 128 KiB whose bytes are in verified
+    #: disk-cache files is answered by splicing the files' ranges into the FUSE device (no
+    #: copy through Python; `stargz.fuse.session`). Off: read into memory and written, as
+    #: before (A/B: bench_fs.py, bench_hello_readpath.py).
+    splice: bool = _C.fuse.splice
+    #: ours (``[fuse] busy_poll_us``): the FUSE session reads the device for up to this
+    #: long before it sleeps, while requests come that quickly (`stargz.fuse.Session`).
+    busy_poll_us: int = _C.fuse.busy_poll_us
     #: ours (``[blob] max_toc_bytes``): refuse a blob whose TOC region (TOC offset to the
     #: blob's end) is bigger, before fetching it (0 = no bound). Real TOCs are a few MiB;
     #: the Go estargz reader has no such bound.
@@ -144,6 +152,8 @@ class FsOptions:
             notify_store=fuse.notify_store,
             passthrough=fuse.passthrough,
             read_ahead_next_chunk=fuse.read_ahead_next_chunk,
+            splice=fuse.splice,
+            busy_poll_us=fuse.busy_poll_us,
         )
         values.update(overrides)
         return cls(**values)

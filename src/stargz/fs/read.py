@@ -13,12 +13,17 @@
                                           once more, then EIO)
 
 `read_now` answers what needs no waiting (one chunk, in memory or verified on disk)
-without a coroutine; everything else goes to the one slow path, `read_later`.
+without a coroutine; everything else goes to the one slow path, `read_later`. Asked for
+``ranges``, `read_now` answers a verified disk hit with the file range itself
+(`stargz.fuse.protocol.FileRanges`), which the FUSE session splices into the device
+without reading it; its ``fallback`` reads the bytes as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Coroutine
 from concurrent.futures import Executor
 from typing import Any
 
@@ -29,6 +34,7 @@ from stargz.fs.chunks import ChunkIndex
 from stargz.fs.delivery import ChunkVerifyError
 from stargz.fs.fetch import Fetcher, LayerClosed
 from stargz.fs.metrics import LayerMetrics
+from stargz.fuse.protocol import FileRanges
 
 #: Disk-cache reads up to this size run on the event loop: a page-cache pread of 1 MiB costs
 #: ~0.1-0.3 ms, less than a worker-thread hop and its GIL handoffs (measured: bench_fs.py).
@@ -37,6 +43,10 @@ INLINE_PREAD_MAX = 1 << 20
 #: reader: when it passes the middle of its chunk, the next chunk's file is read ahead too
 #: (each chunk is its own cache file, and the disk's read-ahead stops at a file's end).
 SEQUENTIAL_READ_MIN = 128 << 10
+#: A read served as file ranges spans at most this many chunk files: each range holds an
+#: fd of the cache's fd LRU (at least 128), which must not close one of this read's fds
+#: while it takes the next one.
+MAX_RANGES = 32
 _MISSING = object()
 
 
@@ -71,9 +81,13 @@ class ReadPath:
         self.closed = False
         self._loop = asyncio.get_running_loop()
 
-    def read_now(self, node_id: int, off: int, size: int) -> bytes | None:
-        """The answer when it needs no waiting (one chunk, in memory or verified on disk),
-        else None. The FUSE session answers such reads without a coroutine."""
+    def read_now(
+        self, node_id: int, off: int, size: int, ranges: bool = False
+    ) -> bytes | FileRanges | None:
+        """The answer when it needs no waiting, else None: one chunk in memory or verified
+        on disk (with ``ranges``: also several chunks, all verified on disk). The FUSE
+        session answers such reads without a coroutine. ``ranges``: chunks verified on
+        disk are answered with their file ranges, not their bytes."""
         if self.closed:
             raise LayerClosed(f"layer {self.digest} is unmounted")
         fsize = self.nodes[node_id].size
@@ -83,7 +97,7 @@ class ReadPath:
             size = fsize - off
         lo, hi = self.chunks.cover(node_id, off, size)
         if hi != lo + 1:
-            return None
+            return self._ranges(node_id, off, size, lo, hi) if ranges else None
         key = self.keys[lo]
         a = off - self.row_coff[lo]
         b = a + size
@@ -101,23 +115,85 @@ class ReadPath:
                 or disk.size_of(key) != self.row_size[lo]
             ):
                 return None
-            try:
-                out = disk.pread(key, a, b - a)
-            except OSError:
-                return None
-            if len(out) != b - a:
-                return None
+            if ranges:
+                try:
+                    fd = disk.fd(key)
+                except OSError:
+                    return None
+                copy = functools.partial(self._copy, node_id, off, size, ((key, a, size),))
+                out = FileRanges(((fd, a, size),), size, copy)
+            else:
+                try:
+                    out = disk.pread(key, a, b - a)
+                except OSError:
+                    return None
+                if len(out) != b - a:
+                    return None
             m.disk_hits += 1
             disk.touch(key)
-            if b - a >= SEQUENTIAL_READ_MIN and self.read_ahead:
-                half = self.row_size[lo] >> 1
-                if a < half <= b and lo + 1 < self.chunks.span(node_id)[1]:
-                    nxt = self.keys[lo + 1]
-                    if disk.is_verified(nxt):
-                        disk.willneed(nxt)
+            self._read_ahead(node_id, lo, a, b)
         m.reads += 1
-        m.bytes_served += len(out)
+        m.bytes_served += b - a
         return out
+
+    def _ranges(self, node_id: int, off: int, size: int, lo: int, hi: int) -> FileRanges | None:
+        """`read_now` of rows ``lo:hi`` as file ranges, if every one is verified on disk."""
+        disk, inflight, keys = self.disk, self.inflight, self.keys
+        row_coff, row_size = self.row_coff, self.row_size
+        if size > INLINE_PREAD_MAX or hi - lo > MAX_RANGES:
+            return None
+        end = off + size
+        parts = []
+        pieces = []
+        for row in range(lo, hi):
+            key = keys[row]
+            if key in inflight or not disk.is_verified(key) or disk.size_of(key) != row_size[row]:
+                return None
+            coff = row_coff[row]
+            a = off - coff if off > coff else 0
+            b = end - coff if end - coff < row_size[row] else row_size[row]
+            try:
+                fd = disk.fd(key)
+            except OSError:
+                return None
+            parts.append((fd, a, b - a))
+            pieces.append((key, a, b - a))
+        for key, _, _ in pieces:
+            disk.touch(key)
+        m = self.metrics
+        m.disk_hits += hi - lo
+        m.reads += 1
+        m.bytes_served += size
+        self._read_ahead(node_id, hi - 1, pieces[-1][1], pieces[-1][1] + pieces[-1][2])
+        copy = functools.partial(self._copy, node_id, off, size, tuple(pieces))
+        return FileRanges(tuple(parts), size, copy)
+
+    def _read_ahead(self, node_id: int, row: int, a: int, b: int) -> None:
+        """A sequential reader past the middle of cached chunk ``row``: have the next
+        chunk's file read ahead."""
+        if b - a >= SEQUENTIAL_READ_MIN and self.read_ahead:
+            half = self.row_size[row] >> 1
+            if a < half <= b and row + 1 < self.chunks.span(node_id)[1]:
+                nxt = self.keys[row + 1]
+                if self.disk.is_verified(nxt):
+                    self.disk.willneed(nxt)
+
+    def _copy(
+        self, node_id: int, off: int, size: int, pieces: tuple[tuple[str, int, int], ...]
+    ) -> bytes | Coroutine[Any, Any, bytes]:
+        """A `FileRanges` answer of `read_now` as bytes (splicing it did not work): the
+        ``(key, offset, length)`` pieces read from their files; a file found short is
+        dropped and fetched again (`read_later`)."""
+        out = []
+        for key, a, n in pieces:
+            try:
+                data = self.disk.pread(key, a, n)
+            except OSError:
+                data = b""
+            if len(data) != n:
+                return self.read_later(node_id, off, size)
+            out.append(data)
+        return out[0] if len(out) == 1 else b"".join(out)
 
     async def read(self, node_id: int, off: int, size: int) -> bytes:
         """Up to ``size`` bytes of file ``node_id`` from ``off`` (fewer at end of file).

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Coroutine, Iterable
 from typing import Any, Protocol, runtime_checkable
 
-from stargz.fuse.protocol import DirBuffer, Entry, FileInfo, StatvfsData
+from stargz.fuse.protocol import DirBuffer, Entry, FileInfo, FileRanges, StatvfsData
 
 
 @runtime_checkable
@@ -45,9 +45,12 @@ class Operations(Protocol):
         """OPEN: a handle for file ``inode`` (``flags``: the open(2) flags)."""
         ...
 
-    def read(self, fh: int, offset: int, size: int, /) -> bytes | Coroutine[Any, Any, bytes]:
+    def read(
+        self, fh: int, offset: int, size: int, /
+    ) -> bytes | FileRanges | Coroutine[Any, Any, bytes]:
         """READ: up to ``size`` bytes at ``offset`` (fewer only at end of file), or a
-        coroutine that returns them."""
+        coroutine that returns them, or `FileRanges` holding them (for the session to
+        splice; see `stargz.fuse.session`)."""
         ...
 
     def release(self, fh: int, /) -> None:

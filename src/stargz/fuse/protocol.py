@@ -13,6 +13,8 @@ from __future__ import annotations
 import enum
 import os
 import struct
+from collections.abc import Callable
+from typing import Any
 
 KERNEL_MAJOR = 7
 KERNEL_MINOR = 40
@@ -104,6 +106,9 @@ INT_REQ_BIT = 1 << 0
 # --- INIT flags (bits 32.. go to flags2) -------------------------------------------------------
 ASYNC_READ = 1 << 0
 BIG_WRITES = 1 << 5
+#: The server may answer with splice(2) into the device (the kernel accepts a spliced
+#: reply whatever INIT said: the flag only tells it the server means to).
+SPLICE_WRITE = 1 << 7
 DO_READDIRPLUS = 1 << 13
 READDIRPLUS_AUTO = 1 << 14
 PARALLEL_DIROPS = 1 << 18
@@ -367,6 +372,29 @@ class FileInfo:
         if self.backing_id:
             flags |= FOPEN_PASSTHROUGH
         return OPEN_OUT.pack(self.fh, flags, self.backing_id)
+
+
+class FileRanges:
+    """A READ answer whose bytes are ranges of open files, for the session to splice
+    from the files into the device: the data never passes through Python.
+
+    ``parts`` are ``(fd, offset, length)``; ``size`` their total. The fds must stay open
+    until the handler's caller has answered (the session does so before it reads the next
+    request). ``fallback()`` is the same answer the usual way (bytes, or a coroutine
+    returning them), for when splicing is off or fails; it may raise `FUSEError`.
+    """
+
+    __slots__ = ("parts", "size", "fallback")
+
+    def __init__(
+        self,
+        parts: tuple[tuple[int, int, int], ...],
+        size: int,
+        fallback: Callable[[], Any],
+    ) -> None:
+        self.parts = parts
+        self.size = size
+        self.fallback = fallback
 
 
 class StatvfsData:
