@@ -192,6 +192,53 @@ def test_release_while_waiting_reads_from_the_blob():
     asyncio.run(go())
 
 
+class StreamingBlob(CountingBlob):
+    """A blob that also streams one long read piece by piece (the registry reader's
+    `read_at_streaming`), pausing between pieces; ``fail_at`` drops it at that offset."""
+
+    def __init__(self, data: bytes, fail_at: int | None = None) -> None:
+        super().__init__(data)
+        self.fail_at = fail_at
+        self.streams: list[tuple[int, int]] = []
+
+    async def read_at_streaming(self, off, n, piece, on_piece):
+        self.streams.append((off, n))
+        for pos in range(0, n, piece):
+            await asyncio.sleep(0.01)
+            if self.fail_at is not None and pos >= self.fail_at:
+                raise ConnectionResetError("dropped mid-stream")
+            on_piece(pos, self.data[off + pos : off + min(pos + piece, n)])
+        return self.data[off : off + n]
+
+
+def test_one_flow_head_is_one_request_whose_pieces_serve_reads_as_they_arrive():
+    async def go():
+        blob = StreamingBlob(DATA)
+        hs = HeadStartBlob(blob, 5000, 1024)  # one flow (parallel 1)
+        first = await hs.read_ranges([(0, 100)])
+        assert first == [DATA[:100]]
+        # the first piece answered while the stream was still under way
+        assert not hs._tasks[0].done()
+        assert await hs.read_ranges([(4000, 1000)]) == [DATA[4000:5000]]
+        assert blob.streams == [(0, 5000)] and blob.requests == []
+        assert hs.fetched == 5000
+        hs.release()
+
+    asyncio.run(go())
+
+
+def test_one_flow_head_dropped_mid_stream_falls_back_to_the_blob():
+    async def go():
+        blob = StreamingBlob(DATA, fail_at=2048)
+        hs = HeadStartBlob(blob, 5000, 1024)
+        assert await hs.read_ranges([(0, 1024)]) == [DATA[:1024]]  # arrived before the drop
+        assert await hs.read_ranges([(3000, 1500)]) == [DATA[3000:4500]]
+        assert (3000, 1500) in blob.requests  # from the blob itself
+        await hs.close()
+
+    asyncio.run(go())
+
+
 # --- in the daemon's layer open --------------------------------------------------------------
 
 

@@ -310,14 +310,34 @@ def test_read_at_with_head_hands_over_the_first_bytes_before_the_rest(images, ru
             assert got == blob[off : off + n]
             assert [h for h, _ in heads] == [blob[off : off + head]]
             # called when the head was in, not after the whole 2 MiB
-            assert heads[0][1] == head
+            assert head <= heads[0][1] < n
             # a callback that fails changes nothing about the read
             got = await b.read_at_with_head(off, n, head, lambda h: 1 / 0)
             assert got == blob[off : off + n]
-            # a read no longer than the head is an ordinary read (no callback)
-            assert (
-                await b.read_at_with_head(off, head, head, heads.append) == blob[off : off + head]
+            # a read no longer than the head hands over all of it
+            short = await b.read_at_with_head(off, 100, head, lambda h: heads.append((h, 0)))
+            assert short == blob[off : off + 100] and heads[-1][0] == short
+
+    run_both(main)
+
+
+def test_read_at_streaming_hands_over_every_piece_in_order(images, run_both):
+    """One GET; each piece (the last one shorter) reaches the callback as it arrives."""
+    blob = images.blob
+    off, n, piece = 777, (2 << 20) + 12345, 512 << 10
+
+    async def main():
+        async with client() as c:
+            b = await c.open_blob(images.blob_ref, images.blob_digest)
+            got_pieces: list[tuple[int, bytes]] = []
+            before = b.stats.range_requests
+            got = await b.read_at_streaming(
+                off, n, piece, lambda pos, d: got_pieces.append((pos, d))
             )
-            assert len(heads) == 1
+            assert got == blob[off : off + n]
+            assert b.stats.range_requests == before + 1
+            assert [p for p, _ in got_pieces] == list(range(0, n, piece))
+            assert b"".join(d for _, d in got_pieces) == got
+            assert len(got_pieces[-1][1]) == n % piece
 
     run_both(main)

@@ -5,8 +5,9 @@ parse (json, index) takes ~60-120 ms of CPU, and the prefetch (a few MB at 200 M
 is the longest step before the container can start. The prefetch range is
 ``[0, offset of .prefetch.landmark)``, and that offset can be read from the TOC JSON with
 a byte search long before the parse ends. `landmark_offset` finds it; `HeadStartBlob`
-downloads that range in pieces, as many at a time as the prefetch itself would (one up to
-8 MiB, then 4), and answers reads that fall inside it from those pieces.
+downloads that range in pieces, as many at a time as the prefetch itself would (up to
+8 MiB one request whose pieces are handed over as they arrive, then 4 requests at a time),
+and answers reads that fall inside it from those pieces.
 
 The pieces are plain bytes of the blob: whatever uses them still decodes and verifies
 every chunk against its TOC digest, so a wrong hint costs bytes, never correctness. A
@@ -92,9 +93,14 @@ class HeadStartBlob:
         self._pieces: list[asyncio.Future[bytes]] | None = [loop.create_future() for _ in range(n)]
         self._next = 0
         self.fetched = 0
-        self._tasks = [
-            loop.create_task(self._download(self._pieces)) for _ in range(max(1, min(parallel, n)))
-        ]
+        if parallel <= 1 and n > 1 and hasattr(blob, "read_at_streaming"):
+            # one GET for the whole head: no round trip between pieces
+            self._tasks = [loop.create_task(self._stream(self._pieces))]
+        else:
+            self._tasks = [
+                loop.create_task(self._download(self._pieces))
+                for _ in range(max(1, min(parallel, n)))
+            ]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.blob, name)
@@ -102,6 +108,30 @@ class HeadStartBlob:
     @property
     def size(self) -> int:
         return self.blob.size
+
+    async def _stream(self, pieces: list[asyncio.Future[bytes]]) -> None:
+        """One worker, one request: each piece is handed over as soon as it is in."""
+
+        def arrived(pos: int, data: bytes) -> None:
+            fut = pieces[pos // self.piece]
+            if not fut.done():
+                self.fetched += len(data)
+                fut.set_result(data)
+
+        try:
+            await self.blob.read_at_streaming(0, self.head_size, self.piece, arrived)
+            if not all(f.done() for f in pieces):
+                raise OSError(f"short read of bytes 0-{self.head_size - 1}")
+        except asyncio.CancelledError:
+            for f in pieces:
+                f.cancel()
+            raise
+        except Exception as e:
+            log.info("head start stopped: %s", e)
+            for f in pieces:
+                if not f.done():
+                    f.set_exception(e)
+                    f.exception()  # retrieved: readers fall back to the blob
 
     async def _download(self, pieces: list[asyncio.Future[bytes]]) -> None:
         """One worker: takes the next piece not taken yet, in blob order."""

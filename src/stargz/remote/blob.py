@@ -76,10 +76,10 @@ T = TypeVar("T")
 MAX_RANGES_PER_REQUEST = 64
 #: Part headers of a multipart body are small; this bounds the body we accept.
 _MULTIPART_OVERHEAD_PER_PART = 1024
-#: ``(n, callback)`` of a `BlobReader.read_at_with_head` under way in this task: its
-#: single-range answer hands its first ``n`` bytes to ``callback`` as soon as they arrive.
-_HEAD_HOOK: contextvars.ContextVar[tuple[int, Callable[[bytes], None]] | None] = (
-    contextvars.ContextVar("stargz_blob_head_hook", default=None)
+#: ``(piece, callback)`` of a `BlobReader.read_at_streaming` under way in this task: its
+#: single-range answer hands each ``piece`` bytes to ``callback`` as soon as they arrive.
+_PIECE_HOOK: contextvars.ContextVar[tuple[int, Callable[[int, bytes], None]] | None] = (
+    contextvars.ContextVar("stargz_blob_piece_hook", default=None)
 )
 
 
@@ -286,18 +286,40 @@ class BlobReader:
         """The blob's bytes ``[offset, offset + size)``, exactly ``size`` of them."""
         return (await self.read_ranges([(offset, size)]))[0]
 
+    async def read_at_streaming(
+        self, offset: int, size: int, piece: int, on_piece: Callable[[int, bytes], None]
+    ) -> bytes:
+        """`read_at` in one request, handing each consecutive ``piece`` bytes (the last
+        ones fewer) to ``on_piece(offset from `offset`, bytes)`` as soon as they are here,
+        while the rest still streams in: one GET, with no round trip between pieces, whose
+        first pieces can be used before the last arrive. ``on_piece`` runs on the event
+        loop and may see a piece again if the read is retried; its errors are logged,
+        never raised."""
+
+        def hand(pos: int, data: bytes) -> None:
+            try:
+                on_piece(pos, data)
+            except Exception:  # the caller's business, never the read's
+                log.exception("piece callback of %s@%s failed", self.ref.locator, self.digest)
+
+        token = _PIECE_HOOK.set((max(1, piece), hand))
+        try:
+            return await self.read_at(offset, size)
+        finally:
+            _PIECE_HOOK.reset(token)
+
     async def read_at_with_head(
         self, offset: int, size: int, head: int, on_head: Callable[[bytes], None]
     ) -> bytes:
         """`read_at`, handing the first ``head`` bytes to ``on_head`` as soon as they
-        arrive, while the rest still streams in (a TOC's first bytes name the prefetch
-        range long before its last arrive). ``on_head`` runs on the event loop, may run
-        again if the read is retried, and its errors are logged, never raised."""
-        token = _HEAD_HOOK.set((head, on_head))
-        try:
-            return await self.read_at(offset, size)
-        finally:
-            _HEAD_HOOK.reset(token)
+        arrive (a TOC's first bytes name the prefetch range long before its last arrive);
+        see `read_at_streaming`."""
+
+        def first(pos: int, data: bytes) -> None:
+            if pos == 0:
+                on_head(data)
+
+        return await self.read_at_streaming(offset, size, head, first)
 
     async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         """Bytes of each ``(offset, size)``, in the given order, fetched together.
@@ -480,14 +502,9 @@ class BlobReader:
                 status=206,
                 url=redact_url(ex.url),
             )
-        hook = _HEAD_HOOK.get()
-        if hook is not None and hi - start > hook[0]:
-            first = await ex.read_some(hook[0])
-            try:
-                hook[1](first)
-            except Exception:  # a hint for a head start, never the read's business
-                log.exception("head callback of %s failed", redact_url(ex.url))
-            body = first + await ex.read_prefix(hi - start - len(first))
+        hook = _PIECE_HOOK.get()
+        if hook is not None and len(regions) == 1 and start == lo:
+            body = await ex.read_prefix(hi - start, on_piece=hook[1], piece=hook[0])
         else:
             body = await ex.read_prefix(hi - start)
         if len(body) != hi - start:

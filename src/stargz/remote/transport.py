@@ -165,27 +165,28 @@ class Exchange:
                 )
         return bytes(buf)
 
-    async def read_some(self, n: int) -> bytes:
-        """The body's next ``n`` bytes (fewer at its end), leaving the rest to be read."""
-        buf = bytearray()
-        while len(buf) < n:
-            piece = await self.resp.content.read(n - len(buf))
-            if not piece:
-                break
-            buf += piece
-        self._count(len(buf))
-        return bytes(buf)
-
-    async def read_prefix(self, n: int) -> bytes:
+    async def read_prefix(
+        self, n: int, on_piece: Callable[[int, bytes], None] | None = None, piece: int = 0
+    ) -> bytes:
         """The first ``n`` bytes of the body (fewer at its end). The rest is never read:
-        if the server sends more, the connection is closed instead of drained."""
+        if the server sends more, the connection is closed instead of drained.
+
+        With ``on_piece``, each consecutive ``piece`` bytes (the last ones fewer) are also
+        handed to ``on_piece(offset in the body, bytes)`` as soon as they are all here."""
         buf = bytearray()
+        handed = 0
         while len(buf) < n:
-            piece = await self.resp.content.read(min(n - len(buf), 1 << 20))
-            if not piece:
+            data = await self.resp.content.read(min(n - len(buf), 1 << 20))
+            if not data:
                 break
-            buf += piece
-        self._count(len(buf))
+            buf += data
+            self._count(len(data))
+            while on_piece is not None and handed < len(buf):
+                end = min(handed + piece, n)
+                if end > len(buf):
+                    break
+                on_piece(handed, bytes(buf[handed:end]))
+                handed = end
         if len(buf) == n and self.resp.content_length != n and not self.resp.content.at_eof():
             self.resp.close()
         return bytes(buf)
