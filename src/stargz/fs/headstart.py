@@ -75,6 +75,16 @@ def landmark_from_toc_head(region_head: bytes) -> int | None:
     return landmark_offset(raw)
 
 
+def _stop(pieces: list[asyncio.Future[bytes]], error: Exception) -> None:
+    """A failed head download: its pieces not yet here fail with ``error``, so the readers
+    waiting for them go to the blob itself."""
+    log.info("head start stopped: %s", error)
+    for f in pieces:
+        if not f.done():
+            f.set_exception(error)
+            f.exception()  # retrieved: no "never retrieved" warning
+
+
 class HeadStartBlob:
     """``blob`` with its bytes ``[0, size)`` downloading in the background from now on.
 
@@ -127,11 +137,7 @@ class HeadStartBlob:
                 f.cancel()
             raise
         except Exception as e:
-            log.info("head start stopped: %s", e)
-            for f in pieces:
-                if not f.done():
-                    f.set_exception(e)
-                    f.exception()  # retrieved: readers fall back to the blob
+            _stop(pieces, e)
 
     async def _download(self, pieces: list[asyncio.Future[bytes]]) -> None:
         """One worker: takes the next piece not taken yet, in blob order."""
@@ -149,12 +155,8 @@ class HeadStartBlob:
                 fut.cancel()
                 raise
             except Exception as e:
-                log.info("head start stopped: %s", e)
                 self._next = len(pieces)  # the other workers stop too
-                for f in pieces[i:]:
-                    if not f.done():
-                        f.set_exception(e)
-                        f.exception()  # retrieved: readers fall back to the blob
+                _stop(pieces[i:], e)
                 return
             self.fetched += n
             if not fut.done():

@@ -502,11 +502,9 @@ class BlobReader:
                 status=206,
                 url=redact_url(ex.url),
             )
-        hook = _PIECE_HOOK.get()
-        if hook is not None and len(regions) == 1 and start == lo:
-            body = await ex.read_prefix(hi - start, on_piece=hook[1], piece=hook[0])
-        else:
-            body = await ex.read_prefix(hi - start)
+        hook = _PIECE_HOOK.get() if len(regions) == 1 else None
+        piece, on_piece = hook if hook is not None else (0, None)
+        body = await ex.read_prefix(hi - start, on_piece=on_piece, piece=piece)
         if len(body) != hi - start:
             raise RegistryProtocolError(
                 f"Content-Range {shown} promises bytes {lo}-{hi - 1}, "
