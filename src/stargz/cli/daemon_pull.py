@@ -19,26 +19,16 @@ from dataclasses import dataclass
 
 import grpc
 
-from stargz.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    StargzError,
-    Unavailable,
-)
+from stargz.errors import StargzError, Unavailable
+from stargz.service.errors import ERROR_CODES
 from stargz.service.proto.stargz.v1 import pull_pb2 as pb
 from stargz.service.proto.stargz.v1 import pull_pb2_grpc as pb_grpc
 from stargz.unixsock import probe
 
-#: gRPC code -> (error kind, the class text the daemon appends to its messages; see
-#: `stargz.service.errors.ERROR_CODES`, which this mirrors without importing the service).
+#: gRPC code -> (error kind, the class text the daemon appends to its messages), read from
+#: the daemon's own table (a leaf module: grpc and `stargz.errors` only).
 _KINDS: dict[grpc.StatusCode, tuple[type[StargzError], str]] = {
-    grpc.StatusCode.NOT_FOUND: (NotFound, "not found"),
-    grpc.StatusCode.ALREADY_EXISTS: (AlreadyExists, "already exists"),
-    grpc.StatusCode.FAILED_PRECONDITION: (FailedPrecondition, "failed precondition"),
-    grpc.StatusCode.INVALID_ARGUMENT: (InvalidArgument, "invalid argument"),
-    grpc.StatusCode.UNAVAILABLE: (Unavailable, "unavailable"),
+    code: (cls, text) for cls, code, text in ERROR_CODES if issubclass(cls, StargzError)
 }
 
 
