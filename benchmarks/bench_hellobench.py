@@ -80,6 +80,7 @@ STARGZ = [sys.executable, "-m", "stargz.cli.main"]
 OURS_CONFIG = {
     "ours-opt-pt": "[fuse]\npassthrough = true\n",
     "ours-opt-nohs": "head_start_max_bytes = 0\n",
+    "ours-all-opt-wait": "wait_prefetch_on_check = true\n",
 }
 
 
@@ -124,7 +125,7 @@ def trial(img: str, mode: str, ref: str, reg: Registry, go_bin: str) -> dict:
         t0 = time.perf_counter()
         if mode == "legacy":
             run(["ctr", *a, "i", "pull", "--plain-http", ref], timeout=1800)
-        elif mode == "ours-all-opt":  # our client of containerd's API, as a user runs it
+        elif mode.startswith("ours-all-opt"):  # our client of containerd's API, as a user runs it
             # (the daemon makes the pull, as it does for a user: its socket is not the default)
             o = run(
                 [*STARGZ, "rpull", *a, "--daemon-address", addr, "--plain-http", ref],

@@ -26,6 +26,8 @@ SPEC_DEFAULTS = {
     "prefetch_size": 0,
     "prefetch_timeout_sec": 10,
     "prefetch_async_size": 0,
+    # ours: Go's Check always waits for the prefetch (bounded by the two keys above)
+    "wait_prefetch_on_check": False,
     "noprefetch": False,
     "no_background_fetch": False,
     "debug": False,

@@ -199,6 +199,11 @@ class Config:
     prefetch_size: int = _nonneg(0)
     prefetch_timeout_sec: int = _nonneg(10)
     prefetch_async_size: int = _nonneg(0)
+    # ours: containerd's create (the Check of the container's lower layers) waits for their
+    # prefetch, as Go's does (bounded by prefetch_timeout_sec, skipped above
+    # prefetch_async_size). Off by default: a read waits only for its own chunks, which the
+    # prefetch delivers as they arrive (or a read fetches ahead of it)
+    wait_prefetch_on_check: bool = False
     noprefetch: bool = False
     no_background_fetch: bool = False
     debug: bool = False

@@ -221,9 +221,9 @@ def test_prefetch_landmark_and_notify_store(fs_env, busybox):
     source = LocalLayerSource(layouts=[busybox.root])
     # notify_store is how the daemon serves a prefetched file; with passthrough the kernel
     # reads the verified cache file itself and nothing is pushed
-    fs = fs_env.start(source, passthrough=False)
+    fs = fs_env.start(source, passthrough=False, wait_prefetch_on_check=True)
     mp = fs_env.mount(layer)
-    fs_env.run(fs.check(str(mp), {}))  # waits for the prefetch
+    fs_env.run(fs.check(str(mp), {}))  # waits for the prefetch (as Go's does)
     lay = fs.layer(layer.digest)
     assert lay.prefetch_done.is_set()
     assert lay.prefetch_size == lay.reader.prefetch_size > 0

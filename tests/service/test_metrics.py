@@ -157,6 +157,7 @@ def test_collector_exports_each_counter_under_its_name():
         "stargz_fs_layer_disk_cache_rejects_total": m.disk_cache_rejects,
         "stargz_fs_layer_read_errors_total": m.read_errors,
         "stargz_fs_layer_notify_store_bytes_total": m.notify_store_bytes,
+        "stargz_fs_layer_overtakes_total": m.overtakes,
         "stargz_fs_layer_prefetch_duration_seconds": m.prefetch_seconds,
     }
     for name, want in per_layer.items():

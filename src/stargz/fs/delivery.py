@@ -109,9 +109,13 @@ class Delivery:
         urgent: list[Encoded] = []
         batches: list[list[Encoded]] = [[]]
         budget = out_budget = urgent_bytes = 0
+        table = self._table
         for data, (s, _), job in zip(datas, ranges, jobs, strict=True):
             view = memoryview(data)
             for r, k in job:
+                fut = table.owned_future(k)
+                if fut is None or fut.done():
+                    continue  # delivered already (a read fetched it ahead), or closed
                 mm = idx.row_member[r]
                 a, b = idx.m_start[mm] - s, min(idx.m_end[mm] - s, len(data))
                 if k in wanted and urgent_bytes + b - a <= INLINE_DECODE_MAX:

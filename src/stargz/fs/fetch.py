@@ -28,6 +28,7 @@ from stargz.estargz.reader import Reader
 from stargz.fs.cache import CHECK_BAD, CHECK_OK, DiskCache, MemoryLRU
 from stargz.fs.chunks import ChunkIndex, FetchedSize
 from stargz.fs.delivery import Delivery
+from stargz.fs.headstart import HeadStartBlob
 from stargz.fs.metrics import LayerMetrics
 from stargz.fs.options import FsOptions
 from stargz.fs.scheduler import Scheduler
@@ -35,6 +36,14 @@ from stargz.fs.source import Blob
 
 log = logging.getLogger("stargz.fs")
 _ZERO_DIGEST = bytes(32)
+
+#: A read waiting for a chunk whose prefetch request has not started yet (queued behind
+#: the prefetch's other pieces) fetches the chunk's member itself if it is at most this
+#: big, at most OVERTAKE_PARALLEL such fetches at a time per layer: containerd's create
+#: reads /etc/group, and a workload its first files, without waiting for megabytes
+#: queued ahead of them (see `Fetcher.overtake`).
+OVERTAKE_MAX_BYTES = 1 << 20
+OVERTAKE_PARALLEL = 4
 
 #: Compressed bytes allowed for the gzip header (FEXTRA/FNAME/FCOMMENT) and trailer, or
 #: the zstd frame header and checksum, on top of the codec's worst case for the data.
@@ -100,6 +109,9 @@ class Fetcher:
         self.inflight = inflight
         self.closed = False
         self._owned: set[str] = set()  # the keys of `inflight` this layer fetches
+        #: Keys of fetches waiting for their gate (prefetch pieces not started yet).
+        self._queued: set[str] = set()
+        self._overtaking = 0
         #: Every future this layer made that a read may be waiting on (until resolved).
         self._futures: set[asyncio.Future[bytes]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -189,6 +201,7 @@ class Fetcher:
             await asyncio.gather(*tasks, return_exceptions=True)
         for k in list(self._owned):
             self.settle(k)
+        self._queued.clear()
         for fut in list(self._futures):
             if not fut.done():
                 fut.set_exception(self._closed_error())
@@ -303,6 +316,8 @@ class Fetcher:
                 jobs.append(todo)
         if not ranges:
             return new
+        if gate is not None:
+            self._queued.update(k for job in jobs for _, k in job)
         if max_range:
             started = [
                 self.spawn(self._run_fetch([rng], [job], kind, to_memory, wanted, gate))
@@ -395,9 +410,54 @@ class Fetcher:
         self.spawn(run())
         return fut
 
+    def overtake(self, row: int) -> bool:
+        """Fetch ``row``'s member now, from the blob itself, if its chunks wait in a fetch
+        that has not started (a prefetch piece queued behind others, or behind a head
+        start's download of the pieces before it). The queued fetch later skips what this
+        delivered. Returns whether a fetch started. Members over OVERTAKE_MAX_BYTES, and
+        more than OVERTAKE_PARALLEL at a time, wait their turn: the prefetch itself is the
+        cheaper way to get them."""
+        idx = self.index
+        key = idx.keys[row]
+        if key not in self._queued or self._overtaking >= OVERTAKE_PARALLEL or self.closed:
+            return False
+        m = idx.row_member[row]
+        end = self._fetch_end(m)
+        if end - idx.m_start[m] > OVERTAKE_MAX_BYTES:
+            return False
+        job = []
+        for r in idx.member_rows(m):
+            k = idx.keys[r]
+            fut = self.owned_future(k)
+            if k in self._queued and fut is not None and not fut.done():
+                job.append((r, k))
+        self._queued.difference_update(k for _, k in job)
+        if not job:
+            return False
+        self._overtaking += 1
+        self.metrics.overtakes += 1
+        blob = self.blob.blob if isinstance(self.blob, HeadStartBlob) else self.blob
+        task = self.spawn(
+            self._run_fetch(
+                [(idx.m_start[m], end)],
+                [job],
+                "demand",
+                True,
+                frozenset([key]),
+                overtake_from=blob,
+            )
+        )
+
+        def done(_: asyncio.Task[Any]) -> None:
+            self._overtaking -= 1
+
+        task.add_done_callback(done)
+        return True
+
     # --- one fetch -----------------------------------------------------------------------
 
     def _fail(self, jobs: list[list[tuple[int, str]]], exc: BaseException) -> None:
+        self._queued.difference_update(k for job in jobs for _, k in job)
         for job in jobs:
             for _, k in job:
                 fut = self.settle(k)
@@ -412,15 +472,21 @@ class Fetcher:
         to_memory: bool,
         wanted: frozenset[str] = frozenset(),
         gate: asyncio.Semaphore | None = None,
+        overtake_from: Blob | None = None,
     ) -> BaseException | None:
+        """Fetch ``ranges`` and deliver ``jobs``' chunks; on failure the jobs' futures fail,
+        except an overtaking fetch's (reading ``overtake_from``): the fetch it overtook
+        still delivers them."""
         demand = kind == "demand"
         if demand:
             self.scheduler.begin()
         try:
             try:
                 async with gate or contextlib.nullcontext():
+                    if gate is not None:  # started: no read fetches ahead of it any more
+                        self._queued.difference_update(k for job in jobs for _, k in job)
                     datas = await asyncio.wait_for(
-                        self.blob.read_ranges([(s, e - s) for s, e in ranges]),
+                        (overtake_from or self.blob).read_ranges([(s, e - s) for s, e in ranges]),
                         self.options.fetching_timeout_sec or None,
                     )
                 if len(datas) != len(ranges) or any(
@@ -435,7 +501,8 @@ class Fetcher:
                 )
                 err = Unavailable(f"fetching layer {self.digest} failed: {e}")
                 self.metrics.note_error(f"fetching {len(ranges)} range(s) failed: {e}")
-                self._fail(jobs, err)
+                if overtake_from is None:
+                    self._fail(jobs, err)
                 return err
             n = sum(len(d) for d in datas)
             m = self.metrics

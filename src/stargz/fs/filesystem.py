@@ -717,7 +717,8 @@ class StargzFileSystem:
                     and not layer.fully_fetched
                 ):
                     await self._check_blob(ref, labels or rec.labels)
-                await self._wait_prefetch(layer)
+                if self.options.wait_prefetch_on_check:
+                    await self._wait_prefetch(layer)
         except BaseException:
             self.metrics.check_failures += 1
             raise

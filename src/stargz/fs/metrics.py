@@ -28,6 +28,8 @@ class LayerMetrics:
     #: Fetches caused by a read that missed every cache (Go: on_demand_remote_registry_fetch_count).
     on_demand_fetches: int = 0
     on_demand_bytes_fetched: int = 0
+    #: Reads that fetched a member ahead of the prefetch piece it was queued in.
+    overtakes: int = 0
     prefetch_bytes: int = 0
     background_bytes: int = 0
     #: Chunk lookups of the read path, by where the data came from.

@@ -79,7 +79,11 @@ class FsOptions:
     background_timeout_sec: float = 120.0
     #: Worker threads for decode + verify + cache writes.
     decode_threads: int = 4
-    #: Wait for the prefetch in Mount as well as in Check (Go waits only in Check).
+    #: ours (``wait_prefetch_on_check``): Check (containerd's create) waits for the
+    #: layer's prefetch, as Go's does. Off: the container starts while the prefetch
+    #: streams in; each read waits for its own chunks only.
+    wait_prefetch_on_check: bool = _C.wait_prefetch_on_check
+    #: Wait for the prefetch in Mount as well (Go waits only in Check).
     wait_prefetch_on_mount: bool = False
     #: ours (``head_start_max_bytes``): at most this many bytes of a prefetch start
     #: downloading while the TOC is parsed (`stargz.fs.headstart`; 0 = off, for A/B runs:
@@ -126,6 +130,7 @@ class FsOptions:
             prefetch_size=cfg.prefetch_size,
             prefetch_timeout_sec=float(cfg.prefetch_timeout_sec),
             prefetch_async_size=cfg.prefetch_async_size,
+            wait_prefetch_on_check=cfg.wait_prefetch_on_check,
             noprefetch=cfg.noprefetch,
             no_background_fetch=cfg.no_background_fetch,
             allow_no_verification=cfg.allow_no_verification,

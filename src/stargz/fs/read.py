@@ -280,6 +280,8 @@ class ReadPath:
                 return got[a:b]
             if isinstance(got, asyncio.Future):
                 if fetcher.is_mine(got):
+                    if not got.done():
+                        fetcher.overtake(row)  # (if queued behind other prefetch pieces)
                     try:
                         data = await asyncio.shield(got)
                     except ChunkVerifyError:

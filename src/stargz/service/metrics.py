@@ -98,6 +98,12 @@ LAYER_COUNTERS = (
         "FUSE reads of this layer answered with an error (EIO).",
     ),
     (
+        "stargz_fs_layer_overtakes",
+        "overtakes",
+        "Reads that fetched a file's member themselves instead of waiting for the "
+        "prefetch piece it was queued in.",
+    ),
+    (
         "stargz_fs_layer_notify_store_bytes",
         "notify_store_bytes",
         "Bytes pushed into the kernel page cache (FUSE notify_store) after a prefetch.",
