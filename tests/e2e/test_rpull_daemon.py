@@ -246,6 +246,8 @@ def test_the_pull_and_the_layer_mounts_share_one_token(path, lazy_stack, shared,
                 assert tree_listing(root) == ground_truth(shared)
             ours = [a for a, _ in issuer.issued[pushed:]]
             assert len(ours) == (1 if daemon else 2), issuer.issued[pushed:]
+            # the daemon's pull opened the first layer before containerd asked for it
+            assert ("layer opened ahead of its mount" in sd.log_text()) == bool(daemon)
             assert issuer.refused == []
         finally:
             reg.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -73,9 +74,15 @@ class Image:
     diff_ids: tuple[str, ...]
 
 
-async def fetch_image(client: RegistryClient, ref: Reference, platform: Platform) -> Image:
+async def fetch_image(
+    client: RegistryClient,
+    ref: Reference,
+    platform: Platform,
+    on_manifest: Callable[[str, tuple[Descriptor, ...]], None] | None = None,
+) -> Image:
     """Resolve ``ref`` and fetch its index (if any), the manifest for ``platform`` and the
-    config; every byte verified against its digest."""
+    config; every byte verified against its digest. ``on_manifest(manifest digest,
+    layers)`` is called before the config is asked for."""
     raw, ctype, digest = await images.manifest_bytes(client, ref, ref.object, ref.digest)
     obj = load_json(raw, f"manifest {ref}")
     mtype = media_type_of(obj, ctype)
@@ -101,6 +108,8 @@ async def fetch_image(client: RegistryClient, ref: Reference, platform: Platform
     else:
         mdesc = target
     manifest = parse_manifest(raw, digest, mtype, f"manifest {ref}")
+    if on_manifest is not None:
+        on_manifest(mdesc.digest, tuple(manifest.layers))
     config_raw = await client.fetch_blob(ref, manifest.config.digest, max_size=MAX_CONFIG_SIZE)
     diff_ids = _diff_ids(config_raw, manifest, ref)
     return Image(

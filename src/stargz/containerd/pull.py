@@ -8,8 +8,9 @@ What ``ctr-remote i rpull`` does with containerd's Go client (``Client.Pull`` wi
 2. the index (if any), the manifest for the platform and the config, fetched and
    verified by :mod:`stargz.remote`, written into the content store with the
    ``gc.ref.content`` labels that keep their children;
-3. each layer unpacked by :class:`stargz.containerd.unpack.Unpacker`: a remote snapshot
-   when the snapshotter can mount it (nothing fetched), a normal unpack otherwise;
+3. meanwhile (the content writes of 2. do not wait for it, nor it for them), each layer
+   unpacked by :class:`stargz.containerd.unpack.Unpacker`: a remote snapshot when the
+   snapshotter can mount it (nothing fetched), a normal unpack otherwise;
 4. the config labelled ``containerd.io/gc.ref.snapshot.<snapshotter>=<top chain ID>``,
    then the image record (name -> index or manifest) created, or updated when it exists;
 5. the lease deleted (the image record now holds everything).
@@ -20,6 +21,7 @@ ID exists in that snapshotter) and starts without pulling again.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -99,10 +101,12 @@ async def rpull(
     *,
     on_layer: Callable[[LayerResult], None] | None = None,
     on_fetched: Callable[[Image], None] | None = None,
+    on_manifest: Callable[[str, tuple[Descriptor, ...]], None] | None = None,
     registry: RegistryClient | None = None,
 ) -> PullResult:
-    """Pull ``ref`` into containerd (see the module docstring). ``on_fetched`` is called
-    once the manifest and config are known, ``on_layer`` after each layer.
+    """Pull ``ref`` into containerd (see the module docstring). ``on_manifest(digest,
+    layers)`` is called once the manifest is known (before the config is fetched),
+    ``on_fetched`` once the manifest and config are, ``on_layer`` after each layer.
 
     ``registry``: a registry client to use (and leave open) instead of one made for this
     pull from ``opts`` (the daemon passes the one its layer mounts use, so they share its
@@ -119,10 +123,11 @@ async def rpull(
         try:
             given = None if registry is None else contextlib.nullcontext(registry)
             async with given or registry_client(opts, reference.host) as reg:
-                image = await fetch_image(reg, reference, platform or reg.platform)
+                image = await fetch_image(
+                    reg, reference, platform or reg.platform, on_manifest=on_manifest
+                )
                 if on_fetched is not None:
                     on_fetched(image)
-                await store_metadata(cd, image)
                 unpacker = Unpacker(
                     cd,
                     reg,
@@ -131,7 +136,17 @@ async def rpull(
                     prefetch_size=opts.prefetch_size,
                     on_layer=on_layer,
                 )
-                layers = await unpacker.run()
+                # the content writes and the layers' snapshots do not wait for each other
+                # (the lease keeps both): a few containerd round trips off the first mount
+                stored = asyncio.ensure_future(store_metadata(cd, image))
+                try:
+                    layers = await unpacker.run()
+                except BaseException:
+                    stored.cancel()
+                    with contextlib.suppress(BaseException):
+                        await stored
+                    raise
+                await stored
             top = unpacker.chain[-1] if unpacker.chain else ""
             if top:
                 gc_label = {L.snapshot_gc_label(opts.snapshotter): top}

@@ -62,7 +62,7 @@ from stargz.fs.ops import Operations
 from stargz.fs.options import FsOptions
 from stargz.fs.scheduler import Scheduler
 from stargz.fs.slots import SlotTable
-from stargz.fs.source import LayerSource, LayerSpec, layer_spec
+from stargz.fs.source import STARGZ_DIGEST_LABEL, LayerSource, LayerSpec, layer_spec
 from stargz.fs.trace import TRACE_DIR, ImageTracer
 from stargz.fs.tree import Tree
 from stargz.fuse import ROOT_INODE, Connection, Session
@@ -94,6 +94,8 @@ class _LayerRef:
     spec: LayerSpec
     key: LayerKey
     mountpoints: set[str] = field(default_factory=set)
+    #: Pulls of this daemon holding the layer open before (or without) a mount (`preopen`).
+    holds: int = 0
 
 
 @dataclass(frozen=True)
@@ -525,6 +527,43 @@ class StargzFileSystem:
             },
         )
 
+    async def preopen(self, labels: Mapping[str, str]) -> LayerKey | None:
+        """Open the layer named by ``labels`` before containerd asks to mount it, and hold
+        it open until `release_preopened` (the key returned).
+
+        A pull this daemon makes knows the image's layers once it has the manifest, while
+        containerd's first Prepare comes only after the config and a few containerd calls:
+        opening then (footer, TOC, the prefetch's head start, the neighbours' TOCs) starts
+        every download a round trip or more sooner, and the Prepare finds the layer open or
+        opening. A failure is logged only: the mount tries again and reports it.
+        """
+        try:
+            spec = self._spec(labels)
+            await self.start()
+            assert self._scheduler is not None
+            if self.options.resolve_neighbours and spec.neighbours:
+                self.neighbours.start(
+                    source_of(spec), spec.ref, spec.neighbours, labels, self._open_or_opening
+                )
+            async with self._scheduler.prioritized():
+                ref = await self._acquire(spec, labels)
+        except Exception as e:
+            log.info(
+                "cannot open a layer ahead of its mount; the mount will try",
+                extra={"layer": labels.get(STARGZ_DIGEST_LABEL, "?"), "error": str(e)},
+            )
+            return None
+        ref.holds += 1
+        log.info("layer opened ahead of its mount", extra={"layer": spec.digest})
+        return ref.key
+
+    async def release_preopened(self, key: LayerKey) -> None:
+        """Drop `preopen`'s hold: the layer closes unless it is mounted."""
+        ref = self._layers.get(key)
+        if ref is not None and ref.holds > 0:
+            ref.holds -= 1
+            await self._release(ref)
+
     async def _acquire(self, spec: LayerSpec, labels: Mapping[str, str]) -> _LayerRef:
         source = source_of(spec)
         key = (source, spec.digest)
@@ -660,7 +699,7 @@ class StargzFileSystem:
     async def _release(self, ref: _LayerRef, mp: str | None = None) -> None:
         if mp is not None:
             ref.mountpoints.discard(mp)
-        if ref.mountpoints:
+        if ref.mountpoints or ref.holds:
             return
         self._layers.pop(ref.key, None)
         self.metrics.closed_layers_verification_failures += ref.layer.metrics.verification_failures

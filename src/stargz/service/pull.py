@@ -91,6 +91,22 @@ def registry_for(fs: Any, opts: Any, ref: str) -> tuple[Any, bool]:
     return own, True
 
 
+def first_layer_labels(
+    ref: str, manifest_digest: str, layers: tuple[Any, ...], prefetch_size: int
+) -> dict[str, str] | None:
+    """The labels containerd will pass with the Prepare of the image's first layer (the
+    pull's `Unpacker` makes the same), without the chain ID, which needs the config;
+    None when the first descriptor is not a layer."""
+    from stargz.containerd import labels as L
+    from stargz.remote.reference import parse_reference
+
+    if not L.is_layer(layers[0].media_type):
+        return None
+    name = str(parse_reference(ref))
+    ann = L.layer_annotations(name, manifest_digest, layers, 0, prefetch_size=prefetch_size)
+    return L.inherited(ann)
+
+
 class PullService(pb_grpc.PullServicer):
     """The servicer; ``fs`` is the daemon's FileSystem (None without lazy pulling)."""
 
@@ -140,12 +156,34 @@ class PullService(pb_grpc.PullServicer):
             },
         )
 
+        preopened: list[asyncio.Task[Any]] = []
+
+        def manifest(digest: str, layers: tuple[Any, ...]) -> None:
+            # the layer mounts use this pull's registry client: the first layer (and, from
+            # its labels, the others' TOCs) can be opened before containerd asks for it
+            if made or registry is None or not layers or not hasattr(self.fs, "preopen"):
+                return
+            labels = first_layer_labels(request.ref, digest, layers, opts.prefetch_size)
+            if labels is not None:
+                preopened.append(asyncio.ensure_future(self.fs.preopen(labels)))
+
         async def pull() -> Any:
             try:
                 return await rpull(
-                    request.ref, opts, on_layer=layer, on_fetched=fetched, registry=registry
+                    request.ref,
+                    opts,
+                    on_layer=layer,
+                    on_fetched=fetched,
+                    on_manifest=manifest,
+                    registry=registry,
                 )
             finally:
+                for t in preopened:  # mounted by now, or not needed: the hold goes
+                    t.cancel()
+                    with contextlib.suppress(BaseException):
+                        key = await t
+                        if key is not None:
+                            await self.fs.release_preopened(key)
                 if made:
                     await registry.close()
 
