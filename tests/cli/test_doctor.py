@@ -6,11 +6,13 @@ about that problem, with a message naming it and a fix that says what to write.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -438,9 +440,6 @@ def test_overlay_test_mount_mounts_and_cleans_up(e2e_host):
     real overlay mount in a temp dir, unmounted and removed."""
     from stargz import mountinfo
     from stargz.cli.doctor import host
-
-    import glob
-    import tempfile
 
     def leftovers() -> list[str]:  # (other mounts may come and go meanwhile: not ours)
         mine = [p for p in mountinfo.mount_points() if "/stargz-doctor-" in p]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,8 +28,9 @@ N_LAYERS = 6
 MISSING = "sha256:" + "0" * 64
 
 
-def make_layers(base: Path, n: int = N_LAYERS) -> list[SimpleNamespace]:
-    """``n`` eStargz layers (our writer), each with its own files."""
+def make_layers(base: Path, n: int = N_LAYERS, prioritized: int = 0) -> list[SimpleNamespace]:
+    """``n`` eStargz layers (our writer), each with its own files; the first
+    ``prioritized`` of them before a ``.prefetch.landmark``."""
     base.mkdir(parents=True, exist_ok=True)
     out = []
     for i in range(n):
@@ -36,7 +38,8 @@ def make_layers(base: Path, n: int = N_LAYERS) -> list[SimpleNamespace]:
             f"l{i}/f{j:03d}.txt": f"layer {i} file {j}\n".encode() * (j + 1) for j in range(40)
         }
         dst = io.BytesIO()
-        res = build(io.BytesIO(tar_layer(files)), dst)
+        first = sorted(files)[:prioritized] or None
+        res = build(io.BytesIO(tar_layer(files)), dst, prioritized_files=first)
         path = base / res.blob_digest.split(":")[1]
         path.write_bytes(dst.getvalue())
         out.append(SimpleNamespace(digest=res.blob_digest, toc_digest=res.toc_digest, files=files))
@@ -238,3 +241,59 @@ def test_close_cancels_the_fetches_under_way(fs_env: FsEnv) -> None:
     assert time.monotonic() - t0 < 10
     assert all(t.cancelled() for t in tasks)
     assert len(fs.neighbours) == 0
+
+
+def below(source: LocalLayerSource, digest: str, offset: int) -> list[tuple[int, int]]:
+    """The ranges read from ``digest`` that start below ``offset``, but the tail reads
+    (these small blobs' footer + TOC reads start at 0 too)."""
+    size = os.path.getsize(source.path_of(digest))
+    return [
+        r
+        for d, ranges in source.log
+        if d == digest
+        for r in ranges
+        if r[0] < offset and r[0] + r[1] < size
+    ]
+
+
+def test_a_neighbours_prefetch_starts_downloading_with_its_toc(fs_env: FsEnv) -> None:
+    """Layers with a landmark: each neighbour's prefetch range starts downloading once its
+    TOC is in (before anyone mounts it), counts against the byte bound while held, and
+    its own mount's prefetch takes those bytes instead of asking again."""
+    from stargz.fs.headstart import HeadStartBlob
+
+    layers = make_layers(fs_env.base / "blobs", 3, prioritized=10)
+    src = source_for(layers, fs_env.base / "blobs")
+    fs = fs_env.start(src)
+    fs_env.run(fs.mount(str(fs_env.mountpoint()), labels(layers, 0)))
+    wait_until(fs_env, lambda: neighbours_settled(fs_env))
+    held = {e.key[1]: e.result for e in fs.neighbours._entries.values()}
+    for x in layers[1:]:
+        got = held[x.digest]
+        assert isinstance(got.blob, HeadStartBlob) and got.head_bytes > 0
+        wait_until(fs_env, lambda d=x.digest, n=got.head_bytes: below(src, d, n) != [])
+    assert fs.neighbours.held_bytes == sum(g.held for g in held.values())
+    for i in (1, 2):
+        mp = fs_env.mountpoint()
+        fs_env.run(fs.mount(str(mp), labels(layers, i)))
+        lay = fs.layer(layers[i].digest)
+        assert lay.blob is held[layers[i].digest].blob  # no second head start
+        fs_env.run(asyncio.wait_for(lay.prefetch_done.wait(), 30))
+        assert lay.prefetch_size == held[layers[i].digest].head_bytes
+        # the prefetch range was read once, by the head start
+        assert below(src, layers[i].digest, lay.prefetch_size) == [(0, lay.prefetch_size)]
+        check_files(mp, layers[i])
+    assert fs.neighbours.held_bytes == 0
+
+
+def test_a_neighbour_head_start_nobody_mounts_is_released(fs_env: FsEnv) -> None:
+    layers = make_layers(fs_env.base / "blobs", 2, prioritized=10)
+    src = source_for(layers, fs_env.base / "blobs")
+    fs = fs_env.start(src, neighbour_hold_sec=0.3)
+    fs_env.run(fs.mount(str(fs_env.mountpoint()), labels(layers, 0)))
+    wait_until(fs_env, lambda: neighbours_settled(fs_env))
+    (entry,) = fs.neighbours._entries.values()
+    head = entry.result.blob
+    wait_until(fs_env, lambda: fs.metrics.neighbour_expired == 1)
+    assert head._pieces is None  # released, its download stopped
+    assert fs.neighbours.held_bytes == 0

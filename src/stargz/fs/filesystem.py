@@ -55,7 +55,7 @@ from stargz.errors import (
 from stargz.fs import memory, mounts, passthrough, takeover
 from stargz.fs.cache import DiskCache, MemoryLRU
 from stargz.fs.layer import Layer
-from stargz.fs.layer_open import fetch_tail
+from stargz.fs.layer_open import fetch_tail, neighbour_head_start
 from stargz.fs.metrics import FsMetrics
 from stargz.fs.neighbours import Neighbours, Prefetched
 from stargz.fs.ops import Operations
@@ -684,7 +684,15 @@ class StargzFileSystem:
                 if asyncio.iscoroutine(res):
                     await res
             raise
-        return Prefetched(blob, start, data, fetched)
+        got = Prefetched(blob, start, data, fetched)
+        # its prefetch can start now, not when containerd gets to its Prepare (a TOC from
+        # the disk cache means its chunks are likely there too: nothing to start)
+        room = o.resolve_neighbours_max_bytes - self.neighbours.held_bytes - len(data)
+        if fetched and not o.noprefetch and o.head_start_max_bytes > 0 and room > 0:
+            head = neighbour_head_start(blob, data, min(o.head_start_max_bytes, room))
+            if head is not None:
+                got.blob, got.head_bytes = head, head.head_size
+        return got
 
     def _prefetch_size(self, layer: Layer, spec: LayerSpec) -> int:
         if self.options.noprefetch:

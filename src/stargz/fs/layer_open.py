@@ -165,6 +165,17 @@ class _HeadStart:
             self.blob.release()
 
 
+def neighbour_head_start(blob: Blob, region: bytes, max_bytes: int) -> HeadStartBlob | None:
+    """A neighbour layer's head start (`stargz.fs.neighbours`): once its TOC region is in,
+    its prefetch range starts downloading, if the region's first bytes name the landmark
+    and the range is one streamed request (at most PREFETCH_ONE_FLOW_MAX bytes; bigger
+    ones wait for the layer's own mount). None when nothing was started."""
+    off = landmark_from_toc_head(region[:TOC_HEAD_BYTES])
+    if not off or min(off, max_bytes) > PREFETCH_ONE_FLOW_MAX:
+        return None
+    return HeadStartBlob(blob, min(off, max_bytes), PREFETCH_PIECE, 1)
+
+
 @dataclass
 class OpenedLayer:
     """What opening produced: the blob to read chunks through (maybe with a head start
@@ -225,7 +236,11 @@ async def open_layer(
     loop = asyncio.get_running_loop()
     max_toc = options.max_toc_bytes
     head = _HeadStart(blob, options.head_start_max_bytes, loop)
-    allowed = not options.noprefetch and options.head_start_max_bytes > 0
+    allowed = (
+        not options.noprefetch
+        and options.head_start_max_bytes > 0
+        and not isinstance(blob, HeadStartBlob)  # (a neighbour's, started already)
+    )
     if tail is not None:
         start, data, fetched = tail
     else:
@@ -274,4 +289,4 @@ async def open_layer(
     )
 
 
-__all__ = ["OpenedLayer", "TAIL_FETCH_SIZE", "fetch_tail", "open_layer"]
+__all__ = ["OpenedLayer", "TAIL_FETCH_SIZE", "fetch_tail", "neighbour_head_start", "open_layer"]

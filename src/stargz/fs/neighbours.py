@@ -17,8 +17,10 @@ This module is the bookkeeping only, with the fetch passed in (`NeighbourFetch`)
   layers (the next layer containerd prepares first);
 - handed over once (`take`), waiting for a fetch under way; a fetch still queued behind
   others is cancelled instead (the mount is quicker doing it itself);
-- bounded in memory: what a layer never mounted holds is released after ``hold_sec``,
-  and a result that would make the held bytes exceed ``max_bytes`` is dropped at once;
+- bounded in memory: what a layer never mounted holds (its TOC region, and the pieces of
+  its prefetch range when the fetch started downloading it: `Prefetched.head_bytes`) is
+  released after ``hold_sec``, and a result that would make the held bytes exceed
+  ``max_bytes`` is dropped at once;
 - cancelled on `close`.
 
 A fetch that fails (a digest the repository does not have, an unreachable registry) is
@@ -61,6 +63,13 @@ class Prefetched:
     start: int
     data: bytes
     fetched: int
+    #: Bytes of its prefetch range already downloading (`blob` is then a HeadStartBlob).
+    head_bytes: int = 0
+
+    @property
+    def held(self) -> int:
+        """What holding it costs: the TOC region, and at most the head start's pieces."""
+        return len(self.data) + self.head_bytes
 
     @property
     def tail(self) -> tuple[int, bytes, int]:
@@ -181,17 +190,17 @@ class Neighbours:
         )
         if self._entries.get(entry.key) is not entry:
             return got  # taken (someone awaits this task) or closed meanwhile
-        if self.held_bytes + len(got.data) > self.max_bytes:
+        if self.held_bytes + got.held > self.max_bytes:
             self._forget(entry)
             self.metrics.neighbour_dropped += 1
             await _close_blob(got.blob)
             log.info(
                 "dropped a pre-resolved neighbour TOC: over the byte bound",
-                extra={"layer": digest, "bytes": len(got.data), "max_bytes": self.max_bytes},
+                extra={"layer": digest, "bytes": got.held, "max_bytes": self.max_bytes},
             )
             return None
         entry.result = got
-        self.held_bytes += len(got.data)
+        self.held_bytes += got.held
         entry.expiry = asyncio.get_running_loop().call_later(self.hold_sec, self._expire, entry)
         return got
 
@@ -204,7 +213,7 @@ class Neighbours:
             entry.expiry = None
         got, entry.result = entry.result, None
         if got is not None:
-            self.held_bytes -= len(got.data)
+            self.held_bytes -= got.held
         return got
 
     def _expire(self, entry: _Entry) -> None:
