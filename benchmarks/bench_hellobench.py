@@ -20,12 +20,15 @@ the snapshotter: ``ours-opt9`` is ``ours-opt`` compressed at Go's gzip level 9 i
 our default (level 5, about Go's size); ``ours-opt-pt``
 is ``ours-opt`` with ``[fuse] passthrough = true`` (off by default, as in Go); ``ours-opt-nohs`` is
 ``ours-opt`` with the head start off (``head_start_max_bytes = 0``: the prefetch download waits
-for the TOC parse, see stargz.fs.headstart).
+for the TOC parse, see stargz.fs.headstart); ``ours-all-opt-wait`` is ``ours-all-opt`` with
+``wait_prefetch_on_check = true`` (containerd's create waits for the prefetch, as with Go's).
 
 times ``pull`` (``ctr i pull`` / ``ctr-remote i rpull`` / ``stargz rpull``), ``create``
-(``ctr c create``: the container's snapshot is prepared) and ``run`` (``ctr t start``
-until the workload prints its ready line; it includes waiting for prefetch, as the lazy
-daemons block reads of prefetched files until prefetch lands). Every trial gets a fresh
+(``ctr c create``: the container's snapshot is prepared; Go's daemon waits there for the
+layers' prefetch to land, ours does not unless ``wait_prefetch_on_check``, the extra mode
+``ours-all-opt-wait``) and ``run`` (``ctr t start`` until the workload prints its ready
+line; with ours it includes the rest of the prefetch, as a read of a prefetched file waits
+for its chunks). Every trial gets a fresh
 snapshotter daemon, containerd and cache; the registry (one, behind the emulated network,
 shared by all modes) is the only thing kept.
 Bytes fetched are counted on the registry side (its access log) up to the ready line.
