@@ -21,7 +21,8 @@ our default (level 5, about Go's size); ``ours-opt-pt``
 is ``ours-opt`` with ``[fuse] passthrough = true`` (off by default, as in Go); ``ours-opt-nohs`` is
 ``ours-opt`` with the head start off (``head_start_max_bytes = 0``: the prefetch download waits
 for the TOC parse, see stargz.fs.headstart); ``ours-all-opt-wait`` is ``ours-all-opt`` with
-``wait_prefetch_on_check = true`` (containerd's create waits for the prefetch, as with Go's).
+``wait_prefetch_on_check = true`` (containerd's create waits for the prefetch, as with Go's);
+``ours-opt-s1`` is ``ours-opt`` with ``head_start_streams = 1`` (the head start in one GET).
 
 times ``pull`` (``ctr i pull`` / ``ctr-remote i rpull`` / ``stargz rpull``), ``create``
 (``ctr c create``: the container's snapshot is prepared; Go's daemon waits there for the
@@ -84,6 +85,7 @@ OURS_CONFIG = {
     "ours-opt-pt": "[fuse]\npassthrough = true\n",
     "ours-opt-nohs": "head_start_max_bytes = 0\n",
     "ours-all-opt-wait": "wait_prefetch_on_check = true\n",
+    "ours-opt-s1": "head_start_streams = 1\n",
 }
 
 

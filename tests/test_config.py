@@ -36,6 +36,7 @@ SPEC_DEFAULTS = {
     "max_concurrency": 2,
     "log_file_access": False,
     "head_start_max_bytes": 64 << 20,  # ours, not upstream
+    "head_start_streams": 2,  # ours, not upstream
     "resolve_neighbours": True,  # ours, not upstream
     "resolve_neighbours_parallel": 8,  # ours, not upstream
     "resolve_neighbours_max_bytes": 64 << 20,  # ours, not upstream

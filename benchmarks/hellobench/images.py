@@ -29,7 +29,7 @@ ROOTFS_SH = Path(__file__).resolve().parent / "rootfs.sh"
 
 #: The modes bench_hellobench.py runs by default, and the extra ones it runs when named.
 MODES = ["legacy", "ours-noopt", "ours-opt", "go-noopt", "go-opt", "ours-on-go-opt", "ours-all-opt"]
-EXTRA_MODES = ["ours-opt9", "ours-opt-pt", "ours-opt-nohs", "ours-all-opt-wait"]
+EXTRA_MODES = ["ours-opt9", "ours-opt-pt", "ours-opt-nohs", "ours-all-opt-wait", "ours-opt-s1"]
 TAG_OF = {
     "ours-all-opt": "ours-all-opt",
     "legacy": "orig",
@@ -42,6 +42,7 @@ TAG_OF = {
     "ours-opt-pt": "ours-opt",
     "ours-opt-nohs": "ours-opt",
     "ours-all-opt-wait": "ours-all-opt",
+    "ours-opt-s1": "ours-opt",
 }
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 

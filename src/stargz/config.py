@@ -214,6 +214,10 @@ class Config:
     # ours: at most this many bytes of a first-seen layer's prefetch start downloading while
     # its TOC is parsed (0 = off)
     head_start_max_bytes: int = _nonneg(64 << 20)
+    # ours: that download (up to 8 MiB) is this many streamed GETs of consecutive pieces
+    # at once: two ramp out of TCP slow start sooner than one (at 50 ms RTT, python and
+    # nginx started 0.05 s sooner; the same at 20 ms)
+    head_start_streams: int = field(default=2, metadata={"min": 1})
     # ours: a remote Prepare starts resolving the image's other layers (named in the
     # cri.image-layers / stargz.layers label) and fetching their TOCs, at most
     # resolve_neighbours_parallel at a time; TOCs fetched this way are held for

@@ -227,6 +227,27 @@ def test_one_flow_head_is_one_request_whose_pieces_serve_reads_as_they_arrive():
     asyncio.run(go())
 
 
+def test_head_in_several_streams_of_consecutive_pieces():
+    async def go():
+        blob = StreamingBlob(DATA)
+        hs = HeadStartBlob(blob, 5000, 1024, streams=3)  # 5 pieces: 1 + 2 + 2
+        got = await hs.read_ranges([(0, 100), (2000, 100), (4500, 500)])
+        assert got == [DATA[:100], DATA[2000:2100], DATA[4500:5000]]
+        assert sorted(blob.streams) == [(0, 1024), (1024, 2048), (3072, 1928)]
+        assert blob.requests == [] and hs.fetched == 5000
+        assert hs.has(0, 5000) and not hs.has(4000, 1001)
+        # a stream dropped mid-way fails only its own pieces: those go to the blob
+        blob2 = StreamingBlob(DATA, fail_at=1024)
+        hs2 = HeadStartBlob(blob2, 4096, 1024, streams=2)
+        got = await hs2.read_ranges([(0, 1024), (1500, 100), (2048, 1024), (3500, 100)])
+        assert got == [DATA[:1024], DATA[1500:1600], DATA[2048:3072], DATA[3500:3600]]
+        assert (1500, 100) in blob2.requests and (3500, 100) in blob2.requests
+        hs.release()
+        await hs2.close()
+
+    asyncio.run(go())
+
+
 def test_one_flow_head_dropped_mid_stream_falls_back_to_the_blob():
     async def go():
         blob = StreamingBlob(DATA, fail_at=2048)

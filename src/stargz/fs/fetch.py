@@ -436,7 +436,9 @@ class Fetcher:
             return False
         self._overtaking += 1
         self.metrics.overtakes += 1
-        blob = self.blob.blob if isinstance(self.blob, HeadStartBlob) else self.blob
+        blob = self.blob
+        if isinstance(blob, HeadStartBlob) and not blob.has(idx.m_start[m], end - idx.m_start[m]):
+            blob = blob.blob  # (bytes already in a head piece are read from there)
         task = self.spawn(
             self._run_fetch(
                 [(idx.m_start[m], end)],

@@ -689,7 +689,9 @@ class StargzFileSystem:
         # the disk cache means its chunks are likely there too: nothing to start)
         room = o.resolve_neighbours_max_bytes - self.neighbours.held_bytes - len(data)
         if fetched and not o.noprefetch and o.head_start_max_bytes > 0 and room > 0:
-            head = neighbour_head_start(blob, data, min(o.head_start_max_bytes, room))
+            head = neighbour_head_start(
+                blob, data, min(o.head_start_max_bytes, room), o.head_start_streams
+            )
             if head is not None:
                 got.blob, got.head_bytes = head, head.head_size
         return got

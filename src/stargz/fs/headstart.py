@@ -6,7 +6,8 @@ is the longest step before the container can start. The prefetch range is
 ``[0, offset of .prefetch.landmark)``, and that offset can be read from the TOC JSON with
 a byte search long before the parse ends. `landmark_offset` finds it; `HeadStartBlob`
 downloads that range in pieces, as many at a time as the prefetch itself would (up to
-8 MiB one request whose pieces are handed over as they arrive, then 4 requests at a time),
+8 MiB ``head_start_streams`` requests, each for a run of consecutive pieces handed over as
+they arrive, then 4 requests of one piece at a time),
 and answers reads that fall inside it from those pieces.
 
 The pieces are plain bytes of the blob: whatever uses them still decodes and verifies
@@ -94,7 +95,9 @@ class HeadStartBlob:
     ``blob``. Everything else is ``blob``'s.
     """
 
-    def __init__(self, blob: Blob, size: int, piece: int, parallel: int = 1) -> None:
+    def __init__(
+        self, blob: Blob, size: int, piece: int, parallel: int = 1, streams: int = 1
+    ) -> None:
         self.blob = blob
         self.head_size = max(0, min(size, blob.size))
         self.piece = max(1, piece)
@@ -104,8 +107,13 @@ class HeadStartBlob:
         self._next = 0
         self.fetched = 0
         if parallel <= 1 and n > 1 and hasattr(blob, "read_at_streaming"):
-            # one GET for the whole head: no round trip between pieces
-            self._tasks = [loop.create_task(self._stream(self._pieces))]
+            # one GET per stream, each for a run of consecutive pieces: no round trip
+            # between pieces; more than one stream ramps up faster out of TCP slow start
+            k = max(1, min(streams, n))
+            cuts = [n * i // k for i in range(k + 1)]
+            self._tasks = [
+                loop.create_task(self._stream(self._pieces, cuts[i], cuts[i + 1])) for i in range(k)
+            ]
         else:
             self._tasks = [
                 loop.create_task(self._download(self._pieces))
@@ -119,25 +127,29 @@ class HeadStartBlob:
     def size(self) -> int:
         return self.blob.size
 
-    async def _stream(self, pieces: list[asyncio.Future[bytes]]) -> None:
-        """One worker, one request: each piece is handed over as soon as it is in."""
+    async def _stream(self, pieces: list[asyncio.Future[bytes]], first: int, end: int) -> None:
+        """One worker, one request for pieces ``[first, end)``: each piece is handed over
+        as soon as it is in."""
+        start = first * self.piece
+        stop = min(end * self.piece, self.head_size)
+        mine = pieces[first:end]
 
         def arrived(pos: int, data: bytes) -> None:
-            fut = pieces[pos // self.piece]
+            fut = pieces[(start + pos) // self.piece]
             if not fut.done():
                 self.fetched += len(data)
                 fut.set_result(data)
 
         try:
-            await self.blob.read_at_streaming(0, self.head_size, self.piece, arrived)
-            if not all(f.done() for f in pieces):
-                raise OSError(f"short read of bytes 0-{self.head_size - 1}")
+            await self.blob.read_at_streaming(start, stop - start, self.piece, arrived)
+            if not all(f.done() for f in mine):
+                raise OSError(f"short read of bytes {start}-{stop - 1}")
         except asyncio.CancelledError:
-            for f in pieces:
+            for f in mine:
                 f.cancel()
             raise
         except Exception as e:
-            _stop(pieces, e)
+            _stop(mine, e)
 
     async def _download(self, pieces: list[asyncio.Future[bytes]]) -> None:
         """One worker: takes the next piece not taken yet, in blob order."""
@@ -184,6 +196,17 @@ class HeadStartBlob:
                 prev = out[j]
                 out[j] = data if prev is None else prev + data
         return out  # type: ignore[return-value]
+
+    def has(self, off: int, n: int) -> bool:
+        """Whether ``[off, off+n)`` lies in pieces that are here already."""
+        pieces = self._pieces
+        if pieces is None or n <= 0 or off < 0 or off + n > self.head_size:
+            return False
+        for i in range(off // self.piece, (off + n - 1) // self.piece + 1):
+            f = pieces[i]
+            if not f.done() or f.cancelled() or f.exception() is not None:
+                return False
+        return True
 
     async def _from_head(
         self, pieces: list[asyncio.Future[bytes]], off: int, n: int

@@ -89,6 +89,9 @@ class FsOptions:
     #: downloading while the TOC is parsed (`stargz.fs.headstart`; 0 = off, for A/B runs:
     #: bench_hellobench.py ``ours-opt-nohs``).
     head_start_max_bytes: int = _C.head_start_max_bytes
+    #: ours (``head_start_streams``): a head start of up to 8 MiB is this many GETs of
+    #: consecutive pieces at once (each streamed), not one.
+    head_start_streams: int = _C.head_start_streams
     #: ours (``[fuse] read_ahead_next_chunk``): a sequential reader past the middle of a
     #: cached chunk has the next chunk's cache file read ahead (A/B: bench_read_ahead.py).
     read_ahead_next_chunk: bool = _C.fuse.read_ahead_next_chunk
@@ -138,6 +141,7 @@ class FsOptions:
             max_concurrency=cfg.max_concurrency,
             log_file_access=cfg.log_file_access,
             head_start_max_bytes=cfg.head_start_max_bytes,
+            head_start_streams=cfg.head_start_streams,
             chunk_size=blob.chunk_size,
             fetching_timeout_sec=float(blob.fetching_timeout_sec),
             prefetch_chunk_size=blob.prefetch_chunk_size,
