@@ -253,6 +253,22 @@ def test_the_pull_and_the_layer_mounts_share_one_token(path, lazy_stack, shared,
             reg.close()
 
 
+def test_a_pull_into_another_snapshotter_opens_nothing_ahead(registry, lazy_stack, shared):
+    """The daemon makes a pull into containerd's overlayfs snapshotter: no layer of it is
+    opened here ahead of a mount that will never come (its prefetch would be downloaded
+    for nothing); the layers are unpacked by containerd as usual. The same image pulled
+    into our snapshotter is opened ahead."""
+    sd, c = lazy_stack(NO_BACKGROUND)
+    layout = shared / "fixtures" / "oci-corners"
+    ref = registry.push_oci(layout, "esgz", "elsewhere:esgz")
+    p = rpull_at(c, sd.address, ref, "--snapshotter", "overlayfs")
+    assert [line.split(" (")[0] for line in layer_lines(p.stdout)] == ["unpacked"] * 2, p.stdout
+    assert "opened ahead of its mount" not in sd.log_text()
+    assert "cannot open a layer ahead" not in sd.log_text()
+    rpull_at(c, sd.address, ref)
+    assert "layer opened ahead of its mount" in sd.log_text()
+
+
 # --- a client that goes away ------------------------------------------------------------
 
 

@@ -160,8 +160,14 @@ class PullService(pb_grpc.PullServicer):
 
         def manifest(digest: str, layers: tuple[Any, ...]) -> None:
             # the layer mounts use this pull's registry client: the first layer (and, from
-            # its labels, the others' TOCs) can be opened before containerd asks for it
-            if made or registry is None or not layers or not hasattr(self.fs, "preopen"):
+            # its labels, the others' TOCs) can be opened before containerd asks for it.
+            # Only for a pull into this daemon's snapshotter by its usual name: into another
+            # snapshotter nothing would be mounted here, and the download would be wasted
+            from stargz.containerd.pull import DEFAULT_SNAPSHOTTER
+
+            if opts.snapshotter != DEFAULT_SNAPSHOTTER or made or registry is None:
+                return
+            if not layers or not hasattr(self.fs, "preopen"):
                 return
             labels = first_layer_labels(request.ref, digest, layers, opts.prefetch_size)
             if labels is not None:
