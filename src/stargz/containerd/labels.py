@@ -199,6 +199,21 @@ def layer_annotations(
     return out
 
 
+def layer_labels(
+    ref: str,
+    manifest_digest: str,
+    layers: Sequence[Descriptor],
+    i: int,
+    *,
+    prefetch_size: int = DEFAULT_PREFETCH_SIZE,
+) -> dict[str, str]:
+    """The labels containerd passes with the Prepare of layer ``i`` (its inherited
+    annotations), but the chain ID (``containerd.io/snapshot.ref``), which needs the config."""
+    return inherited(
+        layer_annotations(ref, manifest_digest, layers, i, prefetch_size=prefetch_size)
+    )
+
+
 def inherited(annotations: Mapping[str, str]) -> dict[str, str]:
     """The annotations containerd hands to the snapshotter (``FilterInheritedLabels``)."""
     return {

@@ -98,14 +98,13 @@ class Unpacker:
 
     def snapshot_labels(self, i: int) -> dict[str, str]:
         img = self.image
-        ann = L.layer_annotations(
+        labels = L.layer_labels(
             str(img.ref),
             img.manifest.desc.digest,
             img.layers,
             i,
             prefetch_size=self.prefetch_size,
         )
-        labels = L.inherited(ann)
         labels[L.SNAPSHOT_REF] = self.chain[i]
         return labels
 

@@ -478,10 +478,7 @@ class StargzFileSystem:
             await self.start()
             assert self._scheduler is not None
             log.debug("mounting a layer", extra={"mountpoint": mp, "layer": spec.digest})
-            if self.options.resolve_neighbours and spec.neighbours:
-                self.neighbours.start(
-                    source_of(spec), spec.ref, spec.neighbours, labels, self._open_or_opening
-                )
+            self._start_neighbours(spec, labels)
             async with self._scheduler.prioritized():
                 ref = await self._acquire(spec, labels)
                 try:
@@ -541,10 +538,7 @@ class StargzFileSystem:
             spec = self._spec(labels)
             await self.start()
             assert self._scheduler is not None
-            if self.options.resolve_neighbours and spec.neighbours:
-                self.neighbours.start(
-                    source_of(spec), spec.ref, spec.neighbours, labels, self._open_or_opening
-                )
+            self._start_neighbours(spec, labels)
             async with self._scheduler.prioritized():
                 ref = await self._acquire(spec, labels)
         except Exception as e:
@@ -556,6 +550,13 @@ class StargzFileSystem:
         ref.holds += 1
         log.info("layer opened ahead of its mount", extra={"layer": spec.digest})
         return ref.key
+
+    def _start_neighbours(self, spec: LayerSpec, labels: Mapping[str, str]) -> None:
+        """Start pre-resolving the other layers ``spec``'s labels name (`Neighbours`)."""
+        if self.options.resolve_neighbours and spec.neighbours:
+            self.neighbours.start(
+                source_of(spec), spec.ref, spec.neighbours, labels, self._open_or_opening
+            )
 
     async def release_preopened(self, key: LayerKey) -> None:
         """Drop `preopen`'s hold: the layer closes unless it is mounted."""

@@ -131,6 +131,13 @@ class _TailBytes:
         return data[off - start : off - start + n]
 
 
+def _head_start_blob(blob: Blob, n: int, streams: int) -> HeadStartBlob:
+    """``blob`` with its first ``n`` bytes downloading as the prefetch would fetch them:
+    streamed up to PREFETCH_ONE_FLOW_MAX, PREFETCH_PARALLEL pieces at a time above."""
+    parallel = 1 if n <= PREFETCH_ONE_FLOW_MAX else PREFETCH_PARALLEL
+    return HeadStartBlob(blob, n, PREFETCH_PIECE, parallel, streams)
+
+
 class _HeadStart:
     """Starts the prefetch range's download as soon as the parse reports its landmark."""
 
@@ -161,8 +168,7 @@ class _HeadStart:
     def start(self) -> None:
         if self._offset is not None and self.blob is None:
             n = min(self._offset, self._max)
-            parallel = 1 if n <= PREFETCH_ONE_FLOW_MAX else PREFETCH_PARALLEL
-            self.blob = HeadStartBlob(self._blob, n, PREFETCH_PIECE, parallel, self._streams)
+            self.blob = _head_start_blob(self._blob, n, self._streams)
 
     def cancel(self) -> None:
         self._offset = None
@@ -180,7 +186,7 @@ def neighbour_head_start(
     off = landmark_from_toc_head(region[:TOC_HEAD_BYTES])
     if not off or min(off, max_bytes) > PREFETCH_ONE_FLOW_MAX:
         return None
-    return HeadStartBlob(blob, min(off, max_bytes), PREFETCH_PIECE, 1, streams)
+    return _head_start_blob(blob, min(off, max_bytes), streams)
 
 
 @dataclass

@@ -103,8 +103,7 @@ def first_layer_labels(
     if not L.is_layer(layers[0].media_type):
         return None
     name = str(parse_reference(ref))
-    ann = L.layer_annotations(name, manifest_digest, layers, 0, prefetch_size=prefetch_size)
-    return L.inherited(ann)
+    return L.layer_labels(name, manifest_digest, layers, 0, prefetch_size=prefetch_size)
 
 
 class PullService(pb_grpc.PullServicer):
@@ -117,7 +116,7 @@ class PullService(pb_grpc.PullServicer):
     async def Pull(
         self, request: pb.PullRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PullEvent]:
-        from stargz.containerd.pull import rpull
+        from stargz.containerd.pull import DEFAULT_SNAPSHOTTER, rpull
 
         opts = pull_options(request)
         registry, made = registry_for(self.fs, opts, request.ref)
@@ -163,8 +162,6 @@ class PullService(pb_grpc.PullServicer):
             # its labels, the others' TOCs) can be opened before containerd asks for it.
             # Only for a pull into this daemon's snapshotter by its usual name: into another
             # snapshotter nothing would be mounted here, and the download would be wasted
-            from stargz.containerd.pull import DEFAULT_SNAPSHOTTER
-
             if opts.snapshotter != DEFAULT_SNAPSHOTTER or made or registry is None:
                 return
             if not layers or not hasattr(self.fs, "preopen"):
